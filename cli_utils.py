@@ -1,0 +1,129 @@
+"""What train.py, predict.py and export.py share on the command line: one-line errors, the device
+choice, progress reporting and atomic file writes.
+
+    from cli_utils import UserError, run_cli
+    if __name__ == "__main__":
+        run_cli(main, get_args_parser())
+"""
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem the user can fix; the CLI prints its message as one line and exits non-zero."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run stops cleanly, keeping what it saved."""
+    exit_code = 143
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def run_cli(main, parser, argv=None):
+    """Run main(args) and turn user errors and interrupts into one line and an exit code."""
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        main(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as interrupt:
+        sys.exit(getattr(interrupt, "exit_code", 130))
+    except BrokenPipeError:  # stdout closed early, as by `| head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def probability(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def add_gpu_argument(parser):
+    """`--gpu`, also accepting the `--gpu gpu` / `--gpu cuda` spelling of the assignment's tutorials."""
+    parser.add_argument(
+        "--gpu", nargs="?", const="gpu", default=None, choices=["gpu", "cuda"],
+        help="use the CUDA GPU when present (default: the CPU); `--gpu gpu` is accepted too")
+
+
+def select_device(use_gpu):
+    """The CUDA device when asked for and present; otherwise the CPU, with one warning line."""
+    import torch
+
+    if not use_gpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        warn("--gpu: no CUDA GPU found (Apple MPS is present but not supported); using the CPU")
+    else:
+        warn("--gpu: no CUDA GPU found; using the CPU")
+    return torch.device("cpu")
+
+
+def atomic_write(path, write):
+    """Call write(temporary_path), then rename it over path, so a crash never leaves half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def progress(iterable, total, description, unit="it"):
+    """A tqdm bar on a terminal; plain periodic lines otherwise, so logs and CI stay readable."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(iterable, total=total, desc=description, unit=unit, leave=False)
+        return
+    start = last = time.perf_counter()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= 15 or done == total:
+            last = now
+            print(f"{description}: {done}/{total} {unit} ({now - start:.0f} s)", file=sys.stderr,
+                  flush=True)

@@ -1,0 +1,171 @@
+"""Folders, transforms and images: everything that turns files on disk into tensors.
+
+    from data_utils import find_splits, load_image, eval_transform
+    splits = find_splits("flowers")            # {"train": Split, "valid": Split, "test": Split}
+    image = load_image("photo.jpg")            # RGB, EXIF orientation applied
+    tensor = eval_transform(preprocess)(image)
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+
+from cli_utils import UserError
+
+# What Pillow raises for files that are not images, are damaged, or are too large to decode safely.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+@dataclass
+class Split:
+    """The images of one split folder, labelled through the train split's class mapping."""
+    root: Path
+    paths: list
+    labels: list
+
+
+def is_image_file(path):
+    """By extension, skipping hidden files such as macOS '._photo.jpg' resource forks."""
+    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(
+        path, IMG_EXTENSIONS)
+
+
+def class_folders(split_dir):
+    """Visible sub-folders (symlinks followed), sorted as names: '1', '10', '100', '2'..."""
+    return sorted(entry.name for entry in os.scandir(split_dir)
+                  if entry.is_dir() and not entry.name.startswith("."))
+
+
+def list_split(split_dir, class_to_idx):
+    """The split's images labelled through class_to_idx; a class folder it lacks is an error."""
+    unknown = sorted(set(class_folders(split_dir)) - set(class_to_idx))
+    if unknown:
+        raise UserError(f"{split_dir} has class folders that train/ lacks: {', '.join(unknown[:5])}; "
+                        "add them to train/ or remove them")
+    samples = make_dataset(str(split_dir), class_to_idx, is_valid_file=is_image_file,
+                           allow_empty=True)
+    return Split(Path(split_dir), [path for path, _ in samples], [label for _, label in samples])
+
+
+def find_splits(data_dir):
+    """train/, valid/ and (when present) test/ of data_dir, all mapped through train's classes."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise UserError(f"data folder {data_dir} does not exist; pass the folder that holds "
+                        "train/ and valid/")
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir} is a file, not a folder; pass the folder that holds "
+                        "train/ and valid/")
+    for required in ("train", "valid"):
+        if not (data_dir / required).is_dir():
+            raise UserError(f"{data_dir} has no {required}/ folder; the data folder needs train/ "
+                            "and valid/ (and optionally test/), each with one folder per class")
+    classes = class_folders(data_dir / "train")
+    if not classes:
+        raise UserError(f"{data_dir / 'train'} has no class folders; put each class's images in "
+                        "a folder named after the class")
+    class_to_idx = {name: index for index, name in enumerate(classes)}
+    splits = {name: list_split(data_dir / name, class_to_idx)
+              for name in ("train", "valid", "test") if (data_dir / name).is_dir()}
+    empty = sorted(set(classes) - {classes[label] for label in splits["train"].labels})
+    if len(empty) == len(classes):
+        raise UserError(f"{data_dir / 'train'} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    if empty:
+        raise UserError(f"train/ class folders with no images: {', '.join(empty[:5])}"
+                        f"{' ...' if len(empty) > 5 else ''}; add images or remove the folders")
+    if not splits["valid"].paths:
+        raise UserError(f"{data_dir / 'valid'} holds no images; put a few images per class there")
+    return class_to_idx, splits
+
+
+def list_images(folder):
+    """Every image below folder, recursively, in a stable order."""
+    return sorted(str(path) for path in Path(folder).rglob("*")
+                  if path.is_file() and is_image_file(str(path)))
+
+
+def load_image(path):
+    """An RGB image the way the camera meant it: EXIF rotation applied, any mode converted."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in SIXTEEN_BIT_MODES:
+            levels = np.asarray(image, dtype=np.float64)
+            scale = 257.0 if levels.max() > 255 else 1.0
+            image = Image.fromarray(np.clip(levels / scale, 0, 255).astype(np.uint8), "L")
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.new("RGB", rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        return image.convert("RGB")
+
+
+def eval_transform(preprocess):
+    """Resize, centre crop and normalise as the backbone was trained: the one used to predict."""
+    return transforms.Compose([
+        transforms.Resize(preprocess["resize"]),
+        transforms.CenterCrop(preprocess["crop"]),
+        transforms.ToTensor(),
+        transforms.Normalize(preprocess["mean"], preprocess["std"]),
+    ])
+
+
+def augment_transform(preprocess):
+    """Random crop, flip, rotation and colour jitter: views that teach the head what varies."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(preprocess["crop"], scale=(0.35, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomRotation(20),
+        transforms.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+        transforms.ToTensor(),
+        transforms.Normalize(preprocess["mean"], preprocess["std"]),
+    ])
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(image tensor, label, ok) by path, for batched extraction, fine-tuning and prediction.
+
+    An unreadable file yields a zero image and ok=False instead of stopping a run at image 5,000.
+    With seeds, image i is transformed under torch.manual_seed(seeds[i]), so a random augmented
+    view is the same whatever worker or batch computes it. Without labels, the label is -1.
+    """
+
+    def __init__(self, paths, transform, crop, labels=None, seeds=None):
+        self.paths, self.transform, self.crop = paths, transform, crop
+        self.labels, self.seeds = labels, seeds
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        label = -1 if self.labels is None else self.labels[index]
+        try:
+            image = load_image(self.paths[index])
+        except UNREADABLE_IMAGE_ERRORS:
+            return torch.zeros(3, self.crop, self.crop), label, False
+        if self.seeds is not None:
+            torch.manual_seed(self.seeds[index])
+        return self.transform(image), label, True
+
+
+def load_category_names(path):
+    """The JSON mapping of class folder names to display names, checked with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"category names file {path} not found; pass the path of a JSON file "
+                        "such as cat_to_name.json, or leave out --category_names")
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}); fix the file or leave out "
+                        "--category_names") from None
+    if not isinstance(names, dict):
+        raise UserError(f"{path} must hold a JSON object mapping class folder names to names, "
+                        'like {"1": "pink primrose"}')
+    return {str(key): str(value) for key, value in names.items()}

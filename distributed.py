@@ -1,0 +1,58 @@
+"""torch.distributed as launched by torchrun: one process per GPU (or CPU share), same script.
+
+    torchrun --nproc_per_node 2 train.py flowers
+
+Without torchrun every function here behaves as a world of one process.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device):
+    """Join the process group torchrun describes (nccl on CUDA, gloo on the CPU); True if joined."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=(
+        device if device.type == "cuda" else None))
+    if device.type == "cpu":
+        # The processes on one machine share its cores instead of each taking all of them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return True
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def gather_objects(value):
+    """Every rank's value, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast_object(value):
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def close_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()

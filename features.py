@@ -1,0 +1,169 @@
+"""Backbone features, computed once per image and kept on disk.
+
+With a frozen backbone the features of an image never change, so train.py computes them once
+(batched, channels-last, inference mode, worker processes decoding ahead of the model) and
+trains the head on them. The cache keys each image by what changes its features: the backbone
+and its weights, the exact transform (and the view's seed), the file's path, size and mtime.
+
+    extractor = FeatureExtractor(backbone, info, device, cache_dir="~/.cache/flower_classifier")
+    features, ok = extractor.features(split.root, split.paths, eval_transform(info["preprocess"]))
+"""
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+import distributed
+from cli_utils import atomic_write, progress, warn
+from data_utils import ImageFiles
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "flower_classifier" / "features"
+
+
+def default_workers():
+    """Decoding processes: one core is left for the model, and a few are plenty."""
+    return max(1, min(6, (os.cpu_count() or 2) - 1))
+
+
+def autocast(device):
+    """bf16 (or fp16) autocast on CUDA; a no-op on the CPU, where it would be slower."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def image_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
+    """Batches decoded by worker processes, pinned for fast copies to a GPU."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers else None)
+
+
+def file_stamps(paths):
+    """(size, mtime in ns) of each file: what tells a changed file from the cached one."""
+    stamps = []
+    for path in paths:
+        stat = os.stat(path)
+        stamps.append((stat.st_size, stat.st_mtime_ns))
+    return stamps
+
+
+def inference_backbone(backbone, device, crop):
+    """The backbone ready for fast inference: channels-last; on the CPU also traced and frozen,
+    which folds BatchNorm into the convolutions and runs about 3x faster with oneDNN."""
+    backbone = backbone.to(device, memory_format=torch.channels_last).eval()
+    if device.type != "cpu":
+        return backbone
+    example = torch.zeros(2, 3, crop, crop).to(memory_format=torch.channels_last)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still fastest
+        return torch.jit.freeze(torch.jit.trace(backbone, example))
+
+
+class FeatureCache:
+    """One file per (backbone, transform, view, folder): paths, stamps, float16 features."""
+
+    def __init__(self, cache_dir):
+        self.cache_dir = Path(cache_dir).expanduser()
+
+    def path(self, key):
+        return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+    def load(self, key):
+        """{(path, size, mtime): (feature row, ok)} of the cache file, empty if missing or damaged."""
+        path = self.path(key)
+        if not path.exists():
+            return {}
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            rows = zip(entry["paths"], entry["stamps"].tolist(), entry["features"],
+                       entry["ok"].tolist(), strict=True)
+            if entry["format"] != CACHE_FORMAT or entry["key"] != key:
+                raise ValueError("written for another key or format")
+            return {(p, *stamp): (feature, ok) for p, stamp, feature, ok in rows}
+        except Exception as error:  # any damage at all means: rebuild, never crash the run
+            warn(f"feature cache {path} is damaged ({type(error).__name__}: {error}); rebuilding it")
+            return {}
+
+    def save(self, key, paths, stamps, features, ok):
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        entry = {"format": CACHE_FORMAT, "key": key, "paths": list(paths),
+                 "stamps": torch.tensor(stamps, dtype=torch.int64).reshape(-1, 2),
+                 "features": features, "ok": ok}
+        atomic_write(self.path(key), lambda temporary: torch.save(entry, temporary))
+
+
+class FeatureExtractor:
+    """Features of image files through a frozen backbone, from the cache where possible.
+
+    Under torchrun each rank computes its share of the missing images and all ranks get all
+    features. `computed` counts the images that all ranks together ran through the backbone.
+    """
+
+    def __init__(self, backbone, info, device, cache_dir=None, batch_size=64, workers=None):
+        self.backbone = inference_backbone(backbone, device, info["preprocess"]["crop"])
+        self.info, self.device, self.batch_size = info, device, batch_size
+        self.workers = default_workers() if workers is None else workers
+        self.cache = FeatureCache(cache_dir) if cache_dir else None
+        self.computed = 0
+
+    def features(self, root, paths, transform, seeds=None, view="eval", description="features"):
+        """(float16 features [N, D] on the CPU, bool ok [N]) of the images paths below root;
+        ok is False for unreadable files."""
+        key = "|".join([self.info["arch"], repr(self.info["weights"]), repr(transform), view,
+                        str(Path(root).resolve())])
+        stamps = file_stamps(paths)
+        cached = self.cache.load(key) if self.cache else {}
+        rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
+        missing = [index for index, row in enumerate(rows) if row is None]
+        if missing:
+            self.computed += len(missing)
+            computed = self._compute_shared(missing, paths, transform, seeds, description)
+            for index, row in zip(missing, computed):
+                rows[index] = row
+        features = torch.stack([row[0] for row in rows]) if rows else torch.empty(0, 0)
+        ok = torch.tensor([bool(row[1]) for row in rows], dtype=torch.bool)
+        if self.cache and (missing or len(cached) != len(rows)) and distributed.is_main():
+            self.cache.save(key, paths, stamps, features, ok)
+        return features, ok
+
+    def _compute_shared(self, missing, paths, transform, seeds, description):
+        """Rank r computes missing[r::world]; the shares are gathered back into order."""
+        mine = missing[distributed.rank()::distributed.world_size()]
+        dataset = ImageFiles([paths[i] for i in mine], transform, self.info["preprocess"]["crop"],
+                             seeds=None if seeds is None else [seeds[i] for i in mine])
+        features, ok = self.compute(dataset, description)
+        shares = distributed.gather_objects((features, ok))
+        rows = [None] * len(missing)
+        for rank, (share_features, share_ok) in enumerate(shares):
+            positions = range(rank, len(missing), len(shares))
+            for position, feature, good in zip(positions, share_features, share_ok.tolist()):
+                rows[position] = (feature, good)
+        return rows
+
+    @torch.inference_mode()
+    def compute(self, dataset, description="features"):
+        """Run the backbone over a dataset of (image, ok) pairs."""
+        loader = image_loader(dataset, self.batch_size, self.workers if len(dataset) > 1 else 0,
+                              self.device)
+        features, ok = [], []
+        batches = (progress(loader, len(loader), f"extracting {description}", unit="batches")
+                   if distributed.is_main() else loader)
+        for images, _, good in batches:
+            images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+            with autocast(self.device):
+                features.append(self.backbone(images).float().cpu().half())
+            ok.append(good)
+        if not features:
+            return torch.empty(0, self.info["feature_dim"], dtype=torch.float16), torch.empty(
+                0, dtype=torch.bool)
+        return torch.cat(features), torch.cat(ok)

@@ -1,0 +1,59 @@
+"""Shared fixtures: small real subsets of ../shared/data/flowers102 and one trained run."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+FLOWERS = PROJECT.parent / "shared" / "data" / "flowers102"
+sys.path.insert(0, str(PROJECT))
+
+# Folder names that sort differently as text and as numbers: "1" < "10" < "2".
+SUBSET_CLASSES = ("1", "10", "2")
+SUBSET_SIZES = {"train": 8, "valid": 3, "test": 3}
+
+
+def make_subset(root, classes=SUBSET_CLASSES, sizes=SUBSET_SIZES):
+    """Symlinks to the first images of a few classes: real photos, nothing copied."""
+    if not FLOWERS.is_dir():
+        pytest.skip(f"{FLOWERS} is missing")
+    root = Path(root)
+    for split, count in sizes.items():
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for image in sorted((FLOWERS / split / name).iterdir())[:count]:
+                (folder / image.name).symlink_to(image)
+    return root
+
+
+def run_script(*args, timeout=300, **kwargs):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=PROJECT, capture_output=True,
+                          text=True, timeout=timeout, env=env, **kwargs)
+
+
+def train_args(data, save_dir, cache_dir, *extra):
+    import train
+
+    return train.get_args_parser().parse_args(
+        [str(data), "--save_dir", str(save_dir), "--cache_dir", str(cache_dir), "--workers", "0",
+         *map(str, extra)])
+
+
+@pytest.fixture(scope="session")
+def subset(tmp_path_factory):
+    return make_subset(tmp_path_factory.mktemp("flowers") / "data")
+
+
+@pytest.fixture(scope="session")
+def trained(subset, tmp_path_factory):
+    """One real training run on the subset: (result dict, save_dir)."""
+    import train
+
+    root = tmp_path_factory.mktemp("trained")
+    result = train.main(train_args(subset, root / "run", root / "cache", "--epochs", "8"))
+    return result, root / "run"

@@ -1,0 +1,153 @@
+"""Folders, class mappings and image loading."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_utils import UserError
+from data_utils import (ImageFiles, eval_transform, find_splits, list_images, load_category_names,
+                        load_image)
+
+PREPROCESS = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+def write_image(path, mode="RGB", size=(40, 30), color=(200, 30, 60)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).convert(mode).save(path)
+    return path
+
+
+def make_tree(root, layout):
+    """layout: {"train/1": 2, ...} -> that many small images in each folder."""
+    for folder, count in layout.items():
+        for index in range(count):
+            write_image(root / folder / f"img{index}.png")
+    return root
+
+
+def test_class_mapping_treats_numeric_folders_as_names(tmp_path):
+    make_tree(tmp_path, {"train/1": 1, "train/10": 1, "train/2": 1, "valid/2": 1, "valid/10": 1})
+    class_to_idx, splits = find_splits(tmp_path)
+    assert class_to_idx == {"1": 0, "10": 1, "2": 2}
+    labels = dict(zip((p.split("/")[-2] for p in splits["valid"].paths), splits["valid"].labels))
+    # "1" is missing from valid: the others keep train's indices instead of shifting down.
+    assert labels == {"10": 1, "2": 2}
+    assert "test" not in splits
+
+
+def test_class_in_valid_that_train_lacks_is_an_error(tmp_path):
+    make_tree(tmp_path, {"train/a": 1, "valid/a": 1, "valid/zebra": 1})
+    with pytest.raises(UserError, match="zebra"):
+        find_splits(tmp_path)
+
+
+@pytest.mark.parametrize("layout, problem", [
+    ({}, "does not exist"),
+    ({"valid/a": 1}, "no train/"),
+    ({"train/a": 1}, "no valid/"),
+    ({"train/a": 1, "train/b": 0, "valid/a": 1}, "no images: b"),
+    ({"train/a": 0, "valid/a": 1}, "holds no images"),
+])
+def test_bad_data_folders(tmp_path, layout, problem):
+    data = tmp_path / "data"
+    if layout:
+        make_tree(data, layout)
+        for folder in layout:
+            (data / folder).mkdir(parents=True, exist_ok=True)
+    with pytest.raises(UserError, match=problem):
+        find_splits(data)
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "flowers.zip").write_bytes(b"zip")
+    with pytest.raises(UserError, match="is a file"):
+        find_splits(tmp_path / "flowers.zip")
+
+
+def test_non_images_are_not_listed_and_symlinked_classes_are(tmp_path):
+    make_tree(tmp_path, {"train/a": 1, "valid/a": 1, "elsewhere/b": 2})
+    (tmp_path / "train/a/notes.txt").write_text("not an image")
+    (tmp_path / "train/a/.DS_Store").write_bytes(b"\0\0")
+    (tmp_path / "train/a/._img0.png").write_bytes(b"\0\0")  # macOS resource fork
+    write_image(tmp_path / "train/a/anim.gif")
+    (tmp_path / "train/b").symlink_to(tmp_path / "elsewhere/b", target_is_directory=True)
+    write_image(tmp_path / "train/a/ünïcode name.png")
+    _, splits = find_splits(tmp_path)
+    names = sorted(p.split("/")[-1] for p in splits["train"].paths)
+    assert names == ["img0.png", "img0.png", "img1.png", "ünïcode name.png"]
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA"])
+def test_every_image_mode_loads_as_rgb(tmp_path, mode):
+    path = tmp_path / f"image.{'jpg' if mode == 'CMYK' else 'png'}"
+    if mode == "I;16":
+        Image.fromarray(np.full((30, 40), 50000, dtype=np.uint16)).save(path)
+    else:
+        write_image(path, mode)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (40, 30)
+    if mode == "I;16":  # 16-bit levels scaled down, not clipped to white
+        assert image.getpixel((0, 0)) == (194, 194, 194)
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    path = tmp_path / "cut_out.png"
+    Image.new("RGBA", (10, 10), (255, 0, 0, 0)).save(path)
+    assert load_image(path).getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    image = Image.new("RGB", (40, 20), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # the camera was turned: display rotated by 90 degrees
+    image.save(path, exif=exif)
+    assert load_image(path).size == (20, 40)
+
+
+def test_unreadable_files_yield_not_ok(tmp_path):
+    good = write_image(tmp_path / "good.png")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.jpg"
+    text.write_text("this is not a jpeg")
+    truncated = tmp_path / "truncated.jpg"
+    write_image(tmp_path / "full.jpg", size=(300, 300))
+    truncated.write_bytes((tmp_path / "full.jpg").read_bytes()[:600])
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(bomb)  # 200 Mpixels: over Pillow's safety limit
+    dataset = ImageFiles([str(p) for p in (good, empty, text, truncated, bomb)],
+                         eval_transform(PREPROCESS), 224)
+    assert [dataset[i][2] for i in range(len(dataset))] == [True, False, False, False, False]
+    assert dataset[1][0].shape == (3, 224, 224)
+
+
+def test_eval_transform_normalises_to_the_backbone(tmp_path):
+    tensor = eval_transform(PREPROCESS)(load_image(write_image(tmp_path / "x.png",
+                                                               color=(255, 0, 128))))
+    assert tensor.shape == (3, 224, 224)
+    assert torch.allclose(tensor[:, 100, 100], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]),
+                          atol=1e-6)
+
+
+def test_list_images_is_recursive_and_sorted(tmp_path):
+    make_tree(tmp_path, {"b": 1, "a/deep": 2})
+    (tmp_path / "a/readme.txt").write_text("x")
+    assert [p[len(str(tmp_path)):] for p in list_images(tmp_path)] == [
+        "/a/deep/img0.png", "/a/deep/img1.png", "/b/img0.png"]
+
+
+def test_category_names(tmp_path):
+    good = tmp_path / "names.json"
+    good.write_text(json.dumps({"1": "pink primrose", "2": 5}))
+    assert load_category_names(good) == {"1": "pink primrose", "2": "5"}
+    with pytest.raises(UserError, match="not found"):
+        load_category_names(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{'1': 'single quotes'}")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_category_names(tmp_path / "bad.json")
+    (tmp_path / "list.json").write_text('["pink primrose"]')
+    with pytest.raises(UserError, match="JSON object"):
+        load_category_names(tmp_path / "list.json")

@@ -1,0 +1,42 @@
+"""Fine-tuning the backbone, and torchrun with several processes (gloo on the CPU)."""
+
+import torch
+
+import predict
+import train
+from conftest import run_script, train_args
+from model_utils import build_backbone, load_checkpoint
+
+
+def test_finetune_trains_the_last_stage_and_predicts(subset, tmp_path):
+    result = train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--finetune",
+                                   "--finetune_layers", "1", "--epochs", "2", "--batch_size", "8"))
+    assert result["test_accuracy"] >= 0.8
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    tuned = checkpoint["backbone_state"]
+    pretrained = build_backbone("efficientnet_lite0")[0].state_dict()
+    changed = {key.split(".")[0] for key in tuned if not torch.equal(tuned[key], pretrained[key])}
+    # Only the last stage (conv_head + bn2 for EfficientNet) moved; BatchNorm stats stay frozen
+    # elsewhere because frozen stages run in eval mode.
+    assert changed and changed <= {"bn2"}
+    assert checkpoint["hyperparameters"]["label_smoothing"] == 0.1
+    model = predict.load_model(tmp_path / "run" / "checkpoint.pth", torch.device("cpu"))
+    image = next((subset / "test" / "10").iterdir())
+    assert predict.predict(image, model, top_k=1)[1] == ["10"]
+
+
+def test_torchrun_two_processes_match_one(subset, trained, tmp_path):
+    one_process, _ = trained
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+                        subset, "--save_dir", tmp_path / "run", "--cache_dir",
+                        tmp_path / "cache", "--epochs", "8", "--workers", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # Only rank 0 prints and saves.
+    assert sum(line.startswith("epoch") for line in result.stdout.splitlines()) == 8
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint.pth", "confusion_matrix.png", "test_report.json", "train_state.pth",
+        "training_curves.png"]
+    accuracy = float(result.stdout.split("test accuracy ")[1].split("%")[0]) / 100
+    assert accuracy >= one_process["test_accuracy"] - 0.15
+    images = sum(1 for _ in subset.glob("*/*/*"))
+    assert f"features ready: {images} images" in result.stdout  # each image once, not twice

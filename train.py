@@ -1,0 +1,514 @@
+"""Train an image classifier by transfer learning: a folder of labelled photos in, checkpoint.pth out.
+
+    python train.py flowers
+    python train.py flowers --save_dir checkpoints --arch vgg16 --learning_rate 0.001 \\
+        --hidden_units 512 --epochs 20 --gpu
+    python train.py flowers --resume checkpoints/checkpoint.pth      # after Ctrl-C or a crash
+    torchrun --nproc_per_node 2 train.py flowers                      # several processes or GPUs
+
+flowers/ holds train/ and valid/ (and optionally test/), each with one folder per class. The
+backbone is frozen, so each image's features are computed once (and cached on disk) and only the
+small head trains each epoch; --finetune trains the backbone too, on images augmented on the fly.
+"""
+import argparse
+import hashlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import distributed
+import reports
+from cli_utils import (UserError, add_gpu_argument, non_negative_int, positive_float, positive_int,
+                       probability, run_cli, select_device, warn)
+from data_utils import ImageFiles, augment_transform, eval_transform, find_splits, load_category_names
+from features import FeatureExtractor, autocast, default_cache_dir, default_workers, image_loader
+from model_utils import (ARCH_CHOICES, BUNDLED_ARCH, CHECKPOINT_FORMAT, ImageClassifier,
+                         build_backbone, build_head, load_checkpoint, save_checkpoint)
+
+CHECKPOINT_NAME = "checkpoint.pth"
+TRAIN_STATE_NAME = "train_state.pth"
+# What defines the model and its training: saved in checkpoints, taken back by --resume.
+HYPERPARAMETERS = ("arch", "learning_rate", "hidden_units", "dropout", "epochs", "batch_size",
+                   "seed", "augment", "finetune", "finetune_layers", "backbone_lr",
+                   "label_smoothing", "warmup_epochs")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Train a classifier head on a frozen pretrained backbone.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("data_dir", help="folder with train/ and valid/ (and optionally test/), "
+                        "each holding one folder of images per class")
+    parser.add_argument("--save_dir", default=".", help="where checkpoint.pth and the reports go "
+                        "(created if missing)")
+    parser.add_argument("--arch", default=BUNDLED_ARCH, choices=ARCH_CHOICES, metavar="ARCH",
+                        help=f"backbone: {BUNDLED_ARCH} is bundled and works offline; the others "
+                        f"download torchvision's weights once ({', '.join(ARCH_CHOICES[1:])})")
+    parser.add_argument("--learning_rate", type=positive_float, default=0.001,
+                        help="learning rate of the head")
+    parser.add_argument("--hidden_units", type=non_negative_int, default=512,
+                        help="units of the head's hidden layer; 0 means a single linear layer")
+    parser.add_argument("--dropout", type=probability, default=0.2,
+                        help="dropout probability after the hidden layer")
+    parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
+    parser.add_argument("--batch_size", type=positive_int, default=64,
+                        help="images per training step (per process under torchrun)")
+    add_gpu_argument(parser)
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed on the "
+                        "CPU gives the same weights")
+    parser.add_argument("--augment", type=non_negative_int, default=0,
+                        help="randomly augmented views of each training image, extracted once; "
+                        "each epoch trains on one of them or the original")
+    parser.add_argument("--category_names", default=None, help="JSON file mapping class folder "
+                        "names to names for the test report (default: data_dir/cat_to_name.json "
+                        "when present)")
+    parser.add_argument("--cache_dir", default=str(default_cache_dir()),
+                        help="where backbone features are cached between runs")
+    parser.add_argument("--no_cache", action="store_true", help="neither read nor write the "
+                        "feature cache")
+    parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                        help="processes decoding images")
+    parser.add_argument("--strict", action="store_true", help="stop on unreadable images "
+                        "instead of skipping them with a warning")
+    parser.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                        help="continue an interrupted run from its checkpoint.pth (reads the "
+                        "train_state.pth beside it)")
+    finetune = parser.add_argument_group("fine-tuning (train the backbone too)")
+    finetune.add_argument("--finetune", action="store_true",
+                          help="unfreeze the backbone and train it with the head on images "
+                          "augmented on the fly (slow without a GPU)")
+    finetune.add_argument("--finetune_layers", type=non_negative_int, default=0,
+                          help="unfreeze only the backbone's last N stages; 0 means all")
+    finetune.add_argument("--backbone_lr", type=positive_float, default=1e-4,
+                          help="learning rate of the unfrozen backbone")
+    finetune.add_argument("--label_smoothing", type=probability, default=None,
+                          help="label smoothing of the loss (default: 0.1 with --finetune, else 0)")
+    finetune.add_argument("--warmup_epochs", type=non_negative_int, default=1,
+                          help="epochs of linear learning-rate warm-up before the cosine decay")
+    return parser
+
+
+def log(message):
+    """Print on the main process only, so torchrun's N processes print one log."""
+    if distributed.is_main():
+        print(message, flush=True)
+
+
+def prepare_save_dir(save_dir):
+    """Create save_dir and prove it writable now, not after an hour of training."""
+    save_dir = Path(save_dir)
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        probe = save_dir / f".write_test_{distributed.rank()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to --save_dir {save_dir} ({error.strerror or error}); "
+                        "choose a folder you can write to") from None
+    return save_dir
+
+
+def load_train_state(path, args):
+    """The state saved after the last finished epoch; its hyperparameters replace args'."""
+    path = Path(path)
+    state_path = path / TRAIN_STATE_NAME if path.is_dir() else path.with_name(TRAIN_STATE_NAME)
+    if not state_path.is_file():
+        raise UserError(f"nothing to resume: {state_path} not found (train.py writes it beside "
+                        "checkpoint.pth after each epoch); pass the checkpoint.pth of a run")
+    state = load_checkpoint(state_path)
+    if "optimizer_state" not in state:
+        raise UserError(f"{state_path} holds no training state; pass the checkpoint.pth of a run")
+    for name in HYPERPARAMETERS:
+        setattr(args, name, state["hyperparameters"][name])
+    if state["epoch_done"] >= args.epochs:
+        raise UserError(f"{state_path}: that run already finished all {args.epochs} epochs; "
+                        "nothing to resume")
+    log(f"resuming {state_path} after epoch {state['epoch_done']} of {args.epochs}")
+    return state
+
+
+def view_seed(seed, view, path, root):
+    """A stable per-image seed, so an augmented view is the same in every run and process."""
+    name = f"{seed}:{view}:{Path(path).relative_to(root).as_posix()}"
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+
+
+def report_unreadable(splits, ok_masks, strict):
+    """One summary line for skipped files (or, with --strict, an error before training)."""
+    bad = [path for name, split in splits.items()
+           for path, ok in zip(split.paths, ok_masks[name].tolist()) if not ok]
+    if not bad:
+        return
+    listing = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+    if strict:
+        raise UserError(f"{len(bad)} unreadable images ({listing}); fix or remove them, or leave "
+                        "out --strict to skip them")
+    warn(f"skipped {len(bad)} unreadable images ({listing}); --strict makes this an error")
+
+
+def extract_features(args, backbone, info, device, splits):
+    """Each split's features once (train: the original and --augment views), unreadable dropped."""
+    extractor = FeatureExtractor(backbone, info, device,
+                                 cache_dir=None if args.no_cache else args.cache_dir,
+                                 batch_size=max(args.batch_size, 32), workers=args.workers)
+    clean = eval_transform(info["preprocess"])
+    features, ok_masks = {}, {}
+    for name, split in splits.items():
+        features[name], ok_masks[name] = extractor.features(split.root, split.paths, clean,
+                                                            description=name)
+    train = splits["train"]
+    views = [features["train"]]
+    augment = augment_transform(info["preprocess"])
+    for view in range(1, args.augment + 1):
+        seeds = [view_seed(args.seed, view, path, train.root) for path in train.paths]
+        view_features, view_ok = extractor.features(
+            train.root, train.paths, augment, seeds=seeds, view=f"augment {args.seed} {view}",
+            description=f"train view {view}/{args.augment}")
+        views.append(view_features)
+        ok_masks["train"] &= view_ok
+    report_unreadable(splits, ok_masks, args.strict)
+    data = {}
+    for name, split in splits.items():
+        keep = ok_masks[name]
+        labels = torch.tensor(split.labels, dtype=torch.long)[keep]
+        inputs = torch.stack(views)[:, keep] if name == "train" else features[name][keep]
+        data[name] = (inputs, labels)
+    if not len(data["train"][1]):
+        raise UserError("no readable training images; check the files in train/")
+    return data, extractor.computed
+
+
+class FeatureTask:
+    """Head training on cached features: batches are slices of tensors, sharded across ranks."""
+
+    def __init__(self, data, batch_size):
+        self.data, self.batch_size = data, batch_size
+
+    def train_batches(self, epoch):
+        views, labels = self.data["train"]
+        count = len(labels)
+        view_index = torch.randint(len(views), (count,))
+        order = torch.randperm(count)
+        order = order[distributed.rank()::distributed.world_size()][:count // distributed.world_size()]
+        for batch in order.split(self.batch_size):
+            yield views[view_index[batch], batch].float(), labels[batch]
+
+    def eval_batches(self, split):
+        inputs, labels = self.data[split]
+        mine = torch.arange(len(labels))[distributed.rank()::distributed.world_size()]
+        for batch in mine.split(1024):
+            yield inputs[batch].float(), labels[batch]
+
+    def steps_per_epoch(self):
+        return math.ceil(len(self.data["train"][1]) // distributed.world_size() / self.batch_size)
+
+
+class ImageTask:
+    """Fine-tuning: batches of images, augmented on the fly, through backbone and head."""
+
+    def __init__(self, args, info, splits, device):
+        self.device, self.args, self.splits = device, args, splits
+        crop = info["preprocess"]["crop"]
+        train = splits["train"]
+        dataset = ImageFiles(train.paths, augment_transform(info["preprocess"]), crop, train.labels)
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
+            shuffle=True, seed=args.seed, drop_last=True)
+        self.train_loader = image_loader(dataset, args.batch_size, args.workers, device,
+                                         sampler=self.sampler)
+        self.eval_transform = eval_transform(info["preprocess"])
+        self.crop = crop
+
+    def train_batches(self, epoch):
+        self.sampler.set_epoch(epoch)
+        return self._readable(self.train_loader)
+
+    def eval_batches(self, split):
+        split = self.splits[split]
+        mine = list(range(distributed.rank(), len(split.paths), distributed.world_size()))
+        dataset = ImageFiles([split.paths[i] for i in mine], self.eval_transform, self.crop,
+                             [split.labels[i] for i in mine])
+        return self._readable(image_loader(dataset, self.args.batch_size, self.args.workers,
+                                           self.device))
+
+    def steps_per_epoch(self):
+        return len(self.train_loader)
+
+    @staticmethod
+    def _readable(loader):
+        for images, labels, ok in loader:
+            yield images[ok], labels[ok]
+
+
+def backbone_stages(backbone):
+    """The backbone's stages in order (EfficientNet blocks, ResNet layers, VGG and DenseNet
+    feature modules): what --finetune_layers counts from the end."""
+    stages = []
+    for name, child in backbone.named_children():
+        stages.extend(child.children() if name in ("blocks", "features") else [child])
+    return [stage for stage in stages if any(True for _ in stage.parameters())]
+
+
+def unfreeze(backbone, layers):
+    stages = backbone_stages(backbone)
+    chosen = stages[-layers:] if layers else stages
+    for stage in chosen:
+        stage.requires_grad_(True)
+    return chosen
+
+
+def set_train_mode(model, unfrozen):
+    """Train mode for what trains; frozen BatchNorm statistics stay as pretrained."""
+    model.train()
+    if isinstance(model, ImageClassifier):
+        model.backbone.eval()
+        for stage in unfrozen:
+            stage.train()
+
+
+def make_optimizer(args, model, steps_per_epoch):
+    """AdamW, the backbone at --backbone_lr, with linear warm-up then cosine decay per step."""
+    if isinstance(model, ImageClassifier):
+        groups = [{"params": model.head.parameters(), "lr": args.learning_rate},
+                  {"params": [p for p in model.backbone.parameters() if p.requires_grad],
+                   "lr": args.backbone_lr}]
+    else:
+        groups = [{"params": model.parameters(), "lr": args.learning_rate}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
+    total = max(1, args.epochs * steps_per_epoch)
+    warmup = min(args.warmup_epochs * steps_per_epoch, total - 1)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, criterion, device):
+    """One pass over the training batches; returns the mean training loss over all ranks."""
+    loss_sum, count = 0.0, 0
+    for inputs, labels in batches:
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            loss = criterion(model(inputs).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.item() * len(labels)
+        count += len(labels)
+    totals = distributed.gather_objects((loss_sum, count))
+    return sum(t[0] for t in totals) / max(1, sum(t[1] for t in totals))
+
+
+@torch.inference_mode()
+def evaluate(model, batches, criterion, device):
+    """Loss, accuracy, and every image's true and predicted class, over all ranks' shares."""
+    model.eval()
+    loss_sum, labels_seen, predicted = 0.0, [], []
+    for inputs, labels in batches:
+        inputs = inputs.to(device, non_blocking=True)
+        if inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            logits = model(inputs).float()
+        loss_sum += criterion(logits, labels.to(device)).item() * len(labels)
+        labels_seen.append(labels)
+        predicted.append(logits.argmax(1).cpu())
+    shares = distributed.gather_objects((loss_sum, torch.cat(labels_seen) if labels_seen else
+                                         torch.empty(0, dtype=torch.long),
+                                         torch.cat(predicted) if predicted else
+                                         torch.empty(0, dtype=torch.long)))
+    labels = torch.cat([share[1] for share in shares])
+    predictions = torch.cat([share[2] for share in shares])
+    count = max(1, len(labels))
+    return {"loss": sum(share[0] for share in shares) / count,
+            "accuracy": (predictions == labels).sum().item() / count,
+            "labels": labels, "predictions": predictions}
+
+
+def snapshot(model):
+    """CPU copies of the trained weights: the head's, and the backbone's when fine-tuning."""
+    def copy(module):
+        return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+    if isinstance(model, ImageClassifier):
+        return {"head_state": copy(model.head), "backbone_state": copy(model.backbone)}
+    return {"head_state": copy(model), "backbone_state": None}
+
+
+def make_checkpoint(args, info, class_to_idx, best):
+    """Exactly what rebuilds the model: plain values and tensors, loadable with weights_only."""
+    return {
+        "format_version": CHECKPOINT_FORMAT,
+        "arch": args.arch,
+        "backbone": info["weights"],
+        "head": {"in_features": info["feature_dim"], "num_classes": len(class_to_idx),
+                 "hidden_units": args.hidden_units, "dropout": args.dropout},
+        "head_state": best["head_state"],
+        "backbone_state": best["backbone_state"],
+        "class_to_idx": class_to_idx,
+        "preprocess": info["preprocess"],
+        "hyperparameters": {name: getattr(args, name) for name in HYPERPARAMETERS},
+        "epoch": best["epoch"],
+        "metrics": best["metrics"],
+    }
+
+
+def fit(args, model, unfrozen, task, device, save_dir, checkpoint_of, resumed):
+    """The epoch loop: train, validate, keep the best, save the state to resume from."""
+    trainable = model.module if hasattr(model, "module") else model
+    optimizer, scheduler = make_optimizer(args, trainable, task.steps_per_epoch())
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda"
+                                  and not torch.cuda.is_bf16_supported())
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    best, history, start_epoch = None, [], 1
+    if resumed:
+        trainable.load_state_dict(resumed["last_model_state"])
+        optimizer.load_state_dict(resumed["optimizer_state"])
+        scheduler.load_state_dict(resumed["scheduler_state"])
+        scaler.load_state_dict(resumed["scaler_state"])
+        best = {key: resumed[key] for key in ("head_state", "backbone_state", "epoch", "metrics")}
+        history, start_epoch = resumed["history"], resumed["epoch_done"] + 1
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            best = run_epoch(args, epoch, model, trainable, unfrozen, task, optimizer, scheduler,
+                             scaler, criterion, device, save_dir, checkpoint_of, best, history)
+    except KeyboardInterrupt:
+        if distributed.is_main():
+            saved = save_dir / CHECKPOINT_NAME
+            print(f"interrupted: the best head so far (epoch {best['epoch']}, valid accuracy "
+                  f"{best['metrics']['valid_accuracy']:.2%}) is saved in {saved}; continue with "
+                  f"--resume {saved}" if best else
+                  "interrupted before the first epoch ended: nothing was saved",
+                  file=sys.stderr, flush=True)
+        raise
+    return best, history
+
+
+def run_epoch(args, epoch, model, trainable, unfrozen, task, optimizer, scheduler, scaler,
+              criterion, device, save_dir, checkpoint_of, best, history):
+    """Train and validate once; save the best head and the state to resume from. Returns best."""
+    torch.manual_seed(args.seed + epoch)  # each epoch's randomness, the same when resumed
+    started = time.perf_counter()
+    set_train_mode(model, unfrozen)
+    train_loss = train_one_epoch(model, task.train_batches(epoch), optimizer, scheduler,
+                                 scaler, criterion, device)
+    valid = evaluate(trainable, task.eval_batches("valid"), criterion, device)
+    record = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid["loss"],
+              "valid_accuracy": valid["accuracy"], "seconds": time.perf_counter() - started}
+    history.append(record)
+    if best is None or (valid["accuracy"], -valid["loss"]) > (
+            best["metrics"]["valid_accuracy"], -best["metrics"]["valid_loss"]):
+        best = {**snapshot(trainable), "epoch": epoch,
+                "metrics": {k: v for k, v in record.items() if k != "epoch"}}
+        if distributed.is_main():
+            save_checkpoint(checkpoint_of(best), save_dir / CHECKPOINT_NAME)
+    if distributed.is_main():
+        save_checkpoint({**checkpoint_of(best), "last_model_state": trainable.state_dict(),
+                         "optimizer_state": optimizer.state_dict(),
+                         "scheduler_state": scheduler.state_dict(),
+                         "scaler_state": scaler.state_dict(), "epoch_done": epoch,
+                         "history": history}, save_dir / TRAIN_STATE_NAME)
+    log(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f}  valid loss "
+        f"{valid['loss']:.4f}  valid accuracy {valid['accuracy']:.2%}  "
+        f"{record['seconds']:.1f} s")
+    return best
+
+
+def class_display_names(args, class_to_idx):
+    """Flower names for the report where a category names file has them, else folder names."""
+    path = args.category_names or Path(args.data_dir) / "cat_to_name.json"
+    names = load_category_names(path) if args.category_names or Path(path).is_file() else {}
+    return [names.get(name, name) for name in class_to_idx]
+
+
+def test_and_report(model, task, best, names, save_dir, device):
+    """Test accuracy of the best epoch, with curves, a report and a confusion matrix."""
+    trainable = model.module if hasattr(model, "module") else model
+    if isinstance(trainable, ImageClassifier):
+        trainable.head.load_state_dict(best["head_state"])
+        trainable.backbone.load_state_dict(best["backbone_state"])
+    else:
+        trainable.load_state_dict(best["head_state"])
+    test = evaluate(trainable, task.eval_batches("test"), nn.CrossEntropyLoss(), device)
+    if distributed.is_main():
+        report = reports.test_report(test["labels"].tolist(), test["predictions"].tolist(), names)
+        reports.save_test_report(report, save_dir / "test_report.json")
+        reports.plot_confusion_matrix(test["labels"].tolist(), test["predictions"].tolist(), names,
+                                      save_dir / "confusion_matrix.png")
+        log(reports.summarize_report(report))
+        log(f"saved test_report.json and confusion_matrix.png in {save_dir}")
+    return test["accuracy"]
+
+
+def main(args):
+    device = select_device(args.gpu)
+    distributed.init_distributed(device)
+    try:
+        return train(args, device)
+    finally:
+        distributed.close_distributed()
+
+
+def train(args, device):
+    started = time.perf_counter()
+    save_dir = prepare_save_dir(args.save_dir)
+    resumed = load_train_state(args.resume, args) if args.resume else None
+    if args.label_smoothing is None:
+        args.label_smoothing = 0.1 if args.finetune else 0.0
+    class_to_idx, splits = find_splits(args.data_dir)
+    if resumed and resumed["class_to_idx"] != class_to_idx:
+        raise UserError(f"the classes of {args.data_dir} differ from those of the run being "
+                        "resumed; resume on the same data, or train anew without --resume")
+    names = class_display_names(args, class_to_idx)
+    log(f"{len(class_to_idx)} classes; " + ", ".join(
+        f"{name} {len(split.paths)} images" for name, split in splits.items()))
+    backbone, info = build_backbone(args.arch)
+    torch.manual_seed(args.seed)
+    head = build_head(info["feature_dim"], len(class_to_idx), args.hidden_units, args.dropout)
+    unfrozen = []
+    if args.finetune:
+        task, computed = ImageTask(args, info, splits, device), 0
+        model = ImageClassifier(backbone, head)
+        unfrozen = unfreeze(backbone, args.finetune_layers)
+    else:
+        data, computed = extract_features(args, backbone, info, device, splits)
+        task, model = FeatureTask(data, args.batch_size), head
+        log(f"features ready: {computed} images through the backbone, the rest from the cache "
+            f"({time.perf_counter() - started:.1f} s)")
+    model = model.to(device)
+    if distributed.world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint_of(best):
+        return make_checkpoint(args, info, class_to_idx, best)
+
+    best, history = fit(args, model, unfrozen, task, device, save_dir, checkpoint_of, resumed)
+    checkpoint_path = save_dir / CHECKPOINT_NAME
+    if distributed.is_main():
+        reports.plot_training_curves(history, save_dir / "training_curves.png")
+        log(f"best epoch {best['epoch']}: valid accuracy "
+            f"{best['metrics']['valid_accuracy']:.2%}; saved {checkpoint_path} "
+            f"({checkpoint_path.stat().st_size / 1e6:.1f} MB) and training_curves.png")
+    test_accuracy = None
+    if "test" in splits:
+        test_accuracy = test_and_report(model, task, best, names, save_dir, device)
+    log(f"done in {time.perf_counter() - started:.1f} s")
+    return {"checkpoint": checkpoint_path, "best_epoch": best["epoch"],
+            "valid_accuracy": best["metrics"]["valid_accuracy"], "test_accuracy": test_accuracy,
+            "extracted_images": computed, "history": history}
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
