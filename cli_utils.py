@@ -46,6 +46,15 @@ def run_cli(main, parser, argv=None):
         sys.exit(1)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except None and off switches, whose help says what they mean."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:

@@ -21,21 +21,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cli_utils import UserError, atomic_write, run_cli, warn
-from data_utils import (UNREADABLE_IMAGE_ERRORS, eval_transform, list_images, load_category_names,
-                        load_image)
+from cli_utils import HelpFormatter, UserError, atomic_write, run_cli, warn
+from data_utils import (
+    UNREADABLE_IMAGE_ERRORS,
+    eval_transform,
+    list_images,
+    load_category_names,
+    load_image,
+)
 from model_utils import load_checkpoint, model_from_checkpoint
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 CHECK_BATCH_SIZE = 16
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help, except a None default, whose help text says what it means."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def get_args_parser():

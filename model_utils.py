@@ -11,7 +11,7 @@ torch.load(..., weights_only=True) only: a checkpoint from a stranger cannot run
 import hashlib
 import pickle
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ def build_head(in_features, num_classes, hidden_units, dropout):
                          nn.Linear(hidden_units, num_classes))
 
 
-@lru_cache(maxsize=None)
+@cache
 def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -12,10 +12,25 @@ from pathlib import Path
 
 import torch
 
-from cli_utils import (UserError, add_gpu_argument, non_negative_int, positive_int, progress,
-                       run_cli, select_device, warn)
-from data_utils import (UNREADABLE_IMAGE_ERRORS, ImageFiles, eval_transform, list_images,
-                        load_category_names, load_image)
+from cli_utils import (
+    HelpFormatter,
+    UserError,
+    add_gpu_argument,
+    non_negative_int,
+    positive_int,
+    progress,
+    run_cli,
+    select_device,
+    warn,
+)
+from data_utils import (
+    UNREADABLE_IMAGE_ERRORS,
+    ImageFiles,
+    eval_transform,
+    list_images,
+    load_category_names,
+    load_image,
+)
 from features import autocast, default_workers, image_loader, inference_backbone
 from model_utils import ImageClassifier, load_checkpoint, model_from_checkpoint
 
@@ -23,7 +38,7 @@ from model_utils import ImageClassifier, load_checkpoint, model_from_checkpoint
 def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Predict the class of an image (or of every image in a folder).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("input", help="an image file, or a folder of images (searched recursively)")
     parser.add_argument("checkpoint", help="checkpoint.pth written by train.py")
     parser.add_argument("--top_k", type=positive_int, default=1,

@@ -22,12 +22,36 @@ from torch import nn
 
 import distributed
 import reports
-from cli_utils import (UserError, add_gpu_argument, non_negative_int, positive_float, positive_int,
-                       probability, run_cli, select_device, warn)
-from data_utils import ImageFiles, augment_transform, eval_transform, find_splits, load_category_names
+from cli_utils import (
+    HelpFormatter,
+    UserError,
+    add_gpu_argument,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    run_cli,
+    select_device,
+    warn,
+)
+from data_utils import (
+    ImageFiles,
+    augment_transform,
+    eval_transform,
+    find_splits,
+    load_category_names,
+)
 from features import FeatureExtractor, autocast, default_cache_dir, default_workers, image_loader
-from model_utils import (ARCH_CHOICES, BUNDLED_ARCH, CHECKPOINT_FORMAT, ImageClassifier,
-                         build_backbone, build_head, load_checkpoint, save_checkpoint)
+from model_utils import (
+    ARCH_CHOICES,
+    BUNDLED_ARCH,
+    CHECKPOINT_FORMAT,
+    ImageClassifier,
+    build_backbone,
+    build_head,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 CHECKPOINT_NAME = "checkpoint.pth"
 TRAIN_STATE_NAME = "train_state.pth"
@@ -40,7 +64,7 @@ HYPERPARAMETERS = ("arch", "learning_rate", "hidden_units", "dropout", "epochs",
 def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Train a classifier head on a frozen pretrained backbone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("data_dir", help="folder with train/ and valid/ (and optionally test/), "
                         "each holding one folder of images per class")
     parser.add_argument("--save_dir", default=".", help="where checkpoint.pth and the reports go "
@@ -192,8 +216,8 @@ class FeatureTask:
         views, labels = self.data["train"]
         count = len(labels)
         view_index = torch.randint(len(views), (count,))
-        order = torch.randperm(count)
-        order = order[distributed.rank()::distributed.world_size()][:count // distributed.world_size()]
+        world = distributed.world_size()
+        order = torch.randperm(count)[distributed.rank()::world][:count // world]
         for batch in order.split(self.batch_size):
             yield views[view_index[batch], batch].float(), labels[batch]
 
@@ -364,65 +388,75 @@ def make_checkpoint(args, info, class_to_idx, best):
     }
 
 
-def fit(args, model, unfrozen, task, device, save_dir, checkpoint_of, resumed):
-    """The epoch loop: train, validate, keep the best, save the state to resume from."""
-    trainable = model.module if hasattr(model, "module") else model
-    optimizer, scheduler = make_optimizer(args, trainable, task.steps_per_epoch())
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda"
-                                  and not torch.cuda.is_bf16_supported())
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    best, history, start_epoch = None, [], 1
-    if resumed:
-        trainable.load_state_dict(resumed["last_model_state"])
-        optimizer.load_state_dict(resumed["optimizer_state"])
-        scheduler.load_state_dict(resumed["scheduler_state"])
-        scaler.load_state_dict(resumed["scaler_state"])
-        best = {key: resumed[key] for key in ("head_state", "backbone_state", "epoch", "metrics")}
-        history, start_epoch = resumed["history"], resumed["epoch_done"] + 1
-    try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            best = run_epoch(args, epoch, model, trainable, unfrozen, task, optimizer, scheduler,
-                             scaler, criterion, device, save_dir, checkpoint_of, best, history)
-    except KeyboardInterrupt:
-        if distributed.is_main():
-            saved = save_dir / CHECKPOINT_NAME
-            print(f"interrupted: the best head so far (epoch {best['epoch']}, valid accuracy "
-                  f"{best['metrics']['valid_accuracy']:.2%}) is saved in {saved}; continue with "
-                  f"--resume {saved}" if best else
-                  "interrupted before the first epoch ended: nothing was saved",
-                  file=sys.stderr, flush=True)
-        raise
-    return best, history
+class Trainer:
+    """The epoch loop: train, validate, keep the best weights, save what a resume needs."""
 
+    def __init__(self, args, model, unfrozen, task, device, save_dir, checkpoint_of):
+        self.args, self.model, self.unfrozen, self.task = args, model, unfrozen, task
+        self.device, self.save_dir, self.checkpoint_of = device, save_dir, checkpoint_of
+        self.trainable = model.module if hasattr(model, "module") else model
+        self.optimizer, self.scheduler = make_optimizer(args, self.trainable,
+                                                        task.steps_per_epoch())
+        self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda"
+                                           and not torch.cuda.is_bf16_supported())
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        self.best, self.history, self.start_epoch = None, [], 1
 
-def run_epoch(args, epoch, model, trainable, unfrozen, task, optimizer, scheduler, scaler,
-              criterion, device, save_dir, checkpoint_of, best, history):
-    """Train and validate once; save the best head and the state to resume from. Returns best."""
-    torch.manual_seed(args.seed + epoch)  # each epoch's randomness, the same when resumed
-    started = time.perf_counter()
-    set_train_mode(model, unfrozen)
-    train_loss = train_one_epoch(model, task.train_batches(epoch), optimizer, scheduler,
-                                 scaler, criterion, device)
-    valid = evaluate(trainable, task.eval_batches("valid"), criterion, device)
-    record = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid["loss"],
-              "valid_accuracy": valid["accuracy"], "seconds": time.perf_counter() - started}
-    history.append(record)
-    if best is None or (valid["accuracy"], -valid["loss"]) > (
-            best["metrics"]["valid_accuracy"], -best["metrics"]["valid_loss"]):
-        best = {**snapshot(trainable), "epoch": epoch,
-                "metrics": {k: v for k, v in record.items() if k != "epoch"}}
+    def resume(self, state):
+        self.trainable.load_state_dict(state["last_model_state"])
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        self.scheduler.load_state_dict(state["scheduler_state"])
+        self.scaler.load_state_dict(state["scaler_state"])
+        self.best = {key: state[key] for key in ("head_state", "backbone_state", "epoch", "metrics")}
+        self.history, self.start_epoch = state["history"], state["epoch_done"] + 1
+
+    def fit(self):
+        """All epochs; on Ctrl-C or SIGTERM, say where the best head so far is, then re-raise."""
+        try:
+            for epoch in range(self.start_epoch, self.args.epochs + 1):
+                self.run_epoch(epoch)
+        except KeyboardInterrupt:
+            if distributed.is_main():
+                saved = self.save_dir / CHECKPOINT_NAME
+                print(f"interrupted: the best head so far (epoch {self.best['epoch']}, valid "
+                      f"accuracy {self.best['metrics']['valid_accuracy']:.2%}) is saved in "
+                      f"{saved}; continue with --resume {saved}" if self.best else
+                      "interrupted before the first epoch ended: nothing was saved",
+                      file=sys.stderr, flush=True)
+            raise
+        return self.best, self.history
+
+    def run_epoch(self, epoch):
+        torch.manual_seed(self.args.seed + epoch)  # each epoch's randomness, the same when resumed
+        started = time.perf_counter()
+        set_train_mode(self.model, self.unfrozen)
+        train_loss = train_one_epoch(self.model, self.task.train_batches(epoch), self.optimizer,
+                                     self.scheduler, self.scaler, self.criterion, self.device)
+        valid = evaluate(self.trainable, self.task.eval_batches("valid"), self.criterion,
+                         self.device)
+        record = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid["loss"],
+                  "valid_accuracy": valid["accuracy"], "seconds": time.perf_counter() - started}
+        self.history.append(record)
+        best = self.best
+        if best is None or (valid["accuracy"], -valid["loss"]) > (
+                best["metrics"]["valid_accuracy"], -best["metrics"]["valid_loss"]):
+            self.best = {**snapshot(self.trainable), "epoch": epoch,
+                         "metrics": {k: v for k, v in record.items() if k != "epoch"}}
+            if distributed.is_main():
+                save_checkpoint(self.checkpoint_of(self.best), self.save_dir / CHECKPOINT_NAME)
         if distributed.is_main():
-            save_checkpoint(checkpoint_of(best), save_dir / CHECKPOINT_NAME)
-    if distributed.is_main():
-        save_checkpoint({**checkpoint_of(best), "last_model_state": trainable.state_dict(),
-                         "optimizer_state": optimizer.state_dict(),
-                         "scheduler_state": scheduler.state_dict(),
-                         "scaler_state": scaler.state_dict(), "epoch_done": epoch,
-                         "history": history}, save_dir / TRAIN_STATE_NAME)
-    log(f"epoch {epoch:3d}/{args.epochs}  train loss {train_loss:.4f}  valid loss "
-        f"{valid['loss']:.4f}  valid accuracy {valid['accuracy']:.2%}  "
-        f"{record['seconds']:.1f} s")
-    return best
+            self.save_train_state(epoch)
+        log(f"epoch {epoch:3d}/{self.args.epochs}  train loss {train_loss:.4f}  valid loss "
+            f"{valid['loss']:.4f}  valid accuracy {valid['accuracy']:.2%}  "
+            f"{record['seconds']:.1f} s")
+
+    def save_train_state(self, epoch):
+        save_checkpoint({**self.checkpoint_of(self.best),
+                         "last_model_state": self.trainable.state_dict(),
+                         "optimizer_state": self.optimizer.state_dict(),
+                         "scheduler_state": self.scheduler.state_dict(),
+                         "scaler_state": self.scaler.state_dict(), "epoch_done": epoch,
+                         "history": self.history}, self.save_dir / TRAIN_STATE_NAME)
 
 
 def class_display_names(args, class_to_idx):
@@ -494,7 +528,10 @@ def train(args, device):
     def checkpoint_of(best):
         return make_checkpoint(args, info, class_to_idx, best)
 
-    best, history = fit(args, model, unfrozen, task, device, save_dir, checkpoint_of, resumed)
+    trainer = Trainer(args, model, unfrozen, task, device, save_dir, checkpoint_of)
+    if resumed:
+        trainer.resume(resumed)
+    best, history = trainer.fit()
     checkpoint_path = save_dir / CHECKPOINT_NAME
     if distributed.is_main():
         reports.plot_training_curves(history, save_dir / "training_curves.png")

@@ -43,8 +43,14 @@ from torch import nn  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
 from cli_utils import UserError, non_negative_int, positive_int  # noqa: E402
-from data_utils import (ImageFiles, augment_transform, class_folders, eval_transform,  # noqa: E402
-                        find_splits, is_image_file)
+from data_utils import (  # noqa: E402
+    ImageFiles,
+    augment_transform,
+    class_folders,
+    eval_transform,
+    find_splits,
+    is_image_file,
+)
 from features import FeatureExtractor, default_workers, image_loader  # noqa: E402
 from model_utils import ImageClassifier, build_backbone, build_head  # noqa: E402
 

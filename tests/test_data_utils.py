@@ -7,8 +7,14 @@ import torch
 from PIL import Image
 
 from cli_utils import UserError
-from data_utils import (ImageFiles, eval_transform, find_splits, list_images, load_category_names,
-                        load_image)
+from data_utils import (
+    ImageFiles,
+    eval_transform,
+    find_splits,
+    list_images,
+    load_category_names,
+    load_image,
+)
 
 PREPROCESS = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3}
 

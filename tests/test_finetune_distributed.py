@@ -1,10 +1,10 @@
 """Fine-tuning the backbone, and torchrun with several processes (gloo on the CPU)."""
 
 import torch
+from conftest import run_script, train_args
 
 import predict
 import train
-from conftest import run_script, train_args
 from model_utils import build_backbone, load_checkpoint
 
 

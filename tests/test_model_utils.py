@@ -4,12 +4,19 @@ import pickle
 
 import pytest
 import torch
+from conftest import run_script
 from torch import nn
 
 from cli_utils import UserError
-from conftest import run_script
-from model_utils import (CHECKPOINT_FORMAT, ImageClassifier, build_backbone, build_head,
-                         load_checkpoint, model_from_checkpoint, save_checkpoint)
+from model_utils import (
+    CHECKPOINT_FORMAT,
+    ImageClassifier,
+    build_backbone,
+    build_head,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 
 
 @pytest.mark.parametrize("arch, feature_dim", [

@@ -1,5 +1,6 @@
 """train.py and predict.py end to end on a small real subset of the flowers."""
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -8,11 +9,11 @@ import time
 
 import pytest
 import torch
+from conftest import PROJECT, make_subset, run_script, train_args
 
 import predict
 import train
 from cli_utils import UserError
-from conftest import PROJECT, make_subset, run_script, train_args
 from model_utils import load_checkpoint
 
 
@@ -197,17 +198,17 @@ def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
 def test_resume_after_interruption_equals_an_uninterrupted_run(subset, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     train.main(train_args(subset, tmp_path / "whole", cache, "--epochs", "5"))
-    run_epoch = train.run_epoch
+    run_epoch = train.Trainer.run_epoch
 
-    def interrupted_at_epoch_4(args, epoch, *rest):
+    def interrupted_at_epoch_4(trainer, epoch):
         if epoch == 4:
-            raise KeyboardInterrupt
-        return run_epoch(args, epoch, *rest)
+            raise KeyboardInterrupt  # as Ctrl-C would, or a kill after epoch 3's save
+        return run_epoch(trainer, epoch)
 
-    monkeypatch.setattr(train, "run_epoch", interrupted_at_epoch_4)
+    monkeypatch.setattr(train.Trainer, "run_epoch", interrupted_at_epoch_4)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(subset, tmp_path / "cut", cache, "--epochs", "5"))
-    monkeypatch.setattr(train, "run_epoch", run_epoch)
+    monkeypatch.setattr(train.Trainer, "run_epoch", run_epoch)
     resumed = train.main(train_args(subset, tmp_path / "cut", cache, "--resume",
                                     tmp_path / "cut" / "checkpoint.pth"))
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4, 5]
@@ -229,7 +230,7 @@ def test_signal_during_training_keeps_the_best_head(subset, tmp_path, signum, co
              "--cache_dir", str(tmp_path / "cache"), "--epochs", "100000", "--workers", "0"],
             cwd=PROJECT, stdout=output, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
-        while "epoch     2/" not in log.read_text() and time.time() < deadline:
+        while not re.search(r"^epoch +2/", log.read_text(), re.M) and time.time() < deadline:
             time.sleep(0.2)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
