@@ -115,6 +115,10 @@ def atomic_write(path, write):
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch's zip writer raises RuntimeError
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"cannot write {path} ({reason}); free some disk space or choose "
+                        "a folder you can write to") from None
     finally:
         temporary.unlink(missing_ok=True)
 

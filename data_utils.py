@@ -74,6 +74,8 @@ def find_splits(data_dir):
     class_to_idx = {name: index for index, name in enumerate(classes)}
     splits = {name: list_split(data_dir / name, class_to_idx)
               for name in ("train", "valid", "test") if (data_dir / name).is_dir()}
+    if "test" in splits and not splits["test"].paths:
+        del splits["test"]  # an empty test/ means: no test at the end
     empty = sorted(set(classes) - {classes[label] for label in splits["train"].labels})
     if len(empty) == len(classes):
         raise UserError(f"{data_dir / 'train'} holds no images ({', '.join(IMG_EXTENSIONS)})")

@@ -44,15 +44,6 @@ def gather_objects(value):
     return values
 
 
-def broadcast_object(value):
-    """Rank 0's value on every rank."""
-    if not dist.is_initialized():
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def close_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()

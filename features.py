@@ -19,7 +19,7 @@ import distributed
 from cli_utils import atomic_write, progress, warn
 from data_utils import ImageFiles
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def default_cache_dir():
@@ -49,11 +49,15 @@ def image_loader(dataset, batch_size, workers, device, shuffle=False, sampler=No
 
 
 def file_stamps(paths):
-    """(size, mtime in ns) of each file: what tells a changed file from the cached one."""
+    """(size, mtime, ctime in ns) of each file: what tells a changed file from the cached one
+    (ctime changes even when a copy keeps the old mtime). A vanished file gets (-1, -1, -1)."""
     stamps = []
     for path in paths:
-        stat = os.stat(path)
-        stamps.append((stat.st_size, stat.st_mtime_ns))
+        try:
+            stat = os.stat(path)
+            stamps.append((stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+        except OSError:  # a broken symlink: its image will be reported unreadable
+            stamps.append((-1, -1, -1))
     return stamps
 
 
@@ -97,7 +101,7 @@ class FeatureCache:
     def save(self, key, paths, stamps, features, ok):
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         entry = {"format": CACHE_FORMAT, "key": key, "paths": list(paths),
-                 "stamps": torch.tensor(stamps, dtype=torch.int64).reshape(-1, 2),
+                 "stamps": torch.tensor(stamps, dtype=torch.int64).reshape(-1, 3),
                  "features": features, "ok": ok}
         atomic_write(self.path(key), lambda temporary: torch.save(entry, temporary))
 
@@ -120,11 +124,13 @@ class FeatureExtractor:
         """(float16 features [N, D] on the CPU, bool ok [N]) of the images paths below root;
         ok is False for unreadable files."""
         key = "|".join([self.info["arch"], repr(self.info["weights"]), repr(transform), view,
-                        str(Path(root).resolve())])
+                        str(Path(root).resolve()), self.device.type])
         stamps = file_stamps(paths)
         cached = self.cache.load(key) if self.cache else {}
         rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
         missing = [index for index, row in enumerate(rows) if row is None]
+        # All ranks must agree on what to compute, or the gathering collective would hang.
+        missing = sorted(set().union(*distributed.gather_objects(set(missing))))
         if missing:
             self.computed += len(missing)
             computed = self._compute_shared(missing, paths, transform, seeds, description)

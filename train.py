@@ -67,8 +67,9 @@ def get_args_parser():
         formatter_class=HelpFormatter)
     parser.add_argument("data_dir", help="folder with train/ and valid/ (and optionally test/), "
                         "each holding one folder of images per class")
-    parser.add_argument("--save_dir", default=".", help="where checkpoint.pth and the reports go "
-                        "(created if missing)")
+    parser.add_argument("--save_dir", default=None, help="where checkpoint.pth and the reports go "
+                        "(created if missing; default: the current folder, or with --resume the "
+                        "resumed run's folder)")
     parser.add_argument("--arch", default=BUNDLED_ARCH, choices=ARCH_CHOICES, metavar="ARCH",
                         help=f"backbone: {BUNDLED_ARCH} is bundled and works offline; the others "
                         f"download torchvision's weights once ({', '.join(ARCH_CHOICES[1:])})")
@@ -270,11 +271,20 @@ class ImageTask:
 
 def backbone_stages(backbone):
     """The backbone's stages in order (EfficientNet blocks, ResNet layers, VGG and DenseNet
-    feature modules): what --finetune_layers counts from the end."""
-    stages = []
+    feature modules), each BatchNorm kept with the layer before it (conv_head + bn2): what
+    --finetune_layers counts from the end."""
+    modules = []
     for name, child in backbone.named_children():
-        stages.extend(child.children() if name in ("blocks", "features") else [child])
-    return [stage for stage in stages if any(True for _ in stage.parameters())]
+        modules.extend(child.children() if name in ("blocks", "features") else [child])
+    stages = []
+    for module in modules:
+        if not any(True for _ in module.parameters()):
+            continue
+        if isinstance(module, nn.BatchNorm2d) and stages:
+            stages[-1].append(module)
+        else:
+            stages.append(nn.ModuleList([module]))
+    return stages
 
 
 def unfreeze(backbone, layers):
@@ -286,7 +296,8 @@ def unfreeze(backbone, layers):
 
 
 def set_train_mode(model, unfrozen):
-    """Train mode for what trains; frozen BatchNorm statistics stay as pretrained."""
+    """Train mode for what trains; frozen BatchNorm statistics stay as pretrained.
+    model is the unwrapped module (not the DistributedDataParallel wrapper)."""
     model.train()
     if isinstance(model, ImageClassifier):
         model.backbone.eval()
@@ -406,7 +417,8 @@ class Trainer:
         self.trainable.load_state_dict(state["last_model_state"])
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
-        self.scaler.load_state_dict(state["scaler_state"])
+        if state["scaler_state"]:  # empty when saved with the scaler off (CPU, bf16)
+            self.scaler.load_state_dict(state["scaler_state"])
         self.best = {key: state[key] for key in ("head_state", "backbone_state", "epoch", "metrics")}
         self.history, self.start_epoch = state["history"], state["epoch_done"] + 1
 
@@ -429,7 +441,7 @@ class Trainer:
     def run_epoch(self, epoch):
         torch.manual_seed(self.args.seed + epoch)  # each epoch's randomness, the same when resumed
         started = time.perf_counter()
-        set_train_mode(self.model, self.unfrozen)
+        set_train_mode(self.trainable, self.unfrozen)
         train_loss = train_one_epoch(self.model, self.task.train_batches(epoch), self.optimizer,
                                      self.scheduler, self.scaler, self.criterion, self.device)
         valid = evaluate(self.trainable, self.task.eval_batches("valid"), self.criterion,
@@ -496,6 +508,9 @@ def main(args):
 
 def train(args, device):
     started = time.perf_counter()
+    if args.save_dir is None:
+        resumed_dir = Path(args.resume) if args.resume else Path(".")
+        args.save_dir = resumed_dir if resumed_dir.is_dir() else resumed_dir.parent
     save_dir = prepare_save_dir(args.save_dir)
     resumed = load_train_state(args.resume, args) if args.resume else None
     if args.label_smoothing is None:

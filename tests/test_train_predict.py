@@ -217,6 +217,14 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(subset, tmp_path,
     assert whole["epoch"] == cut["epoch"]
     for key in whole["head_state"]:
         assert torch.equal(whole["head_state"][key], cut["head_state"][key])
+    # The last epoch too, not only the best one, and the losses of the resumed epochs.
+    whole_state = load_checkpoint(tmp_path / "whole" / "train_state.pth")
+    cut_state = load_checkpoint(tmp_path / "cut" / "train_state.pth")
+    for key in whole_state["last_model_state"]:
+        assert torch.equal(whole_state["last_model_state"][key], cut_state["last_model_state"][key])
+    assert whole_state["history"][3:] == [
+        {**record, "seconds": whole_state["history"][3 + i]["seconds"]}
+        for i, record in enumerate(cut_state["history"][3:])]
     with pytest.raises(UserError, match="already finished all 5 epochs"):
         train.main(train_args(subset, tmp_path / "cut", cache, "--resume", tmp_path / "cut"))
 
