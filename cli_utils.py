@@ -6,6 +6,9 @@ choice, progress reporting and atomic file writes.
         run_cli(main, get_args_parser())
 """
 import argparse
+import errno
+import json
+import math
 import os
 import signal
 import sys
@@ -27,7 +30,9 @@ def _raise_interrupted(signum, frame):
 
 
 def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    """One line on stderr; under torchrun only from rank 0, so N processes warn once."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_cli(main, parser, argv=None):
@@ -44,6 +49,12 @@ def run_cli(main, parser, argv=None):
     except BrokenPipeError:  # stdout closed early, as by `| head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except RuntimeError as error:  # torch.OutOfMemoryError is one; anything else is a bug
+        if "out of memory" not in str(error):
+            raise
+        print("error: out of GPU memory; lower --batch_size (or --finetune_layers), or train "
+              "without --gpu", file=sys.stderr)
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -71,8 +82,8 @@ def non_negative_int(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text}")
     return value
 
 
@@ -116,11 +127,22 @@ def atomic_write(path, write):
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:  # torch's zip writer raises RuntimeError
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"cannot write {path} ({reason}); free some disk space or choose "
-                        "a folder you can write to") from None
+        reason = getattr(error, "strerror", None) or (str(error).splitlines()
+                                                      or [type(error).__name__])[0]
+        fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
+               errno.EACCES: "choose a folder you can write to",
+               errno.EROFS: "choose a folder you can write to"}.get(
+            getattr(error, "errno", None), "free some disk space or choose a folder you can "
+            "write to")
+        raise UserError(f"cannot write {path} ({reason}); {fix}") from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json(data, path):
+    """data as indented UTF-8 JSON, written atomically."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def progress(iterable, total, description, unit="it"):

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
-from cli_utils import UserError
+from cli_utils import UserError, warn
 
 # What Pillow raises for files that are not images, are damaged, or are too large to decode safely.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -39,8 +39,12 @@ def is_image_file(path):
 
 def class_folders(split_dir):
     """Visible sub-folders (symlinks followed), sorted as names: '1', '10', '100', '2'..."""
-    return sorted(entry.name for entry in os.scandir(split_dir)
-                  if entry.is_dir() and not entry.name.startswith("."))
+    try:
+        return sorted(entry.name for entry in os.scandir(split_dir)
+                      if entry.is_dir() and not entry.name.startswith("."))
+    except OSError as error:
+        raise UserError(f"cannot read {split_dir} ({error.strerror or error}); check the "
+                        "folder's permissions") from None
 
 
 def list_split(split_dir, class_to_idx):
@@ -130,6 +134,14 @@ def augment_transform(preprocess):
     ])
 
 
+def is_readable(path):
+    try:
+        load_image(path)
+    except UNREADABLE_IMAGE_ERRORS:
+        return False
+    return True
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """(image tensor, label, ok) by path, for batched extraction, fine-tuning and prediction.
 
@@ -164,6 +176,9 @@ def load_category_names(path):
                         "such as cat_to_name.json, or leave out --category_names")
     try:
         names = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise UserError(f"cannot read {path} ({error.strerror or error}); check its "
+                        "permissions or leave out --category_names") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not valid JSON ({error}); fix the file or leave out "
                         "--category_names") from None
@@ -171,3 +186,16 @@ def load_category_names(path):
         raise UserError(f"{path} must hold a JSON object mapping class folder names to names, "
                         'like {"1": "pink primrose"}')
     return {str(key): str(value) for key, value in names.items()}
+
+
+def display_names(classes, category_names):
+    """The display name of each class folder name, the folder name where the mapping has none."""
+    return [category_names.get(name, name) for name in classes]
+
+
+def check_category_names(category_names, classes):
+    """Warn when a category names file leaves classes unnamed: a wrong file is a common slip."""
+    missing = [name for name in classes if name not in category_names]
+    if category_names and missing:
+        warn(f"the category names file has no name for {len(missing)} of {len(classes)} classes "
+             f"({', '.join(missing[:5])}); showing their folder names")

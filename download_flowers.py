@@ -66,7 +66,11 @@ def download(url, dest):
         print(f"using {dest} (already downloaded)")
         return dest
     print(f"downloading {url}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {dest.parent} ({error.strerror or error}); choose a "
+                        "folder you can write to with --output or --download_dir") from None
     by_hand = (f"download {ARCHIVE_NAME}, {LABELS_NAME} and {SETID_NAME} by hand from "
                f"{OFFICIAL_URL} into {dest.parent} and run again")
     try:
@@ -85,10 +89,19 @@ def download(url, dest):
     return dest
 
 
+def read_chunks(response):
+    """The response body in chunks; a connection lost on the way is a network error, not the
+    write error that atomic_write would take it for."""
+    try:
+        yield from iter(lambda: response.read(CHUNK_BYTES), b"")
+    except (ConnectionError, TimeoutError) as error:
+        raise http.client.HTTPException(f"the connection broke off: {error}") from None
+
+
 def save_response(response, path, name):
     """Stream the response into path; a body shorter than its Content-Length counts as a failure."""
     expected = int(response.headers.get("Content-Length") or 0) or None
-    chunks = iter(lambda: response.read(CHUNK_BYTES), b"")
+    chunks = read_chunks(response)
     if expected:
         chunks = progress(chunks, math.ceil(expected / CHUNK_BYTES), f"downloading {name}", "MiB")
     received = 0

@@ -14,22 +14,23 @@ names and the preprocessing constants.
 """
 import argparse
 import importlib.util
-import json
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cli_utils import HelpFormatter, UserError, atomic_write, run_cli, warn
+from cli_utils import HelpFormatter, UserError, atomic_write, run_cli, warn, write_json
 from data_utils import (
     UNREADABLE_IMAGE_ERRORS,
+    check_category_names,
+    display_names,
     eval_transform,
     list_images,
     load_category_names,
     load_image,
 )
-from model_utils import load_checkpoint, model_from_checkpoint
+from model_utils import checkpoint_classes, load_checkpoint, model_from_checkpoint
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
@@ -99,13 +100,20 @@ def export_onnx(model, crop, path):
         options = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}}
 
     def write(temporary):
-        with warnings.catch_warnings(), torch.no_grad():
-            # The TorchScript-based exporter is deprecated but still works.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (example_batch(crop),), str(temporary),
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamo=exporter == "dynamo", external_data=False, **options)
-        onnx.checker.check_model(str(temporary))
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                # The TorchScript-based exporter is deprecated but still works.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(model, (example_batch(crop),), str(temporary),
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  dynamo=exporter == "dynamo", external_data=False, **options)
+            onnx.checker.check_model(str(temporary))
+        except OSError:
+            raise  # a write failure: atomic_write says so
+        except Exception as error:  # the exporter's or the checker's own failure
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(f"the {exporter} ONNX exporter failed ({reason}); export with "
+                            "--format torchscript instead") from None
 
     atomic_write(path, write)
     return exporter
@@ -114,13 +122,12 @@ def export_onnx(model, crop, path):
 def export_metadata(checkpoint, export_format, category_names=None):
     """What a user of the exported file needs: classes in index order, their display names,
     and the preprocessing that makes its input."""
-    class_to_idx = checkpoint["class_to_idx"]
-    classes = sorted(class_to_idx, key=class_to_idx.get)
+    classes = checkpoint_classes(checkpoint)
     preprocess = checkpoint["preprocess"]
     crop = preprocess["crop"]
     return {
         "classes": classes,
-        "names": [(category_names or {}).get(name, name) for name in classes],
+        "names": display_names(classes, category_names or {}),
         "preprocess": preprocess,
         "input": f"float32 [N, 3, {crop}, {crop}], RGB, resized so the shorter side is "
                  f"{preprocess['resize']} (bilinear), centre-cropped to {crop}x{crop}, scaled to "
@@ -131,11 +138,6 @@ def export_metadata(checkpoint, export_format, category_names=None):
         "format": export_format,
         "arch": checkpoint["arch"],
     }
-
-
-def write_json(data, path):
-    atomic_write(path, lambda temporary: Path(temporary).write_text(
-        json.dumps(data, indent=2) + "\n", encoding="utf-8"))
 
 
 def check_images(source):
@@ -178,7 +180,10 @@ def exported_runner(exported_path, export_format):
 
 def parity_check(exported_path, export_format, checkpoint_path, image_paths):
     """The largest absolute difference between the exported model's probabilities and
-    predict.py's on the same preprocessed images."""
+    predict.py's on the same preprocessed images.
+
+    The reference is loaded from the checkpoint file by predict.load_model, not taken from the
+    model just exported, so the check covers predict.py's own loading path too."""
     import predict
 
     if export_format == "onnx":
@@ -232,11 +237,7 @@ def main(args):
     if image_paths and args.format == "onnx":
         require_onnxruntime()  # fail now, not after the export
     path, metadata_path = output_paths(args.checkpoint, args.format, args.output)
-    if category_names:
-        from predict import check_category_names
-
-        check_category_names(category_names,
-                             sorted(checkpoint["class_to_idx"], key=checkpoint["class_to_idx"].get))
+    check_category_names(category_names, checkpoint_classes(checkpoint))
     model = exportable_model(checkpoint)
     crop = checkpoint["preprocess"]["crop"]
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import distributed
-from cli_utils import atomic_write, progress, warn
+from cli_utils import UserError, atomic_write, progress, warn
 from data_utils import ImageFiles
 
 CACHE_FORMAT = 2
@@ -99,11 +99,19 @@ class FeatureCache:
             return {}
 
     def save(self, key, paths, stamps, features, ok):
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        """Write one cache file; False, with a warning, where that fails: the cache is optional,
+        so a full disk or a read-only --cache_dir costs the next run time, not this run."""
         entry = {"format": CACHE_FORMAT, "key": key, "paths": list(paths),
                  "stamps": torch.tensor(stamps, dtype=torch.int64).reshape(-1, 3),
                  "features": features, "ok": ok}
-        atomic_write(self.path(key), lambda temporary: torch.save(entry, temporary))
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path(key), lambda temporary: torch.save(entry, temporary))
+        except (OSError, UserError) as error:
+            warn(f"feature cache not saved ({getattr(error, 'strerror', None) or error}); going "
+                 "on without it: pass a writable --cache_dir, or --no_cache")
+            return False
+        return True
 
 
 class FeatureExtractor:
@@ -139,7 +147,8 @@ class FeatureExtractor:
         features = torch.stack([row[0] for row in rows]) if rows else torch.empty(0, 0)
         ok = torch.tensor([bool(row[1]) for row in rows], dtype=torch.bool)
         if self.cache and (missing or len(cached) != len(rows)) and distributed.is_main():
-            self.cache.save(key, paths, stamps, features, ok)
+            if not self.cache.save(key, paths, stamps, features, ok):
+                self.cache = None
         return features, ok
 
     def _compute_shared(self, missing, paths, transform, seeds, description):

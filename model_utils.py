@@ -133,6 +133,11 @@ def save_checkpoint(checkpoint, path):
     atomic_write(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
+def first_byte(path):
+    with open(path, "rb") as handle:
+        return handle.read(1)
+
+
 def load_checkpoint(path):
     """The checkpoint dict, loaded safely (weights_only) and checked, or a clear UserError."""
     path = Path(path)
@@ -144,7 +149,7 @@ def load_checkpoint(path):
             warnings.simplefilter("ignore", UserWarning)  # about pickle protocols it refuses
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "GLOBAL" in str(error) or path.read_bytes()[:1] == pickle.PROTO:
+        if "GLOBAL" in str(error) or first_byte(path) == pickle.PROTO:
             raise UserError(
                 f"{path} holds pickled Python objects (such as a whole model saved with "
                 "torch.save(model)), which could run code when loaded, so it is not loaded; "
@@ -158,6 +163,9 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint written by train.py (no format_version); "
                         "use a checkpoint written by train.py")
+    if not isinstance(checkpoint["format_version"], int):
+        raise UserError(f"{path} is damaged or not a checkpoint (format_version "
+                        f"{checkpoint['format_version']!r}); use a checkpoint written by train.py")
     if checkpoint["format_version"] > CHECKPOINT_FORMAT:
         raise UserError(f"{path} has checkpoint format {checkpoint['format_version']}, newer "
                         f"than this version reads ({CHECKPOINT_FORMAT}); update this tool")
@@ -167,6 +175,12 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def checkpoint_classes(checkpoint):
+    """The class folder names in output index order."""
+    class_to_idx = checkpoint["class_to_idx"]
+    return sorted(class_to_idx, key=class_to_idx.get)
+
+
 def model_from_checkpoint(checkpoint, pretrained=True):
     """Rebuild the trained classifier, refusing a backbone whose weights differ from training's.
 
@@ -174,15 +188,20 @@ def model_from_checkpoint(checkpoint, pretrained=True):
     """
     fine_tuned = checkpoint.get("backbone_state") is not None
     backbone, info = build_backbone(checkpoint["arch"], pretrained=pretrained and not fine_tuned)
-    if fine_tuned:
-        backbone.load_state_dict(checkpoint["backbone_state"])
-    elif pretrained and info["weights"] != checkpoint["backbone"]:
+    if not fine_tuned and pretrained and info["weights"] != checkpoint["backbone"]:
         raise UserError(
             f"the checkpoint was trained on backbone weights {checkpoint['backbone']} but the "
             f"installed ones are {info['weights']}; install the weights it was trained with, "
             "or train again")
-    spec = checkpoint["head"]
-    head = build_head(spec["in_features"], spec["num_classes"], spec["hidden_units"],
-                      spec["dropout"])
-    head.load_state_dict(checkpoint["head_state"])
+    try:
+        if fine_tuned:
+            backbone.load_state_dict(checkpoint["backbone_state"])
+        spec = checkpoint["head"]
+        head = build_head(spec["in_features"], spec["num_classes"], spec["hidden_units"],
+                          spec["dropout"])
+        head.load_state_dict(checkpoint["head_state"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"the checkpoint is damaged: its weights do not fit its model ({reason}); "
+                        "use another copy or train again") from None
     return ImageClassifier(backbone, head).eval()

@@ -26,13 +26,20 @@ from cli_utils import (
 from data_utils import (
     UNREADABLE_IMAGE_ERRORS,
     ImageFiles,
+    check_category_names,
+    display_names,
     eval_transform,
     list_images,
     load_category_names,
     load_image,
 )
 from features import autocast, default_workers, image_loader, inference_backbone
-from model_utils import ImageClassifier, load_checkpoint, model_from_checkpoint
+from model_utils import (
+    ImageClassifier,
+    checkpoint_classes,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 
 
 def get_args_parser():
@@ -63,7 +70,7 @@ def load_model(checkpoint_path, device):
     and .preprocess (the evaluation transform's constants) attached."""
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint).to(device)
-    model.classes = sorted(checkpoint["class_to_idx"], key=checkpoint["class_to_idx"].get)
+    model.classes = checkpoint_classes(checkpoint)
     model.preprocess = checkpoint["preprocess"]
     return model
 
@@ -108,10 +115,6 @@ def predict_folder(paths, model, top_k, batch_size, workers):
             position += 1
 
 
-def display_names(classes, category_names):
-    return [category_names.get(name, name) for name in classes]
-
-
 def print_result(path, probabilities, names, classes, as_json, show_path):
     if as_json:
         print(json.dumps({"path": str(path), "classes": classes, "names": names,
@@ -126,12 +129,6 @@ def print_result(path, probabilities, names, classes, as_json, show_path):
         label = name if name == folder else f"{name} ({folder})"
         print(f"  {rank}. {label}  {probability:.2%}")
 
-
-def check_category_names(category_names, classes):
-    missing = [name for name in classes if name not in category_names]
-    if category_names and missing:
-        warn(f"the category names file has no name for {len(missing)} of {len(classes)} classes "
-             f"({', '.join(missing[:5])}); showing their folder names")
 
 
 def main(args):

@@ -11,12 +11,11 @@ sanity-check plot, and a JSON report of the test-set results.
 
 matplotlib is imported only inside the plotting functions, so predict.py starts fast.
 """
-import json
 from pathlib import Path
 
 import numpy as np
 
-from cli_utils import atomic_write
+from cli_utils import UserError, atomic_write, write_json
 
 DPI = 120
 CONFUSION_DPI = 130
@@ -36,8 +35,12 @@ def _pyplot():
 def _save_figure(figure, path, dpi=DPI):
     """Save as PNG atomically (the temporary name ends in .tmp, hence format=); free the figure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create {path.parent} ({error.strerror or error}); choose "
+                            "a folder you can write to") from None
         atomic_write(path, lambda temporary: figure.savefig(
             temporary, format="png", dpi=dpi, bbox_inches="tight", facecolor="white"))
     finally:
@@ -161,8 +164,7 @@ def save_test_report(report, path):
     """The report as indented JSON, written atomically so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    write_json(report, path)
 
 
 # --- confusion matrix -----------------------------------------------------------------------

@@ -37,8 +37,10 @@ from cli_utils import (
 from data_utils import (
     ImageFiles,
     augment_transform,
+    display_names,
     eval_transform,
     find_splits,
+    is_readable,
     load_category_names,
 )
 from features import FeatureExtractor, autocast, default_cache_dir, default_workers, image_loader
@@ -137,6 +139,17 @@ def prepare_save_dir(save_dir):
     return save_dir
 
 
+def keep_earlier_run(save_dir):
+    """Rename an earlier run's checkpoint and training state to *.previous.pth, so a new run in
+    the same folder neither overwrites a trained model nor leaves a stale state to --resume."""
+    for name in (CHECKPOINT_NAME, TRAIN_STATE_NAME):
+        path = save_dir / name
+        if path.is_file():
+            kept = path.with_name(f"{path.stem}.previous{path.suffix}")
+            path.replace(kept)
+            log(f"kept the earlier run's {path} as {kept.name}")
+
+
 def load_train_state(path, args):
     """The state saved after the last finished epoch; its hyperparameters replace args'."""
     path = Path(path)
@@ -147,8 +160,13 @@ def load_train_state(path, args):
     state = load_checkpoint(state_path)
     if "optimizer_state" not in state:
         raise UserError(f"{state_path} holds no training state; pass the checkpoint.pth of a run")
+    defaults = get_args_parser()
     for name in HYPERPARAMETERS:
-        setattr(args, name, state["hyperparameters"][name])
+        saved, given = state["hyperparameters"][name], getattr(args, name)
+        if given not in (saved, defaults.get_default(name)):
+            warn(f"--resume continues the run as it was started: --{name} {saved}, not {given}; "
+                 "train anew without --resume to change it")
+        setattr(args, name, saved)
     if state["epoch_done"] >= args.epochs:
         raise UserError(f"{state_path}: that run already finished all {args.epochs} epochs; "
                         "nothing to resume")
@@ -173,6 +191,18 @@ def report_unreadable(splits, ok_masks, strict):
         raise UserError(f"{len(bad)} unreadable images ({listing}); fix or remove them, or leave "
                         "out --strict to skip them")
     warn(f"skipped {len(bad)} unreadable images ({listing}); --strict makes this an error")
+
+
+def readable_masks(splits):
+    """Which images decode, per split, each rank checking its share: --strict with --finetune,
+    where no feature pass has decoded them before training."""
+    masks = {}
+    for name, split in splits.items():
+        mine = range(distributed.rank(), len(split.paths), distributed.world_size())
+        shares = distributed.gather_objects({i: is_readable(split.paths[i]) for i in mine})
+        readable = {index: ok for share in shares for index, ok in share.items()}
+        masks[name] = torch.tensor([readable[i] for i in range(len(split.paths))], dtype=torch.bool)
+    return masks
 
 
 def extract_features(args, backbone, info, device, splits):
@@ -202,8 +232,9 @@ def extract_features(args, backbone, info, device, splits):
         labels = torch.tensor(split.labels, dtype=torch.long)[keep]
         inputs = torch.stack(views)[:, keep] if name == "train" else features[name][keep]
         data[name] = (inputs, labels)
-    if not len(data["train"][1]):
-        raise UserError("no readable training images; check the files in train/")
+    for name in ("train", "valid"):
+        if not len(data[name][1]):
+            raise UserError(f"no readable images in {name}/; check the files in {splits[name].root}")
     return data, extractor.computed
 
 
@@ -247,10 +278,13 @@ class ImageTask:
                                          sampler=self.sampler)
         self.eval_transform = eval_transform(info["preprocess"])
         self.crop = crop
+        self.warned = set()
+        if args.strict:
+            report_unreadable(splits, readable_masks(splits), strict=True)
 
     def train_batches(self, epoch):
         self.sampler.set_epoch(epoch)
-        return self._readable(self.train_loader)
+        return self._readable(self.train_loader, "train")
 
     def eval_batches(self, split):
         split = self.splits[split]
@@ -258,15 +292,21 @@ class ImageTask:
         dataset = ImageFiles([split.paths[i] for i in mine], self.eval_transform, self.crop,
                              [split.labels[i] for i in mine])
         return self._readable(image_loader(dataset, self.args.batch_size, self.args.workers,
-                                           self.device))
+                                           self.device), split.root.name)
 
     def steps_per_epoch(self):
         return len(self.train_loader)
 
-    @staticmethod
-    def _readable(loader):
+    def _readable(self, loader, split):
+        """The readable images of each batch; the others are warned about once per split (rank
+        0's count under torchrun)."""
+        skipped = 0
         for images, labels, ok in loader:
+            skipped += len(ok) - int(ok.sum())
             yield images[ok], labels[ok]
+        if skipped and split not in self.warned:
+            self.warned.add(split)
+            warn(f"skipped {skipped} unreadable images in {split}/; --strict makes this an error")
 
 
 def backbone_stages(backbone):
@@ -430,11 +470,12 @@ class Trainer:
         except KeyboardInterrupt:
             if distributed.is_main():
                 saved = self.save_dir / CHECKPOINT_NAME
+                resumable = (self.save_dir / TRAIN_STATE_NAME).is_file()
                 print(f"interrupted: the best head so far (epoch {self.best['epoch']}, valid "
                       f"accuracy {self.best['metrics']['valid_accuracy']:.2%}) is saved in "
-                      f"{saved}; continue with --resume {saved}" if self.best else
-                      "interrupted before the first epoch ended: nothing was saved",
-                      file=sys.stderr, flush=True)
+                      f"{saved}" + (f"; continue with --resume {saved}" if resumable else "")
+                      if self.best else "interrupted before the first epoch ended: nothing was "
+                      "saved", file=sys.stderr, flush=True)
             raise
         return self.best, self.history
 
@@ -475,7 +516,7 @@ def class_display_names(args, class_to_idx):
     """Flower names for the report where a category names file has them, else folder names."""
     path = args.category_names or Path(args.data_dir) / "cat_to_name.json"
     names = load_category_names(path) if args.category_names or Path(path).is_file() else {}
-    return [names.get(name, name) for name in class_to_idx]
+    return display_names(class_to_idx, names)
 
 
 def test_and_report(model, task, best, names, save_dir, device):
@@ -487,6 +528,9 @@ def test_and_report(model, task, best, names, save_dir, device):
     else:
         trainable.load_state_dict(best["head_state"])
     test = evaluate(trainable, task.eval_batches("test"), nn.CrossEntropyLoss(), device)
+    if not len(test["labels"]):
+        warn("no readable images in test/: no test accuracy or report")
+        return None
     if distributed.is_main():
         report = reports.test_report(test["labels"].tolist(), test["predictions"].tolist(), names)
         reports.save_test_report(report, save_dir / "test_report.json")
@@ -513,6 +557,8 @@ def train(args, device):
         args.save_dir = resumed_dir if resumed_dir.is_dir() else resumed_dir.parent
     save_dir = prepare_save_dir(args.save_dir)
     resumed = load_train_state(args.resume, args) if args.resume else None
+    if not resumed and distributed.is_main():
+        keep_earlier_run(save_dir)
     if args.label_smoothing is None:
         args.label_smoothing = 0.1 if args.finetune else 0.0
     class_to_idx, splits = find_splits(args.data_dir)
