@@ -31,7 +31,7 @@ def _raise_interrupted(signum, frame):
 
 def warn(message):
     """One line on stderr; under torchrun only from rank 0, so N processes warn once."""
-    if os.environ.get("RANK", "0") == "0":
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or os.environ.get("RANK", "0") == "0":
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -50,10 +50,10 @@ def run_cli(main, parser, argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except RuntimeError as error:  # torch.OutOfMemoryError is one; anything else is a bug
-        if "out of memory" not in str(error):
+        if type(error).__name__ != "OutOfMemoryError":
             raise
-        print("error: out of GPU memory; lower --batch_size (or --finetune_layers), or train "
-              "without --gpu", file=sys.stderr)
+        print(f"error: out of GPU memory ({str(error).splitlines()[0]}); lower --batch_size, or "
+              "run without --gpu", file=sys.stderr)
         sys.exit(2)
 
 
@@ -83,7 +83,7 @@ def non_negative_int(text):
 def positive_float(text):
     value = float(text)
     if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number greater than 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {text}")
     return value
 
 

@@ -94,7 +94,7 @@ def read_chunks(response):
     write error that atomic_write would take it for."""
     try:
         yield from iter(lambda: response.read(CHUNK_BYTES), b"")
-    except (ConnectionError, TimeoutError) as error:
+    except OSError as error:  # reading never writes: a reset, a timeout, an SSL error
         raise http.client.HTTPException(f"the connection broke off: {error}") from None
 
 

@@ -78,6 +78,7 @@ class FeatureCache:
 
     def __init__(self, cache_dir):
         self.cache_dir = Path(cache_dir).expanduser()
+        self.writable = True
 
     def path(self, key):
         return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
@@ -99,8 +100,10 @@ class FeatureCache:
             return {}
 
     def save(self, key, paths, stamps, features, ok):
-        """Write one cache file; False, with a warning, where that fails: the cache is optional,
-        so a full disk or a read-only --cache_dir costs the next run time, not this run."""
+        """Write one cache file. The cache is optional: where writing fails (a full disk, a
+        read-only --cache_dir) one warning says so and later saves are skipped; reading goes on."""
+        if not self.writable:
+            return
         entry = {"format": CACHE_FORMAT, "key": key, "paths": list(paths),
                  "stamps": torch.tensor(stamps, dtype=torch.int64).reshape(-1, 3),
                  "features": features, "ok": ok}
@@ -110,8 +113,7 @@ class FeatureCache:
         except (OSError, UserError) as error:
             warn(f"feature cache not saved ({getattr(error, 'strerror', None) or error}); going "
                  "on without it: pass a writable --cache_dir, or --no_cache")
-            return False
-        return True
+            self.writable = False
 
 
 class FeatureExtractor:
@@ -147,8 +149,7 @@ class FeatureExtractor:
         features = torch.stack([row[0] for row in rows]) if rows else torch.empty(0, 0)
         ok = torch.tensor([bool(row[1]) for row in rows], dtype=torch.bool)
         if self.cache and (missing or len(cached) != len(rows)) and distributed.is_main():
-            if not self.cache.save(key, paths, stamps, features, ok):
-                self.cache = None
+            self.cache.save(key, paths, stamps, features, ok)
         return features, ok
 
     def _compute_shared(self, missing, paths, transform, seeds, description):

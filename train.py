@@ -57,6 +57,9 @@ from model_utils import (
 
 CHECKPOINT_NAME = "checkpoint.pth"
 TRAIN_STATE_NAME = "train_state.pth"
+# Everything a run writes in --save_dir.
+RUN_FILES = (CHECKPOINT_NAME, TRAIN_STATE_NAME, "training_curves.png", "test_report.json",
+             "confusion_matrix.png")
 # What defines the model and its training: saved in checkpoints, taken back by --resume.
 HYPERPARAMETERS = ("arch", "learning_rate", "hidden_units", "dropout", "epochs", "batch_size",
                    "seed", "augment", "finetune", "finetune_layers", "backbone_lr",
@@ -140,19 +143,30 @@ def prepare_save_dir(save_dir):
 
 
 def keep_earlier_run(save_dir):
-    """Rename an earlier run's checkpoint and training state to *.previous.pth, so a new run in
-    the same folder neither overwrites a trained model nor leaves a stale state to --resume."""
-    for name in (CHECKPOINT_NAME, TRAIN_STATE_NAME):
+    """Rename an earlier run's files in save_dir to NAME.previous.EXT, just before this run's
+    first save: a new run in the same folder neither overwrites a trained model nor mixes its
+    files with the earlier run's, and a run that fails before saving leaves them untouched."""
+    kept = []
+    for name in RUN_FILES:
         path = save_dir / name
         if path.is_file():
-            kept = path.with_name(f"{path.stem}.previous{path.suffix}")
-            path.replace(kept)
-            log(f"kept the earlier run's {path} as {kept.name}")
+            try:
+                path.replace(path.with_name(f"{path.stem}.previous{path.suffix}"))
+            except OSError as error:
+                raise UserError(f"cannot keep the earlier run's {path} ({error.strerror or error}); "
+                                "choose another --save_dir") from None
+            kept.append(name)
+    if kept:
+        log(f"kept the earlier run's {', '.join(kept)} in {save_dir} as *.previous.*")
 
 
 def load_train_state(path, args):
     """The state saved after the last finished epoch; its hyperparameters replace args'."""
     path = Path(path)
+    if ".previous" in path.name:
+        raise UserError(f"--resume continues the run saved as checkpoint.pth and train_state.pth; "
+                        f"to continue the earlier run kept in {path.name}, move it and "
+                        "train_state.previous.pth to a folder of their own without .previous")
     state_path = path / TRAIN_STATE_NAME if path.is_dir() else path.with_name(TRAIN_STATE_NAME)
     if not state_path.is_file():
         raise UserError(f"nothing to resume: {state_path} not found (train.py writes it beside "
@@ -298,12 +312,12 @@ class ImageTask:
         return len(self.train_loader)
 
     def _readable(self, loader, split):
-        """The readable images of each batch; the others are warned about once per split (rank
-        0's count under torchrun)."""
+        """The readable images of each batch; the others are warned about once per split."""
         skipped = 0
         for images, labels, ok in loader:
             skipped += len(ok) - int(ok.sum())
             yield images[ok], labels[ok]
+        skipped = sum(distributed.gather_objects(skipped))  # every rank reads its loader to the end
         if skipped and split not in self.warned:
             self.warned.add(split)
             warn(f"skipped {skipped} unreadable images in {split}/; --strict makes this an error")
@@ -452,6 +466,7 @@ class Trainer:
                                            and not torch.cuda.is_bf16_supported())
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.best, self.history, self.start_epoch = None, [], 1
+        self.saved_once = False  # the earlier run's files are set aside before the first save
 
     def resume(self, state):
         self.trainable.load_state_dict(state["last_model_state"])
@@ -461,6 +476,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler_state"])
         self.best = {key: state[key] for key in ("head_state", "backbone_state", "epoch", "metrics")}
         self.history, self.start_epoch = state["history"], state["epoch_done"] + 1
+        self.saved_once = True  # a resumed run continues its own files
 
     def fit(self):
         """All epochs; on Ctrl-C or SIGTERM, say where the best head so far is, then re-raise."""
@@ -490,6 +506,11 @@ class Trainer:
         record = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid["loss"],
                   "valid_accuracy": valid["accuracy"], "seconds": time.perf_counter() - started}
         self.history.append(record)
+        if not len(valid["labels"]):  # gathered: every rank stops alike
+            raise UserError("no readable images in valid/; check its files")
+        if distributed.is_main() and not self.saved_once:
+            keep_earlier_run(self.save_dir)
+            self.saved_once = True
         best = self.best
         if best is None or (valid["accuracy"], -valid["loss"]) > (
                 best["metrics"]["valid_accuracy"], -best["metrics"]["valid_loss"]):
@@ -557,8 +578,6 @@ def train(args, device):
         args.save_dir = resumed_dir if resumed_dir.is_dir() else resumed_dir.parent
     save_dir = prepare_save_dir(args.save_dir)
     resumed = load_train_state(args.resume, args) if args.resume else None
-    if not resumed and distributed.is_main():
-        keep_earlier_run(save_dir)
     if args.label_smoothing is None:
         args.label_smoothing = 0.1 if args.finetune else 0.0
     class_to_idx, splits = find_splits(args.data_dir)

@@ -18,11 +18,19 @@ from model_utils import load_checkpoint, save_checkpoint
 def test_new_run_keeps_the_earlier_runs_files(subset, tmp_path):
     run = tmp_path / "run"
     train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "2"))
-    earlier = (run / "checkpoint.pth").read_bytes()
+    earlier = {path.name: path.read_bytes() for path in run.iterdir()}
+    assert sorted(earlier) == sorted(train.RUN_FILES)
+    with pytest.raises(UserError):  # fails before its first save: nothing is moved
+        train.main(train_args(tmp_path / "no_data", run, tmp_path / "cache"))
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == earlier
     train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "1", "--seed", "1"))
-    assert (run / "checkpoint.previous.pth").read_bytes() == earlier
-    assert load_checkpoint(run / "train_state.previous.pth")["epoch_done"] == 2
+    for name, content in earlier.items():
+        stem, suffix = name.split(".")
+        assert (run / f"{stem}.previous.{suffix}").read_bytes() == content
     assert load_checkpoint(run / "checkpoint.pth")["hyperparameters"]["seed"] == 1
+    with pytest.raises(UserError, match="move it and train_state.previous.pth"):
+        train.main(train_args(subset, run, tmp_path / "cache", "--resume",
+                              run / "checkpoint.previous.pth"))
 
 
 def test_unwritable_feature_cache_warns_once_and_trains(subset, tmp_path, capsys):
@@ -104,8 +112,9 @@ def test_out_of_gpu_memory_is_one_line(capsys):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == ("error: out of GPU memory; lower --batch_size (or "
-                                       "--finetune_layers), or train without --gpu\n")
+    assert capsys.readouterr().err == ("error: out of GPU memory (CUDA out of memory. Tried to "
+                                       "allocate 2.00 GiB); lower --batch_size, or run without "
+                                       "--gpu\n")
 
 
 def test_connection_lost_mid_download_is_a_network_error():
