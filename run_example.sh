@@ -13,4 +13,3 @@ data=${1:-flowers}
 photo=$({ find "$data/test" "$data/valid" -type f -iname '*.jpg' 2>/dev/null || true; } | sort | sed -n 1p)
 .venv/bin/python predict.py "$photo" checkpoints/checkpoint.pth --top_k 5 \
     --category_names cat_to_name.json --plot checkpoints/prediction.png
-echo "saved checkpoints/prediction.png"
