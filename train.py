@@ -119,6 +119,10 @@ def get_args_parser():
                           help="label smoothing of the loss (default: 0.1 with --finetune, else 0)")
     finetune.add_argument("--warmup_epochs", type=non_negative_int, default=1,
                           help="epochs of linear learning-rate warm-up before the cosine decay")
+    finetune.add_argument("--compile", action="store_true",
+                          help="compile the training step with torch.compile: about 30 s more "
+                          "in the first epoch, then each epoch about 1.3x faster (measured on a "
+                          "CPU); needs a C++ compiler")
     return parser
 
 
@@ -426,6 +430,13 @@ def evaluate(model, batches, criterion, device):
             "labels": labels, "predictions": predictions}
 
 
+def unwrap(model):
+    """The model itself, inside torch.compile's and DistributedDataParallel's wrappers: what
+    is saved, evaluated (uncompiled, so eval mode costs no second compile) and restored."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def snapshot(model):
     """CPU copies of the trained weights: the head's, and the backbone's when fine-tuning."""
     def copy(module):
@@ -459,7 +470,7 @@ class Trainer:
     def __init__(self, args, model, unfrozen, task, device, save_dir, checkpoint_of):
         self.args, self.model, self.unfrozen, self.task = args, model, unfrozen, task
         self.device, self.save_dir, self.checkpoint_of = device, save_dir, checkpoint_of
-        self.trainable = model.module if hasattr(model, "module") else model
+        self.trainable = unwrap(model)
         self.optimizer, self.scheduler = make_optimizer(args, self.trainable,
                                                         task.steps_per_epoch())
         self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda"
@@ -542,7 +553,7 @@ def class_display_names(args, class_to_idx):
 
 def test_and_report(model, task, best, names, save_dir, device):
     """Test accuracy of the best epoch, with curves, a report and a confusion matrix."""
-    trainable = model.module if hasattr(model, "module") else model
+    trainable = unwrap(model)
     if isinstance(trainable, ImageClassifier):
         trainable.head.load_state_dict(best["head_state"])
         trainable.backbone.load_state_dict(best["backbone_state"])
@@ -604,6 +615,11 @@ def train(args, device):
     if distributed.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile and args.finetune:
+        model = torch.compile(model)
+    elif args.compile:
+        warn("--compile is ignored without --finetune: the head on cached features trains too "
+             "fast for compiling to pay")
 
     def checkpoint_of(best):
         return make_checkpoint(args, info, class_to_idx, best)

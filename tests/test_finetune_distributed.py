@@ -25,6 +25,20 @@ def test_finetune_trains_the_last_stage_and_predicts(subset, tmp_path):
     assert predict.predict(image, model, top_k=1)[1] == ["10"]
 
 
+def test_compiled_finetune_saves_plain_weights(subset, tmp_path):
+    result = train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--finetune",
+                                   "--finetune_layers", "1", "--epochs", "1", "--batch_size", "8",
+                                   "--compile"))
+    assert result["test_accuracy"] >= 0.6
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    # Keys as the uncompiled model names them, so predict.py loads it without torch.compile.
+    plain = build_backbone("efficientnet_lite0")[0].state_dict()
+    assert checkpoint["backbone_state"].keys() == plain.keys()
+    model = predict.load_model(tmp_path / "run" / "checkpoint.pth", torch.device("cpu"))
+    image = next((subset / "test" / "10").iterdir())
+    assert predict.predict(image, model, top_k=1)[1] == ["10"]
+
+
 def test_torchrun_two_processes_match_one(subset, trained, tmp_path):
     one_process, _ = trained
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
