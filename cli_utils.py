@@ -29,6 +29,13 @@ def _raise_interrupted(signum, frame):
     raise Interrupted()
 
 
+def error_reason(error):
+    """What went wrong, in a few words: the system's error text, else the first line of the
+    message, else the exception's name."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    return getattr(error, "strerror", None) or lines[0]
+
+
 def warn(message):
     """One line on stderr; under torchrun only from rank 0, so N processes warn once."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or os.environ.get("RANK", "0") == "0":
@@ -52,7 +59,7 @@ def run_cli(main, parser, argv=None):
     except RuntimeError as error:  # torch.OutOfMemoryError is one; anything else is a bug
         if type(error).__name__ != "OutOfMemoryError":
             raise
-        print(f"error: out of GPU memory ({str(error).splitlines()[0]}); lower --batch_size, or "
+        print(f"error: out of GPU memory ({error_reason(error)}); lower --batch_size, or "
               "run without --gpu", file=sys.stderr)
         sys.exit(2)
 
@@ -118,25 +125,28 @@ def select_device(use_gpu):
 
 
 def atomic_write(path, write):
-    """Call write(temporary_path), then rename it over path, so a crash never leaves half a file."""
+    """Call write(temporary_path), then rename it over path, so a crash never leaves half a file.
+    path's folder is created if missing."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(temporary)
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:  # torch's zip writer raises RuntimeError
-        reason = getattr(error, "strerror", None) or (str(error).splitlines()
-                                                      or [type(error).__name__])[0]
-        fix = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
-               errno.EACCES: "choose a folder you can write to",
-               errno.EROFS: "choose a folder you can write to"}.get(
-            getattr(error, "errno", None), "free some disk space or choose a folder you can "
-            "write to")
-        raise UserError(f"cannot write {path} ({reason}); {fix}") from None
+        code = getattr(error, "errno", None)
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free some disk space"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR):
+            fix = "choose a folder you can write to"  # EEXIST, ENOTDIR: a file where a folder goes
+        else:
+            fix = "free some disk space or choose a folder you can write to"
+        raise UserError(f"cannot write {path} ({error_reason(error)}); {fix}") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        if os.path.lexists(temporary):  # not there when the folder could not be made
+            temporary.unlink()
 
 
 def write_json(data, path):

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
-from cli_utils import UserError, warn
+from cli_utils import UserError, error_reason, warn
 
 # What Pillow raises for files that are not images, are damaged, or are too large to decode safely.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -43,7 +43,7 @@ def class_folders(split_dir):
         return sorted(entry.name for entry in os.scandir(split_dir)
                       if entry.is_dir() and not entry.name.startswith("."))
     except OSError as error:
-        raise UserError(f"cannot read {split_dir} ({error.strerror or error}); check the "
+        raise UserError(f"cannot read {split_dir} ({error_reason(error)}); check the "
                         "folder's permissions") from None
 
 
@@ -177,7 +177,7 @@ def load_category_names(path):
     try:
         names = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise UserError(f"cannot read {path} ({error.strerror or error}); check its "
+        raise UserError(f"cannot read {path} ({error_reason(error)}); check its "
                         "permissions or leave out --category_names") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not valid JSON ({error}); fix the file or leave out "

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from cli_utils import UserError, atomic_write, progress, run_cli
+from cli_utils import UserError, atomic_write, error_reason, progress, run_cli
 
 OFFICIAL_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 ARCHIVE_NAME, LABELS_NAME, SETID_NAME = "102flowers.tgz", "imagelabels.mat", "setid.mat"
@@ -69,7 +69,7 @@ def download(url, dest):
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"cannot create {dest.parent} ({error.strerror or error}); choose a "
+        raise UserError(f"cannot create {dest.parent} ({error_reason(error)}); choose a "
                         "folder you can write to with --output or --download_dir") from None
     by_hand = (f"download {ARCHIVE_NAME}, {LABELS_NAME} and {SETID_NAME} by hand from "
                f"{OFFICIAL_URL} into {dest.parent} and run again")

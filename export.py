@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cli_utils import HelpFormatter, UserError, atomic_write, run_cli, warn, write_json
+from cli_utils import (
+    HelpFormatter,
+    UserError,
+    atomic_write,
+    error_reason,
+    run_cli,
+    warn,
+    write_json,
+)
 from data_utils import (
     UNREADABLE_IMAGE_ERRORS,
     check_category_names,
@@ -111,9 +119,8 @@ def export_onnx(model, crop, path):
         except OSError:
             raise  # a write failure: atomic_write says so
         except Exception as error:  # the exporter's or the checker's own failure
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise UserError(f"the {exporter} ONNX exporter failed ({reason}); export with "
-                            "--format torchscript instead") from None
+            raise UserError(f"the {exporter} ONNX exporter failed ({error_reason(error)}); "
+                            "export with --format torchscript instead") from None
 
     atomic_write(path, write)
     return exporter
@@ -248,7 +255,7 @@ def main(args):
             export_torchscript(model, crop, path)
         write_json(export_metadata(checkpoint, args.format, category_names), metadata_path)
     except OSError as error:
-        raise UserError(f"cannot write {path} ({error.strerror or error}); choose a folder you "
+        raise UserError(f"cannot write {path} ({error_reason(error)}); choose a folder you "
                         "can write to with --output") from None
     print(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB) and {metadata_path}")
     result = {"output": str(path), "metadata": str(metadata_path), "max_difference": None}

