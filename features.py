@@ -121,9 +121,12 @@ class FeatureExtractor:
     features. `computed` counts the images that all ranks together ran through the backbone.
     """
 
-    def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None):
+    def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None,
+                 mirror=False):
+        """mirror: each feature is the average of the image's and its mirror image's."""
         self.backbone = inference_backbone(backbone.model, device, backbone.preprocess.crop)
         self.spec, self.device, self.batch_size = backbone, device, batch_size
+        self.mirror = mirror
         self.workers = default_workers() if workers is None else workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self.computed = 0
@@ -132,7 +135,8 @@ class FeatureExtractor:
         """(float16 features [N, D] on the CPU, bool ok [N]) of the images paths below root;
         ok is False for unreadable files."""
         key = "|".join([self.spec.name, repr(self.spec.weights), repr(transform), view,
-                        str(Path(root).resolve()), self.device.type])
+                        str(Path(root).resolve()), self.device.type]
+                       + (["mirror-averaged"] if self.mirror else []))
         stamps = file_stamps(paths)
         cached = self.cache.load(key) if self.cache else {}
         rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
@@ -175,7 +179,10 @@ class FeatureExtractor:
         for images, _, good in batches:
             images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
             with autocast(self.device):
-                features.append(self.backbone(images).float().cpu().half())
+                batch = self.backbone(images)
+                if self.mirror:  # the image decoded once; its mirror is a flip of the tensor
+                    batch = (batch + self.backbone(images.flip(3))) / 2
+                features.append(batch.float().cpu().half())
             ok.append(good)
         if not features:
             return torch.empty(0, self.spec.feature_dim, dtype=torch.float16), torch.empty(

@@ -23,6 +23,11 @@ CHECKPOINT_FORMAT = 1
 # What every checkpoint holds; make_checkpoint writes them, load_checkpoint requires them.
 CHECKPOINT_KEYS = ("format_version", "arch", "backbone", "head", "head_state", "class_to_idx",
                    "preprocess")
+# What newer checkpoints add, and what a checkpoint without the key means (issue 11): features
+# averaged with the mirror image's, logits divided by a temperature, and the unknown verdict's
+# class means (float16 [C, D]) and cosine-similarity threshold (None: no verdict).
+OPTIONAL_KEYS = {"mirror": False, "temperature": 1.0, "class_means": None,
+                 "unknown_threshold": None}
 
 
 def build_head(in_features, num_classes, hidden_units, dropout):
@@ -46,14 +51,22 @@ class ImageClassifier(nn.Module):
     BatchNorm statistics stay as pretrained.
     """
 
-    def __init__(self, backbone: Backbone, head):
+    def __init__(self, backbone: Backbone, head, mirror=False, temperature=1.0):
         super().__init__()
         self.backbone, self.head = backbone.model, head
         self.backbone_spec = backbone
+        self.mirror, self.temperature = mirror, temperature
         self.unfrozen = []
 
+    def features(self, images, backbone=None):
+        """The backbone's features (backbone: a faster copy of it); with mirror, averaged
+        with those of the mirror images, as train.py's features were."""
+        backbone = backbone or self.backbone
+        features = backbone(images)
+        return (features + backbone(images.flip(3))) / 2 if self.mirror else features
+
     def forward(self, images):
-        return self.head(self.backbone(images))
+        return self.head(self.features(images)) / self.temperature
 
     def unfreeze(self, layers):
         """Train the backbone's last `layers` stages (all of them for 0) with the head."""
@@ -161,6 +174,20 @@ def checkpoint_classes(checkpoint):
     return sorted(class_to_idx, key=class_to_idx.get)
 
 
+def optional(checkpoint, key):
+    """An OPTIONAL_KEYS value, its default for checkpoints written before it existed."""
+    return checkpoint.get(key, OPTIONAL_KEYS[key])
+
+
+def unknown_verdict(checkpoint):
+    """(class means [C, D] float32, threshold) of the unknown verdict, or None when the
+    checkpoint has none (written before issue 11, or fine-tuned)."""
+    means, threshold = optional(checkpoint, "class_means"), optional(checkpoint, "unknown_threshold")
+    if means is None or threshold is None:
+        return None
+    return means.float(), float(threshold)
+
+
 def checkpoint_preprocess(checkpoint):
     return Preprocess.from_dict(checkpoint["preprocess"])
 
@@ -181,7 +208,9 @@ def model_from_checkpoint(checkpoint, pretrained=True):
     try:
         spec = checkpoint["head"]
         model = ImageClassifier(backbone, build_head(spec["in_features"], spec["num_classes"],
-                                                     spec["hidden_units"], spec["dropout"]))
+                                                     spec["hidden_units"], spec["dropout"]),
+                                mirror=optional(checkpoint, "mirror"),
+                                temperature=float(optional(checkpoint, "temperature")))
         model.load_trained_weights(checkpoint)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError("the checkpoint is damaged: its weights do not fit its model "

@@ -4,6 +4,7 @@
     predictor = Predictor("checkpoints/checkpoint.pth", category_names={"1": "pink primrose"})
     prediction = predictor.predict_image("flower.jpg", top_k=5)
     prediction.names, prediction.probabilities        # most likely first
+    prediction.known       # False: none of the known classes; None: the checkpoint has no verdict
     for prediction in predictor.predict_files(paths, top_k=1):   # batched, decoding workers
         print(prediction.as_json())
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from calibration import nearest_similarity
 from common import UserError, progress
 from data_utils import (
     UNREADABLE_IMAGE_ERRORS,
@@ -29,6 +31,7 @@ from model_utils import (
     checkpoint_preprocess,
     load_checkpoint,
     model_from_checkpoint,
+    unknown_verdict,
 )
 
 BATCH_SIZE = 64  # images per batch for a folder: enough to keep the cores busy
@@ -42,15 +45,21 @@ class Prediction:
     names: list = field(default_factory=list)     # display names
     probabilities: list = field(default_factory=list)
     ok: bool = True
+    known: bool | None = None  # None: no unknown verdict (the checkpoint has none, or it is off)
 
     def as_json(self):
-        """predict.py --json's object for this image."""
-        return {"path": self.path, "classes": self.classes, "names": self.names,
-                "probabilities": self.probabilities}
+        """predict.py --json's object for this image ("known" only where there is a verdict)."""
+        fields = {"path": self.path, "classes": self.classes, "names": self.names,
+                  "probabilities": self.probabilities}
+        return fields if self.known is None else {**fields, "known": self.known}
 
 
 class Predictor:
-    """A trained classifier in eval mode on one device, with its classes and preprocessing."""
+    """A trained classifier in eval mode on one device, with its classes and preprocessing.
+
+    unknown_threshold: the cosine similarity to the nearest class mean below which an image is
+    none of the known classes (set from the checkpoint; None turns the verdict off).
+    """
 
     def __init__(self, checkpoint_path, device=torch.device("cpu"), category_names=None):
         checkpoint = load_checkpoint(checkpoint_path)
@@ -61,6 +70,8 @@ class Predictor:
         self.names = display_names(self.classes, category_names or {})
         self.preprocess = checkpoint_preprocess(checkpoint)
         self.transform = eval_transform(self.preprocess)
+        verdict = unknown_verdict(checkpoint)
+        self.class_means, self.unknown_threshold = verdict if verdict else (None, None)
         self._fast_backbone = None
 
     def fast_backbone(self):
@@ -72,21 +83,34 @@ class Predictor:
         return self._fast_backbone
 
     @torch.inference_mode()
+    def outputs(self, images, fast=False):
+        """(class probabilities [N, C] in index order, known [N] bool or None without a
+        verdict) of a preprocessed float batch [N, 3, H, W]."""
+        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        backbone = self.fast_backbone() if fast else None
+        with autocast(self.device):
+            features = self.model.features(images, backbone)
+            logits = self.model.head(features) / self.model.temperature
+        known = None
+        if self.unknown_threshold is not None:
+            similarity = nearest_similarity(features.float().cpu(), self.class_means)
+            known = similarity >= self.unknown_threshold
+        return logits.float().softmax(dim=1).cpu(), known
+
     def probabilities(self, images, fast=False):
         """Class probabilities [N, C] (index order) of a preprocessed float batch [N, 3, H, W]."""
-        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-        backbone = self.fast_backbone() if fast else self.model.backbone
-        with autocast(self.device):
-            logits = self.model.head(backbone(images))
-        return logits.float().softmax(dim=1).cpu()
+        return self.outputs(images, fast)[0]
 
-    def top(self, probabilities, top_k, paths):
-        """A Prediction per row of probabilities, top_k clamped to the number of classes."""
+    def top(self, outputs, top_k, paths):
+        """A Prediction per image of outputs(), top_k clamped to the number of classes."""
+        probabilities, known = outputs
         values, indices = probabilities.topk(min(top_k, len(self.classes)))
+        known = [None] * len(paths) if known is None else known.tolist()
         predictions = []
-        for path, row, index in zip(paths, values.tolist(), indices.tolist()):
+        for path, row, index, verdict in zip(paths, values.tolist(), indices.tolist(), known):
             classes = [self.classes[i] for i in index]
-            predictions.append(Prediction(str(path), classes, [self.names[i] for i in index], row))
+            predictions.append(Prediction(str(path), classes, [self.names[i] for i in index], row,
+                                          known=verdict))
         return predictions
 
     def predict_images(self, images, top_k=5, paths=None):
@@ -95,7 +119,7 @@ class Predictor:
         if not images:
             return []
         batch = torch.stack([self.transform(image) for image in images])
-        return self.top(self.probabilities(batch, fast=len(images) > 1), top_k, paths)
+        return self.top(self.outputs(batch, fast=len(images) > 1), top_k, paths)
 
     def predict_image(self, image, top_k=5, path=None):
         """The Prediction for one image: a PIL image, or the path of an image file."""
@@ -118,7 +142,7 @@ class Predictor:
         for images, _, ok in progress(loader, len(loader), "predicting", unit="batches"):
             batch_paths = paths[position:position + len(ok)]
             position += len(ok)
-            readable = iter(self.top(self.probabilities(images[ok], fast=True), top_k,
+            readable = iter(self.top(self.outputs(images[ok], fast=True), top_k,
                                      [p for p, good in zip(batch_paths, ok.tolist()) if good])
                             if ok.any() else [])
             for path, good in zip(batch_paths, ok.tolist()):
