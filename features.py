@@ -121,22 +121,21 @@ class FeatureExtractor:
     features. `computed` counts the images that all ranks together ran through the backbone.
     """
 
-    def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None,
-                 mirror=False):
-        """mirror: each feature is the average of the image's and its mirror image's."""
+    def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None):
         self.backbone = inference_backbone(backbone.model, device, backbone.preprocess.crop)
         self.spec, self.device, self.batch_size = backbone, device, batch_size
-        self.mirror = mirror
         self.workers = default_workers() if workers is None else workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self.computed = 0
 
-    def features(self, root, paths, transform, seeds=None, view="eval", description="features"):
+    def features(self, root, paths, transform, seeds=None, view="eval", description="features",
+                 mirror=False):
         """(float16 features [N, D] on the CPU, bool ok [N]) of the images paths below root;
-        ok is False for unreadable files."""
+        ok is False for unreadable files. mirror: each image's features averaged with those of
+        its mirror image."""
         key = "|".join([self.spec.name, repr(self.spec.weights), repr(transform), view,
                         str(Path(root).resolve()), self.device.type]
-                       + (["mirror-averaged"] if self.mirror else []))
+                       + (["mirror-averaged"] if mirror else []))
         stamps = file_stamps(paths)
         cached = self.cache.load(key) if self.cache else {}
         rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
@@ -145,7 +144,7 @@ class FeatureExtractor:
         missing = sorted(set().union(*distributed.gather_objects(set(missing))))
         if missing:
             self.computed += len(missing)
-            computed = self._compute_shared(missing, paths, transform, seeds, description)
+            computed = self._compute_shared(missing, paths, transform, seeds, description, mirror)
             for index, row in zip(missing, computed):
                 rows[index] = row
         features = torch.stack([row[0] for row in rows]) if rows else torch.empty(0, 0)
@@ -154,12 +153,12 @@ class FeatureExtractor:
             self.cache.save(key, paths, stamps, features, ok)
         return features, ok
 
-    def _compute_shared(self, missing, paths, transform, seeds, description):
+    def _compute_shared(self, missing, paths, transform, seeds, description, mirror):
         """Rank r computes missing[r::world]; the shares are gathered back into order."""
         mine = missing[distributed.rank()::distributed.world_size()]
         dataset = ImageFiles([paths[i] for i in mine], transform, self.spec.preprocess.crop,
                              seeds=None if seeds is None else [seeds[i] for i in mine])
-        features, ok = self.compute(dataset, description)
+        features, ok = self.compute(dataset, description, mirror)
         shares = distributed.gather_objects((features, ok))
         rows = [None] * len(missing)
         for rank, (share_features, share_ok) in enumerate(shares):
@@ -169,8 +168,8 @@ class FeatureExtractor:
         return rows
 
     @torch.inference_mode()
-    def compute(self, dataset, description="features"):
-        """Run the backbone over a dataset of (image, ok) pairs."""
+    def compute(self, dataset, description="features", mirror=False):
+        """Run the backbone over a dataset of (image, ok) pairs (mirror: see features())."""
         loader = image_loader(dataset, self.batch_size, self.workers if len(dataset) > 1 else 0,
                               self.device)
         features, ok = [], []
@@ -180,7 +179,7 @@ class FeatureExtractor:
             images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
             with autocast(self.device):
                 batch = self.backbone(images)
-                if self.mirror:  # the image decoded once; its mirror is a flip of the tensor
+                if mirror:  # the image decoded once; its mirror is a flip of the tensor
                     batch = (batch + self.backbone(images.flip(3))) / 2
                 features.append(batch.float().cpu().half())
             ok.append(good)
