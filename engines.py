@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from cli_utils import UserError, warn
+from common import UserError, warn
 
 ENGINE_CHOICES = ("auto", "torch", "openvino")
 MIN_OPENVINO_IMAGES = 128

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import engines
-from cli_utils import UserError
+from common import UserError
 from engines import compile_backbone, choose_engine
 
 pytestmark = pytest.mark.skipif(engines.openvino_core() is None, reason="openvino not installed")
