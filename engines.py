@@ -104,19 +104,26 @@ class TorchEngine:
 
 
 class OpenVINOEngine:
-    """The model converted for OpenVINO and compiled for the CPU in engine_precision()."""
+    """The model converted for OpenVINO and compiled for the CPU in engine_precision(), on the
+    first call: a run whose features all come from the cache never pays for it."""
     name = "openvino"
 
     def __init__(self, model, crop, cache_dir):
+        self.model, self.crop, self.cache_dir = model, crop, cache_dir
         self.precision = engine_precision(self.name, torch.device("cpu"))
+        self.compiled = None
+
+    def compile(self):
         self.compiled = openvino_core().compile_model(
-            converted_model(model, crop, cache_dir), "CPU",
+            converted_model(self.model, self.crop, self.cache_dir), "CPU",
             {"INFERENCE_PRECISION_HINT": self.precision})
         compiled_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         if compiled_precision != self.precision:  # the cache key must say what really ran
             raise RuntimeError(f"OpenVINO compiled for {compiled_precision}, not {self.precision}")
 
     def __call__(self, images):
+        if self.compiled is None:
+            self.compile()
         return torch.from_numpy(self.compiled(images.contiguous().numpy())[0])
 
 
@@ -175,8 +182,9 @@ def converted_model(model, crop, cache_dir):
 
 def compile_backbone(model, crop, device, engine="auto", images=None, cache_dir=None):
     """The backbone as an engine: callable on a float32 NCHW batch, returning float32
-    features, with .name and .precision. images: the job's size, for "auto"; cache_dir: where
-    converted models are kept (default: default_engine_cache_dir())."""
+    features, with .name and .precision (known at once; OpenVINO compiles at the first call).
+    images: the job's size, for "auto"; cache_dir: where converted models are kept (default:
+    default_engine_cache_dir())."""
     name = choose_engine(engine, device, images)
     check_engine(name, device)
     if name == "openvino":

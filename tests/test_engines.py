@@ -3,11 +3,16 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import engines
+from backbones import Backbone, Preprocess
 from common import UserError
-from engines import compile_backbone, choose_engine
+from data_utils import eval_transform
+from engines import choose_engine, compile_backbone
+from features import FeatureExtractor
+from predictor import Predictor
 
 pytestmark = pytest.mark.skipif(engines.openvino_core() is None, reason="openvino not installed")
 CPU = torch.device("cpu")
@@ -28,7 +33,9 @@ def tiny_backbone(seed=0):
 def converted(tmp_path_factory):
     """A cache folder holding tiny_backbone() converted once: conversions take seconds."""
     cache = tmp_path_factory.mktemp("engines")
-    compile_backbone(tiny_backbone(), 32, CPU, engine="openvino", cache_dir=cache)
+    engine = compile_backbone(tiny_backbone(), 32, CPU, engine="openvino", cache_dir=cache)
+    assert not list(cache.iterdir())  # converted at the first call, not before
+    engine(torch.zeros(1, 3, 32, 32))
     return cache
 
 
@@ -70,8 +77,8 @@ def test_damaged_converted_model_is_converted_again(converted, tmp_path, capsys)
     saved.write_text("<net>cut short")
     model, images = tiny_backbone(), torch.randn(2, 3, 32, 32)
     engine = compile_backbone(model, 32, CPU, engine="openvino", cache_dir=tmp_path)
-    assert "damaged" in capsys.readouterr().err
     assert torch.allclose(engine(images), model(images), atol=3e-2)
+    assert "damaged" in capsys.readouterr().err
     assert "<layers>" in saved.read_text()
 
 
@@ -79,7 +86,8 @@ def test_unwritable_cache_only_warns(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
     engine = compile_backbone(tiny_backbone(), 32, CPU, engine="openvino", cache_dir=blocker)
-    assert engine.name == "openvino" and "not kept" in capsys.readouterr().err
+    assert engine(torch.zeros(1, 3, 32, 32)).shape == (1, 8)
+    assert "not kept" in capsys.readouterr().err
 
 
 def test_auto_takes_openvino_for_large_cpu_jobs_only():
@@ -93,3 +101,40 @@ def test_auto_takes_openvino_for_large_cpu_jobs_only():
 def test_openvino_on_a_gpu_is_a_clear_error():
     with pytest.raises(UserError, match="runs on the CPU"):
         compile_backbone(tiny_backbone(), 32, torch.device("cuda"), engine="openvino")
+
+
+def tiny_spec():
+    return Backbone(name="tiny", model=tiny_backbone(), feature_dim=8,
+                    preprocess=Preprocess(resize=40, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3),
+                    weights={"name": "tiny"}, pretrained=False, stage_list=lambda model: [model])
+
+
+def test_feature_cache_keeps_each_engines_features_apart(converted, tmp_path, monkeypatch):
+    monkeypatch.setattr(engines, "default_engine_cache_dir", lambda: converted)
+    paths = []
+    for index, color in enumerate([(200, 30, 60), (20, 180, 90), (90, 90, 250)]):
+        paths.append(str(tmp_path / f"{index}.png"))
+        Image.new("RGB", (48, 40), color).save(paths[-1])
+    transform = eval_transform(tiny_spec().preprocess)
+
+    def extract(engine):
+        extractor = FeatureExtractor(tiny_spec(), CPU, cache_dir=tmp_path / "cache", workers=0,
+                                     engine=engine)
+        features, ok = extractor.features(tmp_path, paths, transform)
+        return extractor, features, ok
+
+    torch_run, torch_features, ok = extract("torch")
+    openvino_run, openvino_features, _ = extract("openvino")
+    assert ok.all() and torch_run.computed == openvino_run.computed == 3
+    assert torch.allclose(openvino_features.float(), torch_features.float(), atol=3e-2)
+    warm, warm_features, _ = extract("openvino")
+    assert warm.computed == 0 and torch.equal(warm_features, openvino_features)
+    assert warm.engine.compiled is None  # all from the cache: nothing converted or compiled
+
+
+def test_predictor_runs_torch_for_one_image_and_openvino_for_a_large_folder(trained):
+    predictor = Predictor(trained[1] / "checkpoint.pth")
+    assert predictor.backbone_engine(1).name == "torch"
+    assert predictor.backbone_engine(engines.MIN_OPENVINO_IMAGES).name == "openvino"
+    assert Predictor(trained[1] / "checkpoint.pth", engine="torch").backbone_engine(
+        10_000).name == "torch"
