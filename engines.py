@@ -13,12 +13,13 @@ OpenVINO is missing. OpenVINO computes in bf16 only where the CPU does it native
 BF16 among its capabilities only with AVX512_BF16 or AMX), else in f32; heads trained on its
 bf16 features score as those on torch's fp32 ones (benchmarks/engines.py, README).
 
-Converting a model for OpenVINO (torch.export, then OpenVINO's frontend) costs about 10 s on
-that machine, reading and compiling a converted one about 0.3 s, so converted models are kept
-on disk, keyed by a hash of the weights themselves (a fine-tuned backbone gets its own): the
-conversion is paid once per machine and backbone. "auto" still takes torch for jobs under
-MIN_OPENVINO_IMAGES images: there importing and compiling OpenVINO costs more than it saves
-(about 12 ms per image end to end), and a one-image predict.py stays as quick as torch allows.
+Converting a model for OpenVINO (torch.export, then OpenVINO's frontend) costs 10-16 s on that
+machine; importing OpenVINO, reading and compiling a converted model and the first batch about
+0.25 s, less than torch's first eager call (0.4-2 s: oneDNN sets up each layer). So converted
+models are kept on disk, named by weights_key() (the pretrained weights' identity, or a hash
+of fine-tuned weights), and "auto" takes OpenVINO on the CPU whenever the converted model is
+on disk (a one-image predict.py then never even builds the torch model), and otherwise for jobs
+of MIN_OPENVINO_IMAGES images or more, where the one conversion per machine and backbone pays.
 """
 import hashlib
 import os
@@ -59,12 +60,15 @@ def openvino_core():
     return openvino.Core()
 
 
-def choose_engine(engine, device, images=None):
-    """The engine that "auto" stands for, for a job of `images` images (None: a large job)."""
+def choose_engine(engine, device, images=None, converted=lambda: False):
+    """The engine that "auto" stands for, for a job of `images` images (None: a large job);
+    converted() says whether the converted model is on disk (asked only when it matters)."""
     if engine != "auto":
         return engine
+    if device.type != "cpu" or openvino_core() is None:
+        return "torch"
     large = images is None or images >= MIN_OPENVINO_IMAGES
-    return "openvino" if device.type == "cpu" and large and openvino_core() else "torch"
+    return "openvino" if large or converted() else "torch"
 
 
 def engine_precision(name, device):
@@ -108,14 +112,16 @@ class OpenVINOEngine:
     first call: a run whose features all come from the cache never pays for it."""
     name = "openvino"
 
-    def __init__(self, model, crop, cache_dir):
-        self.model, self.crop, self.cache_dir = model, crop, cache_dir
+    def __init__(self, model, crop, path):
+        """model: a function building the torch model, called only where it must be converted;
+        path: where the converted model is kept (converted_path)."""
+        self.model, self.crop, self.path = model, crop, path
         self.precision = engine_precision(self.name, torch.device("cpu"))
         self.compiled = None
 
     def compile(self):
         self.compiled = openvino_core().compile_model(
-            converted_model(self.model, self.crop, self.cache_dir), "CPU",
+            converted_model(self.model, self.crop, self.path), "CPU",
             {"INFERENCE_PRECISION_HINT": self.precision})
         compiled_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         if compiled_precision != self.precision:  # the cache key must say what really ran
@@ -127,16 +133,25 @@ class OpenVINOEngine:
         return torch.from_numpy(self.compiled(images.contiguous().numpy())[0])
 
 
-def weights_digest(model, crop):
-    """A hash of every weight and buffer, the input size and OpenVINO's version: all that a
-    converted model depends on."""
+def weights_key(arch, identity=None, state_dict=None):
+    """What names a backbone's weights: the pretrained weights' identity (their package and file
+    hash) where they are used unchanged, else a hash of the weights themselves (fine-tuned)."""
+    if identity and identity.get("sha256"):
+        return f"{arch} {sorted(identity.items())}"
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return f"{arch} sha256 {digest.hexdigest()}"
+
+
+def converted_path(key, crop, cache_dir):
+    """Where the converted model of the weights named key is kept: the key, the input size and
+    OpenVINO's version make the folder name."""
     import openvino
 
-    digest = hashlib.sha256(f"{type(model).__name__} {crop} {openvino.__version__}".encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
+    name = hashlib.sha256(f"{key} {crop} {openvino.__version__}".encode()).hexdigest()[:32]
+    return Path(cache_dir).expanduser() / f"openvino-{name}" / "model.xml"
 
 
 def convert_to_openvino(model, crop):
@@ -151,20 +166,19 @@ def convert_to_openvino(model, crop):
     return openvino.convert_model(exported)
 
 
-def converted_model(model, crop, cache_dir):
-    """The OpenVINO model of model: read from cache_dir, else converted and saved there (a
-    folder renamed into place whole, so a crash never leaves half a model behind)."""
+def converted_model(model, crop, path):
+    """The OpenVINO model of model() (a function building it): read from path, else converted
+    and saved there (a folder renamed into place whole: a crash never leaves half a model)."""
     import openvino
 
-    cache_dir = Path(cache_dir).expanduser()
-    path = cache_dir / f"openvino-{weights_digest(model, crop)}" / "model.xml"
     if path.is_file():
         try:
             return openvino_core().read_model(path)
         except RuntimeError as error:
             warn(f"converted model {path.parent} is damaged ({error}); converting it again")
             shutil.rmtree(path.parent, ignore_errors=True)
-    converted = convert_to_openvino(model, crop)
+    converted = convert_to_openvino(model(), crop)
+    cache_dir = path.parent.parent
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".converting-"))
@@ -180,13 +194,25 @@ def converted_model(model, crop, cache_dir):
     return converted
 
 
-def compile_backbone(model, crop, device, engine="auto", images=None, cache_dir=None):
+def compile_backbone(model, crop, device, engine="auto", images=None, cache_dir=None,
+                     weights=None):
     """The backbone as an engine: callable on a float32 NCHW batch, returning float32
     features, with .name and .precision (known at once; OpenVINO compiles at the first call).
-    images: the job's size, for "auto"; cache_dir: where converted models are kept (default:
-    default_engine_cache_dir())."""
-    name = choose_engine(engine, device, images)
+
+    model: the torch model, or a function building it (called only where it is needed: a
+    predict.py whose converted model is on disk never builds it); images: the job's size, for
+    "auto"; cache_dir: where converted models are kept (default: default_engine_cache_dir());
+    weights: weights_key() of the model (default: the hash of its weights).
+    """
+    build = cache(model) if not isinstance(model, torch.nn.Module) else lambda: model
+
+    @cache
+    def path():
+        key = weights or weights_key(type(build()).__name__, state_dict=build().state_dict())
+        return converted_path(key, crop, cache_dir or default_engine_cache_dir())
+
+    name = choose_engine(engine, device, images, converted=lambda: path().is_file())
     check_engine(name, device)
     if name == "openvino":
-        return OpenVINOEngine(model, crop, cache_dir or default_engine_cache_dir())
-    return TorchEngine(model, device)
+        return OpenVINOEngine(build, crop, path())
+    return TorchEngine(build(), device)

@@ -18,7 +18,7 @@ import torch
 import distributed
 from common import UserError, atomic_write, progress, warn
 from data_utils import ImageFiles
-from engines import compile_backbone
+from engines import compile_backbone, weights_key
 
 CACHE_FORMAT = 2
 
@@ -105,8 +105,10 @@ class FeatureExtractor:
 
     def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None,
                  engine="auto", images=None):
+        weights = weights_key(backbone.name, backbone.weights if backbone.pretrained else None,
+                              backbone.model.state_dict())
         self.engine = compile_backbone(backbone.model, backbone.preprocess.crop, device, engine,
-                                       images)
+                                       images, weights=weights)
         self.spec, self.device, self.batch_size = backbone, device, batch_size
         self.workers = default_workers() if workers is None else workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None

@@ -165,6 +165,27 @@ def checkpoint_preprocess(checkpoint):
     return Preprocess.from_dict(checkpoint["preprocess"])
 
 
+# What loading weights into the wrong model raises.
+WEIGHT_MISMATCH_ERRORS = (KeyError, TypeError, ValueError, RuntimeError)
+
+
+def damaged_checkpoint(error):
+    return UserError("the checkpoint is damaged: its weights do not fit its model "
+                     f"({error_reason(error)}); use another copy or train again")
+
+
+def head_from_checkpoint(checkpoint):
+    """The trained head alone, for features computed elsewhere (engines.py)."""
+    try:
+        spec = checkpoint["head"]
+        head = build_head(spec["in_features"], spec["num_classes"], spec["hidden_units"],
+                          spec["dropout"])
+        head.load_state_dict(checkpoint["head_state"])
+    except WEIGHT_MISMATCH_ERRORS as error:
+        raise damaged_checkpoint(error) from None
+    return head.eval()
+
+
 def model_from_checkpoint(checkpoint, pretrained=True):
     """Rebuild the trained classifier, refusing a backbone whose weights differ from training's.
 
@@ -178,12 +199,9 @@ def model_from_checkpoint(checkpoint, pretrained=True):
             f"the checkpoint was trained on backbone weights {checkpoint['backbone']} but the "
             f"installed ones are {backbone.weights}; install the weights it was trained with, "
             "or train again")
+    model = ImageClassifier(backbone, head_from_checkpoint(checkpoint))
     try:
-        spec = checkpoint["head"]
-        model = ImageClassifier(backbone, build_head(spec["in_features"], spec["num_classes"],
-                                                     spec["hidden_units"], spec["dropout"]))
         model.load_trained_weights(checkpoint)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise UserError("the checkpoint is damaged: its weights do not fit its model "
-                        f"({error_reason(error)}); use another copy or train again") from None
+    except WEIGHT_MISMATCH_ERRORS as error:
+        raise damaged_checkpoint(error) from None
     return model.eval()

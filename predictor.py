@@ -23,11 +23,12 @@ from data_utils import (
     eval_transform,
     load_image,
 )
-from engines import autocast, choose_engine, compile_backbone
+from engines import autocast, compile_backbone, weights_key
 from features import default_workers, image_loader
 from model_utils import (
     checkpoint_classes,
     checkpoint_preprocess,
+    head_from_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
 )
@@ -55,24 +56,34 @@ class Predictor:
 
     def __init__(self, checkpoint_path, device=torch.device("cpu"), category_names=None,
                  engine="auto"):
-        checkpoint = load_checkpoint(checkpoint_path)
+        """engine: "auto", "torch" or "openvino" (engines.py)."""
+        self.checkpoint = load_checkpoint(checkpoint_path)
         self.device, self.engine = device, engine
-        self.model = model_from_checkpoint(checkpoint).to(device)
-        self.classes = checkpoint_classes(checkpoint)
+        self.head = head_from_checkpoint(self.checkpoint).to(device)
+        self.classes = checkpoint_classes(self.checkpoint)
         check_category_names(category_names or {}, self.classes)
         self.names = display_names(self.classes, category_names or {})
-        self.preprocess = checkpoint_preprocess(checkpoint)
+        self.preprocess = checkpoint_preprocess(self.checkpoint)
         self.transform = eval_transform(self.preprocess)
-        self.engines = {}
+        own_backbone = self.checkpoint.get("backbone_state")
+        self.weights = weights_key(self.checkpoint["arch"], None if own_backbone is not None
+                                   else self.checkpoint["backbone"], own_backbone)
+        self._model, self.engines = None, {}
+
+    @property
+    def model(self):
+        """The whole torch classifier, built on first use: OpenVINO with a converted model on
+        disk needs only the head, and building the backbone costs about a second."""
+        if self._model is None:
+            self._model = model_from_checkpoint(self.checkpoint).to(self.device)
+        return self._model
 
     def backbone_engine(self, images):
-        """The backbone engine for a job of `images` images (engines.py: OpenVINO pays only over
-        many images), built on first use and kept."""
-        name = choose_engine(self.engine, self.device, images)
-        if name not in self.engines:
-            self.engines[name] = compile_backbone(self.model.backbone, self.preprocess.crop,
-                                                  self.device, name)
-        return self.engines[name]
+        """The backbone engine for a job of `images` images (engines.compile_backbone picks
+        it), kept for the next batches."""
+        engine = compile_backbone(lambda: self.model.backbone, self.preprocess.crop, self.device,
+                                  self.engine, images, weights=self.weights)
+        return self.engines.setdefault(engine.name, engine)
 
     @torch.inference_mode()
     def probabilities(self, images, job_size=None):
@@ -80,7 +91,7 @@ class Predictor:
         job_size: the images of the whole job this batch is part of (default: the batch's)."""
         features = self.backbone_engine(job_size or len(images))(images)
         with autocast(self.device):
-            logits = self.model.head(features.to(self.device))
+            logits = self.head(features.to(self.device))
         return logits.float().softmax(dim=1).cpu()
 
     def top(self, probabilities, top_k, paths):

@@ -5,7 +5,8 @@
 
 All rows come from one run (the CPU may be shared: compare rows of one run, not across runs):
   model only   each engine on batches of 64 (img/s); OpenVINO's conversion, and its reading and
-               compiling of the converted model
+               compiling of the converted model (kept in the default cache, as train.py and
+               predict.py keep it: the train.py and predict.py rows below find it there)
   decoding     12-MP JPEGs decoded in full and with draft (DCT-scaled) decoding, one process
   end to end   decoding + model over valid/, each engine, with 1 and 2 decoding workers
   plain pass   OpenVINO over train+valid+test (converted model from disk, 1 worker as train.py's
@@ -55,23 +56,30 @@ def row(name, wall, images=None, note=""):
     return wall
 
 
-def model_rows(backbone, cache_dir):
+def engine_of(backbone, name):
+    """The engine train.py and predict.py would build, converted models in the default cache."""
+    weights = engines.weights_key(backbone.name, backbone.weights, backbone.model.state_dict())
+    return engines.compile_backbone(backbone.model, backbone.preprocess.crop, CPU, name,
+                                    weights=weights)
+
+
+def model_rows(backbone):
     """img/s of each engine on batches of 64, and what OpenVINO's start costs."""
     crop = backbone.preprocess.crop
     _, convert = seconds(engines.convert_to_openvino, backbone.model, crop)
     row("openvino: convert (torch.export + frontend)", convert)
-    engines.compile_backbone(backbone.model, crop, CPU, "openvino", cache_dir=cache_dir)
-    _, start = seconds(engines.compile_backbone, backbone.model, crop, CPU, "openvino",
-                       cache_dir=cache_dir)
-    row("openvino: read converted model + compile", start)
     batch = torch.randn(64, 3, crop, crop)
-    reference = engines.compile_backbone(backbone.model, crop, CPU, "torch")(batch)
-    for name in ("torch", "openvino"):
-        engine = engines.compile_backbone(backbone.model, crop, CPU, name, cache_dir=cache_dir)
+    engine_of(backbone, "openvino")(batch)  # the converted model is on disk from here on
+    fresh = engine_of(backbone, "openvino")
+    row("openvino: read converted model + compile", seconds(fresh.compile)[1])
+    f32 = engine_of(backbone, "openvino")
+    f32.precision = "f32"  # forced, for comparison
+    reference = engine_of(backbone, "torch")(batch)
+    for engine in (engine_of(backbone, "torch"), fresh, f32):
         engine(batch)  # warm-up
         _, wall = seconds(lambda: [engine(batch) for _ in range(3)])
         error = (engine(batch) - reference).abs().max().item()
-        row(f"model only: {name} {engine.precision}", wall, 3 * len(batch),
+        row(f"model only: {engine.name} {engine.precision}", wall, 3 * len(batch),
             f"max |difference| to torch fp32 {error:.3f}")
 
 
@@ -90,11 +98,10 @@ def decoding_rows(photos, preprocess):
         row(f"decode 12-MP JPEG {'drafted' if draft else 'in full'}", wall, len(photos))
 
 
-def end_to_end_rows(splits, backbone, cache_dir):
+def end_to_end_rows(splits, backbone):
     valid = splits["valid"].paths
     for name in ("torch", "openvino"):
-        engine = engines.compile_backbone(backbone.model, backbone.preprocess.crop, CPU, name,
-                                          cache_dir=cache_dir)
+        engine = engine_of(backbone, name)
         for workers in (1, 2):
             _, wall = seconds(pass_over, valid, backbone.preprocess, engine, workers)
             row(f"end to end valid/: {name}, {workers} workers", wall, len(valid))
@@ -179,9 +186,8 @@ def main(args):
     backbone = build_backbone(DEFAULT_ARCH)
     with tempfile.TemporaryDirectory() as temporary:
         work = Path(temporary)
-        engine_cache = engines.default_engine_cache_dir()
         print(f"{'':<44}{'wall':>10} {'rate':>14}")
-        model_rows(backbone, engine_cache)
+        model_rows(backbone)
         step = max(1, len(splits["test"].paths) // args.photos)
         tests = splits["test"].paths[::step][:args.photos]
         small_folder = work / "photos-256"
@@ -190,12 +196,11 @@ def main(args):
             (small_folder / Path(path).parent.name / Path(path).name).symlink_to(path)
         phones = make_phone_photos(tests, work / "photos-12mp")
         decoding_rows(phones[:20], backbone.preprocess)
-        end_to_end_rows(splits, backbone, engine_cache)
+        end_to_end_rows(splits, backbone)
         everything = [path for split in splits.values() for path in split.paths]
-        openvino = engines.compile_backbone(backbone.model, backbone.preprocess.crop, CPU,
-                                            "openvino", cache_dir=engine_cache)
         plain = row("plain OpenVINO pass, train+valid+test", seconds(
-            pass_over, everything, backbone.preprocess, openvino, 1)[1], len(everything))
+            pass_over, everything, backbone.preprocess, engine_of(backbone, "openvino"), 1)[1],
+            len(everything))
         trained = None if args.skip_training else train_rows(args.data_dir, work)
         checkpoint = args.checkpoint or work / "run-auto" / "checkpoint.pth"
         predicted = predict_rows(checkpoint, small_folder, work / "photos-12mp", tests[0])

@@ -67,8 +67,12 @@ def test_converted_model_is_reused_and_keyed_by_the_weights(converted, monkeypat
     tuned = tiny_backbone()
     with torch.no_grad():
         tuned[0].weight[0, 0, 0, 0] += 1.0  # one fine-tuned weight: another converted model
-    assert engines.weights_digest(tuned, 32) != engines.weights_digest(model, 32)
-    assert engines.weights_digest(model, 64) != engines.weights_digest(model, 32)
+    key = engines.weights_key("tiny", state_dict=model.state_dict())
+    assert engines.weights_key("tiny", state_dict=tuned.state_dict()) != key
+    assert engines.converted_path(key, 64, converted) != engines.converted_path(key, 32, converted)
+    pretrained = {"name": "package", "sha256": "ab12"}
+    assert engines.weights_key("tiny", pretrained, model.state_dict()) != engines.weights_key(
+        "tiny", {**pretrained, "sha256": "cd34"}, model.state_dict())
 
 
 def test_damaged_converted_model_is_converted_again(converted, tmp_path, capsys):
@@ -132,9 +136,18 @@ def test_feature_cache_keeps_each_engines_features_apart(converted, tmp_path, mo
     assert warm.engine.compiled is None  # all from the cache: nothing converted or compiled
 
 
-def test_predictor_runs_torch_for_one_image_and_openvino_for_a_large_folder(trained):
+def test_predictor_takes_openvino_for_large_folders_or_once_converted(trained, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(engines, "default_engine_cache_dir", lambda: tmp_path)
     predictor = Predictor(trained[1] / "checkpoint.pth")
     assert predictor.backbone_engine(1).name == "torch"
     assert predictor.backbone_engine(engines.MIN_OPENVINO_IMAGES).name == "openvino"
     assert Predictor(trained[1] / "checkpoint.pth", engine="torch").backbone_engine(
         10_000).name == "torch"
+    # Once the converted model is on disk, even one image goes through OpenVINO, and the
+    # torch backbone (timm, weights) is never built.
+    fresh = Predictor(trained[1] / "checkpoint.pth")
+    path = engines.converted_path(fresh.weights, fresh.preprocess.crop, tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("<net/>")
+    assert fresh.backbone_engine(1).name == "openvino" and fresh._model is None
