@@ -19,6 +19,7 @@ import distributed
 from common import UserError, atomic_write, progress, warn
 from data_utils import ImageFiles
 from engines import compile_backbone, weights_key
+from model_utils import backbone_features
 
 CACHE_FORMAT = 2
 
@@ -100,16 +101,18 @@ class FeatureExtractor:
 
     Under torchrun each rank computes its share of the missing images and all ranks get all
     features. `computed` counts the images that all ranks together ran through the backbone.
-    engine and images (the job's size) pick the engine: see engines.compile_backbone.
+    engine and images (the job's size) pick the engine: see engines.compile_backbone. With
+    mirror, each feature is the average of the image's and its mirror image's.
     """
 
     def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None,
-                 engine="auto", images=None):
+                 engine="auto", images=None, mirror=False):
         weights = weights_key(backbone.name, backbone.weights if backbone.pretrained else None,
                               backbone.model.state_dict())
         self.engine = compile_backbone(backbone.model, backbone.preprocess.crop, device, engine,
                                        images, weights=weights)
         self.spec, self.device, self.batch_size = backbone, device, batch_size
+        self.mirror = mirror
         self.workers = default_workers() if workers is None else workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self.computed = 0
@@ -119,7 +122,8 @@ class FeatureExtractor:
         ok is False for unreadable files."""
         key = "|".join([self.spec.name, repr(self.spec.weights), repr(transform), view,
                         str(Path(root).resolve()), self.device.type, self.engine.name,
-                        self.engine.precision, f"draft {self.spec.preprocess.resize}"])
+                        self.engine.precision, f"draft {self.spec.preprocess.resize}"]
+                       + (["mirror-averaged"] if self.mirror else []))
         stamps = file_stamps(paths)
         cached = self.cache.load(key) if self.cache else {}
         rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
@@ -161,7 +165,7 @@ class FeatureExtractor:
         batches = (progress(loader, len(loader), f"extracting {description}", unit="batches")
                    if distributed.is_main() else loader)
         for images, _, good in batches:
-            features.append(self.engine(images).cpu().half())
+            features.append(backbone_features(self.engine, images, self.mirror).cpu().half())
             ok.append(good)
         if not features:
             return torch.empty(0, self.spec.feature_dim, dtype=torch.float16), torch.empty(
