@@ -1,0 +1,93 @@
+"""The from-scratch CNN and its in-memory small-image pipeline, on a few real CIFAR-10 images."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scratch_cnn
+from data_utils import eval_transform, find_splits, load_image
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+CIFAR_CLASSES = ("airplane", "cat", "ship")
+CIFAR_SIZES = {"train": 12, "valid": 4, "test": 4}
+
+
+def make_cifar_subset(root):
+    """Symlinks to the first CIFAR-10 images of a few classes: real photos, nothing copied."""
+    if not CIFAR.is_dir():
+        pytest.skip(f"{CIFAR} is missing")
+    for split, count in CIFAR_SIZES.items():
+        for name in CIFAR_CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for image in sorted((CIFAR / split / name).iterdir())[:count]:
+                (folder / image.name).symlink_to(image)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    return make_cifar_subset(tmp_path_factory.mktemp("cifar") / "data")
+
+
+def candidate_views(image, padding):
+    """Every crop of the reflect-padded image and of its mirror image: what augmentation may give."""
+    views = []
+    for source in (image, image.flip(2)):
+        padded = F.pad(source[None].float(), [padding] * 4, mode="reflect")[0]
+        height, width = image.shape[1:]
+        views += [padded[:, top:top + height, left:left + width]
+                  for top in range(2 * padding + 1) for left in range(2 * padding + 1)]
+    return torch.stack(views)
+
+
+def test_augment_batch_crops_and_mirrors_each_image():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 10, 12), dtype=torch.uint8)
+    augmented = scratch_cnn.augment_batch(images, padding=2)
+    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    assert augmented.is_contiguous(memory_format=torch.channels_last)
+    kinds = set()
+    for image, view in zip(images, augmented.float()):
+        candidates = candidate_views(image, padding=2)
+        match = torch.nonzero((candidates == view).flatten(1).all(1)).flatten()
+        assert len(match) >= 1, "not a crop of the padded image or of its mirror image"
+        kinds.add(int(match[0]) // (len(candidates) // 2))
+    assert kinds == {0, 1}  # some images mirrored, some not
+
+
+def test_augment_batch_without_padding_only_mirrors():
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (32, 3, 5, 5), dtype=torch.uint8)
+    augmented = scratch_cnn.augment_batch(images, padding=0)
+    same = (augmented == images).flatten(1).all(1)
+    mirrored = (augmented == images.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and same.any() and mirrored.any()
+
+
+def test_decoded_images_normalise_exactly_as_predict_reads_them(cifar, tmp_path):
+    _, splits = find_splits(cifar)
+    paths = splits["valid"].paths[:5]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    size = scratch_cnn.input_size(splits["train"].paths)
+    assert size == 32
+    images, ok = scratch_cnn.decode_images(paths + [str(broken)], size)
+    assert ok.tolist() == [True] * 5 + [False]
+    preprocess = {"resize": size, "crop": size, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    expected = torch.stack([eval_transform(preprocess)(load_image(path)) for path in paths])
+    normalised = scratch_cnn.normalize(images[:5], preprocess["mean"], preprocess["std"])
+    torch.testing.assert_close(normalised, expected)
+
+
+def test_network_averages_each_image_with_its_mirror_in_eval_mode():
+    torch.manual_seed(0)
+    network = scratch_cnn.SmallCNN(widths=(8, 16, 16), stem_width=4)
+    images = torch.randn(3, 3, 32, 32)
+    assert network(images).shape == (3, network.feature_dim)  # training mode: one pass
+    network.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(network(images), network(images.flip(3)))
+        assert not torch.allclose(network(images), network.train()(images))
+    assert len(network.stages()) == 4
