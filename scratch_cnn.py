@@ -17,6 +17,8 @@ from torch import nn
 from torchvision import transforms
 
 import distributed
+from backbones import Preprocess
+from common import UserError
 from data_utils import UNREADABLE_IMAGE_ERRORS, load_image
 
 # Widths of the three conv groups and of the stem: about 1.2 M weights, 4.6 MB as float32.
@@ -24,8 +26,14 @@ WIDTHS = (64, 128, 256)
 STEM_WIDTH = 24
 # Input sizes chosen from the data are capped here: the network is made for small images.
 MAX_INPUT_SIZE = 64
+MEAN, STD = (0.5,) * 3, (0.5,) * 3
 CROP_PADDING = 4  # pixels of reflect padding the random training crop may shift into
 EVAL_BATCH = 1024
+WEIGHT_DECAY = 5e-4
+# train.py's defaults for a network trained from scratch, where a flag is not given.
+# A 128-unit head keeps the checkpoint under 5 MB.
+TRAINING_DEFAULTS = {"epochs": 12, "learning_rate": 0.2, "hidden_units": 128, "batch_size": 512,
+                     "warmup_epochs": 2, "label_smoothing": 0.1}
 
 
 def conv_bn_relu(in_channels, out_channels, pool=False):
@@ -60,11 +68,9 @@ class SmallCNN(nn.Module):
     def forward(self, images):
         if self.training:
             return self.pool(self.groups(self.stem(images)))
-        both = self.pool(self.groups(self.stem(torch.cat([images, images.flip(3)]))))
-        return (both[:len(images)] + both[len(images):]) / 2
-
-    def stages(self):
-        return [self.stem, *self.groups]
+        plain, mirrored = self.pool(self.groups(self.stem(
+            torch.cat([images, images.flip(3)])))).chunk(2)  # chunk: traces for any batch size
+        return (plain + mirrored) / 2
 
 
 @functools.cache
@@ -77,14 +83,6 @@ def cpu_has_native_bf16():
     except OSError:  # not Linux: no way to tell, so no bf16
         return False
     return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def autocast(device):
-    """bf16 autocast where the hardware has it (fp16 on older GPUs), else a no-op."""
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16())
 
 
 def input_size(paths, sample=200):
@@ -147,22 +145,30 @@ def normalize(images, mean, std):
     return ((images.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-class InMemoryImages:
-    """Every split decoded once into uint8 tensors on the training device (labels stay on the
-    CPU, where the trainer gathers them), batched from there:
-    training batches shuffled, sharded across torchrun ranks, augmented whole; evaluation
-    batches plain (the network averages each image with its mirror image itself).
+class ScratchTask:
+    """Training the whole classifier from scratch on small images held in memory, for
+    train.py's Trainer like its FeatureTask and ImageTask: every split decoded once into uint8
+    tensors on the training device (on a GPU no batch is ever copied; labels stay on the CPU,
+    where the trainer gathers them); training batches shuffled, sharded across torchrun ranks
+    and augmented whole; evaluation batches plain (the network averages each image with its
+    mirror image itself). `model` is what trains: the classifier, under bf16 autocast on a CPU
+    that computes bf16 natively (train.py autocasts on CUDA itself)."""
 
-    On a GPU the whole data set lives in GPU memory, so batches need no copies at all."""
-
-    def __init__(self, splits, preprocess, batch_size, device):
-        self.preprocess, self.batch_size, self.device = preprocess, batch_size, device
+    def __init__(self, args, backbone, splits, device, classifier):
+        size = input_size(splits["train"].paths)
+        backbone.preprocess = Preprocess(size, size, MEAN, STD)
+        self.preprocess, self.batch_size, self.device = backbone.preprocess, args.batch_size, device
         self.data, self.ok_masks = {}, {}
         for name, split in splits.items():
-            images, ok = decode_images(split.paths, preprocess.crop)
-            labels = torch.tensor(split.labels, dtype=torch.long)
+            images, ok = decode_images(split.paths, size)
             self.ok_masks[name] = ok
-            self.data[name] = (images[ok].to(device), labels[ok])
+            self.data[name] = (images[ok].to(device),
+                               torch.tensor(split.labels, dtype=torch.long)[ok])
+        if not len(self.data["train"][1]):
+            raise UserError(f"no readable images in train/; check the files in "
+                            f"{splits['train'].root}")
+        classifier.unfreeze(0)
+        self.model = CpuAutocast(classifier.to(memory_format=torch.channels_last), device)
 
     def _normalize(self, images):
         return normalize(images, self.preprocess.mean, self.preprocess.std)
@@ -173,8 +179,7 @@ class InMemoryImages:
         count = len(self.data["train"][1])
         world = distributed.world_size()
         order = torch.randperm(count)[distributed.rank()::world][:count // world]
-        usable = max(len(order) // self.batch_size, 1) * self.batch_size
-        return order[:usable]
+        return order[:max(len(order) // self.batch_size, 1) * self.batch_size]
 
     def train_batches(self, epoch):
         images, labels = self.data["train"]
@@ -188,5 +193,24 @@ class InMemoryImages:
             yield self._normalize(images[batch.to(self.device)]), labels[batch]
 
     def steps_per_epoch(self):
-        count = len(self.data["train"][1]) // distributed.world_size()
-        return max(count // self.batch_size, 1)
+        return max(len(self.data["train"][1]) // distributed.world_size() // self.batch_size, 1)
+
+
+class CpuAutocast(nn.Module):
+    """model under bf16 autocast when it runs on a CPU that computes bf16 natively."""
+
+    def __init__(self, model, device):
+        super().__init__()
+        self.model = model
+        self.enabled = device.type == "cpu" and cpu_has_native_bf16()
+
+    def forward(self, images):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.enabled):
+            return self.model(images)
+
+
+def sgd(parameters, learning_rate):
+    """SGD with Nesterov momentum and weight decay: the known-good optimiser for small CNNs
+    trained from scratch (train.py adds its warm-up and cosine decay)."""
+    return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, nesterov=True,
+                           weight_decay=WEIGHT_DECAY)

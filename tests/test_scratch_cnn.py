@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import scratch_cnn
+from backbones import Preprocess
+from conftest import train_args
 from data_utils import eval_transform, find_splits, load_image
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
@@ -75,9 +77,9 @@ def test_decoded_images_normalise_exactly_as_predict_reads_them(cifar, tmp_path)
     assert size == 32
     images, ok = scratch_cnn.decode_images(paths + [str(broken)], size)
     assert ok.tolist() == [True] * 5 + [False]
-    preprocess = {"resize": size, "crop": size, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    preprocess = Preprocess(size, size, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     expected = torch.stack([eval_transform(preprocess)(load_image(path)) for path in paths])
-    normalised = scratch_cnn.normalize(images[:5], preprocess["mean"], preprocess["std"])
+    normalised = scratch_cnn.normalize(images[:5], preprocess.mean, preprocess.std)
     torch.testing.assert_close(normalised, expected)
 
 
@@ -90,4 +92,50 @@ def test_network_averages_each_image_with_its_mirror_in_eval_mode():
     with torch.no_grad():
         torch.testing.assert_close(network(images), network(images.flip(3)))
         assert not torch.allclose(network(images), network.train()(images))
-    assert len(network.stages()) == 4
+
+
+def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path, monkeypatch):
+    import train
+    from model_utils import load_checkpoint
+    from predictor import Predictor
+
+    whole = train.main(train_args(cifar, tmp_path / "whole", tmp_path / "cache", "--arch", "cnn",
+                                  "--epochs", "2", "--batch_size", "16"))
+    assert [record["epoch"] for record in whole["history"]] == [1, 2]
+    checkpoint_path = tmp_path / "whole" / "checkpoint.pth"
+    assert checkpoint_path.stat().st_size < 5e6
+    checkpoint = load_checkpoint(checkpoint_path)
+    assert checkpoint["arch"] == "cnn" and checkpoint["backbone_state"] is not None
+    assert checkpoint["preprocess"]["crop"] == 32
+    assert checkpoint["hyperparameters"]["learning_rate"] == scratch_cnn.TRAINING_DEFAULTS[
+        "learning_rate"]
+    assert (tmp_path / "whole" / "test_report.json").is_file()
+
+    run_epoch = train.Trainer.run_epoch
+
+    def interrupted_at_epoch_2(trainer, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return run_epoch(trainer, epoch)
+
+    monkeypatch.setattr(train.Trainer, "run_epoch", interrupted_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(cifar, tmp_path / "cut", tmp_path / "cache", "--arch", "cnn",
+                              "--epochs", "2", "--batch_size", "16"))
+    monkeypatch.setattr(train.Trainer, "run_epoch", run_epoch)
+    resumed = train.main(train_args(cifar, tmp_path / "cut", tmp_path / "cache", "--resume",
+                                    tmp_path / "cut" / "checkpoint.pth"))
+    assert [record["epoch"] for record in resumed["history"]] == [1, 2]
+    last = {name: load_checkpoint(tmp_path / run / "train_state.pth")["last_model_state"]
+            for name, run in (("whole", "whole"), ("cut", "cut"))}
+    for key, value in last["whole"].items():
+        torch.testing.assert_close(last["cut"][key], value)
+
+    predictor = Predictor(checkpoint_path)
+    images = sorted((cifar / "test" / "ship").iterdir())[:3]
+    # The traced fast path, on a batch of another size than the trace's example, agrees.
+    for image, batched in zip(images, predictor.predict_files(images, top_k=3, workers=0)):
+        single = predictor.predict_image(image, top_k=3)
+        assert len(single.classes) == 3 and batched.classes == single.classes
+        torch.testing.assert_close(torch.tensor(batched.probabilities),
+                                   torch.tensor(single.probabilities), atol=1e-4, rtol=0)
