@@ -23,7 +23,8 @@ from data_utils import (
     eval_transform,
     load_image,
 )
-from features import autocast, default_workers, image_loader, inference_backbone
+from engines import autocast, choose_engine, compile_backbone
+from features import default_workers, image_loader
 from model_utils import (
     checkpoint_classes,
     checkpoint_preprocess,
@@ -52,32 +53,34 @@ class Prediction:
 class Predictor:
     """A trained classifier in eval mode on one device, with its classes and preprocessing."""
 
-    def __init__(self, checkpoint_path, device=torch.device("cpu"), category_names=None):
+    def __init__(self, checkpoint_path, device=torch.device("cpu"), category_names=None,
+                 engine="auto"):
         checkpoint = load_checkpoint(checkpoint_path)
-        self.device = device
+        self.device, self.engine = device, engine
         self.model = model_from_checkpoint(checkpoint).to(device)
         self.classes = checkpoint_classes(checkpoint)
         check_category_names(category_names or {}, self.classes)
         self.names = display_names(self.classes, category_names or {})
         self.preprocess = checkpoint_preprocess(checkpoint)
         self.transform = eval_transform(self.preprocess)
-        self._fast_backbone = None
+        self.engines = {}
 
-    def fast_backbone(self):
-        """The backbone compiled for batched inference, built on first use: it costs seconds
-        that only pay back over many images."""
-        if self._fast_backbone is None:
-            self._fast_backbone = inference_backbone(self.model.backbone, self.device,
-                                                     self.preprocess.crop)
-        return self._fast_backbone
+    def backbone_engine(self, images):
+        """The backbone engine for a job of `images` images (engines.py: OpenVINO pays only over
+        many images), built on first use and kept."""
+        name = choose_engine(self.engine, self.device, images)
+        if name not in self.engines:
+            self.engines[name] = compile_backbone(self.model.backbone, self.preprocess.crop,
+                                                  self.device, name)
+        return self.engines[name]
 
     @torch.inference_mode()
-    def probabilities(self, images, fast=False):
-        """Class probabilities [N, C] (index order) of a preprocessed float batch [N, 3, H, W]."""
-        images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-        backbone = self.fast_backbone() if fast else self.model.backbone
+    def probabilities(self, images, job_size=None):
+        """Class probabilities [N, C] (index order) of a preprocessed float batch [N, 3, H, W];
+        job_size: the images of the whole job this batch is part of (default: the batch's)."""
+        features = self.backbone_engine(job_size or len(images))(images)
         with autocast(self.device):
-            logits = self.model.head(backbone(images))
+            logits = self.model.head(features.to(self.device))
         return logits.float().softmax(dim=1).cpu()
 
     def top(self, probabilities, top_k, paths):
@@ -95,14 +98,14 @@ class Predictor:
         if not images:
             return []
         batch = torch.stack([self.transform(image) for image in images])
-        return self.top(self.probabilities(batch, fast=len(images) > 1), top_k, paths)
+        return self.top(self.probabilities(batch), top_k, paths)
 
     def predict_image(self, image, top_k=5, path=None):
         """The Prediction for one image: a PIL image, or the path of an image file."""
         if not isinstance(image, Image.Image):
             path = image if path is None else path
             try:
-                image = load_image(image)
+                image = load_image(image, self.preprocess.resize)
             except UNREADABLE_IMAGE_ERRORS as error:
                 raise UserError(f"cannot read image {path} ({error}); pass a photo such as a "
                                 "JPEG or PNG file") from None
@@ -112,13 +115,14 @@ class Predictor:
         """Yield a Prediction per file, in order, batched with decoding worker processes; an
         unreadable file yields Prediction(path, ok=False)."""
         workers = default_workers() if workers is None else workers
-        dataset = ImageFiles(paths, self.transform, self.preprocess.crop)
+        dataset = ImageFiles(paths, self.transform, self.preprocess.crop,
+                             draft=self.preprocess.resize)
         loader = image_loader(dataset, batch_size, workers if len(paths) > 1 else 0, self.device)
         position = 0
         for images, _, ok in progress(loader, len(loader), "predicting", unit="batches"):
             batch_paths = paths[position:position + len(ok)]
             position += len(ok)
-            readable = iter(self.top(self.probabilities(images[ok], fast=True), top_k,
+            readable = iter(self.top(self.probabilities(images[ok], len(paths)), top_k,
                                      [p for p, good in zip(batch_paths, ok.tolist()) if good])
                             if ok.any() else [])
             for path, good in zip(batch_paths, ok.tolist()):

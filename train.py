@@ -46,7 +46,8 @@ from data_utils import (
     is_readable,
     load_category_names,
 )
-from features import FeatureExtractor, autocast, default_cache_dir, default_workers, image_loader
+from engines import ENGINE_CHOICES, autocast
+from features import FeatureExtractor, default_cache_dir, default_workers, image_loader
 from model_utils import (
     ImageClassifier,
     build_head,
@@ -119,6 +120,10 @@ def get_args_parser():
                         "feature cache")
     parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
                         help="processes decoding images")
+    parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                        help="what computes the backbone features: auto takes OpenVINO on the "
+                        "CPU (bf16 where the CPU has it natively) for 128 images or more, else "
+                        "torch; --finetune always trains with torch")
     parser.add_argument("--strict", action="store_true", help="stop on unreadable images "
                         "instead of skipping them with a warning")
     parser.add_argument("--resume", default=None, metavar="CHECKPOINT",
@@ -264,7 +269,9 @@ def extract_features(args, backbone, device, splits):
     """Each split's features once (train: the original and --augment views), unreadable dropped."""
     extractor = FeatureExtractor(backbone, device,
                                  cache_dir=None if args.no_cache else args.cache_dir,
-                                 batch_size=max(args.batch_size, 32), workers=args.workers)
+                                 batch_size=max(args.batch_size, 32), workers=args.workers,
+                                 engine=args.engine,
+                                 images=sum(len(split.paths) for split in splits.values()))
     clean = eval_transform(backbone.preprocess)
     features, ok_masks = {}, {}
     for name, split in splits.items():
