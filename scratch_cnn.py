@@ -65,12 +65,15 @@ class SmallCNN(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.feature_dim = channels
 
+    def features(self, images):
+        return self.pool(self.groups(self.stem(images)))
+
     def forward(self, images):
         if self.training:
-            return self.pool(self.groups(self.stem(images)))
-        plain, mirrored = self.pool(self.groups(self.stem(
-            torch.cat([images, images.flip(3)])))).chunk(2)  # chunk: traces for any batch size
-        return (plain + mirrored) / 2
+            return self.features(images)
+        # Two passes rather than one on a doubled batch: torch.export (OpenVINO) then keeps
+        # the batch size free.
+        return (self.features(images) + self.features(images.flip(3))) / 2
 
 
 @functools.cache

@@ -139,3 +139,20 @@ def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path, monkeypat
         assert len(single.classes) == 3 and batched.classes == single.classes
         torch.testing.assert_close(torch.tensor(batched.probabilities),
                                    torch.tensor(single.probabilities), atol=1e-4, rtol=0)
+
+
+def test_network_converts_for_openvino_with_any_batch_size(tmp_path):
+    """predict.py runs large jobs through OpenVINO (torch.export with a free batch size)."""
+    import engines
+
+    if engines.openvino_core() is None:
+        pytest.skip("openvino not installed")
+    torch.manual_seed(0)
+    network = scratch_cnn.SmallCNN(widths=(8, 16, 16), stem_width=4).eval()
+    images = torch.randn(3, 3, 32, 32)
+    engine = engines.compile_backbone(network, 32, torch.device("cpu"), engine="openvino",
+                                      cache_dir=tmp_path)
+    with torch.no_grad():
+        expected = network(images)
+    tolerance = 3e-2 if engine.precision == "bf16" else 1e-4
+    torch.testing.assert_close(engine(images), expected, atol=tolerance, rtol=tolerance)
