@@ -22,7 +22,8 @@ from torch import nn
 
 import distributed
 import reports
-from backbones import BACKBONES, DEFAULT_ARCH, build_backbone
+import scratch_cnn
+from backbones import BACKBONES, DEFAULT_ARCH, SCRATCH_ARCH, build_backbone
 from cli_utils import (
     CATEGORY_NAMES_FIX,
     HelpFormatter,
@@ -73,11 +74,24 @@ HYPERPARAMETERS = ("arch", "learning_rate", "hidden_units", "dropout", "epochs",
                    "label_smoothing", "warmup_epochs", "weight_decay", "mirror")
 # What runs saved before these hyperparameters existed trained with, for --resume.
 EARLIER_HYPERPARAMETERS = {"weight_decay": 1e-4, "mirror": False}
+# Defaults of the flags left at None, for a pretrained backbone (chosen by cross-validation:
+# benchmarks/quality.py); for a network trained from scratch they are
+# scratch_cnn.TRAINING_DEFAULTS.
+PRETRAINED_DEFAULTS = {"epochs": 30, "learning_rate": 0.001, "hidden_units": 512,
+                       "dropout": 0.5, "weight_decay": 0.05, "batch_size": 64,
+                       "warmup_epochs": 1, "label_smoothing": 0.1}
+
+
+def arch_default(name):
+    """The help text's default of a flag whose default depends on --arch."""
+    return (f"default: {PRETRAINED_DEFAULTS[name]}, with --arch {SCRATCH_ARCH} "
+            f"{scratch_cnn.TRAINING_DEFAULTS[name]}")
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        description="Train a classifier head on a frozen pretrained backbone.",
+        description="Train an image classifier: a head on a frozen pretrained backbone, or with "
+        "--arch cnn a small network trained from scratch.",
         formatter_class=HelpFormatter)
     parser.add_argument("data_dir", help="folder with train/ and valid/ (and optionally test/), "
                         "each holding one folder of images per class")
@@ -85,22 +99,30 @@ def get_args_parser():
                         "(created if missing; default: the current folder, or with --resume the "
                         "resumed run's folder)")
     parser.add_argument("--arch", default=DEFAULT_ARCH, choices=list(BACKBONES), metavar="ARCH",
-                        help=f"backbone: {DEFAULT_ARCH} is bundled and works offline; the others "
-                        "download torchvision's weights once "
-                        f"({', '.join(name for name in BACKBONES if name != DEFAULT_ARCH)})")
-    parser.add_argument("--learning_rate", type=positive_float, default=0.001,
-                        help="learning rate of the head")
-    parser.add_argument("--hidden_units", type=non_negative_int, default=512,
-                        help="units of the head's hidden layer; 0 means a single linear layer")
-    parser.add_argument("--dropout", type=probability, default=0.5,
-                        help="dropout probability after the hidden layer")
-    parser.add_argument("--weight_decay", type=probability, default=0.05,
-                        help="AdamW weight decay, in [0, 1)")
-    parser.add_argument("--label_smoothing", type=probability, default=0.1,
-                        help="label smoothing of the loss")
-    parser.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
-    parser.add_argument("--batch_size", type=positive_int, default=64,
-                        help="images per training step (per process under torchrun)")
+                        help=f"backbone: {DEFAULT_ARCH} is bundled and works offline; "
+                        f"{SCRATCH_ARCH} is a small CNN for small images (such as CIFAR-10), "
+                        "trained from scratch; the others download torchvision's weights once: "
+                        + ", ".join(n for n in BACKBONES if n not in (DEFAULT_ARCH, SCRATCH_ARCH)))
+    parser.add_argument("--learning_rate", type=positive_float, default=None,
+                        help="learning rate of the head (of the whole network with --arch "
+                        f"{SCRATCH_ARCH}, SGD with Nesterov momentum; "
+                        f"{arch_default('learning_rate')})")
+    parser.add_argument("--hidden_units", type=non_negative_int, default=None,
+                        help="units of the head's hidden layer; 0 means a single linear layer "
+                        f"({arch_default('hidden_units')})")
+    parser.add_argument("--dropout", type=probability, default=None,
+                        help="dropout probability after the hidden layer "
+                        f"({arch_default('dropout')})")
+    parser.add_argument("--weight_decay", type=probability, default=None,
+                        help="weight decay of the optimiser, in [0, 1) "
+                        f"({arch_default('weight_decay')})")
+    parser.add_argument("--label_smoothing", type=probability, default=None,
+                        help=f"label smoothing of the loss ({arch_default('label_smoothing')})")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help=f"training epochs ({arch_default('epochs')})")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help="images per training step (per process under torchrun; "
+                        f"{arch_default('batch_size')})")
     add_gpu_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed on the "
                         "CPU gives the same weights")
@@ -137,8 +159,9 @@ def get_args_parser():
                           help="unfreeze only the backbone's last N stages; 0 means all")
     finetune.add_argument("--backbone_lr", type=positive_float, default=1e-4,
                           help="learning rate of the unfrozen backbone")
-    finetune.add_argument("--warmup_epochs", type=non_negative_int, default=1,
-                          help="epochs of linear learning-rate warm-up before the cosine decay")
+    finetune.add_argument("--warmup_epochs", type=non_negative_int, default=None,
+                          help="epochs of linear learning-rate warm-up before the cosine decay "
+                          f"({arch_default('warmup_epochs')})")
     finetune.add_argument("--compile", action="store_true",
                           help="compile the training step with torch.compile: about 30 s more "
                           "in the first epoch, then each epoch about 1.3x faster (measured on a "
@@ -211,6 +234,15 @@ def load_train_state(path, args):
                         "nothing to resume")
     log(f"resuming {state_path} after epoch {state['epoch_done']} of {args.epochs}")
     return state
+
+
+def fill_defaults(args, from_scratch):
+    """Give the flags left at None their default for the kind of backbone."""
+    defaults = scratch_cnn.TRAINING_DEFAULTS if from_scratch else PRETRAINED_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def load_backbone(arch):
@@ -378,9 +410,13 @@ class ImageTask:
 
 def make_optimizer(args, model, steps_per_epoch):
     """AdamW on what the ImageClassifier trains (the unfrozen backbone at --backbone_lr), with
-    linear warm-up then cosine decay per step."""
-    groups = model.parameter_groups(args.learning_rate, args.backbone_lr)
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    linear warm-up then cosine decay per step; a network trained from scratch: SGD, all of it at
+    --learning_rate."""
+    if model.backbone_spec.pretrained:
+        groups = model.parameter_groups(args.learning_rate, args.backbone_lr)
+        optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    else:
+        optimizer = scratch_cnn.sgd(model.parameters(), args.learning_rate, args.weight_decay)
     total = max(1, args.epochs * steps_per_epoch)
     warmup = min(args.warmup_epochs * steps_per_epoch, total - 1)
 
@@ -539,9 +575,9 @@ def calibrate(args, classifier, task, best, device):
     verdict (DEFAULT_PASS_RATE of valid/ passes). Checkpoint keys: see model_utils."""
     classifier.load_trained_weights(best)
     valid = evaluate(task.model, task.eval_batches("valid"), nn.CrossEntropyLoss(), device)
-    extras = {"mirror": args.mirror and not args.finetune,
-              "temperature": fit_temperature(valid["logits"], valid["labels"])}
     train = task.frozen_features("train")
+    extras = {"mirror": args.mirror and train is not None,  # features averaged as in training
+              "temperature": fit_temperature(valid["logits"], valid["labels"])}
     if train is not None:
         means = class_means(*train, classifier.head[-1].out_features)
         extras["class_means"] = means.half()
@@ -605,11 +641,17 @@ def train(args, device):
     names = class_display_names(args, class_to_idx)
     log(f"{len(class_to_idx)} classes; " + ", ".join(
         f"{name} {len(split.paths)} images" for name, split in splits.items()))
+    torch.manual_seed(args.seed)  # before the backbone: one trained from scratch starts random
     backbone = load_backbone(args.arch)
-    torch.manual_seed(args.seed)
+    fill_defaults(args, from_scratch=not backbone.pretrained)
     classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, len(class_to_idx),
                                                       args.hidden_units, args.dropout))
-    if args.finetune:
+    if not backbone.pretrained:
+        task, computed = scratch_cnn.ScratchTask(args, backbone, splits, device, classifier), 0
+        report_unreadable(splits, task.ok_masks, args.strict)
+        log(f"images decoded into memory at {backbone.preprocess.crop} px "
+            f"({time.perf_counter() - started:.1f} s)")
+    elif args.finetune:
         task, computed = ImageTask(args, backbone, splits, device, classifier), 0
     else:
         data, computed = extract_features(args, backbone, device, splits)
