@@ -30,6 +30,13 @@ OPTIONAL_KEYS = {"mirror": False, "temperature": 1.0, "class_means": None,
                  "unknown_threshold": None}
 
 
+def backbone_features(backbone, images, mirror):
+    """backbone(images), averaged with the mirror images' features when mirror: the image is
+    decoded once, its mirror is a flip of the tensor."""
+    features = backbone(images)
+    return (features + backbone(images.flip(3))) / 2 if mirror else features
+
+
 def build_head(in_features, num_classes, hidden_units, dropout):
     """Linear -> ReLU -> Dropout -> Linear, or one Linear when hidden_units is 0."""
     if hidden_units == 0:
@@ -58,15 +65,8 @@ class ImageClassifier(nn.Module):
         self.mirror, self.temperature = mirror, temperature
         self.unfrozen = []
 
-    def features(self, images, backbone=None):
-        """The backbone's features (backbone: a faster copy of it); with mirror, averaged
-        with those of the mirror images, as train.py's features were."""
-        backbone = backbone or self.backbone
-        features = backbone(images)
-        return (features + backbone(images.flip(3))) / 2 if self.mirror else features
-
     def forward(self, images):
-        return self.head(self.features(images)) / self.temperature
+        return self.head(backbone_features(self.backbone, images, self.mirror)) / self.temperature
 
     def unfreeze(self, layers):
         """Train the backbone's last `layers` stages (all of them for 0) with the head."""
@@ -192,6 +192,27 @@ def checkpoint_preprocess(checkpoint):
     return Preprocess.from_dict(checkpoint["preprocess"])
 
 
+# What loading weights into the wrong model raises.
+WEIGHT_MISMATCH_ERRORS = (KeyError, TypeError, ValueError, RuntimeError)
+
+
+def damaged_checkpoint(error):
+    return UserError("the checkpoint is damaged: its weights do not fit its model "
+                     f"({error_reason(error)}); use another copy or train again")
+
+
+def head_from_checkpoint(checkpoint):
+    """The trained head alone, for features computed elsewhere (engines.py)."""
+    try:
+        spec = checkpoint["head"]
+        head = build_head(spec["in_features"], spec["num_classes"], spec["hidden_units"],
+                          spec["dropout"])
+        head.load_state_dict(checkpoint["head_state"])
+    except WEIGHT_MISMATCH_ERRORS as error:
+        raise damaged_checkpoint(error) from None
+    return head.eval()
+
+
 def model_from_checkpoint(checkpoint, pretrained=True):
     """Rebuild the trained classifier, refusing a backbone whose weights differ from training's.
 
@@ -206,13 +227,10 @@ def model_from_checkpoint(checkpoint, pretrained=True):
             f"installed ones are {backbone.weights}; install the weights it was trained with, "
             "or train again")
     try:
-        spec = checkpoint["head"]
-        model = ImageClassifier(backbone, build_head(spec["in_features"], spec["num_classes"],
-                                                     spec["hidden_units"], spec["dropout"]),
-                                mirror=optional(checkpoint, "mirror"),
+        model = ImageClassifier(backbone, head_from_checkpoint(checkpoint),
+                                mirror=bool(optional(checkpoint, "mirror")),
                                 temperature=float(optional(checkpoint, "temperature")))
         model.load_trained_weights(checkpoint)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise UserError("the checkpoint is damaged: its weights do not fit its model "
-                        f"({error_reason(error)}); use another copy or train again") from None
+    except WEIGHT_MISMATCH_ERRORS as error:
+        raise damaged_checkpoint(error) from None
     return model.eval()

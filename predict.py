@@ -26,6 +26,7 @@ from cli_utils import (
 )
 from common import UserError, warn
 from data_utils import list_images, load_category_names, load_image
+from engines import ENGINE_CHOICES
 from features import default_workers
 from predictor import BATCH_SIZE, Predictor
 
@@ -58,6 +59,9 @@ def get_args_parser():
                         help="images per batch for a folder")
     parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
                         help="processes decoding a folder's images")
+    parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                        help="what runs the backbone: auto takes OpenVINO on the CPU for folders "
+                        "of 128 images or more, else torch (fp32 on the CPU)")
     return parser
 
 
@@ -110,7 +114,7 @@ def main(args):
         raise UserError("--plot draws one image; pass an image file, not a folder")
     with about_flag(CATEGORY_NAMES_FIX):
         category_names = load_category_names(args.category_names) if args.category_names else {}
-    predictor = Predictor(args.checkpoint, select_device(args.gpu), category_names)
+    predictor = Predictor(args.checkpoint, select_device(args.gpu), category_names, args.engine)
     set_unknown_threshold(predictor, args)
     if args.top_k > len(predictor.classes):
         warn(f"--top_k {args.top_k} is more than the {len(predictor.classes)} classes; showing "

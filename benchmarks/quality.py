@@ -97,8 +97,7 @@ def plain_and_mirror_features(extractor, paths, preprocess, workers):
     dataset = ImageFiles(paths, eval_transform(preprocess), preprocess.crop)
     plain, mirror, ok = [], [], []
     for images, _, good in image_loader(dataset, 64, workers, CPU):
-        images = images.contiguous(memory_format=torch.channels_last)
-        both = extractor.backbone(torch.cat([images, images.flip(3)])).float().half()
+        both = extractor.engine(torch.cat([images, images.flip(3)])).float().half()
         plain.append(both[:len(images)])
         mirror.append(both[len(images):])
         ok.append(good)
@@ -117,7 +116,7 @@ def load_features(args):
         paths = list_images(args.not_flowers)
         sources["not_flowers"] = (paths, [-1] * len(paths))
     backbone = build_backbone(DEFAULT_ARCH)
-    extractor = FeatureExtractor(backbone, CPU, workers=args.workers)
+    extractor = FeatureExtractor(backbone, CPU, workers=args.workers, engine="torch")
     data = {}
     for name, (paths, labels) in sources.items():
         started = time.perf_counter()

@@ -150,9 +150,9 @@ def test_mirror_features_average_the_image_and_its_mirror(tmp_path):
     backbone = build_backbone(DEFAULT_ARCH)
     transform = eval_transform(backbone.preprocess)
     paths = [str(tmp_path / "photo.png"), str(tmp_path / "mirror.png")]
-    plain, _ = FeatureExtractor(backbone, CPU, workers=0).features(tmp_path, paths, transform)
-    averaged, ok = FeatureExtractor(backbone, CPU, workers=0, mirror=True).features(
-        tmp_path, paths[:1], transform)
+    extractor = FeatureExtractor(backbone, CPU, workers=0, engine="torch")
+    plain, _ = extractor.features(tmp_path, paths, transform)
+    averaged, ok = extractor.features(tmp_path, paths[:1], transform, mirror=True)
     assert ok.all()
     expected = (plain[0].float() + plain[1].float()) / 2
     assert torch.allclose(averaged[0].float(), expected, atol=2e-2, rtol=1e-2)
