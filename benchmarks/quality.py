@@ -168,6 +168,7 @@ class MixupTask(train.FeatureTask):
 def train_args(setting):
     """train.py's parsed defaults with the setting's flags."""
     args = train.get_args_parser().parse_args(["unused"])
+    train.fill_defaults(args, from_scratch=False)
     for key, value in setting.items():
         if key not in BENCHMARK_KEYS:
             setattr(args, key, value)
