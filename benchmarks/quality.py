@@ -177,8 +177,9 @@ def train_args(setting):
 
 @cache
 def feature_backbone():
-    """The backbone as train.py's classifier holds it; here only its feature size matters."""
-    return build_backbone(DEFAULT_ARCH, pretrained=False)
+    """The pretrained backbone as train.py's classifier holds it (its features come from the
+    cache; train.py's optimiser is chosen by it being pretrained)."""
+    return build_backbone(DEFAULT_ARCH)
 
 
 def train_heads(setting, train_inputs, train_labels, class_count, seed):
