@@ -16,6 +16,9 @@ import torch
 from torch import nn
 
 DEFAULT_PASS_RATE = 0.95  # share of valid images the unknown threshold lets through
+# Where the fitted temperature is kept: on a small valid split that the head gets all right,
+# the NLL keeps falling as T shrinks, which would make every probability 100%.
+TEMPERATURE_RANGE = (0.25, 10.0)
 ECE_BINS = 15
 
 
@@ -37,7 +40,8 @@ def pass_threshold(similarities, pass_rate=DEFAULT_PASS_RATE):
 
 
 def fit_temperature(logits, labels):
-    """The T > 0 minimising the NLL of softmax(logits / T) (LBFGS on log T)."""
+    """The T minimising the NLL of softmax(logits / T) (LBFGS on log T), within
+    TEMPERATURE_RANGE."""
     logits, labels = logits.detach().float().clone(), labels.detach().clone()
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
@@ -50,7 +54,7 @@ def fit_temperature(logits, labels):
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return log_t.exp().item()
+    return min(max(log_t.exp().item(), TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
 
 
 def expected_calibration_error(probabilities, labels, bins=ECE_BINS):

@@ -101,29 +101,29 @@ class FeatureExtractor:
 
     Under torchrun each rank computes its share of the missing images and all ranks get all
     features. `computed` counts the images that all ranks together ran through the backbone.
-    engine and images (the job's size) pick the engine: see engines.compile_backbone. With
-    mirror, each feature is the average of the image's and its mirror image's.
+    engine and images (the job's size) pick the engine: see engines.compile_backbone.
     """
 
     def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None,
-                 engine="auto", images=None, mirror=False):
+                 engine="auto", images=None):
         weights = weights_key(backbone.name, backbone.weights if backbone.pretrained else None,
                               backbone.model.state_dict())
         self.engine = compile_backbone(backbone.model, backbone.preprocess.crop, device, engine,
                                        images, weights=weights)
         self.spec, self.device, self.batch_size = backbone, device, batch_size
-        self.mirror = mirror
         self.workers = default_workers() if workers is None else workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self.computed = 0
 
-    def features(self, root, paths, transform, seeds=None, view="eval", description="features"):
+    def features(self, root, paths, transform, seeds=None, view="eval", description="features",
+                 mirror=False):
         """(float16 features [N, D] on the CPU, bool ok [N]) of the images paths below root;
-        ok is False for unreadable files."""
+        ok is False for unreadable files. mirror: each image's features averaged with those of
+        its mirror image."""
         key = "|".join([self.spec.name, repr(self.spec.weights), repr(transform), view,
                         str(Path(root).resolve()), self.device.type, self.engine.name,
                         self.engine.precision, f"draft {self.spec.preprocess.resize}"]
-                       + (["mirror-averaged"] if self.mirror else []))
+                       + (["mirror-averaged"] if mirror else []))
         stamps = file_stamps(paths)
         cached = self.cache.load(key) if self.cache else {}
         rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
@@ -132,7 +132,7 @@ class FeatureExtractor:
         missing = sorted(set().union(*distributed.gather_objects(set(missing))))
         if missing:
             self.computed += len(missing)
-            computed = self._compute_shared(missing, paths, transform, seeds, description)
+            computed = self._compute_shared(missing, paths, transform, seeds, description, mirror)
             for index, row in zip(missing, computed):
                 rows[index] = row
         features = torch.stack([row[0] for row in rows]) if rows else torch.empty(0, 0)
@@ -141,13 +141,13 @@ class FeatureExtractor:
             self.cache.save(key, paths, stamps, features, ok)
         return features, ok
 
-    def _compute_shared(self, missing, paths, transform, seeds, description):
+    def _compute_shared(self, missing, paths, transform, seeds, description, mirror):
         """Rank r computes missing[r::world]; the shares are gathered back into order."""
         mine = missing[distributed.rank()::distributed.world_size()]
         dataset = ImageFiles([paths[i] for i in mine], transform, self.spec.preprocess.crop,
                              seeds=None if seeds is None else [seeds[i] for i in mine],
                              draft=self.spec.preprocess.resize)
-        features, ok = self.compute(dataset, description)
+        features, ok = self.compute(dataset, description, mirror)
         shares = distributed.gather_objects((features, ok))
         rows = [None] * len(missing)
         for rank, (share_features, share_ok) in enumerate(shares):
@@ -157,15 +157,15 @@ class FeatureExtractor:
         return rows
 
     @torch.inference_mode()
-    def compute(self, dataset, description="features"):
-        """Run the backbone over a dataset of (image, ok) pairs."""
+    def compute(self, dataset, description="features", mirror=False):
+        """Run the backbone over a dataset of (image, ok) pairs (mirror: see features())."""
         loader = image_loader(dataset, self.batch_size, self.workers if len(dataset) > 1 else 0,
                               self.device)
         features, ok = [], []
         batches = (progress(loader, len(loader), f"extracting {description}", unit="batches")
                    if distributed.is_main() else loader)
         for images, _, good in batches:
-            features.append(backbone_features(self.engine, images, self.mirror).cpu().half())
+            features.append(backbone_features(self.engine, images, mirror).cpu().half())
             ok.append(good)
         if not features:
             return torch.empty(0, self.spec.feature_dim, dtype=torch.float16), torch.empty(

@@ -73,7 +73,8 @@ HYPERPARAMETERS = ("arch", "learning_rate", "hidden_units", "dropout", "epochs",
                    "seed", "augment", "finetune", "finetune_layers", "backbone_lr",
                    "label_smoothing", "warmup_epochs", "weight_decay", "mirror")
 # What runs saved before these hyperparameters existed trained with, for --resume.
-EARLIER_HYPERPARAMETERS = {"weight_decay": 1e-4, "mirror": False}
+EARLIER_HYPERPARAMETERS = {"weight_decay": 1e-4, "mirror": "off"}
+MIRROR_CHOICES = ("predict", "all", "off")
 # Defaults of the flags left at None, for a pretrained backbone (chosen by cross-validation:
 # benchmarks/quality.py); for a network trained from scratch they are
 # scratch_cnn.TRAINING_DEFAULTS.
@@ -126,10 +127,11 @@ def get_args_parser():
     add_gpu_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed on the "
                         "CPU gives the same weights")
-    parser.add_argument("--no_mirror", dest="mirror", action="store_false",
-                        help="use each image's features as they are, instead of averaged with "
-                        "those of its mirror image (in training and prediction alike; the mirror "
-                        "doubles the backbone's work)")
+    parser.add_argument("--mirror", choices=MIRROR_CHOICES, default="predict",
+                        help="average each image's features with those of its mirror image: "
+                        "'predict' for valid/, test/ and predictions, 'all' for train/ too "
+                        "(doubles the backbone's work on train/; as accurate within the "
+                        "cross-validation's error), 'off' never")
     parser.add_argument("--augment", type=non_negative_int, default=0,
                         help="randomly augmented views of each training image, extracted once; "
                         "each epoch trains on one of them or the original")
@@ -290,13 +292,13 @@ def extract_features(args, backbone, device, splits):
                                  cache_dir=None if args.no_cache else args.cache_dir,
                                  batch_size=max(args.batch_size, 32), workers=args.workers,
                                  engine=args.engine,
-                                 images=sum(len(split.paths) for split in splits.values()),
-                                 mirror=args.mirror)
+                                 images=sum(len(split.paths) for split in splits.values()))
     clean = eval_transform(backbone.preprocess)
     features, ok_masks = {}, {}
     for name, split in splits.items():
+        mirror = args.mirror == "all" or (args.mirror == "predict" and name != "train")
         features[name], ok_masks[name] = extractor.features(split.root, split.paths, clean,
-                                                            description=name)
+                                                            description=name, mirror=mirror)
     train = splits["train"]
     views = [features["train"]]
     augment = augment_transform(backbone.preprocess)
@@ -304,7 +306,7 @@ def extract_features(args, backbone, device, splits):
         seeds = [view_seed(args.seed, view, path, train.root) for path in train.paths]
         view_features, view_ok = extractor.features(
             train.root, train.paths, augment, seeds=seeds, view=f"augment {args.seed} {view}",
-            description=f"train view {view}/{args.augment}")
+            description=f"train view {view}/{args.augment}", mirror=args.mirror == "all")
         views.append(view_features)
         ok_masks["train"] &= view_ok
     report_unreadable(splits, ok_masks, args.strict)
@@ -576,7 +578,7 @@ def calibrate(args, classifier, task, best, device):
     classifier.load_trained_weights(best)
     valid = evaluate(task.model, task.eval_batches("valid"), nn.CrossEntropyLoss(), device)
     train = task.frozen_features("train")
-    extras = {"mirror": args.mirror and train is not None,  # features averaged as in training
+    extras = {"mirror": args.mirror != "off" and train is not None,  # as valid/ and test/
               "temperature": fit_temperature(valid["logits"], valid["labels"])}
     if train is not None:
         means = class_means(*train, classifier.head[-1].out_features)

