@@ -120,15 +120,17 @@ class Predictor:
         return self.outputs(images, job_size)[0]
 
     def top(self, outputs, top_k, paths):
-        """A Prediction per image of outputs(), top_k clamped to the number of classes."""
+        """A Prediction per image of outputs(); top_k, one for all images or one per image, is
+        clamped to the number of classes."""
         probabilities, known = outputs
-        values, indices = probabilities.topk(min(top_k, len(self.classes)))
+        top_ks = [top_k] * len(paths) if isinstance(top_k, int) else top_k
         known = [None] * len(paths) if known is None else known.tolist()
         predictions = []
-        for path, row, index, verdict in zip(paths, values.tolist(), indices.tolist(), known):
-            classes = [self.classes[i] for i in index]
-            predictions.append(Prediction(str(path), classes, [self.names[i] for i in index], row,
-                                          known=verdict))
+        for path, row, k, verdict in zip(paths, probabilities, top_ks, known):
+            values, indices = row.topk(min(k, len(self.classes)))
+            predictions.append(Prediction(str(path), [self.classes[i] for i in indices.tolist()],
+                                          [self.names[i] for i in indices.tolist()],
+                                          values.tolist(), known=verdict))
         return predictions
 
     def predict_images(self, images, top_k=5, paths=None):
