@@ -15,8 +15,8 @@ All rows come from one run (the CPU may be shared: compare rows of one run, not 
   train.py     cold (empty feature cache, in a temp folder) with --engine auto, then warm (same
                cache, other head settings), and last cold with --engine torch (the fp32
                reference): seconds, valid and test accuracy
-  predict.py   a folder of test photos at 256 px and the same upscaled to 4032x3024 (12 MP JPEGs in
-               a temp folder): seconds and the share of equal top answers; one image against
+  predict.py   a folder of test photos at 256 px and the same upscaled to a shorter side of 3024
+               (aspect kept; 12 MP at 4:3; JPEGs in a temp folder): seconds and the share of equal top answers; one image against
                `python -c "import torch, torchvision"` (best of 3 each)
 then issue 12's goals, each marked met or NOT met.
 """
@@ -41,7 +41,7 @@ from data_utils import ImageFiles, eval_transform, find_splits, list_images, loa
 from features import image_loader  # noqa: E402
 
 CPU = torch.device("cpu")
-PHONE_SIZE = (4032, 3024)
+PHONE_SHORT_SIDE = 3024  # 4032 x 3024 for a 4:3 photo: 12 MP
 WARM_HEAD = ["--hidden_units", "256", "--learning_rate", "0.002"]
 
 
@@ -139,11 +139,15 @@ def warm_row(data_dir, work):
 
 
 def make_phone_photos(paths, folder):
-    """The photos upscaled to 12 MP, saved as a phone would (JPEG quality 90)."""
+    """The photos upscaled to a phone's size (shorter side 3024, aspect kept: 12 MP at 4:3),
+    saved as a phone would (JPEG quality 90)."""
     for path in paths:
         target = folder / Path(path).parent.name / Path(path).name
         target.parent.mkdir(parents=True, exist_ok=True)
-        load_image(path).resize(PHONE_SIZE, Image.Resampling.BICUBIC).save(target, quality=90)
+        image = load_image(path)
+        scale = PHONE_SHORT_SIDE / min(image.size)
+        size = (round(image.width * scale), round(image.height * scale))
+        image.resize(size, Image.Resampling.BICUBIC).save(target, quality=90)
     return list_images(folder)
 
 
@@ -208,12 +212,12 @@ def main(args):
         if not args.skip_engine_rows:
             decoding_rows(phones[:20], backbone.preprocess)
             end_to_end_rows(splits, backbone)
-        everything = [path for split in splits.values() for path in split.paths]
-        plain = row("plain OpenVINO pass, train+valid+test", seconds(
-            pass_over, everything, backbone.preprocess, engine_of(backbone, "openvino"), 1)[1],
-            len(everything))
         trained = {}
         if not args.skip_training:
+            everything = [path for split in splits.values() for path in split.paths]
+            plain = row("plain OpenVINO pass, train+valid+test", seconds(
+                pass_over, everything, backbone.preprocess, engine_of(backbone, "openvino"), 1)[1],
+                len(everything))
             trained = {"auto": train_row(args.data_dir, work, "auto"),
                        "warm": warm_row(args.data_dir, work)}
         checkpoint = args.checkpoint or work / "run-auto" / "checkpoint.pth"
