@@ -1,0 +1,368 @@
+"""Serve the classifier to phones and programs: a web page and an HTTP API on one port.
+
+    python serve.py checkpoints/checkpoint.pth --category_names cat_to_name.json
+    python serve.py checkpoints/checkpoint.pth --host 0.0.0.0 --token SECRET   # phones on the Wi-Fi
+    curl -F file=@photo.jpg 'http://127.0.0.1:8000/predict?top_k=3'
+
+`GET /` is the page (take or pick a photo, see the top names with bars); `POST /predict` takes a
+multipart field `file` or the raw image bytes and answers predict.py --json's object; `GET
+/health` and `GET /classes` describe the model. Concurrent requests share one model batch: images
+are decoded in threads, never on the event loop, and a worker thread runs the model on whatever
+requests are waiting, pausing up to --batch_wait_ms for requests still being decoded.
+"""
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import io
+import ipaddress
+import os
+import socket
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import uvicorn
+from PIL import Image, UnidentifiedImageError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from cli_utils import (
+    HelpFormatter,
+    UserError,
+    add_gpu_argument,
+    error_reason,
+    positive_float,
+    positive_int,
+    run_cli,
+    select_device,
+    warn,
+)
+from data_utils import UNREADABLE_IMAGE_ERRORS, load_image
+from predictor import Predictor
+
+STATIC = Path(__file__).resolve().parent / "static"
+UPLOAD_FIELD = "file"
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Serve a checkpoint as a web page for phones and an HTTP API.",
+        formatter_class=HelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint.pth written by train.py")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 lets "
+                        "phones and computers on the same network reach it")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
+    parser.add_argument("--top_k", type=positive_int, default=5,
+                        help="classes per answer when a request does not say (?top_k=)")
+    parser.add_argument("--category_names", default=None,
+                        help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
+                        "(default: show the folder names)")
+    add_gpu_argument(parser)
+    parser.add_argument("--token", default=None, help="require `Authorization: Bearer TOKEN` on "
+                        "/predict and /classes (default: no token)")
+    parser.add_argument("--max_upload_mb", type=positive_float, default=20,
+                        help="largest upload accepted, in MB; larger ones get 413 unread")
+    parser.add_argument("--max_batch", type=positive_int, default=16,
+                        help="most images the model runs at once")
+    parser.add_argument("--batch_wait_ms", type=float, default=10,
+                        help="longest wait for requests still being decoded to join a batch")
+    return parser
+
+
+class BadRequest(Exception):
+    """A request the client can fix: answered with its status and {"error": message}."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class Batcher:
+    """Runs the model on the images of concurrent requests together, in one worker thread.
+
+    A batch starts with the oldest waiting image and takes every image already queued; while other
+    requests are still decoding it waits up to `wait_s` for them, so one lone request never waits.
+    """
+
+    def __init__(self, predictor, max_batch, wait_s):
+        self.predictor, self.max_batch, self.wait_s = predictor, max_batch, wait_s
+        self.queue = asyncio.Queue()
+        self.decoding = 0  # requests decoding an image now: they will join the queue soon
+        self.batches = self.images = 0
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.worker = None
+
+    def start(self):
+        self.worker = asyncio.create_task(self._run())
+
+    async def stop(self):
+        self.worker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.worker
+        self.model_thread.shutdown()
+
+    async def predict(self, image, top_k, path):
+        """The Prediction of one decoded image, computed in a batch with its neighbours."""
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((image, top_k, path, future))
+        return await future
+
+    async def _next_batch(self):
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.wait_s
+        while len(batch) < self.max_batch:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if self.decoding == 0 or remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            batch = [item for item in batch if not item[3].done()]  # skip cancelled requests
+            if not batch:
+                continue
+            try:
+                predictions = await loop.run_in_executor(self.model_thread, self._predict, batch)
+            except Exception as error:  # a model failure fails this batch, not the server
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self.batches += 1
+            self.images += len(batch)
+            for (_, top_k, _, future), prediction in zip(batch, predictions):
+                if not future.done():
+                    future.set_result(keep_top(prediction, top_k))
+
+    def _predict(self, batch):
+        images, top_ks, paths, _ = zip(*batch)
+        return self.predictor.predict_images(list(images), top_k=max(top_ks), paths=list(paths))
+
+
+def keep_top(prediction, top_k):
+    """The prediction cut to its top_k most likely classes (a batch runs with its largest top_k)."""
+    return dataclasses.replace(prediction, classes=prediction.classes[:top_k],
+                               names=prediction.names[:top_k],
+                               probabilities=prediction.probabilities[:top_k])
+
+
+def decode_upload(data):
+    """The uploaded bytes as an RGB image, or a BadRequest saying what is wrong with them."""
+    if not data:
+        raise BadRequest(400, "The upload is empty; send a photo such as a JPEG or PNG file.")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+        if width * height > Image.MAX_IMAGE_PIXELS:
+            raise BadRequest(413, f"The image is {width}x{height} pixels, more than the "
+                             f"{Image.MAX_IMAGE_PIXELS} that are decoded safely; send a smaller photo.")
+        return load_image(io.BytesIO(data))
+    except UNREADABLE_IMAGE_ERRORS as error:
+        reason = ("not a known image format" if isinstance(error, UnidentifiedImageError)
+                  else error_reason(error))
+        raise BadRequest(400, f"The upload is not an image that can be read ({reason}); send a "
+                         "photo such as a JPEG or PNG file.") from None
+
+
+async def read_body(request, limit):
+    """The request body, refused with 413 as soon as it is known to exceed limit bytes."""
+    too_large = BadRequest(413, f"The upload is larger than the {limit / 1e6:g} MB limit; send a "
+                           "smaller photo (the server's --max_upload_mb sets the limit).")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def uploaded_file(request, limit):
+    """(bytes, file name) of the photo: multipart field `file`, or the raw body."""
+    body = await read_body(request, limit)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/x-www-form-urlencoded"):
+        raise BadRequest(400, f"Send the photo as multipart/form-data field '{UPLOAD_FIELD}' or as "
+                         "the raw request body, not URL-encoded.")
+    if not content_type.startswith("multipart/form-data"):
+        return body, "upload"
+
+    async def replay():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, replay(), max_files=4, max_fields=16).parse()
+    except MultiPartException as error:
+        raise BadRequest(400, f"The multipart form cannot be read ({error.message}); send the "
+                         f"photo as the form field '{UPLOAD_FIELD}'.") from None
+    upload = form.get(UPLOAD_FIELD)
+    if upload is None or isinstance(upload, str):
+        fields = ", ".join(form.keys()) or "none"
+        raise BadRequest(400, f"The form has no file field '{UPLOAD_FIELD}' (fields: {fields}); "
+                         f"send the photo as the form field '{UPLOAD_FIELD}'.")
+    data = await upload.read()
+    await form.close()
+    return data, upload.filename or "upload"
+
+
+def requested_top_k(request, default):
+    text = request.query_params.get("top_k")
+    if text is None:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise BadRequest(400, f"top_k must be a whole number of at least 1, got {text!r}.")
+    return int(text)
+
+
+def error_response(status, message, headers=None):
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16, batch_wait_ms=10.0,
+               decode_threads=None):
+    """The Starlette app: the page, /predict, /health and /classes around one Batcher."""
+    limit = int(max_upload_mb * 1e6)
+    batcher = Batcher(predictor, max_batch, batch_wait_ms / 1000)
+    decoders = ThreadPoolExecutor(decode_threads or os.cpu_count() or 1,
+                                  thread_name_prefix="decode")
+
+    def check_token(request):
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            raise BadRequest(401, "A valid token is required; send the header "
+                             "'Authorization: Bearer TOKEN' with the server's --token.")
+
+    async def predict(request):
+        check_token(request)
+        k = min(requested_top_k(request, top_k), len(predictor.classes))
+        data, name = await uploaded_file(request, limit)
+        batcher.decoding += 1
+        try:
+            image = await asyncio.get_running_loop().run_in_executor(decoders, decode_upload, data)
+        finally:
+            batcher.decoding -= 1
+        prediction = await batcher.predict(image, k, name)
+        return JSONResponse(prediction.as_json())
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "classes": len(predictor.classes),
+                             "batches": batcher.batches, "images": batcher.images})
+
+    async def classes(request):
+        check_token(request)
+        return JSONResponse({"classes": list(predictor.classes), "names": list(predictor.names)})
+
+    async def page(request):
+        return FileResponse(STATIC / "index.html")
+
+    async def bad_request(request, error):
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return error_response(error.status, str(error), headers)
+
+    async def http_error(request, error):
+        return error_response(error.status_code, f"{error.detail}.", error.headers)
+
+    async def server_error(request, error):
+        print(f"error: {request.url.path} failed: {type(error).__name__}: {error_reason(error)}",
+              file=sys.stderr, flush=True)
+        return error_response(500, f"The server failed on this request ({error_reason(error)}); "
+                              "try again, and report it if it keeps failing.")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+        decoders.shutdown()
+
+    routes = [Route("/", page), Route("/predict", predict, methods=["POST"]),
+              Route("/health", health), Route("/classes", classes),
+              Mount("/static", StaticFiles(directory=STATIC), name="static")]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        BadRequest: bad_request, HTTPException: http_error, Exception: server_error})
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def lan_address():
+    """This machine's address on its local network, for the phone (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            return probe.getsockname()[0]
+        except OSError:
+            return socket.gethostname()
+
+
+def listen(host, port):
+    """The listening socket, opened before serving so a busy port is a one-line error."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else
+                                    socket.AF_INET)
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port} ({error_reason(error)}); choose another "
+                        "--port or --host") from None
+
+
+def load_predictor(args):
+    """The Predictor, warmed up with one image so the first request is not the slow one."""
+    predictor = Predictor(args.checkpoint, select_device(args.gpu), args.category_names)
+    crop = predictor.preprocess["crop"]
+    predictor.predict_images([Image.new("RGB", (crop, crop))], top_k=1)
+    return predictor
+
+
+def main(args):
+    if args.batch_wait_ms < 0:
+        raise UserError(f"--batch_wait_ms must be 0 or more, got {args.batch_wait_ms}")
+    # decode_upload refuses images over Pillow's pixel limit itself, with a 413 answer.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    predictor = load_predictor(args)
+    app = create_app(predictor, args.top_k, args.token, args.max_upload_mb, args.max_batch,
+                     args.batch_wait_ms)
+    sock = listen(args.host, args.port)
+    port = sock.getsockname()[1]
+    if not is_loopback(args.host):
+        warn(f"listening on {args.host}:{port}: anyone on this network can use the classifier"
+             f"{'' if args.token else ' (--token requires a password)'}")
+    fragment = f"#token={args.token}" if args.token else ""
+    shown_host = lan_address() if args.host in ("0.0.0.0", "::") else args.host
+    print(f"serving {len(predictor.classes)} classes at http://{shown_host}:{port}/{fragment} "
+          "(Ctrl-C to stop)", flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10,
+                            server_header=False)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        print("stopped", flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
