@@ -60,11 +60,13 @@ async function classify(file) {
     response = await fetch("predict?top_k=" + TOP_K, { method: "POST", body: form, headers: authHeaders() });
     body = await response.json().catch(() => ({ error: "The server answered " + response.status + "." }));
   } catch (error) {
+    $("result").hidden = true;
     setStatus("error", "The server cannot be reached; check that it is running and this phone is on its network.");
     return;
   }
   if (response.status === 401) $("token-form").hidden = false;
   if (!response.ok) {
+    $("result").hidden = true;
     setStatus("error", body.error || "The server answered " + response.status + ".");
     return;
   }
