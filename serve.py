@@ -94,8 +94,9 @@ class Batcher:
 
     def __init__(self, predictor, max_batch, wait_s):
         self.predictor, self.max_batch, self.wait_s = predictor, max_batch, wait_s
-        self.queue = asyncio.Queue()
-        self.decoding = 0  # requests decoding an image now: they will join the queue soon
+        self.waiting = []  # (image, top_k, path, future) of decoded images, oldest first
+        self.arrived = asyncio.Event()
+        self.decoding = 0  # requests decoding an image now: they will be waiting soon
         self.batches = self.images = 0
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.worker = None
@@ -112,24 +113,21 @@ class Batcher:
     async def predict(self, image, top_k, path):
         """The Prediction of one decoded image, computed in a batch with its neighbours."""
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((image, top_k, path, future))
+        self.waiting.append((image, top_k, path, future))
+        self.arrived.set()
         return await future
 
     async def _next_batch(self):
         loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
+        while not self.waiting:
+            self.arrived.clear()
+            await self.arrived.wait()
         deadline = loop.time() + self.wait_s
-        while len(batch) < self.max_batch:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            remaining = deadline - loop.time()
-            if self.decoding == 0 or remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
-                break
+        while len(self.waiting) < self.max_batch and self.decoding and loop.time() < deadline:
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), deadline - loop.time())
+        batch, self.waiting = self.waiting[:self.max_batch], self.waiting[self.max_batch:]
         return batch
 
     async def _run(self):
