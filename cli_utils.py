@@ -1,23 +1,18 @@
-"""What train.py, predict.py and export.py share on the command line: one-line errors, the device
-choice, progress reporting and atomic file writes.
+"""What the command lines share: one-line errors and exit codes, help formatting, argument types
+and the device choice. Library code uses common.py instead.
 
-    from cli_utils import UserError, run_cli
+    from cli_utils import run_cli
     if __name__ == "__main__":
         run_cli(main, get_args_parser())
 """
 import argparse
-import errno
-import json
 import math
 import os
 import signal
 import sys
-import time
-from pathlib import Path
+from contextlib import contextmanager
 
-
-class UserError(Exception):
-    """A problem the user can fix; the CLI prints its message as one line and exits non-zero."""
+from common import UserError, error_reason, warn
 
 
 class Interrupted(KeyboardInterrupt):
@@ -27,19 +22,6 @@ class Interrupted(KeyboardInterrupt):
 
 def _raise_interrupted(signum, frame):
     raise Interrupted()
-
-
-def error_reason(error):
-    """What went wrong, in a few words: the system's error text, else the first line of the
-    message, else the exception's name."""
-    lines = str(error).splitlines() or [type(error).__name__]
-    return getattr(error, "strerror", None) or lines[0]
-
-
-def warn(message):
-    """One line on stderr; under torchrun only from rank 0, so N processes warn once."""
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or os.environ.get("RANK", "0") == "0":
-        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_cli(main, parser, argv=None):
@@ -124,51 +106,15 @@ def select_device(use_gpu):
     return torch.device("cpu")
 
 
-def atomic_write(path, write):
-    """Call write(temporary_path), then rename it over path, so a crash never leaves half a file.
-    path's folder is created if missing."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+CATEGORY_NAMES_FIX = ("pass a JSON file such as cat_to_name.json, or leave out "
+                      "--category_names")
+
+
+@contextmanager
+def about_flag(hint):
+    """Add the command line's wording to a library error: the library names the problem, the
+    CLI says which flag fixes it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(temporary)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # torch's zip writer raises RuntimeError
-        code = getattr(error, "errno", None)
-        if code in (errno.ENOSPC, errno.EDQUOT):
-            fix = "free some disk space"
-        elif code in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR):
-            fix = "choose a folder you can write to"  # EEXIST, ENOTDIR: a file where a folder goes
-        else:
-            fix = "free some disk space or choose a folder you can write to"
-        raise UserError(f"cannot write {path} ({error_reason(error)}); {fix}") from None
-    finally:
-        if os.path.lexists(temporary):  # not there when the folder could not be made
-            temporary.unlink()
-
-
-def write_json(data, path):
-    """data as indented UTF-8 JSON, written atomically."""
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
-
-
-def progress(iterable, total, description, unit="it"):
-    """A tqdm bar on a terminal; plain periodic lines otherwise, so logs and CI stay readable."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(iterable, total=total, desc=description, unit=unit, leave=False)
-        return
-    start = last = time.perf_counter()
-    done = 0
-    for item in iterable:
-        yield item
-        done += 1
-        now = time.perf_counter()
-        if now - last >= 15 or done == total:
-            last = now
-            print(f"{description}: {done}/{total} {unit} ({now - start:.0f} s)", file=sys.stderr,
-                  flush=True)
+        yield
+    except UserError as error:
+        raise UserError(f"{error}; {hint}") from None

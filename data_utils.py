@@ -3,7 +3,7 @@
     from data_utils import find_splits, load_image, eval_transform
     splits = find_splits("flowers")            # {"train": Split, "valid": Split, "test": Split}
     image = load_image("photo.jpg")            # RGB, EXIF orientation applied
-    tensor = eval_transform(preprocess)(image)
+    tensor = eval_transform(backbone.preprocess)(image)
 """
 import json
 import os
@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
-from cli_utils import UserError, error_reason, warn
+from common import UserError, error_reason, warn
 
 # What Pillow raises for files that are not images, are damaged, or are too large to decode safely.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -115,22 +115,22 @@ def load_image(path):
 def eval_transform(preprocess):
     """Resize, centre crop and normalise as the backbone was trained: the one used to predict."""
     return transforms.Compose([
-        transforms.Resize(preprocess["resize"]),
-        transforms.CenterCrop(preprocess["crop"]),
+        transforms.Resize(preprocess.resize),
+        transforms.CenterCrop(preprocess.crop),
         transforms.ToTensor(),
-        transforms.Normalize(preprocess["mean"], preprocess["std"]),
+        transforms.Normalize(preprocess.mean, preprocess.std),
     ])
 
 
 def augment_transform(preprocess):
     """Random crop, flip, rotation and colour jitter: views that teach the head what varies."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(preprocess["crop"], scale=(0.35, 1.0)),
+        transforms.RandomResizedCrop(preprocess.crop, scale=(0.35, 1.0)),
         transforms.RandomHorizontalFlip(),
         transforms.RandomRotation(20),
         transforms.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
         transforms.ToTensor(),
-        transforms.Normalize(preprocess["mean"], preprocess["std"]),
+        transforms.Normalize(preprocess.mean, preprocess.std),
     ])
 
 
@@ -172,16 +172,13 @@ def load_category_names(path):
     """The JSON mapping of class folder names to display names, checked with clear errors."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"category names file {path} not found; pass the path of a JSON file "
-                        "such as cat_to_name.json, or leave out --category_names")
+        raise UserError(f"category names file {path} not found")
     try:
         names = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise UserError(f"cannot read {path} ({error_reason(error)}); check its "
-                        "permissions or leave out --category_names") from None
+        raise UserError(f"cannot read {path} ({error_reason(error)})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}); fix the file or leave out "
-                        "--category_names") from None
+        raise UserError(f"{path} is not valid JSON ({error})") from None
     if not isinstance(names, dict):
         raise UserError(f"{path} must hold a JSON object mapping class folder names to names, "
                         'like {"1": "pink primrose"}')

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from cli_utils import UserError, atomic_write, error_reason, progress, run_cli
+from cli_utils import run_cli
+from common import UserError, atomic_write, error_reason, progress
 
 OFFICIAL_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 ARCHIVE_NAME, LABELS_NAME, SETID_NAME = "102flowers.tgz", "imagelabels.mat", "setid.mat"

@@ -20,25 +20,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cli_utils import (
-    HelpFormatter,
-    UserError,
-    atomic_write,
-    error_reason,
-    run_cli,
-    warn,
-    write_json,
-)
+from cli_utils import CATEGORY_NAMES_FIX, HelpFormatter, about_flag, run_cli
+from common import UserError, atomic_write, error_reason, warn, write_json
 from data_utils import (
     UNREADABLE_IMAGE_ERRORS,
     check_category_names,
     display_names,
-    eval_transform,
     list_images,
     load_category_names,
     load_image,
 )
-from model_utils import checkpoint_classes, load_checkpoint, model_from_checkpoint
+from model_utils import (
+    checkpoint_classes,
+    checkpoint_preprocess,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from predictor import Predictor
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
@@ -130,14 +128,14 @@ def export_metadata(checkpoint, export_format, category_names=None):
     """What a user of the exported file needs: classes in index order, their display names,
     and the preprocessing that makes its input."""
     classes = checkpoint_classes(checkpoint)
-    preprocess = checkpoint["preprocess"]
-    crop = preprocess["crop"]
+    preprocess = checkpoint_preprocess(checkpoint)
+    crop = preprocess.crop
     return {
         "classes": classes,
         "names": display_names(classes, category_names or {}),
-        "preprocess": preprocess,
+        "preprocess": preprocess.as_dict(),
         "input": f"float32 [N, 3, {crop}, {crop}], RGB, resized so the shorter side is "
-                 f"{preprocess['resize']} (bilinear), centre-cropped to {crop}x{crop}, scaled to "
+                 f"{preprocess.resize} (bilinear), centre-cropped to {crop}x{crop}, scaled to "
                  "[0, 1], normalised with mean/std",
         "output": f"probabilities [N, {len(classes)}]",
         "input_name": INPUT_NAME,
@@ -189,31 +187,23 @@ def parity_check(exported_path, export_format, checkpoint_path, image_paths):
     """The largest absolute difference between the exported model's probabilities and
     predict.py's on the same preprocessed images.
 
-    The reference is loaded from the checkpoint file by predict.load_model, not taken from the
-    model just exported, so the check covers predict.py's own loading path too."""
-    import predict
-
+    The reference is a Predictor loaded from the checkpoint file, not the model just exported,
+    so the check covers predict.py's own loading path too."""
     if export_format == "onnx":
         require_onnxruntime()
-    model = predict.load_model(checkpoint_path, torch.device("cpu"))
+    predictor = Predictor(checkpoint_path)
     run_exported = exported_runner(exported_path, export_format)
-    transform = eval_transform(model.preprocess)
-    index_of = {name: index for index, name in enumerate(model.classes)}
     largest = 0.0
     for start in range(0, len(image_paths), CHECK_BATCH_SIZE):
-        batch_paths = image_paths[start:start + CHECK_BATCH_SIZE]
         images = []
-        for path in batch_paths:
+        for path in image_paths[start:start + CHECK_BATCH_SIZE]:
             try:
-                images.append(transform(load_image(path)))
+                images.append(predictor.transform(load_image(path)))
             except UNREADABLE_IMAGE_ERRORS as error:
                 raise UserError(f"cannot read image {path} ({error}); pass photos such as JPEG "
                                 "or PNG files") from None
         images = torch.stack(images)
-        expected = torch.zeros(len(images), len(model.classes))
-        top = predict.top_classes(model, images, top_k=len(model.classes))
-        for row, (probabilities, classes) in enumerate(top):
-            expected[row, [index_of[name] for name in classes]] = torch.tensor(probabilities)
+        expected = predictor.probabilities(images)
         exported = run_exported(images).float()
         if exported.shape != expected.shape:
             raise UserError(f"{exported_path} returned shape {list(exported.shape)}, expected "
@@ -239,14 +229,15 @@ def output_paths(checkpoint_path, export_format, output):
 
 def main(args):
     checkpoint = load_checkpoint(args.checkpoint)
-    category_names = load_category_names(args.category_names) if args.category_names else {}
+    with about_flag(CATEGORY_NAMES_FIX):
+        category_names = load_category_names(args.category_names) if args.category_names else {}
     image_paths = check_images(args.check) if args.check else None
     if image_paths and args.format == "onnx":
         require_onnxruntime()  # fail now, not after the export
     path, metadata_path = output_paths(args.checkpoint, args.format, args.output)
     check_category_names(category_names, checkpoint_classes(checkpoint))
     model = exportable_model(checkpoint)
-    crop = checkpoint["preprocess"]["crop"]
+    crop = checkpoint_preprocess(checkpoint).crop
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if args.format == "onnx":

@@ -5,8 +5,8 @@ With a frozen backbone the features of an image never change, so train.py comput
 trains the head on them. The cache keys each image by what changes its features: the backbone
 and its weights, the exact transform (and the view's seed), the file's path, size and mtime.
 
-    extractor = FeatureExtractor(backbone, info, device, cache_dir="~/.cache/flower_classifier")
-    features, ok = extractor.features(split.root, split.paths, eval_transform(info["preprocess"]))
+    extractor = FeatureExtractor(backbone, device, cache_dir="~/.cache/flower_classifier")
+    features, ok = extractor.features(split.root, split.paths, eval_transform(backbone.preprocess))
 """
 import hashlib
 import os
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import distributed
-from cli_utils import UserError, atomic_write, progress, warn
+from common import UserError, atomic_write, progress, warn
 from data_utils import ImageFiles
 
 CACHE_FORMAT = 2
@@ -110,8 +110,7 @@ class FeatureCache:
         try:
             atomic_write(self.path(key), lambda temporary: torch.save(entry, temporary))
         except UserError as error:
-            warn(f"feature cache not saved ({error}); going on without it: pass a writable "
-                 "--cache_dir, or --no_cache")
+            warn(f"feature cache not saved ({error}); going on without it")
             self.writable = False
 
 
@@ -122,9 +121,9 @@ class FeatureExtractor:
     features. `computed` counts the images that all ranks together ran through the backbone.
     """
 
-    def __init__(self, backbone, info, device, cache_dir=None, batch_size=64, workers=None):
-        self.backbone = inference_backbone(backbone, device, info["preprocess"]["crop"])
-        self.info, self.device, self.batch_size = info, device, batch_size
+    def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None):
+        self.backbone = inference_backbone(backbone.model, device, backbone.preprocess.crop)
+        self.spec, self.device, self.batch_size = backbone, device, batch_size
         self.workers = default_workers() if workers is None else workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self.computed = 0
@@ -132,7 +131,7 @@ class FeatureExtractor:
     def features(self, root, paths, transform, seeds=None, view="eval", description="features"):
         """(float16 features [N, D] on the CPU, bool ok [N]) of the images paths below root;
         ok is False for unreadable files."""
-        key = "|".join([self.info["arch"], repr(self.info["weights"]), repr(transform), view,
+        key = "|".join([self.spec.name, repr(self.spec.weights), repr(transform), view,
                         str(Path(root).resolve()), self.device.type])
         stamps = file_stamps(paths)
         cached = self.cache.load(key) if self.cache else {}
@@ -154,7 +153,7 @@ class FeatureExtractor:
     def _compute_shared(self, missing, paths, transform, seeds, description):
         """Rank r computes missing[r::world]; the shares are gathered back into order."""
         mine = missing[distributed.rank()::distributed.world_size()]
-        dataset = ImageFiles([paths[i] for i in mine], transform, self.info["preprocess"]["crop"],
+        dataset = ImageFiles([paths[i] for i in mine], transform, self.spec.preprocess.crop,
                              seeds=None if seeds is None else [seeds[i] for i in mine])
         features, ok = self.compute(dataset, description)
         shares = distributed.gather_objects((features, ok))
@@ -179,6 +178,6 @@ class FeatureExtractor:
                 features.append(self.backbone(images).float().cpu().half())
             ok.append(good)
         if not features:
-            return torch.empty(0, self.info["feature_dim"], dtype=torch.float16), torch.empty(
+            return torch.empty(0, self.spec.feature_dim, dtype=torch.float16), torch.empty(
                 0, dtype=torch.bool)
         return torch.cat(features), torch.cat(ok)

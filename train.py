@@ -22,19 +22,20 @@ from torch import nn
 
 import distributed
 import reports
+from backbones import BACKBONES, DEFAULT_ARCH, build_backbone
 from cli_utils import (
+    CATEGORY_NAMES_FIX,
     HelpFormatter,
-    UserError,
+    about_flag,
     add_gpu_argument,
-    error_reason,
     non_negative_int,
     positive_float,
     positive_int,
     probability,
     run_cli,
     select_device,
-    warn,
 )
+from common import UserError, error_reason, warn
 from data_utils import (
     ImageFiles,
     augment_transform,
@@ -46,13 +47,10 @@ from data_utils import (
 )
 from features import FeatureExtractor, autocast, default_cache_dir, default_workers, image_loader
 from model_utils import (
-    ARCH_CHOICES,
-    BUNDLED_ARCH,
-    CHECKPOINT_FORMAT,
     ImageClassifier,
-    build_backbone,
     build_head,
     load_checkpoint,
+    make_checkpoint,
     save_checkpoint,
 )
 
@@ -76,9 +74,10 @@ def get_args_parser():
     parser.add_argument("--save_dir", default=None, help="where checkpoint.pth and the reports go "
                         "(created if missing; default: the current folder, or with --resume the "
                         "resumed run's folder)")
-    parser.add_argument("--arch", default=BUNDLED_ARCH, choices=ARCH_CHOICES, metavar="ARCH",
-                        help=f"backbone: {BUNDLED_ARCH} is bundled and works offline; the others "
-                        f"download torchvision's weights once ({', '.join(ARCH_CHOICES[1:])})")
+    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=list(BACKBONES), metavar="ARCH",
+                        help=f"backbone: {DEFAULT_ARCH} is bundled and works offline; the others "
+                        "download torchvision's weights once "
+                        f"({', '.join(name for name in BACKBONES if name != DEFAULT_ARCH)})")
     parser.add_argument("--learning_rate", type=positive_float, default=0.001,
                         help="learning rate of the head")
     parser.add_argument("--hidden_units", type=non_negative_int, default=512,
@@ -193,6 +192,14 @@ def load_train_state(path, args):
     return state
 
 
+def load_backbone(arch):
+    """build_backbone, naming the offline alternative when a download fails."""
+    if arch == DEFAULT_ARCH:
+        return build_backbone(arch)
+    with about_flag(f"or use --arch {DEFAULT_ARCH}, which is bundled and works offline"):
+        return build_backbone(arch)
+
+
 def view_seed(seed, view, path, root):
     """A stable per-image seed, so an augmented view is the same in every run and process."""
     name = f"{seed}:{view}:{Path(path).relative_to(root).as_posix()}"
@@ -224,19 +231,19 @@ def readable_masks(splits):
     return masks
 
 
-def extract_features(args, backbone, info, device, splits):
+def extract_features(args, backbone, device, splits):
     """Each split's features once (train: the original and --augment views), unreadable dropped."""
-    extractor = FeatureExtractor(backbone, info, device,
+    extractor = FeatureExtractor(backbone, device,
                                  cache_dir=None if args.no_cache else args.cache_dir,
                                  batch_size=max(args.batch_size, 32), workers=args.workers)
-    clean = eval_transform(info["preprocess"])
+    clean = eval_transform(backbone.preprocess)
     features, ok_masks = {}, {}
     for name, split in splits.items():
         features[name], ok_masks[name] = extractor.features(split.root, split.paths, clean,
                                                             description=name)
     train = splits["train"]
     views = [features["train"]]
-    augment = augment_transform(info["preprocess"])
+    augment = augment_transform(backbone.preprocess)
     for view in range(1, args.augment + 1):
         seeds = [view_seed(args.seed, view, path, train.root) for path in train.paths]
         view_features, view_ok = extractor.features(
@@ -258,10 +265,12 @@ def extract_features(args, backbone, info, device, splits):
 
 
 class FeatureTask:
-    """Head training on cached features: batches are slices of tensors, sharded across ranks."""
+    """Head training on cached features: batches are slices of tensors, sharded across ranks.
+    `model` is what trains and what the batches feed: the classifier's head."""
 
-    def __init__(self, data, batch_size):
-        self.data, self.batch_size = data, batch_size
+    def __init__(self, data, batch_size, classifier, device):
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.model = classifier.head
 
     def train_batches(self, epoch):
         views, labels = self.data["train"]
@@ -270,32 +279,36 @@ class FeatureTask:
         world = distributed.world_size()
         order = torch.randperm(count)[distributed.rank()::world][:count // world]
         for batch in order.split(self.batch_size):
-            yield views[view_index[batch], batch].float(), labels[batch]
+            yield views[view_index[batch], batch].float().to(self.device), labels[batch]
 
     def eval_batches(self, split):
         inputs, labels = self.data[split]
         mine = torch.arange(len(labels))[distributed.rank()::distributed.world_size()]
         for batch in mine.split(1024):
-            yield inputs[batch].float(), labels[batch]
+            yield inputs[batch].float().to(self.device), labels[batch]
 
     def steps_per_epoch(self):
         return math.ceil(len(self.data["train"][1]) // distributed.world_size() / self.batch_size)
 
 
 class ImageTask:
-    """Fine-tuning: batches of images, augmented on the fly, through backbone and head."""
+    """Fine-tuning: batches of images, augmented on the fly, through backbone and head.
+    `model` is the whole classifier, its chosen backbone stages unfrozen."""
 
-    def __init__(self, args, info, splits, device):
+    def __init__(self, args, backbone, splits, device, classifier):
         self.device, self.args, self.splits = device, args, splits
-        crop = info["preprocess"]["crop"]
+        self.model = classifier
+        classifier.unfreeze(args.finetune_layers)
+        crop = backbone.preprocess.crop
         train = splits["train"]
-        dataset = ImageFiles(train.paths, augment_transform(info["preprocess"]), crop, train.labels)
+        dataset = ImageFiles(train.paths, augment_transform(backbone.preprocess), crop,
+                             train.labels)
         self.sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=distributed.world_size(), rank=distributed.rank(),
             shuffle=True, seed=args.seed, drop_last=True)
         self.train_loader = image_loader(dataset, args.batch_size, args.workers, device,
                                          sampler=self.sampler)
-        self.eval_transform = eval_transform(info["preprocess"])
+        self.eval_transform = eval_transform(backbone.preprocess)
         self.crop = crop
         self.warned = set()
         if args.strict:
@@ -321,57 +334,18 @@ class ImageTask:
         skipped = 0
         for images, labels, ok in loader:
             skipped += len(ok) - int(ok.sum())
-            yield images[ok], labels[ok]
+            yield (images[ok].to(self.device, non_blocking=True,
+                                 memory_format=torch.channels_last), labels[ok])
         skipped = sum(distributed.gather_objects(skipped))  # every rank reads its loader to the end
         if skipped and split not in self.warned:
             self.warned.add(split)
             warn(f"skipped {skipped} unreadable images in {split}/; --strict makes this an error")
 
 
-def backbone_stages(backbone):
-    """The backbone's stages in order (EfficientNet blocks, ResNet layers, VGG and DenseNet
-    feature modules), each BatchNorm kept with the layer before it (conv_head + bn2): what
-    --finetune_layers counts from the end."""
-    modules = []
-    for name, child in backbone.named_children():
-        modules.extend(child.children() if name in ("blocks", "features") else [child])
-    stages = []
-    for module in modules:
-        if not any(True for _ in module.parameters()):
-            continue
-        if isinstance(module, nn.BatchNorm2d) and stages:
-            stages[-1].append(module)
-        else:
-            stages.append(nn.ModuleList([module]))
-    return stages
-
-
-def unfreeze(backbone, layers):
-    stages = backbone_stages(backbone)
-    chosen = stages[-layers:] if layers else stages
-    for stage in chosen:
-        stage.requires_grad_(True)
-    return chosen
-
-
-def set_train_mode(model, unfrozen):
-    """Train mode for what trains; frozen BatchNorm statistics stay as pretrained.
-    model is the unwrapped module (not the DistributedDataParallel wrapper)."""
-    model.train()
-    if isinstance(model, ImageClassifier):
-        model.backbone.eval()
-        for stage in unfrozen:
-            stage.train()
-
-
 def make_optimizer(args, model, steps_per_epoch):
-    """AdamW, the backbone at --backbone_lr, with linear warm-up then cosine decay per step."""
-    if isinstance(model, ImageClassifier):
-        groups = [{"params": model.head.parameters(), "lr": args.learning_rate},
-                  {"params": [p for p in model.backbone.parameters() if p.requires_grad],
-                   "lr": args.backbone_lr}]
-    else:
-        groups = [{"params": model.parameters(), "lr": args.learning_rate}]
+    """AdamW on what the ImageClassifier trains (the unfrozen backbone at --backbone_lr), with
+    linear warm-up then cosine decay per step."""
+    groups = model.parameter_groups(args.learning_rate, args.backbone_lr)
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
     total = max(1, args.epochs * steps_per_epoch)
     warmup = min(args.warmup_epochs * steps_per_epoch, total - 1)
@@ -388,10 +362,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, criterion, dev
     """One pass over the training batches; returns the mean training loss over all ranks."""
     loss_sum, count = 0.0, 0
     for inputs, labels in batches:
-        inputs = inputs.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        if inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(device):
             loss = criterion(model(inputs).float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -411,9 +382,6 @@ def evaluate(model, batches, criterion, device):
     model.eval()
     loss_sum, labels_seen, predicted = 0.0, [], []
     for inputs, labels in batches:
-        inputs = inputs.to(device, non_blocking=True)
-        if inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast(device):
             logits = model(inputs).float()
         loss_sum += criterion(logits, labels.to(device)).item() * len(labels)
@@ -431,56 +399,36 @@ def evaluate(model, batches, criterion, device):
             "labels": labels, "predictions": predictions}
 
 
-def unwrap(model):
-    """The model itself, inside torch.compile's and DistributedDataParallel's wrappers: what
-    is saved, evaluated (uncompiled, so eval mode costs no second compile) and restored."""
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def snapshot(model):
-    """CPU copies of the trained weights: the head's, and the backbone's when fine-tuning."""
-    def copy(module):
-        return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-    if isinstance(model, ImageClassifier):
-        return {"head_state": copy(model.head), "backbone_state": copy(model.backbone)}
-    return {"head_state": copy(model), "backbone_state": None}
-
-
-def make_checkpoint(args, info, class_to_idx, best):
-    """Exactly what rebuilds the model: plain values and tensors, loadable with weights_only."""
-    return {
-        "format_version": CHECKPOINT_FORMAT,
-        "arch": args.arch,
-        "backbone": info["weights"],
-        "head": {"in_features": info["feature_dim"], "num_classes": len(class_to_idx),
-                 "hidden_units": args.hidden_units, "dropout": args.dropout},
-        "head_state": best["head_state"],
-        "backbone_state": best["backbone_state"],
-        "class_to_idx": class_to_idx,
-        "preprocess": info["preprocess"],
-        "hyperparameters": {name: getattr(args, name) for name in HYPERPARAMETERS},
-        "epoch": best["epoch"],
-        "metrics": best["metrics"],
-    }
+def wrap_for_training(model, args, device):
+    """DistributedDataParallel under torchrun, then torch.compile with --compile --finetune."""
+    if distributed.world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile and args.finetune:
+        return torch.compile(model)
+    if args.compile:
+        warn("--compile is ignored without --finetune: the head on cached features trains too "
+             "fast for compiling to pay")
+    return model
 
 
 class Trainer:
     """The epoch loop: train, validate, keep the best weights, save what a resume needs."""
 
-    def __init__(self, args, model, unfrozen, task, device, save_dir, checkpoint_of):
-        self.args, self.model, self.unfrozen, self.task = args, model, unfrozen, task
+    def __init__(self, args, classifier, task, device, save_dir, checkpoint_of):
+        """task.model is what trains (on device); self.model wraps it for torchrun and
+        --compile, and task.model itself is what is evaluated, saved and restored."""
+        self.args, self.classifier, self.task = args, classifier, task
         self.device, self.save_dir, self.checkpoint_of = device, save_dir, checkpoint_of
-        self.trainable = unwrap(model)
-        self.optimizer, self.scheduler = make_optimizer(args, self.trainable,
-                                                        task.steps_per_epoch())
+        self.model = wrap_for_training(task.model.to(device), args, device)
+        self.optimizer, self.scheduler = make_optimizer(args, classifier, task.steps_per_epoch())
         self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda"
                                            and not torch.cuda.is_bf16_supported())
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.best, self.history, self.start_epoch = None, [], 1
 
     def resume(self, state):
-        self.trainable.load_state_dict(state["last_model_state"])
+        self.task.model.load_state_dict(state["last_model_state"])
         self.optimizer.load_state_dict(state["optimizer_state"])
         self.scheduler.load_state_dict(state["scheduler_state"])
         if state["scaler_state"]:  # empty when saved with the scaler off (CPU, bf16)
@@ -508,10 +456,10 @@ class Trainer:
     def run_epoch(self, epoch):
         torch.manual_seed(self.args.seed + epoch)  # each epoch's randomness, the same when resumed
         started = time.perf_counter()
-        set_train_mode(self.trainable, self.unfrozen)
+        self.task.model.train()
         train_loss = train_one_epoch(self.model, self.task.train_batches(epoch), self.optimizer,
                                      self.scheduler, self.scaler, self.criterion, self.device)
-        valid = evaluate(self.trainable, self.task.eval_batches("valid"), self.criterion,
+        valid = evaluate(self.task.model, self.task.eval_batches("valid"), self.criterion,
                          self.device)
         record = {"epoch": epoch, "train_loss": train_loss, "valid_loss": valid["loss"],
                   "valid_accuracy": valid["accuracy"], "seconds": time.perf_counter() - started}
@@ -523,7 +471,7 @@ class Trainer:
             keep_earlier_run(self.save_dir)
         if best is None or (valid["accuracy"], -valid["loss"]) > (
                 best["metrics"]["valid_accuracy"], -best["metrics"]["valid_loss"]):
-            self.best = {**snapshot(self.trainable), "epoch": epoch,
+            self.best = {**self.classifier.trained_weights(), "epoch": epoch,
                          "metrics": {k: v for k, v in record.items() if k != "epoch"}}
             if distributed.is_main():
                 save_checkpoint(self.checkpoint_of(self.best), self.save_dir / CHECKPOINT_NAME)
@@ -535,7 +483,7 @@ class Trainer:
 
     def save_train_state(self, epoch):
         save_checkpoint({**self.checkpoint_of(self.best),
-                         "last_model_state": self.trainable.state_dict(),
+                         "last_model_state": self.task.model.state_dict(),
                          "optimizer_state": self.optimizer.state_dict(),
                          "scheduler_state": self.scheduler.state_dict(),
                          "scaler_state": self.scaler.state_dict(), "epoch_done": epoch,
@@ -545,19 +493,15 @@ class Trainer:
 def class_display_names(args, class_to_idx):
     """Flower names for the report where a category names file has them, else folder names."""
     path = args.category_names or Path(args.data_dir) / "cat_to_name.json"
-    names = load_category_names(path) if args.category_names or Path(path).is_file() else {}
+    with about_flag(CATEGORY_NAMES_FIX):
+        names = load_category_names(path) if args.category_names or Path(path).is_file() else {}
     return display_names(class_to_idx, names)
 
 
-def test_and_report(model, task, best, names, save_dir, device):
+def test_and_report(classifier, task, best, names, save_dir, device):
     """Test accuracy of the best epoch, with curves, a report and a confusion matrix."""
-    trainable = unwrap(model)
-    if isinstance(trainable, ImageClassifier):
-        trainable.head.load_state_dict(best["head_state"])
-        trainable.backbone.load_state_dict(best["backbone_state"])
-    else:
-        trainable.load_state_dict(best["head_state"])
-    test = evaluate(trainable, task.eval_batches("test"), nn.CrossEntropyLoss(), device)
+    classifier.load_trained_weights(best)
+    test = evaluate(task.model, task.eval_batches("test"), nn.CrossEntropyLoss(), device)
     if not len(test["labels"]):
         warn("no readable images in test/: no test accuracy or report")
         return None
@@ -596,33 +540,25 @@ def train(args, device):
     names = class_display_names(args, class_to_idx)
     log(f"{len(class_to_idx)} classes; " + ", ".join(
         f"{name} {len(split.paths)} images" for name, split in splits.items()))
-    backbone, info = build_backbone(args.arch)
+    backbone = load_backbone(args.arch)
     torch.manual_seed(args.seed)
-    head = build_head(info["feature_dim"], len(class_to_idx), args.hidden_units, args.dropout)
-    unfrozen = []
+    classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, len(class_to_idx),
+                                                      args.hidden_units, args.dropout))
     if args.finetune:
-        task, computed = ImageTask(args, info, splits, device), 0
-        model = ImageClassifier(backbone, head)
-        unfrozen = unfreeze(backbone, args.finetune_layers)
+        task, computed = ImageTask(args, backbone, splits, device, classifier), 0
     else:
-        data, computed = extract_features(args, backbone, info, device, splits)
-        task, model = FeatureTask(data, args.batch_size), head
+        data, computed = extract_features(args, backbone, device, splits)
+        task = FeatureTask(data, args.batch_size, classifier, device)
         log(f"features ready: {computed} images through the backbone, the rest from the cache "
             f"({time.perf_counter() - started:.1f} s)")
-    model = model.to(device)
-    if distributed.world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile and args.finetune:
-        model = torch.compile(model)
-    elif args.compile:
-        warn("--compile is ignored without --finetune: the head on cached features trains too "
-             "fast for compiling to pay")
 
     def checkpoint_of(best):
-        return make_checkpoint(args, info, class_to_idx, best)
+        return make_checkpoint(
+            backbone, class_to_idx, {"hidden_units": args.hidden_units, "dropout": args.dropout},
+            best, hyperparameters={name: getattr(args, name) for name in HYPERPARAMETERS},
+            epoch=best["epoch"], metrics=best["metrics"])
 
-    trainer = Trainer(args, model, unfrozen, task, device, save_dir, checkpoint_of)
+    trainer = Trainer(args, classifier, task, device, save_dir, checkpoint_of)
     if resumed:
         trainer.resume(resumed)
     best, history = trainer.fit()
@@ -634,7 +570,7 @@ def train(args, device):
             f"({checkpoint_path.stat().st_size / 1e6:.1f} MB) and training_curves.png")
     test_accuracy = None
     if "test" in splits:
-        test_accuracy = test_and_report(model, task, best, names, save_dir, device)
+        test_accuracy = test_and_report(classifier, task, best, names, save_dir, device)
     log(f"done in {time.perf_counter() - started:.1f} s")
     return {"checkpoint": checkpoint_path, "best_epoch": best["epoch"],
             "valid_accuracy": best["metrics"]["valid_accuracy"], "test_accuracy": test_accuracy,

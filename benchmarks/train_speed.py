@@ -40,9 +40,10 @@ sys.path.insert(0, str(PROJECT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import predict  # noqa: E402
 import train  # noqa: E402
-from cli_utils import UserError, non_negative_int, positive_int  # noqa: E402
+from backbones import build_backbone  # noqa: E402
+from cli_utils import non_negative_int, positive_int  # noqa: E402
+from common import UserError  # noqa: E402
 from data_utils import (  # noqa: E402
     ImageFiles,
     augment_transform,
@@ -52,7 +53,8 @@ from data_utils import (  # noqa: E402
     is_image_file,
 )
 from features import FeatureExtractor, default_workers, image_loader  # noqa: E402
-from model_utils import ImageClassifier, build_backbone, build_head  # noqa: E402
+from model_utils import ImageClassifier, build_head  # noqa: E402
+from predictor import BATCH_SIZE, Predictor  # noqa: E402
 
 CPU = torch.device("cpu")
 # Head hyperparameters of the warm run: other than the defaults, so only the cache is reused.
@@ -211,10 +213,10 @@ def phase(name, images, backbone, wall, peak_mib, accuracy=None):
 
 # ---- the phases -------------------------------------------------------------------------------
 
-def floor_datasets(splits, info, defaults):
+def floor_datasets(splits, backbone, defaults):
     """What train.py's default run puts through the backbone: every split once, plus the
     --augment views of train."""
-    preprocess, crop = info["preprocess"], info["preprocess"]["crop"]
+    preprocess, crop = backbone.preprocess, backbone.preprocess.crop
     datasets = [(name, ImageFiles(split.paths, eval_transform(preprocess), crop))
                 for name, split in splits.items()]
     training = splits["train"]
@@ -230,12 +232,12 @@ def floor_datasets(splits, info, defaults):
 def measure_floor(splits, defaults, workers):
     """One backbone pass over the images, timed without start-up or tracing: the least any
     frozen-backbone training can cost."""
-    backbone, info = build_backbone(defaults.arch)
+    backbone = build_backbone(defaults.arch)
     started = time.perf_counter()
-    extractor = FeatureExtractor(backbone, info, CPU, batch_size=max(defaults.batch_size, 32),
+    extractor = FeatureExtractor(backbone, CPU, batch_size=max(defaults.batch_size, 32),
                                  workers=workers)
     note(f"floor: backbone traced in {time.perf_counter() - started:.1f} s (not timed)")
-    datasets = floor_datasets(splits, info, defaults)
+    datasets = floor_datasets(splits, backbone, defaults)
 
     def forward_all():
         for description, dataset in datasets:
@@ -275,13 +277,13 @@ def accuracy(model, loader):
 def run_assignment(splits, class_count, defaults, epochs, workers):
     """The Udacity assignment's way: the eager backbone recomputed on augmented images every
     epoch, validation through the whole model every epoch, the best-validation head tested."""
-    backbone, info = build_backbone(defaults.arch)
+    backbone = build_backbone(defaults.arch)
     torch.manual_seed(defaults.seed)
-    head = build_head(info["feature_dim"], class_count, defaults.hidden_units, defaults.dropout)
+    head = build_head(backbone.feature_dim, class_count, defaults.hidden_units, defaults.dropout)
     model = ImageClassifier(backbone, head)
     optimizer = torch.optim.Adam(head.parameters(), lr=defaults.learning_rate)
     criterion = nn.CrossEntropyLoss()
-    preprocess, crop = info["preprocess"], info["preprocess"]["crop"]
+    preprocess, crop = backbone.preprocess, backbone.preprocess.crop
 
     def loader(split, transform, shuffle=False):
         dataset = ImageFiles(split.paths, transform, crop, split.labels)
@@ -323,15 +325,16 @@ def run_train(name, data_dir, work, cache_dir, images, epochs, workers, extra=()
 
 
 def measure_predict_folder(checkpoint, test, class_names, batch_size, workers):
-    """predict_folder's throughput after load_model: what predict.py does per image of a folder."""
-    model = predict.load_model(checkpoint, CPU)
+    """Predictor.predict_files' throughput once the checkpoint is loaded: what predict.py
+    does per image of a folder."""
+    predictor = Predictor(checkpoint, CPU)
 
     def predict_all():
-        return list(predict.predict_folder(test.paths, model, 1, batch_size, workers))
+        return list(predictor.predict_files(test.paths, 1, batch_size, workers))
 
     results, wall, peak = timed(predict_all)
-    correct = sum(classes is not None and classes[0] == class_names[label]
-                  for (_, _, classes), label in zip(results, test.labels))
+    correct = sum(result.ok and result.classes[0] == class_names[label]
+                  for result, label in zip(results, test.labels))
     return phase("predict_folder in-process", len(test.paths), len(test.paths), wall, peak,
                  correct / max(1, len(test.paths)))
 
@@ -420,7 +423,7 @@ def prepare_data(args, work):
 
 def main(args):
     defaults = train.get_args_parser().parse_args([args.data_dir])
-    predict_batch = predict.get_args_parser().parse_args(["-", "-"]).batch_size
+    predict_batch = BATCH_SIZE  # predict.py's default
     with tempfile.TemporaryDirectory(prefix="train_speed_") as temporary:
         work = Path(temporary)
         data_dir, class_to_idx, splits = prepare_data(args, work)

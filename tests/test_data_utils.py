@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_utils import UserError
+from backbones import Preprocess
+from common import UserError
 from data_utils import (
     ImageFiles,
     eval_transform,
@@ -16,7 +17,7 @@ from data_utils import (
     load_image,
 )
 
-PREPROCESS = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.5] * 3}
+PREPROCESS = Preprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
 def write_image(path, mode="RGB", size=(40, 30), color=(200, 30, 60)):

@@ -14,7 +14,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from cli_utils import UserError
+from common import UserError
 from download_flowers import arrange, get_args_parser, main
 
 PROJECT_ROOT = Path(__file__).parents[1]

@@ -11,19 +11,18 @@ import pytest
 import torch
 
 import export
-import predict
 import train
-from cli_utils import UserError
-from data_utils import eval_transform, load_image
+from common import UserError
+from conftest import FLOWERS as DATA
+from conftest import require_shared_data
+from data_utils import load_image
+from predictor import Predictor
 
 PROJECT_ROOT = Path(__file__).parents[1]
-DATA = Path(os.environ.get("FLOWERS_DATA", "/work/shared/data/flowers102"))
 CLASSES = ["1", "10", "11"]                 # sorted as names: index order of the checkpoint
 IMAGES_PER_SPLIT = {"train": 4, "valid": 2}
 TOLERANCE = 1e-4
 
-pytestmark = pytest.mark.skipif(not (DATA / "train").is_dir(),
-                                reason=f"the flowers data set is not at {DATA} (set FLOWERS_DATA)")
 
 
 def split_images(split, name, count):
@@ -38,6 +37,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(workdir):
     """A real checkpoint from train.py on a tiny subset (symlinks to the real images)."""
+    require_shared_data()
     data = workdir / "data"
     for split, count in IMAGES_PER_SPLIT.items():
         for name in CLASSES:
@@ -54,6 +54,7 @@ def checkpoint(workdir):
 @pytest.fixture(scope="module")
 def test_images():
     """4 real images the model never saw, from all 3 classes."""
+    require_shared_data()
     return [str(path) for name, count in zip(CLASSES, (2, 1, 1))
             for path in split_images("test", name, count)]
 
@@ -61,20 +62,20 @@ def test_images():
 @pytest.fixture(scope="module")
 def expected(checkpoint, test_images):
     """predict.py's probabilities for test_images, [4, 3] in class index order."""
-    model = predict.load_model(checkpoint, torch.device("cpu"))
-    assert model.classes == CLASSES
+    predictor = Predictor(checkpoint)
+    assert predictor.classes == CLASSES
     rows = []
     for path in test_images:
-        probabilities, classes = predict.predict(path, model, top_k=len(CLASSES))
-        rows.append([probabilities[classes.index(name)] for name in CLASSES])
+        prediction = predictor.predict_image(path, top_k=len(CLASSES))
+        rows.append([prediction.probabilities[prediction.classes.index(name)]
+                     for name in CLASSES])
     return torch.tensor(rows)
 
 
 @pytest.fixture(scope="module")
 def batch(checkpoint, test_images):
     """test_images preprocessed as predict.py does: the exported model's input."""
-    preprocess = torch.load(checkpoint, weights_only=True)["preprocess"]
-    transform = eval_transform(preprocess)
+    transform = Predictor(checkpoint).transform
     return torch.stack([transform(load_image(path)) for path in test_images])
 
 
@@ -105,7 +106,8 @@ model = torch.jit.load(sys.argv[1])
 images = torch.load(sys.argv[2], weights_only=True)
 with torch.no_grad():
     probabilities = model(images)
-ours = {"export", "predict", "model_utils", "data_utils", "cli_utils", "features", "train", "timm"}
+ours = {"export", "predict", "predictor", "model_utils", "backbones", "data_utils", "cli_utils",
+        "common", "features", "train", "timm"}
 print(json.dumps({"probabilities": probabilities.tolist(), "dtype": str(probabilities.dtype),
                   "imported": sorted(ours & set(sys.modules)), "path": sys.path}))
 """

@@ -11,7 +11,8 @@ from conftest import make_subset, train_args
 
 import download_flowers
 import train
-from cli_utils import UserError, atomic_write, run_cli
+from cli_utils import run_cli
+from common import UserError, atomic_write
 from model_utils import load_checkpoint, save_checkpoint
 
 

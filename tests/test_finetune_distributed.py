@@ -3,9 +3,10 @@
 import torch
 from conftest import run_script, train_args
 
-import predict
 import train
-from model_utils import build_backbone, load_checkpoint
+from backbones import build_backbone
+from model_utils import load_checkpoint
+from predictor import Predictor
 
 
 def test_finetune_trains_the_last_stage_and_predicts(subset, tmp_path):
@@ -14,15 +15,14 @@ def test_finetune_trains_the_last_stage_and_predicts(subset, tmp_path):
     assert result["test_accuracy"] >= 0.8
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     tuned = checkpoint["backbone_state"]
-    pretrained = build_backbone("efficientnet_lite0")[0].state_dict()
+    pretrained = build_backbone("efficientnet_lite0").model.state_dict()
     changed = {key.split(".")[0] for key in tuned if not torch.equal(tuned[key], pretrained[key])}
     # Only the last stage (conv_head + bn2 for EfficientNet) moved; BatchNorm stats stay frozen
     # elsewhere because frozen stages run in eval mode.
     assert changed == {"conv_head", "bn2"}
     assert checkpoint["hyperparameters"]["label_smoothing"] == 0.1
-    model = predict.load_model(tmp_path / "run" / "checkpoint.pth", torch.device("cpu"))
     image = next((subset / "test" / "10").iterdir())
-    assert predict.predict(image, model, top_k=1)[1] == ["10"]
+    assert Predictor(tmp_path / "run" / "checkpoint.pth").predict_image(image, 1).classes == ["10"]
 
 
 def test_compiled_finetune_saves_plain_weights(subset, tmp_path):
@@ -32,11 +32,10 @@ def test_compiled_finetune_saves_plain_weights(subset, tmp_path):
     assert result["test_accuracy"] >= 0.6
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     # Keys as the uncompiled model names them, so predict.py loads it without torch.compile.
-    plain = build_backbone("efficientnet_lite0")[0].state_dict()
+    plain = build_backbone("efficientnet_lite0").model.state_dict()
     assert checkpoint["backbone_state"].keys() == plain.keys()
-    model = predict.load_model(tmp_path / "run" / "checkpoint.pth", torch.device("cpu"))
     image = next((subset / "test" / "10").iterdir())
-    assert predict.predict(image, model, top_k=1)[1] == ["10"]
+    assert Predictor(tmp_path / "run" / "checkpoint.pth").predict_image(image, 1).classes == ["10"]
 
 
 def test_torchrun_two_processes_match_one(subset, trained, tmp_path):

