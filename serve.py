@@ -13,7 +13,6 @@ requests are waiting, pausing up to --batch_wait_ms for requests still being dec
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import io
 import ipaddress
@@ -24,6 +23,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 import uvicorn
 from PIL import Image, UnidentifiedImageError
 from starlette.applications import Starlette
@@ -36,16 +36,14 @@ from starlette.staticfiles import StaticFiles
 
 from cli_utils import (
     HelpFormatter,
-    UserError,
     add_gpu_argument,
-    error_reason,
     positive_float,
     positive_int,
     run_cli,
     select_device,
-    warn,
 )
-from data_utils import UNREADABLE_IMAGE_ERRORS, load_image
+from common import UserError, error_reason, warn
+from data_utils import UNREADABLE_IMAGE_ERRORS, load_category_names, load_image
 from predictor import Predictor
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -94,7 +92,7 @@ class Batcher:
 
     def __init__(self, predictor, max_batch, wait_s):
         self.predictor, self.max_batch, self.wait_s = predictor, max_batch, wait_s
-        self.waiting = []  # (image, top_k, path, future) of decoded images, oldest first
+        self.waiting = []  # (tensor, top_k, path, future) of preprocessed images, oldest first
         self.arrived = asyncio.Event()
         self.decoding = 0  # requests decoding an image now: they will be waiting soon
         self.batches = self.images = 0
@@ -110,10 +108,10 @@ class Batcher:
             await self.worker
         self.model_thread.shutdown()
 
-    async def predict(self, image, top_k, path):
-        """The Prediction of one decoded image, computed in a batch with its neighbours."""
+    async def predict(self, tensor, top_k, path):
+        """The Prediction of one preprocessed image, computed in a batch with its neighbours."""
         future = asyncio.get_running_loop().create_future()
-        self.waiting.append((image, top_k, path, future))
+        self.waiting.append((tensor, top_k, path, future))
         self.arrived.set()
         return await future
 
@@ -146,24 +144,21 @@ class Batcher:
                 continue
             self.batches += 1
             self.images += len(batch)
-            for (_, top_k, _, future), prediction in zip(batch, predictions):
+            for (*_, future), prediction in zip(batch, predictions):
                 if not future.done():
-                    future.set_result(keep_top(prediction, top_k))
+                    future.set_result(prediction)
 
     def _predict(self, batch):
-        images, top_ks, paths, _ = zip(*batch)
-        return self.predictor.predict_images(list(images), top_k=max(top_ks), paths=list(paths))
+        """One model pass (the traced backbone) over the batch; each request keeps its top_k."""
+        tensors, top_ks, paths, _ = zip(*batch)
+        probabilities = self.predictor.probabilities(torch.stack(tensors), fast=True)
+        return [self.predictor.top(row[None], top_k, [path])[0]
+                for row, top_k, path in zip(probabilities, top_ks, paths)]
 
 
-def keep_top(prediction, top_k):
-    """The prediction cut to its top_k most likely classes (a batch runs with its largest top_k)."""
-    return dataclasses.replace(prediction, classes=prediction.classes[:top_k],
-                               names=prediction.names[:top_k],
-                               probabilities=prediction.probabilities[:top_k])
-
-
-def decode_upload(data):
-    """The uploaded bytes as an RGB image, or a BadRequest saying what is wrong with them."""
+def prepare_upload(data, transform):
+    """The uploaded bytes decoded and preprocessed for the model, or a BadRequest saying what is
+    wrong with them."""
     if not data:
         raise BadRequest(400, "The upload is empty; send a photo such as a JPEG or PNG file.")
     try:
@@ -172,12 +167,13 @@ def decode_upload(data):
         if width * height > Image.MAX_IMAGE_PIXELS:
             raise BadRequest(413, f"The image is {width}x{height} pixels, more than the "
                              f"{Image.MAX_IMAGE_PIXELS} that are decoded safely; send a smaller photo.")
-        return load_image(io.BytesIO(data))
+        image = load_image(io.BytesIO(data))
     except UNREADABLE_IMAGE_ERRORS as error:
         reason = ("not a known image format" if isinstance(error, UnidentifiedImageError)
                   else error_reason(error))
         raise BadRequest(400, f"The upload is not an image that can be read ({reason}); send a "
                          "photo such as a JPEG or PNG file.") from None
+    return transform(image)
 
 
 async def read_body(request, limit):
@@ -242,7 +238,8 @@ def error_response(status, message, headers=None):
 
 def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16, batch_wait_ms=10.0,
                decode_threads=None):
-    """The Starlette app: the page, /predict, /health and /classes around one Batcher."""
+    """The Starlette app: the page, /predict, /health and /classes around one Batcher.
+    decode_threads (default: the cores) decode and preprocess uploads."""
     limit = int(max_upload_mb * 1e6)
     batcher = Batcher(predictor, max_batch, batch_wait_ms / 1000)
     decoders = ThreadPoolExecutor(decode_threads or os.cpu_count() or 1,
@@ -262,10 +259,11 @@ def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16,
         data, name = await uploaded_file(request, limit)
         batcher.decoding += 1
         try:
-            image = await asyncio.get_running_loop().run_in_executor(decoders, decode_upload, data)
+            tensor = await asyncio.get_running_loop().run_in_executor(
+                decoders, prepare_upload, data, predictor.transform)
         finally:
             batcher.decoding -= 1
-        prediction = await batcher.predict(image, k, name)
+        prediction = await batcher.predict(tensor, k, name)
         return JSONResponse(prediction.as_json())
 
     async def health(request):
@@ -334,17 +332,19 @@ def listen(host, port):
 
 
 def load_predictor(args):
-    """The Predictor, warmed up with one image so the first request is not the slow one."""
-    predictor = Predictor(args.checkpoint, select_device(args.gpu), args.category_names)
-    crop = predictor.preprocess["crop"]
-    predictor.predict_images([Image.new("RGB", (crop, crop))], top_k=1)
+    """The Predictor with its traced backbone built and run, so no request pays for that."""
+    category_names = load_category_names(args.category_names) if args.category_names else {}
+    predictor = Predictor(args.checkpoint, select_device(args.gpu), category_names)
+    blank = predictor.transform(Image.new("RGB", (predictor.preprocess.crop,) * 2))
+    for size in (1, 1, 2, 2):
+        predictor.probabilities(blank.expand(size, -1, -1, -1), fast=True)
     return predictor
 
 
 def main(args):
     if args.batch_wait_ms < 0:
         raise UserError(f"--batch_wait_ms must be 0 or more, got {args.batch_wait_ms}")
-    # decode_upload refuses images over Pillow's pixel limit itself, with a 413 answer.
+    # prepare_upload refuses images over Pillow's pixel limit itself, with a 413 answer.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     predictor = load_predictor(args)
     app = create_app(predictor, args.top_k, args.token, args.max_upload_mb, args.max_batch,

@@ -84,9 +84,10 @@ def photos(subset):
 
 @pytest.fixture(scope="module")
 def predictor(checkpoint):
+    from data_utils import load_category_names
     from predictor import Predictor
 
-    return Predictor(checkpoint, category_names=FLOWERS / "cat_to_name.json")
+    return Predictor(checkpoint, category_names=load_category_names(FLOWERS / "cat_to_name.json"))
 
 
 def post_photo(server, path, **kwargs):
