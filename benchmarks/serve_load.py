@@ -191,7 +191,8 @@ def main(args):
     print("concurrency requests  p50 ms  p99 ms images/s errors mean batch server MiB")
     levels, memory, exit_code = load_server(args, photos)
     rate = folder_rate(args.checkpoint, paths)
-    growth = memory["end"] - memory["warm"] if memory["end"] and memory["warm"] else None
+    # serve.py runs every batch size before it listens, so growth counts from its start
+    growth = memory["end"] - memory["started"] if memory["end"] and memory["started"] else None
     print(f"server memory: {memory['started']:.0f} MiB started, {memory['warm']:.0f} MiB after the "
           f"warm-up, {memory['end']:.0f} MiB at the end; exit code after SIGTERM {exit_code}")
     print(f"Predictor.predict_files in-process on the same photos: {rate:.1f} images/s")

@@ -72,7 +72,7 @@ def checkpoint(trained):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     server = Server(checkpoint, "--category_names", FLOWERS / "cat_to_name.json", "--token", TOKEN,
-                    "--max_upload_mb", 2)
+                    "--max_upload_mb", 2, "--max_batch", 4)
     yield server
     server.stop()
 
@@ -147,7 +147,10 @@ BAD_UPLOADS = {  # case: (the request, given a real photo's bytes; status; words
                   "truncated"),
     "decompression bomb": (lambda photo: {"files": {"file": ("bomb.png", decompression_bomb())}},
                            413, "pixels"),
-    "wrong field name": (lambda photo: {"files": {"photo": ("a.jpg", photo)}}, 400, "field 'file'"),
+    "wrong field name": (lambda photo: {"files": {"photo": ("a.jpg", photo)}}, 400,
+                         "no field 'file'"),
+    "text, not a file": (lambda photo: {"data": {"file": "a.jpg"}, "files": {"more": ("b", b"")}},
+                         400, "holds text"),
     "url-encoded form": (lambda photo: {"data": {"file": "a.jpg"}}, 400, "multipart"),
     "over the limit": (lambda photo: {"content": b"\xff" * 2_500_000}, 413, "2 MB limit"),
     "bad top_k": (lambda photo: {"files": {"file": ("a.jpg", photo)}, "params": {"top_k": "0"}},
@@ -230,7 +233,7 @@ def browser_missing(reason):
 
 
 def test_sigterm_lets_the_request_in_flight_finish(checkpoint, photos):
-    server = Server(checkpoint)
+    server = Server(checkpoint, "--max_batch", 1)
     data = photos[0].read_bytes()
     with socket.create_connection((server.host, server.port), timeout=30) as connection:
         connection.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
