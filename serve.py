@@ -13,6 +13,7 @@ requests are waiting, pausing up to --batch_wait_ms for requests still being dec
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import hmac
 import io
 import ipaddress
@@ -47,6 +48,7 @@ from predictor import Predictor
 
 STATIC = Path(__file__).resolve().parent / "static"
 UPLOAD_FIELD = "file"
+M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
 def get_args_parser():
@@ -96,7 +98,11 @@ class Batcher:
         self.arrived = asyncio.Event()
         self.decoding = 0  # requests decoding an image now: they will be waiting soon
         self.batches = self.images = 0
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        # The model thread keeps torch's threads (the cores); set explicitly, since the decoding
+        # threads' set_num_threads(1) becomes the default of threads started after them.
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model",
+                                               initializer=torch.set_num_threads,
+                                               initargs=(torch.get_num_threads(),))
         self.worker = None
 
     def start(self):
@@ -245,8 +251,10 @@ def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16,
     decode_threads (default: the cores) decode and preprocess uploads."""
     limit = int(max_upload_mb * 1e6)
     batcher = Batcher(predictor, max_batch, batch_wait_ms / 1000)
+    # One torch thread each: their small tensor ops must not compete with the model's threads.
     decoders = ThreadPoolExecutor(decode_threads or os.cpu_count() or 1,
-                                  thread_name_prefix="decode")
+                                  thread_name_prefix="decode", initializer=torch.set_num_threads,
+                                  initargs=(1,))
 
     def check_token(request):
         if token is None:
@@ -353,9 +361,18 @@ def load_predictor(args):
     return predictor
 
 
+def limit_malloc_arenas():
+    """Two glibc malloc arenas instead of one per thread: uploads decoded in one thread and freed
+    in another otherwise fragment the arenas, and memory grew by 100-200 MB over a few thousand
+    requests (measured with benchmarks/serve_load.py); a no-op on other C libraries."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
+
+
 def main(args):
     if args.batch_wait_ms < 0:
         raise UserError(f"--batch_wait_ms must be 0 or more, got {args.batch_wait_ms}")
+    limit_malloc_arenas()
     # prepare_upload refuses images over Pillow's pixel limit itself, with a 413 answer.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     predictor = load_predictor(args)
