@@ -191,7 +191,7 @@ def parity_check(exported_path, export_format, checkpoint_path, image_paths):
     so the check covers predict.py's own loading path too."""
     if export_format == "onnx":
         require_onnxruntime()
-    predictor = Predictor(checkpoint_path)
+    predictor = Predictor(checkpoint_path, engine="torch")  # fp32, whatever the batch size
     run_exported = exported_runner(exported_path, export_format)
     largest = 0.0
     for start in range(0, len(image_paths), CHECK_BATCH_SIZE):

@@ -1,16 +1,16 @@
 """Backbone features, computed once per image and kept on disk.
 
 With a frozen backbone the features of an image never change, so train.py computes them once
-(batched, channels-last, inference mode, worker processes decoding ahead of the model) and
-trains the head on them. The cache keys each image by what changes its features: the backbone
-and its weights, the exact transform (and the view's seed), the file's path, size and mtime.
+(batched, through the fastest engine of engines.py, worker processes decoding ahead of the
+model, large JPEGs draft-decoded) and trains the head on them. The cache keys each image by what
+changes its features: the backbone and its weights, the engine and its precision, the exact
+transform (and the view's seed), the file's path, size and mtime.
 
     extractor = FeatureExtractor(backbone, device, cache_dir="~/.cache/flower_classifier")
     features, ok = extractor.features(split.root, split.paths, eval_transform(backbone.preprocess))
 """
 import hashlib
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +18,8 @@ import torch
 import distributed
 from common import UserError, atomic_write, progress, warn
 from data_utils import ImageFiles
+from engines import compile_backbone, weights_key
+from model_utils import backbone_features
 
 CACHE_FORMAT = 2
 
@@ -30,14 +32,6 @@ def default_cache_dir():
 def default_workers():
     """Decoding processes: one core is left for the model, and a few are plenty."""
     return max(1, min(6, (os.cpu_count() or 2) - 1))
-
-
-def autocast(device):
-    """bf16 (or fp16) autocast on CUDA; a no-op on the CPU, where it would be slower."""
-    if device.type != "cuda":
-        return torch.autocast("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def image_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
@@ -59,18 +53,6 @@ def file_stamps(paths):
         except OSError:  # a broken symlink: its image will be reported unreadable
             stamps.append((-1, -1, -1))
     return stamps
-
-
-def inference_backbone(backbone, device, crop):
-    """The backbone ready for fast inference: channels-last; on the CPU also traced and frozen,
-    which folds BatchNorm into the convolutions and runs about 3x faster with oneDNN."""
-    backbone = backbone.to(device, memory_format=torch.channels_last).eval()
-    if device.type != "cpu":
-        return backbone
-    example = torch.zeros(2, 3, crop, crop).to(memory_format=torch.channels_last)
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still fastest
-        return torch.jit.freeze(torch.jit.trace(backbone, example))
 
 
 class FeatureCache:
@@ -119,20 +101,29 @@ class FeatureExtractor:
 
     Under torchrun each rank computes its share of the missing images and all ranks get all
     features. `computed` counts the images that all ranks together ran through the backbone.
+    engine and images (the job's size) pick the engine: see engines.compile_backbone.
     """
 
-    def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None):
-        self.backbone = inference_backbone(backbone.model, device, backbone.preprocess.crop)
+    def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None,
+                 engine="auto", images=None):
+        weights = weights_key(backbone.name, backbone.weights if backbone.pretrained else None,
+                              backbone.model.state_dict())
+        self.engine = compile_backbone(backbone.model, backbone.preprocess.crop, device, engine,
+                                       images, weights=weights)
         self.spec, self.device, self.batch_size = backbone, device, batch_size
         self.workers = default_workers() if workers is None else workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self.computed = 0
 
-    def features(self, root, paths, transform, seeds=None, view="eval", description="features"):
+    def features(self, root, paths, transform, seeds=None, view="eval", description="features",
+                 mirror=False):
         """(float16 features [N, D] on the CPU, bool ok [N]) of the images paths below root;
-        ok is False for unreadable files."""
+        ok is False for unreadable files. mirror: each image's features averaged with those of
+        its mirror image."""
         key = "|".join([self.spec.name, repr(self.spec.weights), repr(transform), view,
-                        str(Path(root).resolve()), self.device.type])
+                        str(Path(root).resolve()), self.device.type, self.engine.name,
+                        self.engine.precision, f"draft {self.spec.preprocess.resize}"]
+                       + (["mirror-averaged"] if mirror else []))
         stamps = file_stamps(paths)
         cached = self.cache.load(key) if self.cache else {}
         rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
@@ -141,7 +132,7 @@ class FeatureExtractor:
         missing = sorted(set().union(*distributed.gather_objects(set(missing))))
         if missing:
             self.computed += len(missing)
-            computed = self._compute_shared(missing, paths, transform, seeds, description)
+            computed = self._compute_shared(missing, paths, transform, seeds, description, mirror)
             for index, row in zip(missing, computed):
                 rows[index] = row
         features = torch.stack([row[0] for row in rows]) if rows else torch.empty(0, 0)
@@ -150,12 +141,13 @@ class FeatureExtractor:
             self.cache.save(key, paths, stamps, features, ok)
         return features, ok
 
-    def _compute_shared(self, missing, paths, transform, seeds, description):
+    def _compute_shared(self, missing, paths, transform, seeds, description, mirror):
         """Rank r computes missing[r::world]; the shares are gathered back into order."""
         mine = missing[distributed.rank()::distributed.world_size()]
         dataset = ImageFiles([paths[i] for i in mine], transform, self.spec.preprocess.crop,
-                             seeds=None if seeds is None else [seeds[i] for i in mine])
-        features, ok = self.compute(dataset, description)
+                             seeds=None if seeds is None else [seeds[i] for i in mine],
+                             draft=self.spec.preprocess.resize)
+        features, ok = self.compute(dataset, description, mirror)
         shares = distributed.gather_objects((features, ok))
         rows = [None] * len(missing)
         for rank, (share_features, share_ok) in enumerate(shares):
@@ -165,17 +157,15 @@ class FeatureExtractor:
         return rows
 
     @torch.inference_mode()
-    def compute(self, dataset, description="features"):
-        """Run the backbone over a dataset of (image, ok) pairs."""
+    def compute(self, dataset, description="features", mirror=False):
+        """Run the backbone over a dataset of (image, ok) pairs (mirror: see features())."""
         loader = image_loader(dataset, self.batch_size, self.workers if len(dataset) > 1 else 0,
                               self.device)
         features, ok = [], []
         batches = (progress(loader, len(loader), f"extracting {description}", unit="batches")
                    if distributed.is_main() else loader)
         for images, _, good in batches:
-            images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
-            with autocast(self.device):
-                features.append(self.backbone(images).float().cpu().half())
+            features.append(backbone_features(self.engine, images, mirror).cpu().half())
             ok.append(good)
         if not features:
             return torch.empty(0, self.spec.feature_dim, dtype=torch.float16), torch.empty(

@@ -44,6 +44,7 @@ from cli_utils import (
 )
 from common import UserError, error_reason, warn
 from data_utils import UNREADABLE_IMAGE_ERRORS, load_category_names, load_image
+from engines import ENGINE_CHOICES
 from predictor import Predictor
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -65,6 +66,9 @@ def get_args_parser():
                         help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
                         "(default: show the folder names)")
     add_gpu_argument(parser)
+    parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                        help="what runs the backbone: auto takes OpenVINO on the CPU where it is "
+                        "installed (the server is one long job), else torch")
     parser.add_argument("--token", default=None, help="require `Authorization: Bearer TOKEN` on "
                         "/predict and /classes (default: no token)")
     parser.add_argument("--max_upload_mb", type=positive_float, default=20,
@@ -155,14 +159,14 @@ class Batcher:
                     future.set_result(prediction)
 
     def _predict(self, batch):
-        """One model pass (the traced backbone) over the batch; each request keeps its top_k."""
+        """One model pass over the batch; each request keeps its own top_k. The server is one
+        long job, so "auto" takes the engine of large jobs (OpenVINO on the CPU)."""
         tensors, top_ks, paths, _ = zip(*batch)
-        probabilities = self.predictor.probabilities(torch.stack(tensors), fast=True)
-        return [self.predictor.top(row[None], top_k, [path])[0]
-                for row, top_k, path in zip(probabilities, top_ks, paths)]
+        outputs = self.predictor.outputs(torch.stack(tensors), job_size=None)
+        return self.predictor.top(outputs, list(top_ks), list(paths))
 
 
-def prepare_upload(data, transform):
+def prepare_upload(data, predictor):
     """The uploaded bytes decoded and preprocessed for the model, or a BadRequest saying what is
     wrong with them."""
     if not data:
@@ -173,13 +177,13 @@ def prepare_upload(data, transform):
         if width * height > Image.MAX_IMAGE_PIXELS:
             raise BadRequest(413, f"The image is {width}x{height} pixels, more than the "
                              f"{Image.MAX_IMAGE_PIXELS} that are decoded safely; send a smaller photo.")
-        image = load_image(io.BytesIO(data))
+        image = load_image(io.BytesIO(data), predictor.preprocess.resize)
     except UNREADABLE_IMAGE_ERRORS as error:
         reason = ("not a known image format" if isinstance(error, UnidentifiedImageError)
                   else error_reason(error))
         raise BadRequest(400, f"The upload is not an image that can be read ({reason}); send a "
                          "photo such as a JPEG or PNG file.") from None
-    return transform(image)
+    return predictor.transform(image)
 
 
 async def read_body(request, limit):
@@ -271,7 +275,7 @@ def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16,
         batcher.decoding += 1
         try:
             tensor = await asyncio.get_running_loop().run_in_executor(
-                decoders, prepare_upload, data, predictor.transform)
+                decoders, prepare_upload, data, predictor)
         finally:
             batcher.decoding -= 1
         prediction = await batcher.predict(tensor, k, name)
@@ -350,14 +354,14 @@ def listen(host, port):
 
 
 def load_predictor(args):
-    """The Predictor, its traced backbone run twice on every batch size up to --max_batch: the
-    first runs of a new size compile and allocate (measured: 250 MB up to 16), which no request
-    should pay for, nor show as growing memory."""
+    """The Predictor, its backbone engine run twice on every batch size up to --max_batch: the
+    first runs of a new size compile and allocate (measured with the traced torch backbone:
+    250 MB up to 16), which no request should pay for, nor show as growing memory."""
     category_names = load_category_names(args.category_names) if args.category_names else {}
-    predictor = Predictor(args.checkpoint, select_device(args.gpu), category_names)
+    predictor = Predictor(args.checkpoint, select_device(args.gpu), category_names, args.engine)
     blank = predictor.transform(Image.new("RGB", (predictor.preprocess.crop,) * 2))
     for size in [*range(1, args.max_batch + 1)] * 2:
-        predictor.probabilities(blank.expand(size, -1, -1, -1), fast=True)
+        predictor.outputs(blank.expand(size, -1, -1, -1), job_size=None)
     return predictor
 
 

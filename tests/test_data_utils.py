@@ -158,3 +158,53 @@ def test_category_names(tmp_path):
     (tmp_path / "list.json").write_text('["pink primrose"]')
     with pytest.raises(UserError, match="JSON object"):
         load_category_names(tmp_path / "list.json")
+
+
+def striped_photo(size):
+    """Left half red, right half blue: which side is where shows the orientation."""
+    image = Image.new("RGB", size, (255, 0, 0))
+    image.paste((0, 0, 255), (size[0] // 2, 0, size[0], size[1]))
+    return image
+
+
+def test_large_jpeg_is_drafted_to_the_target_with_exif_orientation(tmp_path):
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated clockwise: red on top
+    striped_photo((4032, 3024)).save(path, exif=exif, quality=90)
+    full, drafted = load_image(path), load_image(path, target=256)
+    assert full.size == (3024, 4032)
+    # 1/8 would give 378 x 504, the smallest DCT scale with both sides >= 256.
+    assert drafted.size == (378, 504)
+    top, bottom = drafted.getpixel((189, 50)), drafted.getpixel((189, 450))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+    full_tensor = eval_transform(PREPROCESS)(full)
+    assert (eval_transform(PREPROCESS)(drafted) - full_tensor).abs().mean() < 0.02
+
+
+def test_draft_never_goes_below_the_target_and_leaves_other_formats_alone(tmp_path):
+    jpeg, png = tmp_path / "small.jpg", tmp_path / "large.png"
+    striped_photo((300, 1000)).save(jpeg)
+    striped_photo((1000, 600)).save(png)
+    assert load_image(jpeg, target=256).size == (300, 1000)  # 1/2 would give 150 < 256
+    assert load_image(png, target=256).size == (1000, 600)
+
+
+@pytest.mark.parametrize("suffix", [".heic", ".heif", ".avif"])
+def test_phone_formats_are_listed_and_read_upright(tmp_path, suffix):
+    path = tmp_path / "train" / "a" / f"iphone{suffix}"
+    path.parent.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    striped_photo((64, 48)).save(path, format="HEIF" if suffix != ".avif" else "AVIF",
+                                 exif=exif.tobytes())
+    write_image(tmp_path / "valid" / "a" / "x.png")
+    _, splits = find_splits(tmp_path)
+    assert splits["train"].paths == [str(path)]
+    assert list_images(tmp_path / "train") == [str(path)]
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (48, 64)
+    top, bottom = image.getpixel((24, 8)), image.getpixel((24, 56))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
+    dataset = ImageFiles([str(path)], eval_transform(PREPROCESS), 224, draft=256)
+    assert dataset[0][2] and dataset[0][0].shape == (3, 224, 224)

@@ -72,7 +72,7 @@ def checkpoint(trained):
 @pytest.fixture(scope="module")
 def server(checkpoint):
     server = Server(checkpoint, "--category_names", FLOWERS / "cat_to_name.json", "--token", TOKEN,
-                    "--max_upload_mb", 2, "--max_batch", 4)
+                    "--max_upload_mb", 2, "--max_batch", 4, "--engine", "torch")
     yield server
     server.stop()
 
@@ -234,7 +234,7 @@ def browser_missing(reason):
 
 
 def test_sigterm_lets_the_request_in_flight_finish(checkpoint, photos):
-    server = Server(checkpoint, "--max_batch", 1)
+    server = Server(checkpoint, "--max_batch", 1, "--engine", "torch")
     data = photos[0].read_bytes()
     with socket.create_connection((server.host, server.port), timeout=30) as connection:
         connection.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"

@@ -1,0 +1,153 @@
+"""Inference engines: the same features from each, converted models kept on disk by weights."""
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import engines
+from backbones import Backbone, Preprocess
+from common import UserError
+from data_utils import eval_transform
+from engines import choose_engine, compile_backbone
+from features import FeatureExtractor
+from predictor import Predictor
+
+pytestmark = pytest.mark.skipif(engines.openvino_core() is None, reason="openvino not installed")
+CPU = torch.device("cpu")
+
+
+def tiny_backbone(seed=0):
+    """Convolution, BatchNorm, ReLU and pooling: the layer kinds of the real backbones."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A cache folder holding tiny_backbone() converted once: conversions take seconds."""
+    cache = tmp_path_factory.mktemp("engines")
+    engine = compile_backbone(tiny_backbone(), 32, CPU, engine="openvino", cache_dir=cache)
+    assert not list(cache.iterdir())  # converted at the first call, not before
+    engine(torch.zeros(1, 3, 32, 32))
+    return cache
+
+
+def test_openvino_features_match_torch_at_its_precision(converted):
+    model, images = tiny_backbone(), torch.randn(5, 3, 32, 32)
+    reference = compile_backbone(model, 32, CPU, engine="torch")
+    engine = compile_backbone(model, 32, CPU, engine="openvino", cache_dir=converted)
+    assert (reference.name, reference.precision) == ("torch", "fp32")
+    native_bf16 = "BF16" in engines.openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert (engine.name, engine.precision) == ("openvino", "bf16" if native_bf16 else "f32")
+    expected, features = reference(images), engine(images)
+    assert features.dtype == torch.float32 and features.shape == (5, 8)
+    tolerance = 3e-2 if native_bf16 else 1e-4
+    assert torch.allclose(features, expected, atol=tolerance, rtol=tolerance)
+    assert engine(images[:1]).shape == (1, 8)  # any batch size, not only the example's
+
+
+def test_converted_model_is_reused_and_keyed_by_the_weights(converted, monkeypatch):
+    model = tiny_backbone()
+    assert len(list(converted.glob("openvino-*/model.xml"))) == 1
+
+    def refuse(*args):
+        raise AssertionError("converted again although the converted model is on disk")
+
+    monkeypatch.setattr(engines, "convert_to_openvino", refuse)
+    engine = compile_backbone(model, 32, CPU, engine="openvino", cache_dir=converted)
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(engine(images), model(images), atol=3e-2)
+    tuned = tiny_backbone()
+    with torch.no_grad():
+        tuned[0].weight[0, 0, 0, 0] += 1.0  # one fine-tuned weight: another converted model
+    key = engines.weights_key("tiny", state_dict=model.state_dict())
+    assert engines.weights_key("tiny", state_dict=tuned.state_dict()) != key
+    assert engines.converted_path(key, 64, converted) != engines.converted_path(key, 32, converted)
+    pretrained = {"name": "package", "sha256": "ab12"}
+    assert engines.weights_key("tiny", pretrained, model.state_dict()) != engines.weights_key(
+        "tiny", {**pretrained, "sha256": "cd34"}, model.state_dict())
+
+
+def test_damaged_converted_model_is_converted_again(converted, tmp_path, capsys):
+    shutil.copytree(converted, tmp_path, dirs_exist_ok=True)
+    (saved,) = tmp_path.glob("openvino-*/model.xml")
+    saved.write_text("<net>cut short")
+    model, images = tiny_backbone(), torch.randn(2, 3, 32, 32)
+    engine = compile_backbone(model, 32, CPU, engine="openvino", cache_dir=tmp_path)
+    assert torch.allclose(engine(images), model(images), atol=3e-2)
+    assert "damaged" in capsys.readouterr().err
+    assert "<layers>" in saved.read_text()
+
+
+def test_unwritable_cache_only_warns(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    engine = compile_backbone(tiny_backbone(), 32, CPU, engine="openvino", cache_dir=blocker)
+    assert engine(torch.zeros(1, 3, 32, 32)).shape == (1, 8)
+    assert "not kept" in capsys.readouterr().err
+
+
+def test_auto_takes_openvino_for_large_cpu_jobs_only():
+    assert choose_engine("auto", CPU, images=engines.MIN_OPENVINO_IMAGES) == "openvino"
+    assert choose_engine("auto", CPU) == "openvino"
+    assert choose_engine("auto", CPU, images=1) == "torch"
+    assert choose_engine("auto", torch.device("cuda")) == "torch"
+    assert choose_engine("torch", CPU, images=10_000) == "torch"
+
+
+def test_openvino_on_a_gpu_is_a_clear_error():
+    with pytest.raises(UserError, match="runs on the CPU"):
+        compile_backbone(tiny_backbone(), 32, torch.device("cuda"), engine="openvino")
+
+
+def tiny_spec():
+    return Backbone(name="tiny", model=tiny_backbone(), feature_dim=8,
+                    preprocess=Preprocess(resize=40, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3),
+                    weights={"name": "tiny"}, pretrained=False, stage_list=lambda model: [model])
+
+
+def test_feature_cache_keeps_each_engines_features_apart(converted, tmp_path, monkeypatch):
+    monkeypatch.setattr(engines, "default_engine_cache_dir", lambda: converted)
+    paths = []
+    for index, color in enumerate([(200, 30, 60), (20, 180, 90), (90, 90, 250)]):
+        paths.append(str(tmp_path / f"{index}.png"))
+        Image.new("RGB", (48, 40), color).save(paths[-1])
+    transform = eval_transform(tiny_spec().preprocess)
+
+    def extract(engine):
+        extractor = FeatureExtractor(tiny_spec(), CPU, cache_dir=tmp_path / "cache", workers=0,
+                                     engine=engine)
+        features, ok = extractor.features(tmp_path, paths, transform)
+        return extractor, features, ok
+
+    torch_run, torch_features, ok = extract("torch")
+    openvino_run, openvino_features, _ = extract("openvino")
+    assert ok.all() and torch_run.computed == openvino_run.computed == 3
+    assert torch.allclose(openvino_features.float(), torch_features.float(), atol=3e-2)
+    warm, warm_features, _ = extract("openvino")
+    assert warm.computed == 0 and torch.equal(warm_features, openvino_features)
+    assert warm.engine.compiled is None  # all from the cache: nothing converted or compiled
+
+
+def test_predictor_takes_openvino_for_large_folders_or_once_converted(trained, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(engines, "default_engine_cache_dir", lambda: tmp_path)
+    predictor = Predictor(trained[1] / "checkpoint.pth")
+    assert predictor.backbone_engine(1).name == "torch"
+    assert predictor.backbone_engine(engines.MIN_OPENVINO_IMAGES).name == "openvino"
+    assert Predictor(trained[1] / "checkpoint.pth", engine="torch").backbone_engine(
+        10_000).name == "torch"
+    # Once the converted model is on disk, even one image goes through OpenVINO, and the
+    # torch backbone (timm, weights) is never built.
+    fresh = Predictor(trained[1] / "checkpoint.pth")
+    path = engines.converted_path(fresh.weights, fresh.preprocess.crop, tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("<net/>")
+    assert fresh.backbone_engine(1).name == "openvino" and fresh._model is None
