@@ -168,6 +168,7 @@ class MixupTask(train.FeatureTask):
 def train_args(setting):
     """train.py's parsed defaults with the setting's flags."""
     args = train.get_args_parser().parse_args(["unused"])
+    train.fill_defaults(args, from_scratch=False)
     for key, value in setting.items():
         if key not in BENCHMARK_KEYS:
             setattr(args, key, value)
@@ -176,8 +177,9 @@ def train_args(setting):
 
 @cache
 def feature_backbone():
-    """The backbone as train.py's classifier holds it; here only its feature size matters."""
-    return build_backbone(DEFAULT_ARCH, pretrained=False)
+    """The pretrained backbone as train.py's classifier holds it (its features come from the
+    cache; train.py's optimiser is chosen by it being pretrained)."""
+    return build_backbone(DEFAULT_ARCH)
 
 
 def train_heads(setting, train_inputs, train_labels, class_count, seed):
