@@ -20,6 +20,7 @@ from torch import nn
 from common import UserError, error_reason
 
 DEFAULT_ARCH = "efficientnet_lite0"
+SCRATCH_ARCH = "cnn"  # the one network trained from scratch, for small images
 BACKBONES = {}  # name -> builder(pretrained) -> Backbone, in the order registered
 
 
@@ -171,3 +172,18 @@ for _arch in ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vg
               "densenet121", "densenet161", "densenet169", "densenet201",
               "alexnet", "resnet18", "resnet34", "resnet50"):
     register(_arch)(lambda pretrained, arch=_arch: torchvision_backbone(arch, pretrained))
+
+
+@register(SCRATCH_ARCH)
+def small_cnn(pretrained):
+    """scratch_cnn.SmallCNN, for small images such as CIFAR-10's 32x32 photos: no pretrained
+    weights, it trains whole from scratch (one stage), and its input size is set from the data
+    when it trains (32 here is only the start)."""
+    from scratch_cnn import MEAN, STD, SmallCNN
+
+    model = SmallCNN()
+    return Backbone(
+        name=SCRATCH_ARCH, model=model, feature_dim=model.feature_dim,
+        preprocess=Preprocess(32, 32, MEAN, STD),
+        weights={"name": "scratch_cnn.SmallCNN, trained from scratch", "sha256": None},
+        pretrained=False, stage_list=lambda network: [network])

@@ -19,6 +19,7 @@ import distributed
 from common import UserError, atomic_write, progress, warn
 from data_utils import ImageFiles
 from engines import compile_backbone, weights_key
+from model_utils import backbone_features
 
 CACHE_FORMAT = 2
 
@@ -114,12 +115,15 @@ class FeatureExtractor:
         self.cache = FeatureCache(cache_dir) if cache_dir else None
         self.computed = 0
 
-    def features(self, root, paths, transform, seeds=None, view="eval", description="features"):
+    def features(self, root, paths, transform, seeds=None, view="eval", description="features",
+                 mirror=False):
         """(float16 features [N, D] on the CPU, bool ok [N]) of the images paths below root;
-        ok is False for unreadable files."""
+        ok is False for unreadable files. mirror: each image's features averaged with those of
+        its mirror image."""
         key = "|".join([self.spec.name, repr(self.spec.weights), repr(transform), view,
                         str(Path(root).resolve()), self.device.type, self.engine.name,
-                        self.engine.precision, f"draft {self.spec.preprocess.resize}"])
+                        self.engine.precision, f"draft {self.spec.preprocess.resize}"]
+                       + (["mirror-averaged"] if mirror else []))
         stamps = file_stamps(paths)
         cached = self.cache.load(key) if self.cache else {}
         rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
@@ -128,7 +132,7 @@ class FeatureExtractor:
         missing = sorted(set().union(*distributed.gather_objects(set(missing))))
         if missing:
             self.computed += len(missing)
-            computed = self._compute_shared(missing, paths, transform, seeds, description)
+            computed = self._compute_shared(missing, paths, transform, seeds, description, mirror)
             for index, row in zip(missing, computed):
                 rows[index] = row
         features = torch.stack([row[0] for row in rows]) if rows else torch.empty(0, 0)
@@ -137,13 +141,13 @@ class FeatureExtractor:
             self.cache.save(key, paths, stamps, features, ok)
         return features, ok
 
-    def _compute_shared(self, missing, paths, transform, seeds, description):
+    def _compute_shared(self, missing, paths, transform, seeds, description, mirror):
         """Rank r computes missing[r::world]; the shares are gathered back into order."""
         mine = missing[distributed.rank()::distributed.world_size()]
         dataset = ImageFiles([paths[i] for i in mine], transform, self.spec.preprocess.crop,
                              seeds=None if seeds is None else [seeds[i] for i in mine],
                              draft=self.spec.preprocess.resize)
-        features, ok = self.compute(dataset, description)
+        features, ok = self.compute(dataset, description, mirror)
         shares = distributed.gather_objects((features, ok))
         rows = [None] * len(missing)
         for rank, (share_features, share_ok) in enumerate(shares):
@@ -153,15 +157,15 @@ class FeatureExtractor:
         return rows
 
     @torch.inference_mode()
-    def compute(self, dataset, description="features"):
-        """Run the backbone over a dataset of (image, ok) pairs."""
+    def compute(self, dataset, description="features", mirror=False):
+        """Run the backbone over a dataset of (image, ok) pairs (mirror: see features())."""
         loader = image_loader(dataset, self.batch_size, self.workers if len(dataset) > 1 else 0,
                               self.device)
         features, ok = [], []
         batches = (progress(loader, len(loader), f"extracting {description}", unit="batches")
                    if distributed.is_main() else loader)
         for images, _, good in batches:
-            features.append(self.engine(images).cpu().half())
+            features.append(backbone_features(self.engine, images, mirror).cpu().half())
             ok.append(good)
         if not features:
             return torch.empty(0, self.spec.feature_dim, dtype=torch.float16), torch.empty(

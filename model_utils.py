@@ -23,6 +23,18 @@ CHECKPOINT_FORMAT = 1
 # What every checkpoint holds; make_checkpoint writes them, load_checkpoint requires them.
 CHECKPOINT_KEYS = ("format_version", "arch", "backbone", "head", "head_state", "class_to_idx",
                    "preprocess")
+# What newer checkpoints add, and what a checkpoint without the key means (issue 11): features
+# averaged with the mirror image's, logits divided by a temperature, and the unknown verdict's
+# class means (float16 [C, D]) and cosine-similarity threshold (None: no verdict).
+OPTIONAL_KEYS = {"mirror": False, "temperature": 1.0, "class_means": None,
+                 "unknown_threshold": None}
+
+
+def backbone_features(backbone, images, mirror):
+    """backbone(images), averaged with the mirror images' features when mirror: the image is
+    decoded once, its mirror is a flip of the tensor."""
+    features = backbone(images)
+    return (features + backbone(images.flip(3))) / 2 if mirror else features
 
 
 def build_head(in_features, num_classes, hidden_units, dropout):
@@ -46,14 +58,15 @@ class ImageClassifier(nn.Module):
     BatchNorm statistics stay as pretrained.
     """
 
-    def __init__(self, backbone: Backbone, head):
+    def __init__(self, backbone: Backbone, head, mirror=False, temperature=1.0):
         super().__init__()
         self.backbone, self.head = backbone.model, head
         self.backbone_spec = backbone
+        self.mirror, self.temperature = mirror, temperature
         self.unfrozen = []
 
     def forward(self, images):
-        return self.head(self.backbone(images))
+        return self.head(backbone_features(self.backbone, images, self.mirror)) / self.temperature
 
     def unfreeze(self, layers):
         """Train the backbone's last `layers` stages (all of them for 0) with the head."""
@@ -161,6 +174,20 @@ def checkpoint_classes(checkpoint):
     return sorted(class_to_idx, key=class_to_idx.get)
 
 
+def optional(checkpoint, key):
+    """An OPTIONAL_KEYS value, its default for checkpoints written before it existed."""
+    return checkpoint.get(key, OPTIONAL_KEYS[key])
+
+
+def unknown_verdict(checkpoint):
+    """(class means [C, D] float32, threshold) of the unknown verdict, or None when the
+    checkpoint has none (written before issue 11, or fine-tuned)."""
+    means, threshold = optional(checkpoint, "class_means"), optional(checkpoint, "unknown_threshold")
+    if means is None or threshold is None:
+        return None
+    return means.float(), float(threshold)
+
+
 def checkpoint_preprocess(checkpoint):
     return Preprocess.from_dict(checkpoint["preprocess"])
 
@@ -199,8 +226,10 @@ def model_from_checkpoint(checkpoint, pretrained=True):
             f"the checkpoint was trained on backbone weights {checkpoint['backbone']} but the "
             f"installed ones are {backbone.weights}; install the weights it was trained with, "
             "or train again")
-    model = ImageClassifier(backbone, head_from_checkpoint(checkpoint))
     try:
+        model = ImageClassifier(backbone, head_from_checkpoint(checkpoint),
+                                mirror=bool(optional(checkpoint, "mirror")),
+                                temperature=float(optional(checkpoint, "temperature")))
         model.load_trained_weights(checkpoint)
     except WEIGHT_MISMATCH_ERRORS as error:
         raise damaged_checkpoint(error) from None

@@ -4,6 +4,10 @@
     python predict.py flower.jpg checkpoint.pth --top_k 5 --category_names cat_to_name.json --gpu
     python predict.py flower.jpg checkpoint.pth --top_k 5 --plot prediction.png
     python predict.py photos/ checkpoint.pth --json > predictions.jsonl   # a folder, recursively
+    python predict.py photo.jpg checkpoint.pth --unknown_threshold 0.5    # or --no_unknown
+
+A photo of none of the checkpoint's classes is reported as such: "not one of the known classes
+(closest: rose 34.00%)", and "known": false in --json.
 """
 import argparse
 import json
@@ -40,7 +44,15 @@ def get_args_parser():
                         "(default: show the folder names)")
     add_gpu_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per image "
-                        "(path, classes, names, probabilities) and nothing else on stdout")
+                        "(path, classes, names, probabilities, and known: false for an image of "
+                        "none of the classes; known is left out when the checkpoint has no "
+                        "unknown verdict or --no_unknown is given) and nothing else on stdout")
+    parser.add_argument("--unknown_threshold", type=similarity, default=None, metavar="S",
+                        help="cosine similarity to the nearest class's mean feature below which "
+                        "an image is none of the known classes, in [-1, 1] (default: the "
+                        "checkpoint's, chosen so that 95%% of its valid images pass)")
+    parser.add_argument("--no_unknown", action="store_true",
+                        help="no unknown verdict: always name the most likely classes")
     parser.add_argument("--plot", default=None, metavar="PNG", help="save the image above a bar "
                         "chart of the top-k names and probabilities (single image only)")
     parser.add_argument("--batch_size", type=positive_int, default=BATCH_SIZE,
@@ -53,20 +65,44 @@ def get_args_parser():
     return parser
 
 
+def similarity(text):
+    value = float(text)
+    if not -1 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a cosine similarity in [-1, 1], got {text}")
+    return value
+
+
 def print_result(prediction, as_json, show_path):
     if as_json:
         print(json.dumps(prediction.as_json()), flush=True)
         return
     path, names = prediction.path, prediction.names
+    unknown = prediction.known is False
     if show_path or len(names) > 1:
         print(path if show_path else f"{path}:")
     if len(names) == 1 and not show_path:
-        print(f"{names[0]}: {prediction.probabilities[0]:.2%}")
+        print(f"not one of the known classes (closest: {names[0]} "
+              f"{prediction.probabilities[0]:.2%})" if unknown
+              else f"{names[0]}: {prediction.probabilities[0]:.2%}")
         return
+    if unknown:
+        print("  not one of the known classes; the closest:")
     for rank, (name, folder, probability) in enumerate(
             zip(names, prediction.classes, prediction.probabilities), 1):
         label = name if name == folder else f"{name} ({folder})"
         print(f"  {rank}. {label}  {probability:.2%}")
+
+
+def set_unknown_threshold(predictor, args):
+    """--no_unknown turns the verdict off; --unknown_threshold replaces the checkpoint's."""
+    if args.no_unknown:
+        predictor.unknown_threshold = None
+    elif args.unknown_threshold is not None:
+        if predictor.class_means is None:
+            raise UserError(f"{args.checkpoint} has no unknown verdict (it was trained before "
+                            "train.py stored class means, or fine-tuned); leave out "
+                            "--unknown_threshold, or train again")
+        predictor.unknown_threshold = args.unknown_threshold
 
 
 def main(args):
@@ -79,6 +115,7 @@ def main(args):
     with about_flag(CATEGORY_NAMES_FIX):
         category_names = load_category_names(args.category_names) if args.category_names else {}
     predictor = Predictor(args.checkpoint, select_device(args.gpu), category_names, args.engine)
+    set_unknown_threshold(predictor, args)
     if args.top_k > len(predictor.classes):
         warn(f"--top_k {args.top_k} is more than the {len(predictor.classes)} classes; showing "
              f"all {len(predictor.classes)}")

@@ -4,6 +4,7 @@
     predictor = Predictor("checkpoints/checkpoint.pth", category_names={"1": "pink primrose"})
     prediction = predictor.predict_image("flower.jpg", top_k=5)
     prediction.names, prediction.probabilities        # most likely first
+    prediction.known       # False: none of the known classes; None: the checkpoint has no verdict
     for prediction in predictor.predict_files(paths, top_k=1):   # batched, decoding workers
         print(prediction.as_json())
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from calibration import nearest_similarity
 from common import UserError, progress
 from data_utils import (
     UNREADABLE_IMAGE_ERRORS,
@@ -26,11 +28,14 @@ from data_utils import (
 from engines import autocast, compile_backbone, weights_key
 from features import default_workers, image_loader
 from model_utils import (
+    backbone_features,
     checkpoint_classes,
     checkpoint_preprocess,
     head_from_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
+    optional,
+    unknown_verdict,
 )
 
 BATCH_SIZE = 64  # images per batch for a folder: enough to keep the cores busy
@@ -44,15 +49,21 @@ class Prediction:
     names: list = field(default_factory=list)     # display names
     probabilities: list = field(default_factory=list)
     ok: bool = True
+    known: bool | None = None  # None: no unknown verdict (the checkpoint has none, or it is off)
 
     def as_json(self):
-        """predict.py --json's object for this image."""
-        return {"path": self.path, "classes": self.classes, "names": self.names,
-                "probabilities": self.probabilities}
+        """predict.py --json's object for this image ("known" only where there is a verdict)."""
+        fields = {"path": self.path, "classes": self.classes, "names": self.names,
+                  "probabilities": self.probabilities}
+        return fields if self.known is None else {**fields, "known": self.known}
 
 
 class Predictor:
-    """A trained classifier in eval mode on one device, with its classes and preprocessing."""
+    """A trained classifier in eval mode on one device, with its classes and preprocessing.
+
+    unknown_threshold: the cosine similarity to the nearest class mean below which an image is
+    none of the known classes (set from the checkpoint; None turns the verdict off).
+    """
 
     def __init__(self, checkpoint_path, device=torch.device("cpu"), category_names=None,
                  engine="auto"):
@@ -69,6 +80,10 @@ class Predictor:
         self.weights = weights_key(self.checkpoint["arch"], None if own_backbone is not None
                                    else self.checkpoint["backbone"], own_backbone)
         self._model, self.engines = None, {}
+        verdict = unknown_verdict(self.checkpoint)
+        self.class_means, self.unknown_threshold = verdict if verdict else (None, None)
+        self.mirror = optional(self.checkpoint, "mirror")
+        self.temperature = float(optional(self.checkpoint, "temperature"))
 
     @property
     def model(self):
@@ -86,21 +101,36 @@ class Predictor:
         return self.engines.setdefault(engine.name, engine)
 
     @torch.inference_mode()
-    def probabilities(self, images, job_size=None):
-        """Class probabilities [N, C] (index order) of a preprocessed float batch [N, 3, H, W];
-        job_size: the images of the whole job this batch is part of (default: the batch's)."""
-        features = self.backbone_engine(job_size or len(images))(images)
+    def outputs(self, images, job_size=None):
+        """(class probabilities [N, C] in index order, known [N] bool or None without a
+        verdict) of a preprocessed float batch [N, 3, H, W]; job_size: the images of the whole
+        job this batch is part of (default: the batch's), for the engine's choice."""
+        engine = self.backbone_engine(job_size or len(images))
+        features = backbone_features(engine, images, self.mirror).to(self.device)
         with autocast(self.device):
-            logits = self.head(features.to(self.device))
-        return logits.float().softmax(dim=1).cpu()
+            logits = self.head(features) / self.temperature
+        known = None
+        if self.unknown_threshold is not None:
+            similarity = nearest_similarity(features.float().cpu(), self.class_means)
+            known = similarity >= self.unknown_threshold
+        return logits.float().softmax(dim=1).cpu(), known
 
-    def top(self, probabilities, top_k, paths):
-        """A Prediction per row of probabilities, top_k clamped to the number of classes."""
-        values, indices = probabilities.topk(min(top_k, len(self.classes)))
+    def probabilities(self, images, job_size=None):
+        """Class probabilities [N, C] (index order) of a preprocessed float batch [N, 3, H, W]."""
+        return self.outputs(images, job_size)[0]
+
+    def top(self, outputs, top_k, paths):
+        """A Prediction per image of outputs(); top_k, one for all images or one per image, is
+        clamped to the number of classes."""
+        probabilities, known = outputs
+        top_ks = [top_k] * len(paths) if isinstance(top_k, int) else top_k
+        known = [None] * len(paths) if known is None else known.tolist()
         predictions = []
-        for path, row, index in zip(paths, values.tolist(), indices.tolist()):
-            classes = [self.classes[i] for i in index]
-            predictions.append(Prediction(str(path), classes, [self.names[i] for i in index], row))
+        for path, row, k, verdict in zip(paths, probabilities, top_ks, known):
+            values, indices = row.topk(min(k, len(self.classes)))
+            predictions.append(Prediction(str(path), [self.classes[i] for i in indices.tolist()],
+                                          [self.names[i] for i in indices.tolist()],
+                                          values.tolist(), known=verdict))
         return predictions
 
     def predict_images(self, images, top_k=5, paths=None):
@@ -109,7 +139,7 @@ class Predictor:
         if not images:
             return []
         batch = torch.stack([self.transform(image) for image in images])
-        return self.top(self.probabilities(batch), top_k, paths)
+        return self.top(self.outputs(batch), top_k, paths)
 
     def predict_image(self, image, top_k=5, path=None):
         """The Prediction for one image: a PIL image, or the path of an image file."""
@@ -133,7 +163,7 @@ class Predictor:
         for images, _, ok in progress(loader, len(loader), "predicting", unit="batches"):
             batch_paths = paths[position:position + len(ok)]
             position += len(ok)
-            readable = iter(self.top(self.probabilities(images[ok], len(paths)), top_k,
+            readable = iter(self.top(self.outputs(images[ok], len(paths)), top_k,
                                      [p for p, good in zip(batch_paths, ok.tolist()) if good])
                             if ok.any() else [])
             for path, good in zip(batch_paths, ok.tolist()):

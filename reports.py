@@ -115,8 +115,9 @@ def _plot_accuracy(axes, epochs, percents):
 
 # --- the test report -------------------------------------------------------------------------
 
-def test_report(labels, predictions, class_names, top_confusions=10):
-    """Overall and per-class accuracy and the most frequent mix-ups, as a JSON-ready dict."""
+def test_report(labels, predictions, class_names, top_confusions=10, calibration=None):
+    """Overall and per-class accuracy and the most frequent mix-ups, as a JSON-ready dict;
+    calibration: calibration_section() of the same images, reported as it is."""
     counts = confusion_counts(labels, predictions, len(class_names))
     images = int(counts.sum())
     per_class = [
@@ -130,8 +131,25 @@ def test_report(labels, predictions, class_names, top_confusions=10):
                  "count": int(off_diagonal[true, predicted])}
                 for true, predicted in zip(*np.nonzero(off_diagonal))]
     confused.sort(key=lambda pair: (-pair["count"], pair["true"], pair["predicted"]))
-    return {"accuracy": float(np.trace(counts) / images), "images": images,
-            "per_class": per_class, "confused_pairs": confused[:top_confusions]}
+    report = {"accuracy": float(np.trace(counts) / images), "images": images,
+              "per_class": per_class, "confused_pairs": confused[:top_confusions]}
+    if calibration is not None:
+        report["calibration"] = calibration
+    return report
+
+
+def calibration_section(logits, labels, temperature, unknown_share=None):
+    """How well the confidence matches the accuracy: the expected calibration error (ECE) of
+    softmax(logits) before and after dividing by the temperature, and the share of these
+    images the unknown verdict flags (None: no verdict). logits, labels: tensors."""
+    from calibration import ECE_BINS, expected_calibration_error  # torch: not at import time
+
+    section = {"temperature": float(temperature), "ece_bins": ECE_BINS,
+               "ece_before": expected_calibration_error(logits.softmax(1), labels),
+               "ece_after": expected_calibration_error((logits / temperature).softmax(1), labels)}
+    if unknown_share is not None:
+        section["flagged_unknown"] = float(unknown_share)
+    return section
 
 
 test_report.__test__ = False    # its name starts with "test": keep pytest from collecting it
@@ -141,6 +159,13 @@ def summarize_report(report, lines=5):
     """A few terminal lines: overall accuracy, the worst classes, the most frequent mix-ups."""
     correct = sum(entry["correct"] for entry in report["per_class"])
     text = [f"test accuracy {100 * report['accuracy']:.2f}% ({correct}/{report['images']} images)"]
+    calibration = report.get("calibration")
+    if calibration:
+        text.append(f"calibration error {100 * calibration['ece_before']:.1f}% -> "
+                    f"{100 * calibration['ece_after']:.1f}% with temperature "
+                    f"{calibration['temperature']:.2f}" + (
+                        f"; {100 * calibration['flagged_unknown']:.1f}% flagged as unknown"
+                        if "flagged_unknown" in calibration else ""))
     worst = [entry for entry in report["per_class"] if entry["correct"] < entry["images"]][:lines]
     if worst:
         text.append("worst classes:")

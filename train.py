@@ -22,7 +22,8 @@ from torch import nn
 
 import distributed
 import reports
-from backbones import BACKBONES, DEFAULT_ARCH, build_backbone
+import scratch_cnn
+from backbones import BACKBONES, DEFAULT_ARCH, SCRATCH_ARCH, build_backbone
 from cli_utils import (
     CATEGORY_NAMES_FIX,
     HelpFormatter,
@@ -34,6 +35,13 @@ from cli_utils import (
     probability,
     run_cli,
     select_device,
+)
+from calibration import (
+    DEFAULT_PASS_RATE,
+    class_means,
+    fit_temperature,
+    nearest_similarity,
+    pass_threshold,
 )
 from common import UserError, error_reason, warn
 from data_utils import (
@@ -63,12 +71,28 @@ RUN_FILES = (CHECKPOINT_NAME, TRAIN_STATE_NAME, "training_curves.png", "test_rep
 # What defines the model and its training: saved in checkpoints, taken back by --resume.
 HYPERPARAMETERS = ("arch", "learning_rate", "hidden_units", "dropout", "epochs", "batch_size",
                    "seed", "augment", "finetune", "finetune_layers", "backbone_lr",
-                   "label_smoothing", "warmup_epochs")
+                   "label_smoothing", "warmup_epochs", "weight_decay", "mirror")
+# What runs saved before these hyperparameters existed trained with, for --resume.
+EARLIER_HYPERPARAMETERS = {"weight_decay": 1e-4, "mirror": "off"}
+MIRROR_CHOICES = ("predict", "all", "off")
+# Defaults of the flags left at None, for a pretrained backbone (chosen by cross-validation:
+# benchmarks/quality.py); for a network trained from scratch they are
+# scratch_cnn.TRAINING_DEFAULTS.
+PRETRAINED_DEFAULTS = {"epochs": 30, "learning_rate": 0.001, "hidden_units": 512,
+                       "dropout": 0.5, "weight_decay": 0.05, "batch_size": 64,
+                       "warmup_epochs": 1, "label_smoothing": 0.1}
+
+
+def arch_default(name):
+    """The help text's default of a flag whose default depends on --arch."""
+    return (f"default: {PRETRAINED_DEFAULTS[name]}, with --arch {SCRATCH_ARCH} "
+            f"{scratch_cnn.TRAINING_DEFAULTS[name]}")
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        description="Train a classifier head on a frozen pretrained backbone.",
+        description="Train an image classifier: a head on a frozen pretrained backbone, or with "
+        "--arch cnn a small network trained from scratch.",
         formatter_class=HelpFormatter)
     parser.add_argument("data_dir", help="folder with train/ and valid/ (and optionally test/), "
                         "each holding one folder of images per class")
@@ -76,21 +100,38 @@ def get_args_parser():
                         "(created if missing; default: the current folder, or with --resume the "
                         "resumed run's folder)")
     parser.add_argument("--arch", default=DEFAULT_ARCH, choices=list(BACKBONES), metavar="ARCH",
-                        help=f"backbone: {DEFAULT_ARCH} is bundled and works offline; the others "
-                        "download torchvision's weights once "
-                        f"({', '.join(name for name in BACKBONES if name != DEFAULT_ARCH)})")
-    parser.add_argument("--learning_rate", type=positive_float, default=0.001,
-                        help="learning rate of the head")
-    parser.add_argument("--hidden_units", type=non_negative_int, default=512,
-                        help="units of the head's hidden layer; 0 means a single linear layer")
-    parser.add_argument("--dropout", type=probability, default=0.2,
-                        help="dropout probability after the hidden layer")
-    parser.add_argument("--epochs", type=positive_int, default=20, help="training epochs")
-    parser.add_argument("--batch_size", type=positive_int, default=64,
-                        help="images per training step (per process under torchrun)")
+                        help=f"backbone: {DEFAULT_ARCH} is bundled and works offline; "
+                        f"{SCRATCH_ARCH} is a small CNN for small images (such as CIFAR-10), "
+                        "trained from scratch; the others download torchvision's weights once: "
+                        + ", ".join(n for n in BACKBONES if n not in (DEFAULT_ARCH, SCRATCH_ARCH)))
+    parser.add_argument("--learning_rate", type=positive_float, default=None,
+                        help="learning rate of the head (of the whole network with --arch "
+                        f"{SCRATCH_ARCH}, SGD with Nesterov momentum; "
+                        f"{arch_default('learning_rate')})")
+    parser.add_argument("--hidden_units", type=non_negative_int, default=None,
+                        help="units of the head's hidden layer; 0 means a single linear layer "
+                        f"({arch_default('hidden_units')})")
+    parser.add_argument("--dropout", type=probability, default=None,
+                        help="dropout probability after the hidden layer "
+                        f"({arch_default('dropout')})")
+    parser.add_argument("--weight_decay", type=probability, default=None,
+                        help="weight decay of the optimiser, in [0, 1) "
+                        f"({arch_default('weight_decay')})")
+    parser.add_argument("--label_smoothing", type=probability, default=None,
+                        help=f"label smoothing of the loss ({arch_default('label_smoothing')})")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help=f"training epochs ({arch_default('epochs')})")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help="images per training step (per process under torchrun; "
+                        f"{arch_default('batch_size')})")
     add_gpu_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed on the "
                         "CPU gives the same weights")
+    parser.add_argument("--mirror", choices=MIRROR_CHOICES, default="predict",
+                        help="average each image's features with those of its mirror image: "
+                        "'predict' for valid/, test/ and predictions, 'all' for train/ too "
+                        "(doubles the backbone's work on train/; as accurate within the "
+                        "cross-validation's error), 'off' never")
     parser.add_argument("--augment", type=non_negative_int, default=0,
                         help="randomly augmented views of each training image, extracted once; "
                         "each epoch trains on one of them or the original")
@@ -120,10 +161,9 @@ def get_args_parser():
                           help="unfreeze only the backbone's last N stages; 0 means all")
     finetune.add_argument("--backbone_lr", type=positive_float, default=1e-4,
                           help="learning rate of the unfrozen backbone")
-    finetune.add_argument("--label_smoothing", type=probability, default=None,
-                          help="label smoothing of the loss (default: 0.1 with --finetune, else 0)")
-    finetune.add_argument("--warmup_epochs", type=non_negative_int, default=1,
-                          help="epochs of linear learning-rate warm-up before the cosine decay")
+    finetune.add_argument("--warmup_epochs", type=non_negative_int, default=None,
+                          help="epochs of linear learning-rate warm-up before the cosine decay "
+                          f"({arch_default('warmup_epochs')})")
     finetune.add_argument("--compile", action="store_true",
                           help="compile the training step with torch.compile: about 30 s more "
                           "in the first epoch, then each epoch about 1.3x faster (measured on a "
@@ -185,7 +225,8 @@ def load_train_state(path, args):
         raise UserError(f"{state_path} holds no training state; pass the checkpoint.pth of a run")
     defaults = get_args_parser()
     for name in HYPERPARAMETERS:
-        saved, given = state["hyperparameters"][name], getattr(args, name)
+        saved = state["hyperparameters"].get(name, EARLIER_HYPERPARAMETERS.get(name))
+        given = getattr(args, name)
         if given not in (saved, defaults.get_default(name)):
             warn(f"--resume continues the run as it was started: --{name} {saved}, not {given}; "
                  "train anew without --resume to change it")
@@ -195,6 +236,15 @@ def load_train_state(path, args):
                         "nothing to resume")
     log(f"resuming {state_path} after epoch {state['epoch_done']} of {args.epochs}")
     return state
+
+
+def fill_defaults(args, from_scratch):
+    """Give the flags left at None their default for the kind of backbone."""
+    defaults = scratch_cnn.TRAINING_DEFAULTS if from_scratch else PRETRAINED_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def load_backbone(arch):
@@ -246,8 +296,9 @@ def extract_features(args, backbone, device, splits):
     clean = eval_transform(backbone.preprocess)
     features, ok_masks = {}, {}
     for name, split in splits.items():
+        mirror = args.mirror == "all" or (args.mirror == "predict" and name != "train")
         features[name], ok_masks[name] = extractor.features(split.root, split.paths, clean,
-                                                            description=name)
+                                                            description=name, mirror=mirror)
     train = splits["train"]
     views = [features["train"]]
     augment = augment_transform(backbone.preprocess)
@@ -255,7 +306,7 @@ def extract_features(args, backbone, device, splits):
         seeds = [view_seed(args.seed, view, path, train.root) for path in train.paths]
         view_features, view_ok = extractor.features(
             train.root, train.paths, augment, seeds=seeds, view=f"augment {args.seed} {view}",
-            description=f"train view {view}/{args.augment}")
+            description=f"train view {view}/{args.augment}", mirror=args.mirror == "all")
         views.append(view_features)
         ok_masks["train"] &= view_ok
     report_unreadable(splits, ok_masks, args.strict)
@@ -297,6 +348,12 @@ class FeatureTask:
     def steps_per_epoch(self):
         return math.ceil(len(self.data["train"][1]) // distributed.world_size() / self.batch_size)
 
+    def frozen_features(self, split):
+        """(backbone features, labels) of the split (train: the original view), for the
+        unknown verdict."""
+        features, labels = self.data[split]
+        return (features[0] if split == "train" else features), labels
+
 
 class ImageTask:
     """Fine-tuning: batches of images, augmented on the fly, through backbone and head.
@@ -336,6 +393,10 @@ class ImageTask:
     def steps_per_epoch(self):
         return len(self.train_loader)
 
+    def frozen_features(self, split):
+        """None: the backbone trains, so there are no fixed features for the unknown verdict."""
+        return None
+
     def _readable(self, loader, split):
         """The readable images of each batch; the others are warned about once per split."""
         skipped = 0
@@ -351,9 +412,13 @@ class ImageTask:
 
 def make_optimizer(args, model, steps_per_epoch):
     """AdamW on what the ImageClassifier trains (the unfrozen backbone at --backbone_lr), with
-    linear warm-up then cosine decay per step."""
-    groups = model.parameter_groups(args.learning_rate, args.backbone_lr)
-    optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
+    linear warm-up then cosine decay per step; a network trained from scratch: SGD, all of it at
+    --learning_rate."""
+    if model.backbone_spec.pretrained:
+        groups = model.parameter_groups(args.learning_rate, args.backbone_lr)
+        optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    else:
+        optimizer = scratch_cnn.sgd(model.parameters(), args.learning_rate, args.weight_decay)
     total = max(1, args.epochs * steps_per_epoch)
     warmup = min(args.warmup_epochs * steps_per_epoch, total - 1)
 
@@ -387,23 +452,24 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, criterion, dev
 def evaluate(model, batches, criterion, device):
     """Loss, accuracy, and every image's true and predicted class, over all ranks' shares."""
     model.eval()
-    loss_sum, labels_seen, predicted = 0.0, [], []
+    loss_sum, labels_seen, logits_seen = 0.0, [], []
     for inputs, labels in batches:
         with autocast(device):
             logits = model(inputs).float()
         loss_sum += criterion(logits, labels.to(device)).item() * len(labels)
         labels_seen.append(labels)
-        predicted.append(logits.argmax(1).cpu())
+        logits_seen.append(logits.cpu())
     shares = distributed.gather_objects((loss_sum, torch.cat(labels_seen) if labels_seen else
                                          torch.empty(0, dtype=torch.long),
-                                         torch.cat(predicted) if predicted else
-                                         torch.empty(0, dtype=torch.long)))
+                                         torch.cat(logits_seen) if logits_seen else
+                                         torch.empty(0, 0)))
     labels = torch.cat([share[1] for share in shares])
-    predictions = torch.cat([share[2] for share in shares])
+    logits = torch.cat([share[2] for share in shares if len(share[2])] or [torch.empty(0, 0)])
+    predictions = logits.argmax(1) if len(logits) else torch.empty(0, dtype=torch.long)
     count = max(1, len(labels))
     return {"loss": sum(share[0] for share in shares) / count,
             "accuracy": (predictions == labels).sum().item() / count,
-            "labels": labels, "predictions": predictions}
+            "labels": labels, "predictions": predictions, "logits": logits}
 
 
 def wrap_for_training(model, args, device):
@@ -505,7 +571,35 @@ def class_display_names(args, class_to_idx):
     return display_names(class_to_idx, names)
 
 
-def test_and_report(classifier, task, best, names, save_dir, device):
+def calibrate(args, classifier, task, best, device):
+    """What keeps predictions honest, from the best epoch: the temperature fitted on valid/
+    and, on cached features, the class means and the similarity threshold of the unknown
+    verdict (DEFAULT_PASS_RATE of valid/ passes). Checkpoint keys: see model_utils."""
+    classifier.load_trained_weights(best)
+    valid = evaluate(task.model, task.eval_batches("valid"), nn.CrossEntropyLoss(), device)
+    train = task.frozen_features("train")
+    extras = {"mirror": args.mirror != "off" and train is not None,  # as valid/ and test/
+              "temperature": fit_temperature(valid["logits"], valid["labels"])}
+    if train is not None:
+        means = class_means(*train, classifier.head[-1].out_features)
+        extras["class_means"] = means.half()
+        extras["unknown_threshold"] = pass_threshold(
+            nearest_similarity(task.frozen_features("valid")[0], means), DEFAULT_PASS_RATE)
+    log(f"temperature {extras['temperature']:.3f}" + (
+        f"; unknown below similarity {extras['unknown_threshold']:.3f} to the nearest class "
+        f"mean ({DEFAULT_PASS_RATE:.0%} of valid/ passes)" if "class_means" in extras else ""))
+    return extras
+
+
+def unknown_share(task, extras):
+    """The share of test images the unknown verdict flags, or None without a verdict."""
+    if "class_means" not in extras:
+        return None
+    similarity = nearest_similarity(task.frozen_features("test")[0], extras["class_means"])
+    return (similarity < extras["unknown_threshold"]).float().mean().item()
+
+
+def test_and_report(classifier, task, best, names, save_dir, device, extras):
     """Test accuracy of the best epoch, with curves, a report and a confusion matrix."""
     classifier.load_trained_weights(best)
     test = evaluate(task.model, task.eval_batches("test"), nn.CrossEntropyLoss(), device)
@@ -513,7 +607,11 @@ def test_and_report(classifier, task, best, names, save_dir, device):
         warn("no readable images in test/: no test accuracy or report")
         return None
     if distributed.is_main():
-        report = reports.test_report(test["labels"].tolist(), test["predictions"].tolist(), names)
+        report = reports.test_report(
+            test["labels"].tolist(), test["predictions"].tolist(), names,
+            calibration=reports.calibration_section(test["logits"], test["labels"],
+                                                    extras["temperature"],
+                                                    unknown_share(task, extras)))
         reports.save_test_report(report, save_dir / "test_report.json")
         reports.plot_confusion_matrix(test["labels"].tolist(), test["predictions"].tolist(), names,
                                       save_dir / "confusion_matrix.png")
@@ -538,8 +636,6 @@ def train(args, device):
         args.save_dir = resumed_dir if resumed_dir.is_dir() else resumed_dir.parent
     save_dir = prepare_save_dir(args.save_dir)
     resumed = load_train_state(args.resume, args) if args.resume else None
-    if args.label_smoothing is None:
-        args.label_smoothing = 0.1 if args.finetune else 0.0
     class_to_idx, splits = find_splits(args.data_dir)
     if resumed and resumed["class_to_idx"] != class_to_idx:
         raise UserError(f"the classes of {args.data_dir} differ from those of the run being "
@@ -547,11 +643,17 @@ def train(args, device):
     names = class_display_names(args, class_to_idx)
     log(f"{len(class_to_idx)} classes; " + ", ".join(
         f"{name} {len(split.paths)} images" for name, split in splits.items()))
+    torch.manual_seed(args.seed)  # before the backbone: one trained from scratch starts random
     backbone = load_backbone(args.arch)
-    torch.manual_seed(args.seed)
+    fill_defaults(args, from_scratch=not backbone.pretrained)
     classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, len(class_to_idx),
                                                       args.hidden_units, args.dropout))
-    if args.finetune:
+    if not backbone.pretrained:
+        task, computed = scratch_cnn.ScratchTask(args, backbone, splits, device, classifier), 0
+        report_unreadable(splits, task.ok_masks, args.strict)
+        log(f"images decoded into memory at {backbone.preprocess.crop} px "
+            f"({time.perf_counter() - started:.1f} s)")
+    elif args.finetune:
         task, computed = ImageTask(args, backbone, splits, device, classifier), 0
     else:
         data, computed = extract_features(args, backbone, device, splits)
@@ -559,25 +661,29 @@ def train(args, device):
         log(f"features ready: {computed} images through the backbone, the rest from the cache "
             f"({time.perf_counter() - started:.1f} s)")
 
+    extras = {}  # calibration, filled in after training
+
     def checkpoint_of(best):
         return make_checkpoint(
             backbone, class_to_idx, {"hidden_units": args.hidden_units, "dropout": args.dropout},
             best, hyperparameters={name: getattr(args, name) for name in HYPERPARAMETERS},
-            epoch=best["epoch"], metrics=best["metrics"])
+            epoch=best["epoch"], metrics=best["metrics"], **extras)
 
     trainer = Trainer(args, classifier, task, device, save_dir, checkpoint_of)
     if resumed:
         trainer.resume(resumed)
     best, history = trainer.fit()
+    extras.update(calibrate(args, classifier, task, best, device))
     checkpoint_path = save_dir / CHECKPOINT_NAME
     if distributed.is_main():
+        save_checkpoint(checkpoint_of(best), checkpoint_path)
         reports.plot_training_curves(history, save_dir / "training_curves.png")
         log(f"best epoch {best['epoch']}: valid accuracy "
             f"{best['metrics']['valid_accuracy']:.2%}; saved {checkpoint_path} "
             f"({checkpoint_path.stat().st_size / 1e6:.1f} MB) and training_curves.png")
     test_accuracy = None
     if "test" in splits:
-        test_accuracy = test_and_report(classifier, task, best, names, save_dir, device)
+        test_accuracy = test_and_report(classifier, task, best, names, save_dir, device, extras)
     log(f"done in {time.perf_counter() - started:.1f} s")
     return {"checkpoint": checkpoint_path, "best_epoch": best["epoch"],
             "valid_accuracy": best["metrics"]["valid_accuracy"], "test_accuracy": test_accuracy,

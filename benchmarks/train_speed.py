@@ -422,7 +422,8 @@ def prepare_data(args, work):
 
 
 def main(args):
-    defaults = train.get_args_parser().parse_args([args.data_dir])
+    defaults = train.fill_defaults(train.get_args_parser().parse_args([args.data_dir]),
+                                   from_scratch=False)
     predict_batch = BATCH_SIZE  # predict.py's default
     with tempfile.TemporaryDirectory(prefix="train_speed_") as temporary:
         work = Path(temporary)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import reports
@@ -89,6 +90,20 @@ def test_summarize_report():
     assert "beta -> gamma: 2" in text
     assert "alpha -> beta" not in text
     assert "gamma" not in reports.summarize_report(report).split("most confused")[0]  # perfect
+
+
+def test_report_with_calibration_section():
+    logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [4.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])  # 75% right, about 98% sure: overconfident
+    section = reports.calibration_section(logits, labels, temperature=4.0, unknown_share=0.25)
+    assert section["ece_before"] == pytest.approx(0.982 - 0.75, abs=1e-3)
+    assert section["ece_after"] < section["ece_before"]
+    report = reports.test_report(labels.tolist(), logits.argmax(1).tolist(), ["a", "b"],
+                                 calibration=section)
+    assert report["calibration"] == section
+    assert "calibration error 23.2% -> " in reports.summarize_report(report)
+    assert "25.0% flagged as unknown" in reports.summarize_report(report)
+    assert "calibration" not in reports.test_report(LABELS, PREDICTIONS, NAMES)
 
 
 def test_save_test_report(tmp_path):

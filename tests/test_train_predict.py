@@ -80,7 +80,7 @@ def test_predict_folder_json(trained, subset, tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == len(list((subset / "test").glob("*/*")))
     for row in rows:
-        assert list(row) == ["path", "classes", "names", "probabilities"]
+        assert list(row) == ["path", "classes", "names", "probabilities", "known"]
         assert len(row["classes"]) == 2
         assert row["names"] == ["pink primrose" if c == "1" else c for c in row["classes"]]
     assert "no name for 2 of 3 classes" in result.stderr

@@ -1,0 +1,142 @@
+"""The from-scratch CNN and its in-memory small-image pipeline, on a few real CIFAR-10 images."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scratch_cnn
+from backbones import Preprocess
+from conftest import CIFAR, make_subset, train_args
+from data_utils import eval_transform, find_splits, load_image
+
+CIFAR_CLASSES = ("airplane", "cat", "ship")
+CIFAR_SIZES = {"train": 12, "valid": 4, "test": 4}
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    return make_subset(tmp_path_factory.mktemp("cifar") / "data", CIFAR_CLASSES, CIFAR_SIZES,
+                       CIFAR)
+
+
+def candidate_views(image, padding):
+    """Every crop of the reflect-padded image and of its mirror image: what augmentation may give."""
+    views = []
+    for source in (image, image.flip(2)):
+        padded = F.pad(source[None].float(), [padding] * 4, mode="reflect")[0]
+        height, width = image.shape[1:]
+        views += [padded[:, top:top + height, left:left + width]
+                  for top in range(2 * padding + 1) for left in range(2 * padding + 1)]
+    return torch.stack(views)
+
+
+def test_augment_batch_crops_and_mirrors_each_image():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 10, 12), dtype=torch.uint8)
+    augmented = scratch_cnn.augment_batch(images, padding=2)
+    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    assert augmented.is_contiguous(memory_format=torch.channels_last)
+    kinds = set()
+    for image, view in zip(images, augmented.float()):
+        candidates = candidate_views(image, padding=2)
+        match = torch.nonzero((candidates == view).flatten(1).all(1)).flatten()
+        assert len(match) >= 1, "not a crop of the padded image or of its mirror image"
+        kinds.add(int(match[0]) // (len(candidates) // 2))
+    assert kinds == {0, 1}  # some images mirrored, some not
+
+
+def test_augment_batch_without_padding_only_mirrors():
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (32, 3, 5, 5), dtype=torch.uint8)
+    augmented = scratch_cnn.augment_batch(images, padding=0)
+    same = (augmented == images).flatten(1).all(1)
+    mirrored = (augmented == images.flip(3)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and same.any() and mirrored.any()
+
+
+def test_decoded_images_normalise_exactly_as_predict_reads_them(cifar, tmp_path):
+    _, splits = find_splits(cifar)
+    paths = splits["valid"].paths[:5]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    size = scratch_cnn.input_size(splits["train"].paths)
+    assert size == 32
+    images, ok = scratch_cnn.decode_images(paths + [str(broken)], size)
+    assert ok.tolist() == [True] * 5 + [False]
+    preprocess = Preprocess(size, size, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    expected = torch.stack([eval_transform(preprocess)(load_image(path)) for path in paths])
+    normalised = scratch_cnn.normalize(images[:5], preprocess.mean, preprocess.std)
+    torch.testing.assert_close(normalised, expected)
+
+
+def test_network_averages_each_image_with_its_mirror_in_eval_mode():
+    torch.manual_seed(0)
+    network = scratch_cnn.SmallCNN(widths=(8, 16, 16), stem_width=4)
+    images = torch.randn(3, 3, 32, 32)
+    assert network(images).shape == (3, network.feature_dim)  # training mode: one pass
+    network.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(network(images), network(images.flip(3)))
+        assert not torch.allclose(network(images), network.train()(images))
+
+
+def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path, monkeypatch):
+    import train
+    from model_utils import load_checkpoint
+    from predictor import Predictor
+
+    whole = train.main(train_args(cifar, tmp_path / "whole", tmp_path / "cache", "--arch", "cnn",
+                                  "--epochs", "2", "--batch_size", "16"))
+    assert [record["epoch"] for record in whole["history"]] == [1, 2]
+    checkpoint_path = tmp_path / "whole" / "checkpoint.pth"
+    assert checkpoint_path.stat().st_size < 5e6
+    checkpoint = load_checkpoint(checkpoint_path)
+    assert checkpoint["arch"] == "cnn" and checkpoint["backbone_state"] is not None
+    assert checkpoint["preprocess"]["crop"] == 32
+    assert checkpoint["hyperparameters"]["learning_rate"] == scratch_cnn.TRAINING_DEFAULTS[
+        "learning_rate"]
+    assert (tmp_path / "whole" / "test_report.json").is_file()
+
+    run_epoch = train.Trainer.run_epoch
+
+    def interrupted_at_epoch_2(trainer, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return run_epoch(trainer, epoch)
+
+    monkeypatch.setattr(train.Trainer, "run_epoch", interrupted_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(cifar, tmp_path / "cut", tmp_path / "cache", "--arch", "cnn",
+                              "--epochs", "2", "--batch_size", "16"))
+    monkeypatch.setattr(train.Trainer, "run_epoch", run_epoch)
+    resumed = train.main(train_args(cifar, tmp_path / "cut", tmp_path / "cache", "--resume",
+                                    tmp_path / "cut" / "checkpoint.pth"))
+    assert [record["epoch"] for record in resumed["history"]] == [1, 2]
+    last = {name: load_checkpoint(tmp_path / run / "train_state.pth")["last_model_state"]
+            for name, run in (("whole", "whole"), ("cut", "cut"))}
+    for key, value in last["whole"].items():
+        torch.testing.assert_close(last["cut"][key], value)
+
+    predictor = Predictor(checkpoint_path)
+    images = sorted((cifar / "test" / "ship").iterdir())[:3]
+    # The traced fast path, on a batch of another size than the trace's example, agrees.
+    for image, batched in zip(images, predictor.predict_files(images, top_k=3, workers=0)):
+        single = predictor.predict_image(image, top_k=3)
+        assert len(single.classes) == 3 and batched.classes == single.classes
+        torch.testing.assert_close(torch.tensor(batched.probabilities),
+                                   torch.tensor(single.probabilities), atol=1e-4, rtol=0)
+
+
+def test_network_converts_for_openvino_with_any_batch_size(tmp_path):
+    """predict.py runs large jobs through OpenVINO (torch.export with a free batch size)."""
+    import engines
+
+    torch.manual_seed(0)
+    network = scratch_cnn.SmallCNN(widths=(8, 16, 16), stem_width=4).eval()
+    images = torch.randn(3, 3, 32, 32)
+    engine = engines.compile_backbone(network, 32, torch.device("cpu"), engine="openvino",
+                                      cache_dir=tmp_path)
+    with torch.no_grad():
+        expected = network(images)
+    tolerance = 3e-2 if engine.precision == "bf16" else 1e-4
+    torch.testing.assert_close(engine(images), expected, atol=tolerance, rtol=tolerance)
