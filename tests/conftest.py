@@ -8,6 +8,7 @@ import pytest
 
 PROJECT = Path(__file__).resolve().parents[1]
 FLOWERS = PROJECT.parent / "shared" / "data" / "flowers102"
+CIFAR = PROJECT.parent / "shared" / "data" / "cifar10"
 sys.path.insert(0, str(PROJECT))
 
 # Folder names that sort differently as text and as numbers: "1" < "10" < "2".
@@ -15,25 +16,25 @@ SUBSET_CLASSES = ("1", "10", "2")
 SUBSET_SIZES = {"train": 8, "valid": 3, "test": 3}
 
 
-def require_shared_data():
-    """../shared/data/flowers102 beside the project: skipped on a machine without it, a failure
-    in CI (CI=true), where a skip would hide that the tests did not run."""
-    if FLOWERS.is_dir():
+def require_shared_data(data=FLOWERS):
+    """A data set in ../shared/data beside the project: skipped on a machine without it, a
+    failure in CI (CI=true), where a skip would hide that the tests did not run."""
+    if data.is_dir():
         return
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{FLOWERS} is missing: CI needs ../shared beside the project")
-    pytest.skip(f"{FLOWERS} is missing")
+        pytest.fail(f"{data} is missing: CI needs ../shared beside the project")
+    pytest.skip(f"{data} is missing")
 
 
-def make_subset(root, classes=SUBSET_CLASSES, sizes=SUBSET_SIZES):
-    """Symlinks to the first images of a few classes: real photos, nothing copied."""
-    require_shared_data()
+def make_subset(root, classes=SUBSET_CLASSES, sizes=SUBSET_SIZES, data=FLOWERS):
+    """Symlinks to the first images of a few classes of data: real photos, nothing copied."""
+    require_shared_data(data)
     root = Path(root)
     for split, count in sizes.items():
         for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True)
-            for image in sorted((FLOWERS / split / name).iterdir())[:count]:
+            for image in sorted((data / split / name).iterdir())[:count]:
                 (folder / image.name).symlink_to(image)
     return root
 

@@ -1,5 +1,4 @@
 """The from-scratch CNN and its in-memory small-image pipeline, on a few real CIFAR-10 images."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,30 +6,17 @@ import torch.nn.functional as F
 
 import scratch_cnn
 from backbones import Preprocess
-from conftest import train_args
+from conftest import CIFAR, make_subset, train_args
 from data_utils import eval_transform, find_splits, load_image
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 CIFAR_CLASSES = ("airplane", "cat", "ship")
 CIFAR_SIZES = {"train": 12, "valid": 4, "test": 4}
 
 
-def make_cifar_subset(root):
-    """Symlinks to the first CIFAR-10 images of a few classes: real photos, nothing copied."""
-    if not CIFAR.is_dir():
-        pytest.skip(f"{CIFAR} is missing")
-    for split, count in CIFAR_SIZES.items():
-        for name in CIFAR_CLASSES:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for image in sorted((CIFAR / split / name).iterdir())[:count]:
-                (folder / image.name).symlink_to(image)
-    return root
-
-
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory):
-    return make_cifar_subset(tmp_path_factory.mktemp("cifar") / "data")
+    return make_subset(tmp_path_factory.mktemp("cifar") / "data", CIFAR_CLASSES, CIFAR_SIZES,
+                       CIFAR)
 
 
 def candidate_views(image, padding):
@@ -145,8 +131,6 @@ def test_network_converts_for_openvino_with_any_batch_size(tmp_path):
     """predict.py runs large jobs through OpenVINO (torch.export with a free batch size)."""
     import engines
 
-    if engines.openvino_core() is None:
-        pytest.skip("openvino not installed")
     torch.manual_seed(0)
     network = scratch_cnn.SmallCNN(widths=(8, 16, 16), stem_width=4).eval()
     images = torch.randn(3, 3, 32, 32)
