@@ -329,6 +329,11 @@ class FeatureTask:
     def __init__(self, data, batch_size, classifier, device):
         self.data, self.batch_size, self.device = data, batch_size, device
         self.model = classifier.head
+        if device.type == "cpu":
+            # The head's small matrix products gain nothing from a second thread, and lose
+            # much when another process holds a core: one epoch took 2.3 s on one thread and
+            # 7-46 s on two, on the 2-core machine with other work running.
+            torch.set_num_threads(1)
 
     def train_batches(self, epoch):
         views, labels = self.data["train"]
