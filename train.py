@@ -485,8 +485,8 @@ def wrap_for_training(model, args, device):
     if args.compile and args.finetune:
         return torch.compile(model)
     if args.compile:
-        warn("--compile is ignored without --finetune: the head on cached features trains too "
-             "fast for compiling to pay")
+        warn("--compile is ignored without --finetune: it pays only where images go through "
+             "the backbone every epoch")
     return model
 
 
@@ -654,6 +654,9 @@ def train(args, device):
     classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, len(class_to_idx),
                                                       args.hidden_units, args.dropout))
     if not backbone.pretrained:
+        if args.finetune:
+            warn(f"--finetune is ignored with --arch {args.arch}: the whole network trains "
+                 "from scratch")
         task, computed = scratch_cnn.ScratchTask(args, backbone, splits, device, classifier), 0
         report_unreadable(splits, task.ok_masks, args.strict)
         log(f"images decoded into memory at {backbone.preprocess.crop} px "
