@@ -32,7 +32,7 @@ EVAL_BATCH = 1024
 WEIGHT_DECAY = 5e-4
 # train.py's defaults for a network trained from scratch, where a flag is not given.
 # A 128-unit head keeps the checkpoint under 5 MB.
-TRAINING_DEFAULTS = {"epochs": 12, "learning_rate": 0.2, "hidden_units": 128, "batch_size": 512,
+TRAINING_DEFAULTS = {"epochs": 15, "learning_rate": 0.2, "hidden_units": 128, "batch_size": 512,
                      "warmup_epochs": 2, "label_smoothing": 0.1, "dropout": 0.2,
                      "weight_decay": WEIGHT_DECAY}
 
