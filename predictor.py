@@ -79,7 +79,7 @@ class Predictor:
         own_backbone = self.checkpoint.get("backbone_state")
         self.weights = weights_key(self.checkpoint["arch"], None if own_backbone is not None
                                    else self.checkpoint["backbone"], own_backbone)
-        self._model, self.engines = None, {}
+        self._model, self.engines = None, {}  # job size -> engine
         verdict = unknown_verdict(self.checkpoint)
         self.class_means, self.unknown_threshold = verdict if verdict else (None, None)
         self.mirror = optional(self.checkpoint, "mirror")
@@ -95,10 +95,14 @@ class Predictor:
 
     def backbone_engine(self, images):
         """The backbone engine for a job of `images` images (engines.compile_backbone picks
-        it), kept for the next batches."""
-        engine = compile_backbone(lambda: self.model.backbone, self.preprocess.crop, self.device,
-                                  self.engine, images, weights=self.weights)
-        return self.engines.setdefault(engine.name, engine)
+        it), chosen once per job size and shared by the job sizes that pick the same engine:
+        the batches of a folder or a server ask again and again."""
+        if images not in self.engines:
+            engine = compile_backbone(lambda: self.model.backbone, self.preprocess.crop,
+                                      self.device, self.engine, images, weights=self.weights)
+            self.engines[images] = next(
+                (known for known in self.engines.values() if known.name == engine.name), engine)
+        return self.engines[images]
 
     @torch.inference_mode()
     def outputs(self, images, job_size=None):
