@@ -17,6 +17,7 @@ import ctypes
 import hmac
 import io
 import ipaddress
+import math
 import os
 import socket
 import warnings
@@ -48,6 +49,9 @@ from engines import ENGINE_CHOICES
 from predictor import Predictor
 
 STATIC = Path(__file__).resolve().parent / "static"
+# A server's job never ends: --engine auto chooses for it as for a large folder (OpenVINO on the
+# CPU), however small each batch is.
+SERVER_JOB_SIZE = math.inf
 UPLOAD_FIELD = "file"
 M_ARENA_MAX = -8  # glibc's mallopt parameter
 
@@ -162,7 +166,7 @@ class Batcher:
         """One model pass over the batch; each request keeps its own top_k. The server is one
         long job, so "auto" takes the engine of large jobs (OpenVINO on the CPU)."""
         tensors, top_ks, paths, _ = zip(*batch)
-        outputs = self.predictor.outputs(torch.stack(tensors), job_size=None)
+        outputs = self.predictor.outputs(torch.stack(tensors), job_size=SERVER_JOB_SIZE)
         return self.predictor.top(outputs, list(top_ks), list(paths))
 
 
@@ -361,7 +365,7 @@ def load_predictor(args):
     predictor = Predictor(args.checkpoint, select_device(args.gpu), category_names, args.engine)
     blank = predictor.transform(Image.new("RGB", (predictor.preprocess.crop,) * 2))
     for size in [*range(1, args.max_batch + 1)] * 2:
-        predictor.outputs(blank.expand(size, -1, -1, -1), job_size=None)
+        predictor.outputs(blank.expand(size, -1, -1, -1), job_size=SERVER_JOB_SIZE)
     return predictor
 
 
