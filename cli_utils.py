@@ -118,3 +118,14 @@ def about_flag(hint):
         yield
     except UserError as error:
         raise UserError(f"{error}; {hint}") from None
+
+
+def category_names_from_flag(path):
+    """--category_names' mapping, {} when the flag is left out; a bad file is one error line
+    that says how to do without it."""
+    from data_utils import load_category_names  # imports torch: only where the flag is used
+
+    if path is None:
+        return {}
+    with about_flag(CATEGORY_NAMES_FIX):
+        return load_category_names(path)

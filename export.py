@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cli_utils import CATEGORY_NAMES_FIX, HelpFormatter, about_flag, run_cli
+from cli_utils import HelpFormatter, category_names_from_flag, run_cli
 from common import UserError, atomic_write, error_reason, warn, write_json
 from data_utils import (
     UNREADABLE_IMAGE_ERRORS,
     check_category_names,
     display_names,
     list_images,
-    load_category_names,
     load_image,
 )
 from model_utils import (
@@ -229,8 +228,7 @@ def output_paths(checkpoint_path, export_format, output):
 
 def main(args):
     checkpoint = load_checkpoint(args.checkpoint)
-    with about_flag(CATEGORY_NAMES_FIX):
-        category_names = load_category_names(args.category_names) if args.category_names else {}
+    category_names = category_names_from_flag(args.category_names)
     image_paths = check_images(args.check) if args.check else None
     if image_paths and args.format == "onnx":
         require_onnxruntime()  # fail now, not after the export

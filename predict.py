@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 from cli_utils import (
-    CATEGORY_NAMES_FIX,
     HelpFormatter,
-    about_flag,
+    category_names_from_flag,
     add_gpu_argument,
     non_negative_int,
     positive_int,
@@ -25,7 +24,7 @@ from cli_utils import (
     select_device,
 )
 from common import UserError, warn
-from data_utils import list_images, load_category_names, load_image
+from data_utils import list_images, load_image
 from engines import ENGINE_CHOICES
 from features import default_workers
 from predictor import BATCH_SIZE, Predictor
@@ -112,8 +111,7 @@ def main(args):
         raise UserError(f"{source} not found; pass an image file or a folder of images")
     if args.plot and source.is_dir():
         raise UserError("--plot draws one image; pass an image file, not a folder")
-    with about_flag(CATEGORY_NAMES_FIX):
-        category_names = load_category_names(args.category_names) if args.category_names else {}
+    category_names = category_names_from_flag(args.category_names)
     predictor = Predictor(args.checkpoint, select_device(args.gpu), category_names, args.engine)
     set_unknown_threshold(predictor, args)
     if args.top_k > len(predictor.classes):

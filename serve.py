@@ -38,13 +38,14 @@ from starlette.staticfiles import StaticFiles
 from cli_utils import (
     HelpFormatter,
     add_gpu_argument,
+    category_names_from_flag,
     positive_float,
     positive_int,
     run_cli,
     select_device,
 )
 from common import UserError, error_reason, warn
-from data_utils import UNREADABLE_IMAGE_ERRORS, load_category_names, load_image
+from data_utils import UNREADABLE_IMAGE_ERRORS, load_image
 from engines import ENGINE_CHOICES
 from predictor import Predictor
 
@@ -361,7 +362,7 @@ def load_predictor(args):
     """The Predictor, its backbone engine run twice on every batch size up to --max_batch: the
     first runs of a new size compile and allocate (measured with the traced torch backbone:
     250 MB up to 16), which no request should pay for, nor show as growing memory."""
-    category_names = load_category_names(args.category_names) if args.category_names else {}
+    category_names = category_names_from_flag(args.category_names)
     predictor = Predictor(args.checkpoint, select_device(args.gpu), category_names, args.engine)
     blank = predictor.transform(Image.new("RGB", (predictor.preprocess.crop,) * 2))
     for size in [*range(1, args.max_batch + 1)] * 2:
