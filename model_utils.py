@@ -37,12 +37,32 @@ def backbone_features(backbone, images, mirror):
     return (features + backbone(images.flip(3))) / 2 if mirror else features
 
 
-def build_head(in_features, num_classes, hidden_units, dropout):
-    """Linear -> ReLU -> Dropout -> Linear, or one Linear when hidden_units is 0."""
+FEATURE_TRANSFORMS = ("sqrt", "none")
+
+
+class SignedSqrt(nn.Module):
+    """sign(x) * sqrt(|x|) of each feature ("power normalisation"): it evens out the few large
+    activations of a pooled CNN feature against the many small ones. On Oxford-102 it raised
+    the cross-validated accuracy of the default head from 95.8 to 96.3% (benchmarks/quality.py).
+    EPSILON keeps the gradient finite at 0, for fine-tuning."""
+    EPSILON = 1e-6
+
+    def forward(self, features):
+        return features.sign() * (features.abs() + self.EPSILON).sqrt()
+
+
+def build_head(in_features, num_classes, hidden_units, dropout, feature_transform="none"):
+    """[SignedSqrt ->] Linear -> ReLU -> Dropout -> Linear, or one Linear when hidden_units is 0.
+    feature_transform: "sqrt" or "none" (checkpoints written before it existed)."""
+    if feature_transform not in FEATURE_TRANSFORMS:
+        raise ValueError(f"unknown feature transform {feature_transform!r}")
+    layers = [SignedSqrt()] if feature_transform == "sqrt" else []
     if hidden_units == 0:
-        return nn.Sequential(nn.Linear(in_features, num_classes))
-    return nn.Sequential(nn.Linear(in_features, hidden_units), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(hidden_units, num_classes))
+        layers.append(nn.Linear(in_features, num_classes))
+    else:
+        layers += [nn.Linear(in_features, hidden_units), nn.ReLU(), nn.Dropout(dropout),
+                   nn.Linear(hidden_units, num_classes)]
+    return nn.Sequential(*layers)
 
 
 def weights_copy(module):
@@ -105,7 +125,7 @@ class ImageClassifier(nn.Module):
 def make_checkpoint(backbone, class_to_idx, head_spec, weights, **extra):
     """Exactly what rebuilds the model: plain values and tensors, loadable with weights_only.
 
-    head_spec: {"hidden_units", "dropout"}; weights: ImageClassifier.trained_weights();
+    head_spec: {"hidden_units", "dropout", "feature_transform"}; weights: ImageClassifier.trained_weights();
     extra: what training adds (hyperparameters, epoch, metrics, ...).
     """
     return {
@@ -206,7 +226,7 @@ def head_from_checkpoint(checkpoint):
     try:
         spec = checkpoint["head"]
         head = build_head(spec["in_features"], spec["num_classes"], spec["hidden_units"],
-                          spec["dropout"])
+                          spec["dropout"], spec.get("feature_transform", "none"))
         head.load_state_dict(checkpoint["head_state"])
     except WEIGHT_MISMATCH_ERRORS as error:
         raise damaged_checkpoint(error) from None

@@ -34,7 +34,7 @@ WEIGHT_DECAY = 5e-4
 # A 128-unit head keeps the checkpoint under 5 MB.
 TRAINING_DEFAULTS = {"epochs": 15, "learning_rate": 0.2, "hidden_units": 128, "batch_size": 512,
                      "warmup_epochs": 2, "label_smoothing": 0.1, "dropout": 0.2,
-                     "weight_decay": WEIGHT_DECAY}
+                     "weight_decay": WEIGHT_DECAY, "feature_transform": "none"}
 
 
 def conv_bn_relu(in_channels, out_channels, pool=False):

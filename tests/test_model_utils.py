@@ -12,6 +12,7 @@ from common import UserError
 from model_utils import (
     CHECKPOINT_FORMAT,
     ImageClassifier,
+    SignedSqrt,
     build_head,
     load_checkpoint,
     make_checkpoint,
@@ -38,6 +39,45 @@ def test_head_shapes_for_each_arch_family(arch, feature_dim, hidden_units):
         logits = ImageClassifier(backbone, head).eval()(torch.zeros(1, 3, 224, 224))
     assert logits.shape == (1, 7)
     assert not any(p.requires_grad for p in backbone.model.parameters())
+
+
+def test_sqrt_head_takes_the_signed_square_root_first():
+    torch.manual_seed(0)
+    plain = build_head(6, num_classes=3, hidden_units=4, dropout=0.5)
+    rooted = build_head(6, num_classes=3, hidden_units=4, dropout=0.5, feature_transform="sqrt")
+    assert [type(m) for m in rooted] == [SignedSqrt, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    rooted[1].load_state_dict(plain[0].state_dict())
+    rooted[4].load_state_dict(plain[3].state_dict())
+    features = torch.tensor([[0.0, 0.25, 4.0, 1.0, -9.0, 1e-3]])
+    roots = torch.tensor([[0.0, 0.5, 2.0, 1.0, -3.0, 1e-3 ** 0.5]])
+    with torch.no_grad():
+        torch.testing.assert_close(rooted.eval()(features), plain.eval()(roots), atol=1e-5, rtol=0)
+    # Fine-tuning backpropagates through it: the gradient stays finite where a feature is 0.
+    features.requires_grad_(True)
+    rooted(features).sum().backward()
+    assert torch.isfinite(features.grad).all()
+    with pytest.raises(ValueError, match="unknown feature transform"):
+        build_head(6, 3, 4, 0.5, feature_transform="log")
+
+
+def test_checkpoint_keeps_the_feature_transform_and_older_ones_load_without():
+    backbone = build_backbone("efficientnet_lite0")
+    head = build_head(backbone.feature_dim, 3, 16, 0.1, feature_transform="sqrt")
+    model = ImageClassifier(backbone, head).eval()
+    checkpoint = make_checkpoint(backbone, {"a": 0, "b": 1, "c": 2},
+                                 {"hidden_units": 16, "dropout": 0.1, "feature_transform": "sqrt"},
+                                 model.trained_weights())
+    images = torch.randn(2, 3, 224, 224)
+    rebuilt = model_from_checkpoint(checkpoint)
+    assert isinstance(rebuilt.head[0], SignedSqrt)
+    with torch.inference_mode():
+        assert torch.equal(model(images), rebuilt(images))
+    older, older_model = small_checkpoint()  # written before the key existed: no transform
+    assert "feature_transform" not in older["head"]
+    rebuilt = model_from_checkpoint(older)
+    assert [type(m) for m in rebuilt.head] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    with torch.inference_mode():
+        assert torch.equal(older_model(images), rebuilt(images))
 
 
 def test_bundled_weights_load_exactly():
