@@ -57,8 +57,8 @@ from data_utils import (
 from engines import ENGINE_CHOICES, autocast
 from features import FeatureExtractor, default_cache_dir, default_workers, image_loader
 from model_utils import (
-    ImageClassifier,
     FEATURE_TRANSFORMS,
+    ImageClassifier,
     build_head,
     load_checkpoint,
     make_checkpoint,
@@ -518,6 +518,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         self.best, self.history, self.start_epoch = None, [], 1
         self.best_saved, self.train_state, self.saved_at = True, None, time.monotonic()
+        self.earlier_run_kept = False  # a resumed run continues its own files
 
     def resume(self, state):
         self.task.model.load_state_dict(state["last_model_state"])
@@ -527,6 +528,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler_state"])
         self.best = {key: state[key] for key in ("head_state", "backbone_state", "epoch", "metrics")}
         self.history, self.start_epoch = state["history"], state["epoch_done"] + 1
+        self.earlier_run_kept = True
 
     def fit(self):
         """All epochs; on Ctrl-C or SIGTERM, save what the last finished epoch left unsaved, say
@@ -561,8 +563,6 @@ class Trainer:
         if not len(valid["labels"]):  # gathered: every rank stops alike
             raise UserError("no readable images in valid/; check its files")
         best = self.best
-        if best is None and distributed.is_main():  # this run's first save; a resumed run has one
-            keep_earlier_run(self.save_dir)
         if best is None or (valid["accuracy"], -valid["loss"]) > (
                 best["metrics"]["valid_accuracy"], -best["metrics"]["valid_loss"]):
             self.best = {**self.classifier.trained_weights(), "epoch": epoch,
@@ -591,8 +591,14 @@ class Trainer:
             self.save()
 
     def save(self):
-        """Write the best checkpoint and the kept train state, where not written yet."""
-        if self.best is not None and not self.best_saved:
+        """Write the best checkpoint and the kept train state, where not written yet; a new
+        run's first write sets an earlier run's files in save_dir aside first."""
+        if self.best is None:
+            return
+        if not self.earlier_run_kept:
+            keep_earlier_run(self.save_dir)
+            self.earlier_run_kept = True
+        if not self.best_saved:
             save_checkpoint(self.checkpoint_of(self.best), self.save_dir / CHECKPOINT_NAME)
             self.best_saved = True
         if self.train_state is not None:

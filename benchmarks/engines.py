@@ -138,8 +138,8 @@ def warm_rows(data_dir, work):
     for name, flags in (("same", []), ("other", WARM_HEAD)):
         _, wall = run("train.py", data_dir, "--save_dir", work / f"run-warm-{name}", "--cache_dir",
                       work / "cache-auto", *flags)
-        walls[name] = row(f"train.py warm ({'the same command' if flags else 'other head settings'})",
-                          wall)
+        what = "other head settings" if flags else "the same command"
+        walls[name] = row(f"train.py warm ({what})", wall)
     return walls
 
 

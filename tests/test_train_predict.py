@@ -236,6 +236,20 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(subset, tmp_path,
         train.main(train_args(subset, tmp_path / "cut", cache, "--resume", tmp_path / "cut"))
 
 
+@pytest.mark.parametrize("interval, writes", [(0, 5), (3600, 1)])
+def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypatch, interval,
+                                                     writes):
+    """Fast epochs are written together (after the last one); slow ones each (interval 0)."""
+    monkeypatch.setattr(train, "SAVE_INTERVAL", interval)
+    written = []
+    real_write = train.atomic_write
+    monkeypatch.setattr(train, "atomic_write",
+                        lambda path, write: (written.append(path.name), real_write(path, write)))
+    train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "5"))
+    assert written == ["train_state.pth"] * writes
+    assert load_checkpoint(tmp_path / "run" / "train_state.pth")["epoch_done"] == 5
+
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_training_keeps_the_best_head(subset, tmp_path, signum, code):
     log = tmp_path / "log.txt"
