@@ -84,7 +84,7 @@ MIRROR_CHOICES = ("predict", "all", "off")
 # Defaults of the flags left at None, for a pretrained backbone (chosen by cross-validation:
 # benchmarks/quality.py); for a network trained from scratch they are
 # scratch_cnn.TRAINING_DEFAULTS.
-PRETRAINED_DEFAULTS = {"epochs": 40, "learning_rate": 0.001, "hidden_units": 512,
+PRETRAINED_DEFAULTS = {"epochs": 50, "learning_rate": 0.001, "hidden_units": 512,
                        "dropout": 0.5, "weight_decay": 0.05, "batch_size": 64,
                        "warmup_epochs": 1, "label_smoothing": 0.1, "feature_transform": "sqrt"}
 
