@@ -576,23 +576,26 @@ class Trainer:
 
     def keep_train_state(self, epoch):
         """The state after this epoch: written at once when SAVE_INTERVAL seconds have passed
-        since the last write (and after the last epoch), else held in memory, serialised, and
-        written on an interrupt. Epochs on cached features take a fraction of a second, and
-        writing two files after each one took longer than the epochs themselves."""
+        since the last write (and after the last epoch), else serialised into memory and
+        written by the next save (an interrupt's too). Epochs on cached features take a fraction
+        of a second, and writing two files after each one took longer than the epochs."""
         state = {**self.checkpoint_of(self.best),
                  "last_model_state": self.task.model.state_dict(),
                  "optimizer_state": self.optimizer.state_dict(),
                  "scheduler_state": self.scheduler.state_dict(),
                  "scaler_state": self.scaler.state_dict(), "epoch_done": epoch,
                  "history": self.history}
-        self.train_state = io.BytesIO()
-        torch.save(state, self.train_state)
         if epoch == self.args.epochs or time.monotonic() - self.saved_at >= SAVE_INTERVAL:
-            self.save()
+            self.save(state)
+        else:
+            serialised = io.BytesIO()
+            torch.save(state, serialised)  # a copy: training goes on changing the tensors
+            self.train_state = serialised.getvalue()
 
-    def save(self):
-        """Write the best checkpoint and the kept train state, where not written yet; a new
-        run's first write sets an earlier run's files in save_dir aside first."""
+    def save(self, train_state=None):
+        """Write the best checkpoint where not written yet, and train_state (default: the one
+        kept in memory, if any); a new run's first write sets an earlier run's files in
+        save_dir aside first."""
         if self.best is None:
             return
         if not self.earlier_run_kept:
@@ -601,10 +604,13 @@ class Trainer:
         if not self.best_saved:
             save_checkpoint(self.checkpoint_of(self.best), self.save_dir / CHECKPOINT_NAME)
             self.best_saved = True
-        if self.train_state is not None:
-            state = self.train_state.getvalue()
-            atomic_write(self.save_dir / TRAIN_STATE_NAME, lambda path: path.write_bytes(state))
-            self.train_state = None
+        path = self.save_dir / TRAIN_STATE_NAME
+        if train_state is not None:
+            save_checkpoint(train_state, path)
+        elif self.train_state is not None:
+            kept = self.train_state
+            atomic_write(path, lambda temporary: temporary.write_bytes(kept))
+        self.train_state = None
         self.saved_at = time.monotonic()
 
 

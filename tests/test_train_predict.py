@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,12 +242,21 @@ def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypat
                                                      writes):
     """Fast epochs are written together (after the last one); slow ones each (interval 0)."""
     monkeypatch.setattr(train, "SAVE_INTERVAL", interval)
-    written = []
-    real_write = train.atomic_write
-    monkeypatch.setattr(train, "atomic_write",
-                        lambda path, write: (written.append(path.name), real_write(path, write)))
+    written = []  # train_state.pth is written through either function
+    real_atomic_write, real_save_checkpoint = train.atomic_write, train.save_checkpoint
+
+    def atomic_write(path, write):
+        written.append(Path(path).name)
+        return real_atomic_write(path, write)
+
+    def save_checkpoint(checkpoint, path):
+        written.append(Path(path).name)
+        return real_save_checkpoint(checkpoint, path)
+
+    monkeypatch.setattr(train, "atomic_write", atomic_write)
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
     train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "5"))
-    assert written == ["train_state.pth"] * writes
+    assert [name for name in written if name == "train_state.pth"] == ["train_state.pth"] * writes
     assert load_checkpoint(tmp_path / "run" / "train_state.pth")["epoch_done"] == 5
 
 
