@@ -11,6 +11,7 @@ backbone is frozen, so each image's features are computed once (and cached on di
 small head trains each epoch; --finetune trains the backbone too, on images augmented on the fly.
 """
 import argparse
+import contextlib
 import hashlib
 import io
 import math
@@ -230,7 +231,7 @@ def load_train_state(path, args):
     state_path = path / TRAIN_STATE_NAME if path.is_dir() else path.with_name(TRAIN_STATE_NAME)
     if not state_path.is_file():
         raise UserError(f"nothing to resume: {state_path} not found (train.py writes it beside "
-                        "checkpoint.pth after each epoch); pass the checkpoint.pth of a run")
+                        "checkpoint.pth during training); pass the checkpoint.pth of a run")
     state = load_checkpoint(state_path)
     if "optimizer_state" not in state:
         raise UserError(f"{state_path} holds no training state; pass the checkpoint.pth of a run")
@@ -531,11 +532,16 @@ class Trainer:
         self.earlier_run_kept = True
 
     def fit(self):
-        """All epochs; on Ctrl-C or SIGTERM, save what the last finished epoch left unsaved, say
-        where the best head so far is, then re-raise."""
+        """All epochs. On Ctrl-C or SIGTERM, save what the finished epochs left unsaved, say
+        where the best head so far is, then re-raise; on any other error, save it too."""
         try:
             for epoch in range(self.start_epoch, self.args.epochs + 1):
                 self.run_epoch(epoch)
+        except Exception:
+            if distributed.is_main():
+                with contextlib.suppress(Exception):  # the first error is the one to report
+                    self.save()
+            raise
         except KeyboardInterrupt:
             if distributed.is_main():
                 self.save()
@@ -575,27 +581,29 @@ class Trainer:
             f"{record['seconds']:.1f} s")
 
     def keep_train_state(self, epoch):
-        """The state after this epoch: written at once when SAVE_INTERVAL seconds have passed
-        since the last write (and after the last epoch), else serialised into memory and
-        written by the next save (an interrupt's too). Epochs on cached features take a fraction
-        of a second, and writing two files after each one took longer than the epochs."""
+        """The state after this epoch, written at once after the last epoch, after each epoch of
+        fine-tuning (large states, long epochs), and when SAVE_INTERVAL seconds have passed since
+        the last write; else kept serialised in memory for the next write (an interrupt's too).
+        Epochs on cached features take a fraction of a second, and writing two files after each
+        one took longer than the epochs."""
         state = {**self.checkpoint_of(self.best),
                  "last_model_state": self.task.model.state_dict(),
                  "optimizer_state": self.optimizer.state_dict(),
                  "scheduler_state": self.scheduler.state_dict(),
                  "scaler_state": self.scaler.state_dict(), "epoch_done": epoch,
                  "history": self.history}
-        if epoch == self.args.epochs or time.monotonic() - self.saved_at >= SAVE_INTERVAL:
-            self.save(state)
+        if (epoch == self.args.epochs or self.args.finetune
+                or time.monotonic() - self.saved_at >= SAVE_INTERVAL):
+            self.train_state = state  # kept until written: an interrupt mid-write writes it again
+            self.save()
         else:
             serialised = io.BytesIO()
             torch.save(state, serialised)  # a copy: training goes on changing the tensors
             self.train_state = serialised.getvalue()
 
-    def save(self, train_state=None):
-        """Write the best checkpoint where not written yet, and train_state (default: the one
-        kept in memory, if any); a new run's first write sets an earlier run's files in
-        save_dir aside first."""
+    def save(self):
+        """Write the best checkpoint and the kept train state where not written yet; a new run's
+        first write sets an earlier run's files in save_dir aside first."""
         if self.best is None:
             return
         if not self.earlier_run_kept:
@@ -604,12 +612,12 @@ class Trainer:
         if not self.best_saved:
             save_checkpoint(self.checkpoint_of(self.best), self.save_dir / CHECKPOINT_NAME)
             self.best_saved = True
-        path = self.save_dir / TRAIN_STATE_NAME
-        if train_state is not None:
-            save_checkpoint(train_state, path)
-        elif self.train_state is not None:
-            kept = self.train_state
-            atomic_write(path, lambda temporary: temporary.write_bytes(kept))
+        kept = self.train_state
+        if isinstance(kept, bytes):
+            atomic_write(self.save_dir / TRAIN_STATE_NAME,
+                         lambda temporary: temporary.write_bytes(kept))
+        elif kept is not None:
+            save_checkpoint(kept, self.save_dir / TRAIN_STATE_NAME)
         self.train_state = None
         self.saved_at = time.monotonic()
 

@@ -182,6 +182,11 @@ class MixupTask(train.FeatureTask):
                    weight * targets + (1 - weight) * targets[partner])
 
 
+def mirror_of(setting):
+    """The setting's --mirror, train.py's default where it has none."""
+    return setting.get("mirror", train.get_args_parser().get_default("mirror"))
+
+
 def train_args(setting):
     """train.py's parsed defaults with the setting's flags."""
     args = train.get_args_parser().parse_args(["unused"])
@@ -248,8 +253,8 @@ class Standardiser:
 
 def fit_and_score(setting, train_split, held_out, class_count, seed):
     """Accuracy on held_out of the setting trained on train_split (last epoch)."""
-    inputs = inputs_of(train_split, setting.get("mirror"))
-    test_inputs = eval_inputs(held_out, setting.get("mirror"))
+    inputs = inputs_of(train_split, mirror_of(setting))
+    test_inputs = eval_inputs(held_out, mirror_of(setting))
     if setting.get("standardise"):
         standardise = Standardiser(inputs)
         inputs, test_inputs = standardise(inputs), standardise(test_inputs)
@@ -300,10 +305,9 @@ def cross_validate(data, names, folds, seed):
 def cost(setting):
     """What a cold default run costs, roughly: backbone passes (the mirror doubles those of the
     images it is used on; train/ holds 80% of them), then head training."""
-    mirror = setting.get("mirror", "off")
+    mirror, args = mirror_of(setting), train_args(setting)
     passes = 0.8 * (2 if mirror == "all" else 1) + 0.2 * (1 if mirror == "off" else 2)
-    return (passes, setting.get("heads", 1) * setting.get("epochs", 20)
-            * setting.get("hidden_units", 512))
+    return passes, setting.get("heads", 1) * args.epochs * args.hidden_units
 
 
 def choose(results):
@@ -343,7 +347,7 @@ def final_check(data, name, pass_rate, seed):
     """The chosen setting trained on train/ (epoch chosen on valid/ as train.py does is left to
     train.py itself; here: the last epoch), then test/, not_flowers, calibration."""
     setting = SETTINGS[name]
-    mirror = setting.get("mirror")
+    mirror = mirror_of(setting)
     heads = train_heads(setting, inputs_of(data["train"], mirror), data["train"]["labels"],
                         data["class_count"], seed)
     results = {}
@@ -386,7 +390,7 @@ def main(args):
     chosen = choose(results)
     print(f"chosen (best mean): {chosen} {SETTINGS[chosen]}; the one-standard-error rule would "
           f"take {one_standard_error(results, args.folds)}")
-    mirror = SETTINGS[chosen].get("mirror", "off")
+    mirror = mirror_of(SETTINGS[chosen])
     rates = (0.9, 0.93, 0.95, 0.97, 0.99)
     flagged = cv_flag_rate(data, fold_of, args.folds, mirror, rates, args.seed)
     print("unseen flowers flagged unknown (CV) per pass rate: " + ", ".join(

@@ -72,6 +72,9 @@ def test_checkpoint_keeps_the_feature_transform_and_older_ones_load_without():
     assert isinstance(rebuilt.head[0], SignedSqrt)
     with torch.inference_mode():
         assert torch.equal(model(images), rebuilt(images))
+    newer = {**checkpoint, "head": {**checkpoint["head"], "feature_transform": "log"}}
+    with pytest.raises(UserError, match="feature transform 'log'.*update this tool"):
+        model_from_checkpoint(newer)
     older, older_model = small_checkpoint()  # written before the key existed: no transform
     assert "feature_transform" not in older["head"]
     rebuilt = model_from_checkpoint(older)

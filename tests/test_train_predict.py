@@ -204,6 +204,7 @@ def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(subset, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "SAVE_INTERVAL", 3600)  # the interrupt writes the kept state
     cache = tmp_path / "cache"
     train.main(train_args(subset, tmp_path / "whole", cache, "--epochs", "5"))
     run_epoch = train.Trainer.run_epoch
@@ -258,6 +259,23 @@ def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypat
     train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "5"))
     assert [name for name in written if name == "train_state.pth"] == ["train_state.pth"] * writes
     assert load_checkpoint(tmp_path / "run" / "train_state.pth")["epoch_done"] == 5
+
+
+def test_an_error_during_training_still_writes_the_finished_epochs(subset, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setattr(train, "SAVE_INTERVAL", 3600)  # epochs 1-3 are held in memory
+    run_epoch = train.Trainer.run_epoch
+
+    def failing_at_epoch_4(trainer, epoch):
+        if epoch == 4:
+            raise RuntimeError("a crash in epoch 4")
+        return run_epoch(trainer, epoch)
+
+    monkeypatch.setattr(train.Trainer, "run_epoch", failing_at_epoch_4)
+    with pytest.raises(RuntimeError, match="a crash in epoch 4"):
+        train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "5"))
+    assert load_checkpoint(tmp_path / "run" / "train_state.pth")["epoch_done"] == 3
+    assert 1 <= load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] <= 3
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
