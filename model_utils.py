@@ -126,7 +126,8 @@ class ImageClassifier(nn.Module):
 def make_checkpoint(backbone, class_to_idx, head_spec, weights, **extra):
     """Exactly what rebuilds the model: plain values and tensors, loadable with weights_only.
 
-    head_spec: {"hidden_units", "dropout", "feature_transform"}; weights: ImageClassifier.trained_weights();
+    head_spec: {"hidden_units", "dropout", "feature_transform"};
+    weights: ImageClassifier.trained_weights();
     extra: what training adds (hyperparameters, epoch, metrics, ...).
     """
     return {

@@ -78,8 +78,9 @@ HYPERPARAMETERS = ("arch", "learning_rate", "hidden_units", "dropout", "epochs",
                    "feature_transform")
 # What runs saved before these hyperparameters existed trained with, for --resume.
 EARLIER_HYPERPARAMETERS = {"weight_decay": 1e-4, "mirror": "off", "feature_transform": "none"}
-# Seconds between writes of the checkpoint and train_state.pth during training (see
-# Trainer.keep_train_state): a kill -9 loses at most this much training, Ctrl-C nothing.
+# Seconds between writes of the checkpoint and train_state.pth during training on cached
+# features (see Trainer.keep_train_state): a kill -9 loses at most this much training plus the
+# epoch under way, Ctrl-C nothing.
 SAVE_INTERVAL = 10
 MIRROR_CHOICES = ("predict", "all", "off")
 # Defaults of the flags left at None, for a pretrained backbone (chosen by cross-validation:

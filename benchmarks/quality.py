@@ -10,8 +10,9 @@ seed); each setting trains train.py's head with train.py's own functions (make_o
 train_one_epoch, its loss and schedule) on k-1 folds and is scored on the last epoch on the
 held-out fold. The chosen setting is the one with the best mean accuracy; the cheapest (in
 backbone passes, then head training) within one standard error of it (the one-standard-error
-rule) is printed beside it, for the trade of accuracy against time. Only then is it trained on train/ (last epoch) and checked once on test/; the test split never
-chooses anything.
+rule) is printed beside it, for the trade of accuracy against time. Only then is the chosen
+setting trained on train/ (last epoch) and checked once on test/; the test split never chooses
+anything.
 
 Unknown verdict: class means of the training features; an image is unknown when the cosine
 similarity of its feature to the nearest class mean is below a threshold that lets --pass_rate
