@@ -12,6 +12,8 @@ Temperature scaling (one scalar fitted on valid) makes the probabilities match t
     known = nearest_similarity(features, means) >= threshold
     temperature = fit_temperature(valid_logits, valid_labels)   # predict: softmax(logits / T)
 """
+import math
+
 import torch
 from torch import nn
 
@@ -45,16 +47,19 @@ def fit_temperature(logits, labels):
     logits, labels = logits.detach().float().clone(), labels.detach().clone()
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
+    # Clamped inside the loss too: where every valid image is right, LBFGS's steps grow as the
+    # gradient fades and once drove T to 0 (logits / T = inf, a NaN temperature).
+    low, high = (math.log(bound) for bound in TEMPERATURE_RANGE)
 
     def closure():
         optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss = nn.functional.cross_entropy(logits / log_t.clamp(low, high).exp(), labels)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return min(max(log_t.exp().item(), TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
+    return log_t.detach().clamp(low, high).exp().item()
 
 
 def expected_calibration_error(probabilities, labels, bins=ECE_BINS):

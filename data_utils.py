@@ -134,7 +134,8 @@ def load_image(path, target=None):
 def eval_transform(preprocess):
     """Resize, centre crop and normalise as the backbone was trained: the one used to predict."""
     return transforms.Compose([
-        transforms.Resize(preprocess.resize),
+        transforms.Resize(preprocess.resize,
+                          interpolation=transforms.InterpolationMode(preprocess.interpolation)),
         transforms.CenterCrop(preprocess.crop),
         transforms.ToTensor(),
         transforms.Normalize(preprocess.mean, preprocess.std),

@@ -37,12 +37,33 @@ MIN_OPENVINO_IMAGES = 128
 
 
 def autocast(device):
-    """bf16 (or fp16) autocast on CUDA; a no-op on the CPU, where torch's bf16 is not the fast
-    path (OpenVINO is)."""
+    """bf16 (or fp16) autocast on CUDA; a no-op on the CPU, where inference keeps torch's fp32
+    (the reference path; OpenVINO is the fast one)."""
     if device.type != "cuda":
         return torch.autocast("cpu", enabled=False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def training_autocast(device):
+    """autocast() for training steps, and bf16 on a CPU that computes it natively: there the
+    head's epoch on cached features took 0.31 s in fp32 and 0.19 s in bf16 (batches of 256,
+    one thread), at the same cross-validated accuracy (benchmarks/quality.py)."""
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16())
+    return autocast(device)
+
+
+@cache
+def cpu_has_native_bf16():
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast
+    trains about 1.6-1.9x faster than float32 (measured on an AMD EPYC with avx512_bf16);
+    elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no way to tell, so no bf16
+        return False
+    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def default_engine_cache_dir():

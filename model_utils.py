@@ -9,15 +9,17 @@
 A checkpoint is a dict of tensors and plain values (see README.md), loaded with
 torch.load(..., weights_only=True) only: a checkpoint from a stranger cannot run code.
 """
+import math
 import pickle
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.transforms import InterpolationMode
 
 from backbones import Backbone, Preprocess, build_backbone
-from common import UserError, atomic_write, error_reason
+from common import UserError, atomic_write, error_reason, warn
 
 CHECKPOINT_FORMAT = 1
 # What every checkpoint holds; make_checkpoint writes them, load_checkpoint requires them.
@@ -210,8 +212,23 @@ def unknown_verdict(checkpoint):
     return means.float(), float(threshold)
 
 
+def checkpoint_temperature(checkpoint):
+    """The temperature that divides the logits; 1 (with a warning) for the NaN that fine-tuning
+    on a tiny valid split could store before calibration.fit_temperature was bounded."""
+    temperature = float(optional(checkpoint, "temperature"))
+    if math.isfinite(temperature) and temperature > 0:
+        return temperature
+    warn(f"the checkpoint's temperature is {temperature}: its probabilities are left "
+         "uncalibrated; train again to calibrate them")
+    return 1.0
+
+
 def checkpoint_preprocess(checkpoint):
-    return Preprocess.from_dict(checkpoint["preprocess"])
+    preprocess = Preprocess.from_dict(checkpoint["preprocess"])
+    if preprocess.interpolation not in {mode.value for mode in InterpolationMode}:
+        raise UserError(f"the checkpoint resizes images with {preprocess.interpolation!r}, "
+                        "which this version does not know; update this tool")
+    return preprocess
 
 
 # What loading weights into the wrong model raises.
@@ -255,7 +272,7 @@ def model_from_checkpoint(checkpoint, pretrained=True):
     try:
         model = ImageClassifier(backbone, head_from_checkpoint(checkpoint),
                                 mirror=bool(optional(checkpoint, "mirror")),
-                                temperature=float(optional(checkpoint, "temperature")))
+                                temperature=checkpoint_temperature(checkpoint))
         model.load_trained_weights(checkpoint)
     except WEIGHT_MISMATCH_ERRORS as error:
         raise damaged_checkpoint(error) from None

@@ -31,6 +31,7 @@ from model_utils import (
     backbone_features,
     checkpoint_classes,
     checkpoint_preprocess,
+    checkpoint_temperature,
     head_from_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
@@ -83,7 +84,7 @@ class Predictor:
         verdict = unknown_verdict(self.checkpoint)
         self.class_means, self.unknown_threshold = verdict if verdict else (None, None)
         self.mirror = optional(self.checkpoint, "mirror")
-        self.temperature = float(optional(self.checkpoint, "temperature"))
+        self.temperature = checkpoint_temperature(self.checkpoint)
 
     @property
     def model(self):

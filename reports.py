@@ -210,10 +210,10 @@ def plot_confusion_matrix(labels, predictions, class_names, path):
     axes.set_xticks(ticks, [str(name) for name in class_names], rotation=90, fontsize=font_size)
     axes.set_yticks(ticks, [str(name) for name in class_names], fontsize=font_size)
     # Faint cell borders, to follow a row or column from its name to a mix-up far off the diagonal.
-    axes.set_xticks(ticks[:-1] + 0.5, minor=True)
-    axes.set_yticks(ticks[:-1] + 0.5, minor=True)
-    axes.tick_params(which="minor", length=0)
-    axes.grid(which="minor", color="#888888", linewidth=0.3, alpha=0.3)
+    # (Two line collections: a minor tick and grid line per class took a third of the time.)
+    borders = ticks[:-1] + 0.5
+    for draw_lines in (axes.hlines, axes.vlines):
+        draw_lines(borders, -0.5, class_count - 0.5, color="#888888", linewidth=0.3, alpha=0.3)
     if class_count <= 20:
         _write_counts(axes, counts, fractions)
     axes.set_xlabel("predicted class", fontsize=11)

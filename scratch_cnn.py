@@ -7,9 +7,7 @@ from it: each image is decoded once into one uint8 tensor in memory (CIFAR-10: 1
 batches are augmented with tensor ops (random crop from a reflect-padded image, horizontal flip)
 in the main process, on the device that trains: no decoding workers, no per-image transforms.
 """
-import functools
 import statistics
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -20,6 +18,7 @@ import distributed
 from backbones import Preprocess
 from common import UserError
 from data_utils import UNREADABLE_IMAGE_ERRORS, load_image
+from engines import cpu_has_native_bf16
 
 # Widths of the three conv groups and of the stem: about 1.2 M weights, 4.6 MB as float32.
 WIDTHS = (64, 128, 256)
@@ -75,18 +74,6 @@ class SmallCNN(nn.Module):
         # Two passes rather than one on a doubled batch: torch.export (OpenVINO) then keeps
         # the batch size free.
         return (self.features(images) + self.features(images.flip(3))) / 2
-
-
-@functools.cache
-def cpu_has_native_bf16():
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast
-    trains this network about 1.9x faster than float32 (measured on an AMD EPYC with
-    avx512_bf16); elsewhere bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:  # not Linux: no way to tell, so no bf16
-        return False
-    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def input_size(paths, sample=200):

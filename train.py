@@ -55,7 +55,7 @@ from data_utils import (
     is_readable,
     load_category_names,
 )
-from engines import ENGINE_CHOICES, autocast
+from engines import ENGINE_CHOICES, autocast, training_autocast
 from features import FeatureExtractor, default_cache_dir, default_workers, image_loader
 from model_utils import (
     FEATURE_TRANSFORMS,
@@ -455,7 +455,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, criterion, dev
     loss_sum, count = 0.0, 0
     for inputs, labels in batches:
         labels = labels.to(device, non_blocking=True)
-        with autocast(device):
+        with training_autocast(device):
             loss = criterion(model(inputs).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

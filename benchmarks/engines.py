@@ -14,7 +14,8 @@ All rows come from one run (the CPU may be shared: compare rows of one run, not 
                default): the yardstick of train.py's goal
   train.py     cold (empty feature cache, in a temp folder) with --engine auto, then warm (same
                cache: the same command again, and other head settings), and last cold with
-               --engine torch (the fp32 reference): seconds, valid and test accuracy
+               --engine torch and the head's bf16 training off (the float32 reference): seconds,
+               valid and test accuracy
   predict.py   a folder of test photos at 256 px and the same upscaled to a shorter side of 3024
                (aspect kept; 12 MP at 4:3; JPEGs in a temp folder): seconds and the share of equal top answers; one image against
                `python -c "import torch, torchvision"` (best of 3 each)
@@ -120,15 +121,24 @@ def run(*arguments):
     return done.stdout, wall
 
 
+# train.py with bf16 off where the CPU has it natively (the head then trains in float32 too):
+# with --engine torch, the float32 reference of every step.
+FLOAT32_TRAIN = ("import runpy, sys, engines; engines.cpu_has_native_bf16 = lambda: False; "
+                 "sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')")
+
+
 def train_row(data_dir, work, engine):
-    """A cold train.py run (its own empty feature cache): seconds, valid and test accuracy."""
+    """A cold train.py run (its own empty feature cache): seconds, valid and test accuracy;
+    --engine torch runs all in float32 (FLOAT32_TRAIN), the reference."""
     save_dir = work / f"run-{engine}"
-    _, wall = run("train.py", data_dir, "--save_dir", save_dir, "--cache_dir",
+    script = ("-c", FLOAT32_TRAIN) if engine == "torch" else ("train.py",)
+    _, wall = run(*script, data_dir, "--save_dir", save_dir, "--cache_dir",
                   work / f"cache-{engine}", "--engine", engine)
     checkpoint = torch.load(save_dir / "checkpoint.pth", weights_only=True)
     valid = checkpoint["metrics"]["valid_accuracy"]
     test = json.loads((save_dir / "test_report.json").read_text())["accuracy"]
-    row(f"train.py cold --engine {engine}", wall, note=f"valid {valid:.2%}  test {test:.2%}")
+    name = "torch, all float32" if engine == "torch" else engine
+    row(f"train.py cold --engine {name}", wall, note=f"valid {valid:.2%}  test {test:.2%}")
     return {"wall": wall, "valid": valid, "test": test}
 
 

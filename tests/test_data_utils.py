@@ -1,10 +1,12 @@
 """Folders, class mappings and image loading."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from backbones import Preprocess
 from common import UserError
@@ -208,3 +210,20 @@ def test_phone_formats_are_listed_and_read_upright(tmp_path, suffix):
     assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]
     dataset = ImageFiles([str(path)], eval_transform(PREPROCESS), 224, draft=256)
     assert dataset[0][2] and dataset[0][0].shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_eval_transform_resizes_with_the_backbones_filter(tmp_path, interpolation):
+    """A 512-px photo resized to 256 as the backbone's preprocessing says: the same pixels as
+    torchvision's resize with that filter, and not those of the other filter."""
+    torch.manual_seed(0)
+    noise = (torch.rand(3, 300, 512) * 255).to(torch.uint8)
+    image = transforms.functional.to_pil_image(noise)
+    preprocess = dataclasses.replace(PREPROCESS, interpolation=interpolation)
+    other = "bicubic" if interpolation == "bilinear" else "bilinear"
+    expected = {name: transforms.functional.to_tensor(transforms.functional.center_crop(
+        transforms.functional.resize(image, 256, transforms.InterpolationMode(name)), 224)) * 2 - 1
+        for name in (interpolation, other)}
+    tensor = eval_transform(preprocess)(image)
+    assert torch.allclose(tensor, expected[interpolation], atol=1e-6)
+    assert not torch.allclose(tensor, expected[other], atol=1e-2)

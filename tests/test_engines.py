@@ -151,3 +151,16 @@ def test_predictor_takes_openvino_for_large_folders_or_once_converted(trained, t
     path.parent.mkdir(parents=True)
     path.write_text("<net/>")
     assert fresh.backbone_engine(1).name == "openvino" and fresh._model is None
+
+
+def test_training_autocasts_to_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    """Training steps on the CPU run in bf16 where it is native (faster, same accuracy) and in
+    float32 elsewhere; inference on the CPU stays float32."""
+    layer = nn.Linear(8, 4)
+    inputs = torch.randn(2, 8)
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda native=native: native)
+        with engines.training_autocast(CPU):
+            assert layer(inputs).dtype == dtype
+        with engines.autocast(CPU):
+            assert layer(inputs).dtype == torch.float32

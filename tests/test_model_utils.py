@@ -14,6 +14,7 @@ from model_utils import (
     ImageClassifier,
     SignedSqrt,
     build_head,
+    checkpoint_preprocess,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
@@ -232,3 +233,32 @@ def test_killed_save_leaves_previous_checkpoint_intact(tmp_path):
     assert result.returncode == -signal.SIGKILL
     assert any(tmp_path.glob(".checkpoint.pth.*.tmp"))  # the half-written file, never renamed
     assert torch.load(path, weights_only=True)["version"] == "old"
+
+
+def test_checkpoint_keeps_the_resize_filter_and_older_ones_resize_bilinear():
+    """The backbone's own filter (timm's bicubic for EfficientNet-Lite0, torchvision's preset
+    for its models) travels in the checkpoint; one written before the key existed resized, and
+    so still resizes, bilinear."""
+    assert build_backbone("efficientnet_lite0").preprocess.interpolation == "bicubic"
+    assert build_backbone("vgg16", pretrained=False).preprocess.interpolation == "bilinear"
+    checkpoint, _ = small_checkpoint()
+    assert checkpoint["preprocess"]["interpolation"] == "bicubic"
+    assert checkpoint_preprocess(checkpoint).interpolation == "bicubic"
+    older = {**checkpoint, "preprocess": {key: value for key, value in
+                                          checkpoint["preprocess"].items()
+                                          if key != "interpolation"}}
+    assert checkpoint_preprocess(older).interpolation == "bilinear"
+    newer = {**checkpoint, "preprocess": {**checkpoint["preprocess"], "interpolation": "sinc"}}
+    with pytest.raises(UserError, match="resizes images with 'sinc'.*update this tool"):
+        checkpoint_preprocess(newer)
+
+
+def test_nan_temperature_of_an_older_fine_tuned_checkpoint_is_left_out_with_a_warning(capsys):
+    """Fine-tuning on a tiny valid split could store a NaN temperature (calibration.py's fit was
+    unbounded then): its predictions must stay probabilities, not NaN."""
+    checkpoint, _ = small_checkpoint(temperature=float("nan"))
+    model = model_from_checkpoint(checkpoint)
+    assert model.temperature == 1.0
+    assert "temperature is nan" in capsys.readouterr().err
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.randn(1, 3, 224, 224))).all()
