@@ -59,7 +59,8 @@ def fit_temperature(logits, labels):
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return log_t.detach().clamp(low, high).exp().item()
+    temperature = log_t.detach().clamp(low, high).exp().item()
+    return temperature if math.isfinite(temperature) else 1.0  # NaN logits: nothing to fit
 
 
 def expected_calibration_error(probabilities, labels, bins=ECE_BINS):

@@ -47,8 +47,9 @@ def autocast(device):
 
 def training_autocast(device):
     """autocast() for training steps, and bf16 on a CPU that computes it natively: there the
-    head's epoch on cached features took 0.31 s in fp32 and 0.19 s in bf16 (batches of 256,
-    one thread), at the same cross-validated accuracy (benchmarks/quality.py)."""
+    default head's epoch on cached features took 0.30 s instead of 0.37 s in float32 (batches of
+    64, one thread; 0.19 s instead of 0.28 s in batches of 256), at the same cross-validated
+    accuracy (benchmarks/quality.py)."""
     if device.type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16())
     return autocast(device)

@@ -134,8 +134,8 @@ def export_metadata(checkpoint, export_format, category_names=None):
         "names": display_names(classes, category_names or {}),
         "preprocess": preprocess.as_dict(),
         "input": f"float32 [N, 3, {crop}, {crop}], RGB, resized so the shorter side is "
-                 f"{preprocess.resize} ({preprocess.interpolation}), centre-cropped to {crop}x{crop}, scaled to "
-                 "[0, 1], normalised with mean/std",
+                 f"{preprocess.resize} ({preprocess.interpolation}), centre-cropped to "
+                 f"{crop}x{crop}, scaled to [0, 1], normalised with mean/std",
         "output": f"probabilities [N, {len(classes)}]",
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,

@@ -256,8 +256,9 @@ def head_from_checkpoint(checkpoint):
     return head.eval()
 
 
-def model_from_checkpoint(checkpoint, pretrained=True):
-    """Rebuild the trained classifier, refusing a backbone whose weights differ from training's.
+def model_from_checkpoint(checkpoint, pretrained=True, temperature=None):
+    """Rebuild the trained classifier, refusing a backbone whose weights differ from training's;
+    temperature: checkpoint_temperature() where the caller has it already (one warning).
 
     A checkpoint with its own backbone weights (fine-tuned or trained from scratch) needs no
     pretrained download.
@@ -272,7 +273,7 @@ def model_from_checkpoint(checkpoint, pretrained=True):
     try:
         model = ImageClassifier(backbone, head_from_checkpoint(checkpoint),
                                 mirror=bool(optional(checkpoint, "mirror")),
-                                temperature=checkpoint_temperature(checkpoint))
+                                temperature=temperature or checkpoint_temperature(checkpoint))
         model.load_trained_weights(checkpoint)
     except WEIGHT_MISMATCH_ERRORS as error:
         raise damaged_checkpoint(error) from None

@@ -91,7 +91,8 @@ class Predictor:
         """The whole torch classifier, built on first use: OpenVINO with a converted model on
         disk needs only the head, and building the backbone costs about a second."""
         if self._model is None:
-            self._model = model_from_checkpoint(self.checkpoint).to(self.device)
+            self._model = model_from_checkpoint(self.checkpoint,
+                                                temperature=self.temperature).to(self.device)
         return self._model
 
     def backbone_engine(self, images):

@@ -143,7 +143,8 @@ class ScratchTask:
     where the trainer gathers them); training batches shuffled, sharded across torchrun ranks
     and augmented whole; evaluation batches plain (the network averages each image with its
     mirror image itself). `model` is what trains: the classifier, under bf16 autocast on a CPU
-    that computes bf16 natively (train.py autocasts on CUDA itself)."""
+    that computes bf16 natively, in evaluation too (train.py's training steps autocast as well:
+    engines.training_autocast)."""
 
     def __init__(self, args, backbone, splits, device, classifier):
         size = input_size(splits["train"].paths)

@@ -61,6 +61,7 @@ from model_utils import (
     FEATURE_TRANSFORMS,
     ImageClassifier,
     build_head,
+    checkpoint_preprocess,
     load_checkpoint,
     make_checkpoint,
     save_checkpoint,
@@ -705,6 +706,9 @@ def train(args, device):
         f"{name} {len(split.paths)} images" for name, split in splits.items()))
     torch.manual_seed(args.seed)  # before the backbone: one trained from scratch starts random
     backbone = load_backbone(args.arch)
+    if resumed and backbone.pretrained:
+        # Preprocessed as the run began (bilinear for one begun before the filter was recorded).
+        backbone.preprocess = checkpoint_preprocess(resumed)
     fill_defaults(args, from_scratch=not backbone.pretrained)
     head_spec = {"hidden_units": args.hidden_units, "dropout": args.dropout,
                  "feature_transform": args.feature_transform}

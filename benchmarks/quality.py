@@ -20,6 +20,7 @@ of the valid images through. The pass rate is checked by cross-validation (flowe
 folds flagged), then the rule is checked once on test/ and on --not_flowers.
 """
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -46,7 +47,7 @@ from features import FeatureExtractor, default_workers, image_loader  # noqa: E4
 from model_utils import ImageClassifier, build_head  # noqa: E402
 
 CPU = torch.device("cpu")
-CACHE_NAME = "quality_features.pt"
+CACHE_NAME = "quality_features"
 
 # Each setting: train.py flags (as a dict; mirror as train.py --mirror) plus what the benchmark
 # tries around train.py: heads: that many heads (seeds) averaged; standardise: features z-scored
@@ -143,7 +144,11 @@ def plain_and_mirror_features(extractor, paths, preprocess, workers):
 def load_features(args):
     """{split: {"plain", "mirror", "labels"}} for train, valid, test (and not_flowers), readable
     images only; extracted once, then read from --cache_dir."""
-    cache = Path(args.cache_dir) / CACHE_NAME
+    backbone = feature_backbone()
+    # Named by what makes the features: the weights and the exact transform (resize filter too).
+    made_by = f"{backbone.name} {backbone.weights} {eval_transform(backbone.preprocess)!r}"
+    cache = Path(args.cache_dir) / (
+        f"{CACHE_NAME}-{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.pt")
     if cache.is_file():
         return torch.load(cache, weights_only=True)
     class_to_idx, splits = find_splits(args.data_dir)
@@ -151,7 +156,6 @@ def load_features(args):
     if args.not_flowers:
         paths = list_images(args.not_flowers)
         sources["not_flowers"] = (paths, [-1] * len(paths))
-    backbone = build_backbone(DEFAULT_ARCH)
     extractor = FeatureExtractor(backbone, CPU, workers=args.workers, engine="torch")
     data = {}
     for name, (paths, labels) in sources.items():
@@ -321,12 +325,13 @@ def cross_validate(data, names, folds, seed):
     return results, fold_of
 
 
-def cost(setting):
+def cost(setting, seconds_per_fold):
     """What a cold default run costs, roughly: backbone passes (the mirror doubles those of the
-    images it is used on; train/ holds 80% of them), then head training."""
-    mirror, args = mirror_of(setting), train_args(setting)
+    images it is used on; train/ holds 80% of them), then the head's training as measured (its
+    epochs, batch size and width all count)."""
+    mirror = mirror_of(setting)
     passes = 0.8 * (2 if mirror == "all" else 1) + 0.2 * (1 if mirror == "off" else 2)
-    return passes, setting.get("heads", 1) * args.epochs * args.hidden_units
+    return passes, seconds_per_fold
 
 
 def choose(results):
@@ -340,7 +345,7 @@ def one_standard_error(results, folds):
     best_mean, best_std, _ = results[choose(results)]
     tied = [name for name, (mean, _, _) in results.items()
             if mean >= best_mean - best_std / folds ** 0.5]
-    return min(tied, key=lambda name: cost(SETTINGS[name]))
+    return min(tied, key=lambda name: cost(SETTINGS[name], results[name][2]))
 
 
 # --- unknown verdict and calibration ---------------------------------------------------------

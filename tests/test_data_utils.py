@@ -213,7 +213,7 @@ def test_phone_formats_are_listed_and_read_upright(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_eval_transform_resizes_with_the_backbones_filter(tmp_path, interpolation):
+def test_eval_transform_resizes_with_the_backbones_filter(interpolation):
     """A 512-px photo resized to 256 as the backbone's preprocessing says: the same pixels as
     torchvision's resize with that filter, and not those of the other filter."""
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ from model_utils import (
     model_from_checkpoint,
     save_checkpoint,
 )
+from predictor import Predictor
 
 
 @pytest.mark.parametrize("arch, feature_dim", [
@@ -253,7 +254,7 @@ def test_checkpoint_keeps_the_resize_filter_and_older_ones_resize_bilinear():
         checkpoint_preprocess(newer)
 
 
-def test_nan_temperature_of_an_older_fine_tuned_checkpoint_is_left_out_with_a_warning(capsys):
+def test_nan_temperature_of_an_older_checkpoint_is_left_out_with_a_warning(capsys, tmp_path):
     """Fine-tuning on a tiny valid split could store a NaN temperature (calibration.py's fit was
     unbounded then): its predictions must stay probabilities, not NaN."""
     checkpoint, _ = small_checkpoint(temperature=float("nan"))
@@ -262,3 +263,10 @@ def test_nan_temperature_of_an_older_fine_tuned_checkpoint_is_left_out_with_a_wa
     assert "temperature is nan" in capsys.readouterr().err
     with torch.inference_mode():
         assert torch.isfinite(model(torch.randn(1, 3, 224, 224))).all()
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(checkpoint, path)
+    predictor = Predictor(path, engine="torch")
+    assert predictor.temperature == 1.0
+    probabilities, _ = predictor.outputs(torch.randn(1, 3, 224, 224))
+    assert torch.isfinite(probabilities).all()
+    assert capsys.readouterr().err.count("temperature is nan") == 1  # the model built: once

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import PROJECT, make_subset, run_script, train_args
 
+import engines
 import predict
 import train
 from common import UserError
@@ -309,3 +310,53 @@ def test_unreadable_training_images_are_skipped_or_strict(tmp_path):
                         "--cache_dir", tmp_path / "cache", "--strict")
     assert strict.returncode == 2 and "2 unreadable images" in strict.stderr
     assert not (tmp_path / "strict" / "checkpoint.pth").exists()
+
+
+def test_resume_of_a_run_begun_before_the_resize_filter_keeps_resizing_bilinear(
+        subset, tmp_path, monkeypatch):
+    """A train_state.pth written before checkpoints recorded the filter resumes with that run's
+    bilinear resizing, not the backbone's bicubic of today (features of one kind throughout)."""
+    monkeypatch.setattr(train, "SAVE_INTERVAL", 3600)
+    run_epoch = train.Trainer.run_epoch
+
+    def interrupted_at_epoch_2(trainer, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return run_epoch(trainer, epoch)
+
+    monkeypatch.setattr(train.Trainer, "run_epoch", interrupted_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "2"))
+    monkeypatch.setattr(train.Trainer, "run_epoch", run_epoch)
+    state_path = tmp_path / "run" / "train_state.pth"
+    state = torch.load(state_path, weights_only=True)
+    assert state["preprocess"].pop("interpolation") == "bicubic"
+    torch.save(state, state_path)
+    resumed = train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--resume",
+                                    tmp_path / "run"))
+    assert resumed["extracted_images"] > 0  # bilinear features: not those cached by epoch 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pth")["preprocess"][
+        "interpolation"] == "bilinear"
+    assert "interpolation=bilinear" in repr(Predictor(tmp_path / "run" / "checkpoint.pth").transform)
+
+
+def test_training_steps_run_in_bf16_where_the_cpu_computes_it(monkeypatch):
+    """train_one_epoch autocasts to bf16 on a CPU with native bf16 (and not elsewhere)."""
+    seen = []
+
+    class Recorder(torch.nn.Linear):
+        def forward(self, inputs):
+            output = super().forward(inputs)
+            seen.append(output.dtype)
+            return output
+
+    model = Recorder(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 2]))]
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda native=native: native)
+        train.train_one_epoch(model, batches, optimizer, scheduler, scaler,
+                              torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+        assert seen.pop() == dtype
