@@ -1,4 +1,5 @@
 """Shared fixtures: small real subsets of ../shared/data/flowers102 and one trained run."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -67,3 +68,24 @@ def trained(subset, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     result = train.main(train_args(subset, root / "run", root / "cache", "--epochs", "8"))
     return result, root / "run"
+
+
+@contextlib.contextmanager
+def stopped_at_epoch(epoch, error=KeyboardInterrupt):
+    """train.py's Trainer raising `error` (Ctrl-C by default) as epoch `epoch` begins; the block
+    must end with it."""
+    import train
+
+    run_epoch = train.Trainer.run_epoch
+
+    def run_or_stop(trainer, number):
+        if number == epoch:
+            raise error
+        return run_epoch(trainer, number)
+
+    train.Trainer.run_epoch = run_or_stop
+    try:
+        with pytest.raises(error if isinstance(error, type) else type(error)):
+            yield
+    finally:
+        train.Trainer.run_epoch = run_epoch

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import scratch_cnn
 from backbones import Preprocess
-from conftest import CIFAR, make_subset, train_args
+from conftest import CIFAR, make_subset, stopped_at_epoch, train_args
 from data_utils import eval_transform, find_splits, load_image
 
 CIFAR_CLASSES = ("airplane", "cat", "ship")
@@ -80,7 +80,7 @@ def test_network_averages_each_image_with_its_mirror_in_eval_mode():
         assert not torch.allclose(network(images), network.train()(images))
 
 
-def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path, monkeypatch):
+def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
     import train
     from model_utils import load_checkpoint
     from predictor import Predictor
@@ -97,18 +97,9 @@ def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path, monkeypat
         "learning_rate"]
     assert (tmp_path / "whole" / "test_report.json").is_file()
 
-    run_epoch = train.Trainer.run_epoch
-
-    def interrupted_at_epoch_2(trainer, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return run_epoch(trainer, epoch)
-
-    monkeypatch.setattr(train.Trainer, "run_epoch", interrupted_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at_epoch(2):
         train.main(train_args(cifar, tmp_path / "cut", tmp_path / "cache", "--arch", "cnn",
                               "--epochs", "2", "--batch_size", "16"))
-    monkeypatch.setattr(train.Trainer, "run_epoch", run_epoch)
     resumed = train.main(train_args(cifar, tmp_path / "cut", tmp_path / "cache", "--resume",
                                     tmp_path / "cut" / "checkpoint.pth"))
     assert [record["epoch"] for record in resumed["history"]] == [1, 2]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT, make_subset, run_script, train_args
+from conftest import PROJECT, make_subset, run_script, stopped_at_epoch, train_args
 
 import engines
 import predict
@@ -208,17 +208,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(subset, tmp_path,
     monkeypatch.setattr(train, "SAVE_INTERVAL", 3600)  # the interrupt writes the kept state
     cache = tmp_path / "cache"
     train.main(train_args(subset, tmp_path / "whole", cache, "--epochs", "5"))
-    run_epoch = train.Trainer.run_epoch
-
-    def interrupted_at_epoch_4(trainer, epoch):
-        if epoch == 4:
-            raise KeyboardInterrupt  # as Ctrl-C would, or a kill after epoch 3's save
-        return run_epoch(trainer, epoch)
-
-    monkeypatch.setattr(train.Trainer, "run_epoch", interrupted_at_epoch_4)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at_epoch(4):  # as Ctrl-C would, or a kill after epoch 3's save
         train.main(train_args(subset, tmp_path / "cut", cache, "--epochs", "5"))
-    monkeypatch.setattr(train.Trainer, "run_epoch", run_epoch)
     resumed = train.main(train_args(subset, tmp_path / "cut", cache, "--resume",
                                     tmp_path / "cut" / "checkpoint.pth"))
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4, 5]
@@ -265,15 +256,7 @@ def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypat
 def test_an_error_during_training_still_writes_the_finished_epochs(subset, tmp_path,
                                                                     monkeypatch):
     monkeypatch.setattr(train, "SAVE_INTERVAL", 3600)  # epochs 1-3 are held in memory
-    run_epoch = train.Trainer.run_epoch
-
-    def failing_at_epoch_4(trainer, epoch):
-        if epoch == 4:
-            raise RuntimeError("a crash in epoch 4")
-        return run_epoch(trainer, epoch)
-
-    monkeypatch.setattr(train.Trainer, "run_epoch", failing_at_epoch_4)
-    with pytest.raises(RuntimeError, match="a crash in epoch 4"):
+    with stopped_at_epoch(4, RuntimeError("a crash in epoch 4")):
         train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "5"))
     assert load_checkpoint(tmp_path / "run" / "train_state.pth")["epoch_done"] == 3
     assert 1 <= load_checkpoint(tmp_path / "run" / "checkpoint.pth")["epoch"] <= 3
@@ -317,17 +300,8 @@ def test_resume_of_a_run_begun_before_the_resize_filter_keeps_resizing_bilinear(
     """A train_state.pth written before checkpoints recorded the filter resumes with that run's
     bilinear resizing, not the backbone's bicubic of today (features of one kind throughout)."""
     monkeypatch.setattr(train, "SAVE_INTERVAL", 3600)
-    run_epoch = train.Trainer.run_epoch
-
-    def interrupted_at_epoch_2(trainer, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return run_epoch(trainer, epoch)
-
-    monkeypatch.setattr(train.Trainer, "run_epoch", interrupted_at_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_at_epoch(2):
         train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "2"))
-    monkeypatch.setattr(train.Trainer, "run_epoch", run_epoch)
     state_path = tmp_path / "run" / "train_state.pth"
     state = torch.load(state_path, weights_only=True)
     assert state["preprocess"].pop("interpolation") == "bicubic"
