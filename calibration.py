@@ -59,8 +59,10 @@ def fit_temperature(logits, labels):
 
     with torch.enable_grad():
         optimizer.step(closure)
-    temperature = log_t.detach().clamp(low, high).exp().item()
-    return temperature if math.isfinite(temperature) else 1.0  # NaN logits: nothing to fit
+    temperature = log_t.exp().item()
+    if math.isnan(temperature):  # NaN logits: nothing to fit
+        return 1.0
+    return min(max(temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1])
 
 
 def expected_calibration_error(probabilities, labels, bins=ECE_BINS):
