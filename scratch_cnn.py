@@ -18,7 +18,7 @@ import distributed
 from backbones import Preprocess
 from common import UserError
 from data_utils import UNREADABLE_IMAGE_ERRORS, load_image
-from engines import cpu_has_native_bf16
+from engines import training_autocast
 
 # Widths of the three conv groups and of the stem: about 1.2 M weights, 4.6 MB as float32.
 WIDTHS = (64, 128, 256)
@@ -194,15 +194,15 @@ class ScratchTask:
 
 
 class CpuAutocast(nn.Module):
-    """model under bf16 autocast when it runs on a CPU that computes bf16 natively."""
+    """model under train.py's training autocast in evaluation too: bf16 on a CPU that computes
+    it natively (on CUDA train.py's own autocast is the same)."""
 
     def __init__(self, model, device):
         super().__init__()
-        self.model = model
-        self.enabled = device.type == "cpu" and cpu_has_native_bf16()
+        self.model, self.device = model, device
 
     def forward(self, images):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.enabled):
+        with training_autocast(self.device):
             return self.model(images)
 
 
