@@ -216,3 +216,16 @@ def check_category_names(category_names, classes):
     if category_names and missing:
         warn(f"the category names file has no name for {len(missing)} of {len(classes)} classes "
              f"({', '.join(missing[:5])}); showing their folder names")
+
+
+def default_workers():
+    """Decoding processes: one core is left for the model, and a few are plenty."""
+    return max(1, min(6, (os.cpu_count() or 2) - 1))
+
+
+def image_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
+    """Batches decoded by worker processes, pinned for fast copies to a GPU."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers else None)

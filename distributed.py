@@ -31,6 +31,12 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def shard(items):
+    """This process's share of items: every world_size()-th one from its rank on, so the
+    shares are disjoint, cover every item once, and need no padding."""
+    return items[rank()::world_size()]
+
+
 def is_main():
     return rank() == 0
 

@@ -17,7 +17,7 @@ import torch
 
 import distributed
 from common import UserError, atomic_write, progress, warn
-from data_utils import ImageFiles
+from data_utils import ImageFiles, default_workers, image_loader
 from engines import compile_backbone, weights_key
 from model_utils import backbone_features
 
@@ -27,19 +27,6 @@ CACHE_FORMAT = 2
 def default_cache_dir():
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "flower_classifier" / "features"
-
-
-def default_workers():
-    """Decoding processes: one core is left for the model, and a few are plenty."""
-    return max(1, min(6, (os.cpu_count() or 2) - 1))
-
-
-def image_loader(dataset, batch_size, workers, device, shuffle=False, sampler=None):
-    """Batches decoded by worker processes, pinned for fast copies to a GPU."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if workers else None)
 
 
 def file_stamps(paths):
@@ -143,7 +130,7 @@ class FeatureExtractor:
 
     def _compute_shared(self, missing, paths, transform, seeds, description, mirror):
         """Rank r computes missing[r::world]; the shares are gathered back into order."""
-        mine = missing[distributed.rank()::distributed.world_size()]
+        mine = distributed.shard(missing)
         dataset = ImageFiles([paths[i] for i in mine], transform, self.spec.preprocess.crop,
                              seeds=None if seeds is None else [seeds[i] for i in mine],
                              draft=self.spec.preprocess.resize)

@@ -26,7 +26,7 @@ from cli_utils import (
 from common import UserError, warn
 from data_utils import list_images, load_image
 from engines import ENGINE_CHOICES
-from features import default_workers
+from data_utils import default_workers
 from predictor import BATCH_SIZE, Predictor
 
 

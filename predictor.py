@@ -26,7 +26,7 @@ from data_utils import (
     load_image,
 )
 from engines import autocast, compile_backbone, weights_key
-from features import default_workers, image_loader
+from data_utils import default_workers, image_loader
 from model_utils import (
     backbone_features,
     checkpoint_classes,

@@ -170,7 +170,7 @@ class ScratchTask:
         trainer), in whole batches: a last, smaller batch would upset BatchNorm."""
         count = len(self.data["train"][1])
         world = distributed.world_size()
-        order = torch.randperm(count)[distributed.rank()::world][:count // world]
+        order = distributed.shard(torch.randperm(count))[:count // world]
         return order[:max(len(order) // self.batch_size, 1) * self.batch_size]
 
     def train_batches(self, epoch):
@@ -180,7 +180,7 @@ class ScratchTask:
 
     def eval_batches(self, split):
         images, labels = self.data[split]
-        mine = torch.arange(len(labels))[distributed.rank()::distributed.world_size()]
+        mine = distributed.shard(torch.arange(len(labels)))
         for batch in mine.split(EVAL_BATCH):
             yield self._normalize(images[batch.to(self.device)]), labels[batch]
 

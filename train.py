@@ -56,7 +56,8 @@ from data_utils import (
     load_category_names,
 )
 from engines import ENGINE_CHOICES, autocast, training_autocast
-from features import FeatureExtractor, default_cache_dir, default_workers, image_loader
+from data_utils import default_workers, image_loader
+from features import FeatureExtractor, default_cache_dir
 from model_utils import (
     FEATURE_TRANSFORMS,
     ImageClassifier,
@@ -354,13 +355,13 @@ class FeatureTask:
         count = len(labels)
         view_index = torch.randint(len(views), (count,))
         world = distributed.world_size()
-        order = torch.randperm(count)[distributed.rank()::world][:count // world]
+        order = distributed.shard(torch.randperm(count))[:count // world]
         for batch in order.split(self.batch_size):
             yield views[view_index[batch], batch].float().to(self.device), labels[batch]
 
     def eval_batches(self, split):
         inputs, labels = self.data[split]
-        mine = torch.arange(len(labels))[distributed.rank()::distributed.world_size()]
+        mine = distributed.shard(torch.arange(len(labels)))
         for batch in mine.split(1024):
             yield inputs[batch].float().to(self.device), labels[batch]
 

@@ -39,7 +39,7 @@ import engines  # noqa: E402
 from backbones import DEFAULT_ARCH, build_backbone  # noqa: E402
 from cli_utils import positive_int  # noqa: E402
 from data_utils import ImageFiles, eval_transform, find_splits, list_images, load_image  # noqa: E402
-from features import image_loader  # noqa: E402
+from data_utils import image_loader  # noqa: E402
 
 CPU = torch.device("cpu")
 PHONE_SHORT_SIDE = 3024  # 4032 x 3024 for a 4:3 photo: 12 MP

@@ -43,7 +43,8 @@ from calibration import (  # noqa: E402
 )
 from backbones import DEFAULT_ARCH, build_backbone  # noqa: E402
 from data_utils import ImageFiles, eval_transform, find_splits, list_images  # noqa: E402
-from features import FeatureExtractor, default_workers, image_loader  # noqa: E402
+from data_utils import default_workers, image_loader  # noqa: E402
+from features import FeatureExtractor  # noqa: E402
 from model_utils import ImageClassifier, build_head  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -52,7 +52,8 @@ from data_utils import (  # noqa: E402
     find_splits,
     is_image_file,
 )
-from features import FeatureExtractor, default_workers, image_loader  # noqa: E402
+from data_utils import default_workers, image_loader  # noqa: E402
+from features import FeatureExtractor  # noqa: E402
 from model_utils import ImageClassifier, build_head  # noqa: E402
 from predictor import BATCH_SIZE, Predictor  # noqa: E402
 
