@@ -1,25 +1,32 @@
-"""Export a checkpoint written by train.py as one self-contained model file, with its metadata.
+"""Export a checkpoint written by train.py as one app-facing model file, with its metadata.
 
-    python export.py checkpoint.pth                                    # -> checkpoint.pt (TorchScript)
-    python export.py checkpoint.pth --format onnx --output flowers.onnx --check photos/
-    python export.py checkpoint.pth --output flowers.pt --category_names cat_to_name.json
+    python export.py checkpoint.pth --format executorch --check photos/   # -> checkpoint.pte
+    python export.py checkpoint.pth --format tflite --output flowers.tflite
+    python export.py checkpoint.pth --format coreml --category_names cat_to_name.json
+    python export.py checkpoint.pth --format executorch --dtype int8 --calibration data/train
 
-The file holds backbone and head together and runs with no code of this project:
-`torch.jit.load("flowers.pt")(images)` or
-`onnxruntime.InferenceSession("flowers.onnx").run(None, {"images": images})`.
-Its input is a float32 batch [N, 3, crop, crop], preprocessed as predict.py does (the JSON file
-written beside it says how); its output is class probabilities [N, num_classes] (softmax
-included). flowers.json, beside flowers.pt, lists the classes in index order, their display
-names and the preprocessing constants.
+Every format takes what an app has: uint8 RGB pixels of the centre crop (NHWC [N, crop, crop, 3];
+Core ML: an RGB image), and does everything else predict.py does inside: scaling, normalisation,
+the mirror image's features averaged in, the temperature and the softmax (app_model.py). Outputs:
+`probabilities` [N, classes] and, when the checkpoint has the unknown verdict, `similarity` [N]
+(the image is none of the classes below the threshold). The class names and the threshold are
+inside the file where the format allows, and always in FILE.json beside it.
 """
 import argparse
 import importlib.util
+import json
+import logging
+import os
+import shutil
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from app_model import PROBABILITIES, SIMILARITY, app_model, app_pixels, output_names
 from cli_utils import HelpFormatter, category_names_from_flag, run_cli
 from common import UserError, atomic_write, error_reason, warn, write_json
 from data_utils import (
@@ -30,59 +37,103 @@ from data_utils import (
     load_image,
 )
 from model_utils import (
+    checkpoint_arch,
     checkpoint_classes,
     checkpoint_preprocess,
+    checkpoint_temperature,
     load_checkpoint,
-    model_from_checkpoint,
+    optional,
+    unknown_verdict,
 )
 from predictor import Predictor
 
-FORMATS = {"torchscript": ".pt", "onnx": ".onnx"}
-INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
-CHECK_BATCH_SIZE = 16
+FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "executorch": ".pte", "tflite": ".tflite",
+           "coreml": ".mlpackage"}
+EXPORT_INSTALL = "pip install -r requirements-export.txt"
+LITERT_INSTALL = ("install it in an environment of its own: python3 -m venv .venv-litert && "
+                  ".venv-litert/bin/pip install -r requirements-export-litert.txt, then run "
+                  "export.py with .venv-litert/bin/python")
+# format -> (module the exporter needs, how to install it)
+EXPORTERS = {"onnx": ("onnx", "pip install onnx"),
+             "executorch": ("executorch", EXPORT_INSTALL),
+             "tflite": ("litert_torch", LITERT_INSTALL),
+             "coreml": ("coremltools", EXPORT_INSTALL)}
+# format -> (module --check runs it with, how to install it); Core ML has no runtime on Linux
+CHECK_RUNTIMES = {"onnx": ("onnxruntime", "pip install onnxruntime"),
+                  "executorch": ("executorch", EXPORT_INSTALL),
+                  "tflite": ("ai_edge_litert", LITERT_INSTALL)}
+BATCHED = ("torchscript", "onnx")  # any batch size; the phone formats take one photo
+INPUT_NAME = "pixels"
+METADATA_NAME = "classifier.json"  # the metadata's name inside the file, where the format allows
+CALIBRATION_IMAGES = 128
+# --check passes when the top-1 classes agree on this share of photos and (float32) no
+# probability differs by more than MAX_DIFFERENCE.
+MIN_AGREEMENT = {"float32": 0.995, "int8": 0.95}
+MAX_DIFFERENCE = 0.01
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        description="Export a checkpoint as a self-contained TorchScript or ONNX model that "
-        "outputs class probabilities, with a JSON file of its classes and preprocessing.",
+        description="Export a checkpoint as one model file for an app: uint8 RGB pixels in, "
+        "calibrated probabilities (and the unknown verdict's similarity) out, with a JSON file "
+        "of its classes, input and outputs beside it.",
         formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint.pth written by train.py")
     parser.add_argument("--format", choices=list(FORMATS), default="torchscript",
-                        help="torchscript runs with plain torch.jit.load; onnx with onnxruntime "
-                        "(exporting needs the onnx package)")
+                        help="torchscript (torch.jit.load) and onnx (onnxruntime) for servers; "
+                        "executorch (.pte, XNNPACK), tflite (LiteRT) and coreml (.mlpackage) "
+                        "for phones; each exporter but torchscript's is an optional install "
+                        "(README)")
+    parser.add_argument("--dtype", choices=["float32", "int8"], default="float32",
+                        help="int8: post-training quantisation with XNNPACK's quantiser, "
+                        "calibrated on --calibration photos (executorch only)")
+    parser.add_argument("--calibration", default=None, metavar="FOLDER",
+                        help=f"training photos that calibrate --dtype int8 ({CALIBRATION_IMAGES} "
+                        "spread over the folder, searched recursively; default: none)")
     parser.add_argument("--output", default=None, metavar="FILE",
                         help="the model file to write; its metadata goes beside it as FILE's "
-                        "name with .json (default: the checkpoint's name with .pt or .onnx)")
+                        "name with .json (default: the checkpoint's name with the format's "
+                        "ending)")
     parser.add_argument("--category_names", default=None, metavar="JSON",
                         help="JSON file mapping class folder names to display names, e.g. "
-                        "cat_to_name.json, for the metadata (default: the folder names)")
+                        "cat_to_name.json, for the labels (default: the folder names)")
     parser.add_argument("--check", default=None, metavar="IMAGE_OR_FOLDER",
-                        help="after exporting, run the exported model and predict.py's model on "
-                        "these images (a folder is searched recursively) and print the largest "
-                        "difference of their probabilities (default: no check)")
+                        help="after exporting, feed these photos to the exported model with the "
+                        "format's own runtime as an app would (shorter side resized, centre "
+                        "crop, uint8) and compare with predict.py; exit 2 when they disagree "
+                        f"(top-1 on less than {MIN_AGREEMENT['float32']:.1%} of photos or a "
+                        f"probability off by more than {MAX_DIFFERENCE}; int8: top-1 on less than "
+                        f"{MIN_AGREEMENT['int8']:.0%}). Core ML's spec only: it cannot predict "
+                        "on Linux (default: no check)")
     return parser
 
 
-def exportable_model(checkpoint):
-    """The trained classifier in eval mode on the CPU, followed by a softmax: images in,
-    probabilities out."""
-    return nn.Sequential(model_from_checkpoint(checkpoint), nn.Softmax(dim=1)).cpu().eval()
+def require(module, what, install):
+    """Fail with one line before any work when an optional package is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs the {module} package, which is not installed; {install}")
 
 
-def example_batch(crop, size=2):
-    return torch.zeros(size, 3, crop, crop)
+def example_pixels(crop, size=1):
+    return torch.randint(0, 256, (size, crop, crop, 3), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
 
 
-def export_torchscript(model, crop, path):
-    """Trace model on an example batch and save it where plain torch.jit.load reads it.
+def exporter_failed(export_format, error):
+    return UserError(f"the {export_format} exporter failed ({error_reason(error)}); export "
+                     "with --format onnx or torchscript instead, or report the checkpoint's arch")
+
+
+def export_torchscript(model, pixels, path, metadata):
+    """Trace model and save it with the metadata inside (torch.jit.load's _extra_files).
 
     trace's own check (tracing twice and comparing) would take 5x longer than the trace; --check
     compares the saved file with predict.py instead."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
-        traced = torch.jit.trace(model, example_batch(crop), check_trace=False)
-        atomic_write(path, lambda temporary: torch.jit.save(traced, str(temporary)))
+        traced = torch.jit.trace(model, pixels, check_trace=False)
+        atomic_write(path, lambda temporary: torch.jit.save(
+            traced, str(temporary), _extra_files={METADATA_NAME: json.dumps(metadata)}))
 
 
 def onnx_exporter():
@@ -91,56 +142,229 @@ def onnx_exporter():
     return "dynamo" if importlib.util.find_spec("onnxscript") else "torchscript"
 
 
-def export_onnx(model, crop, path):
-    """Export model to one ONNX file (weights inside) with a dynamic batch axis; returns the
-    exporter used ("dynamo" or "torchscript")."""
-    try:
-        import onnx
-    except ImportError:
-        raise UserError("exporting to ONNX needs the onnx package; pip install onnx") from None
+def export_onnx(model, pixels, path, metadata):
+    """One ONNX file (weights inside) with a dynamic batch axis and the metadata in its
+    metadata_props; returns the exporter used ("dynamo" or "torchscript")."""
+    import onnx
+
     exporter = onnx_exporter()
+    outputs = metadata["output_names"]
     if exporter == "dynamo":
         options = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)}
     else:
-        options = {"dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}}
+        options = {"dynamic_axes": {name: {0: "batch"} for name in [INPUT_NAME, *outputs]}}
 
     def write(temporary):
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 # The TorchScript-based exporter is deprecated but still works.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(model, (example_batch(crop),), str(temporary),
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                  dynamo=exporter == "dynamo", external_data=False, **options)
-            onnx.checker.check_model(str(temporary))
+                torch.onnx.export(model, (pixels,), str(temporary), input_names=[INPUT_NAME],
+                                  output_names=outputs, dynamo=exporter == "dynamo",
+                                  external_data=False, **options)
+            exported = onnx.load(str(temporary))
+            onnx.helper.set_model_props(exported, {METADATA_NAME: json.dumps(metadata)})
+            onnx.checker.check_model(exported)
+            onnx.save(exported, str(temporary))
         except OSError:
             raise  # a write failure: atomic_write says so
         except Exception as error:  # the exporter's or the checker's own failure
-            raise UserError(f"the {exporter} ONNX exporter failed ({error_reason(error)}); "
-                            "export with --format torchscript instead") from None
+            raise exporter_failed(f"{exporter} ONNX", error) from None
 
     atomic_write(path, write)
     return exporter
 
 
-def export_metadata(checkpoint, export_format, category_names=None):
-    """What a user of the exported file needs: classes in index order, their display names,
-    and the preprocessing that makes its input."""
-    classes = checkpoint_classes(checkpoint)
-    preprocess = checkpoint_preprocess(checkpoint)
+def calibration_images(folder, preprocess):
+    """CALIBRATION_IMAGES photos spread evenly over folder (every class of a train/ folder), as
+    the app-facing model's uint8 input."""
+    paths = list_images(Path(folder)) if Path(folder).is_dir() else []
+    if not paths:
+        raise UserError(f"--calibration {folder} holds no images; pass the training photos, "
+                        "e.g. data/train")
+    chosen = paths[::max(1, len(paths) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
+    readable = []
+    for path in chosen:
+        try:
+            readable.append(torch.from_numpy(app_pixels(load_image(path), preprocess))[None])
+        except UNREADABLE_IMAGE_ERRORS:
+            continue  # one bad photo does not spoil the calibration
+    return readable
+
+
+def quantised_int8(model, pixels, calibration):
+    """The model with XNNPACK's symmetric int8 quantisation (PT2E), its activation ranges
+    calibrated on the calibration photos."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(model, (pixels,)).module(), quantizer)
+    with torch.no_grad():
+        for photo in calibration:
+            prepared(photo)
+    return convert_pt2e(prepared)
+
+
+def export_executorch(model, pixels, path, metadata, calibration=None):
+    """A .pte lowered to XNNPACK, with the metadata as constant methods (class_names,
+    display_names, unknown_threshold when there is a verdict, and the whole metadata as JSON)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    constants = {"class_names": metadata["classes"], "display_names": metadata["names"],
+                 "metadata_json": json.dumps(metadata)}
+    if metadata["unknown_threshold"] is not None:
+        constants["unknown_threshold"] = metadata["unknown_threshold"]
+    try:
+        with torch.no_grad():
+            if calibration is not None:
+                model = quantised_int8(model, pixels, calibration)
+            program = to_edge_transform_and_lower(
+                torch.export.export(model, (pixels,)), partitioner=[XnnpackPartitioner()],
+                constant_methods=constants).to_executorch()
+    except Exception as error:  # the exporter's own failure
+        raise exporter_failed("executorch", error) from None
+    atomic_write(path, lambda temporary: Path(temporary).write_bytes(program.buffer))
+
+
+def export_tflite(model, pixels, path, metadata):
+    """A LiteRT flatbuffer, with the metadata as a flatbuffer metadata entry."""
+    import litert_torch
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    try:
+        with torch.no_grad():
+            flatbuffer = litert_torch.convert(model, (pixels,)).model_content()
+    except Exception as error:  # the exporter's own failure
+        raise exporter_failed("LiteRT", error) from None
+    tflite = flatbuffer_utils.read_model_from_bytearray(flatbuffer)
+    tflite.buffers.append(schema.BufferT())
+    tflite.buffers[-1].data = list(json.dumps(metadata).encode())
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME, len(tflite.buffers) - 1
+    tflite.metadata = [*(tflite.metadata or []), entry]
+    content = flatbuffer_utils.convert_object_to_bytearray(tflite)
+    atomic_write(path, lambda temporary: Path(temporary).write_bytes(content))
+
+
+def tflite_metadata(path):
+    """The metadata export_tflite put inside a .tflite file."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    tflite = flatbuffer_utils.read_model(str(path))
+    entry = next(entry for entry in tflite.metadata or [] if entry.name == METADATA_NAME.encode())
+    return json.loads(bytes(tflite.buffers[entry.buffer].data))
+
+
+class SimilarityFirst(nn.Module):
+    """Core ML's classifier takes the last output as the probabilities."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        probabilities, similarity = self.model(image)
+        return similarity, probabilities
+
+
+def export_coreml(model, crop, path, metadata):
+    """An ML Program (.mlpackage) classifier: an RGB image in, classLabel and the probabilities
+    of every label (Core ML's classifier outputs) out, plus similarity when there is a verdict;
+    the metadata in its user-defined metadata."""
+    logging.getLogger("coremltools").setLevel(logging.ERROR)  # Linux lacks its predict library
+    import coremltools as ct
+
+    image = torch.zeros(1, 3, crop, crop)
+    verdict = metadata["unknown_threshold"] is not None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(SimilarityFirst(model) if verdict else model, (image,))
+            converted = ct.convert(
+                program.run_decompositions({}),
+                inputs=[ct.ImageType(name="image", shape=image.shape,
+                                     color_layout=ct.colorlayout.RGB)],
+                classifier_config=ct.ClassifierConfig(metadata["names"]),
+                minimum_deployment_target=ct.target.iOS16)
+    except Exception as error:  # the converter's own failure
+        raise exporter_failed("Core ML", error) from None
+    spec = converted.get_spec()
+    if verdict:
+        similarity = next(output.name for output in spec.description.output
+                          if output.name not in ("classLabel", "classLabel_probs"))
+        ct.utils.rename_feature(spec, similarity, SIMILARITY)
+        converted = ct.models.MLModel(spec, weights_dir=converted.weights_dir,
+                                      skip_model_load=True)
+    converted.short_description = (f"{metadata['arch']} classifier of {len(metadata['classes'])}"
+                                   " classes; see user-defined metadata")
+    converted.user_defined_metadata[METADATA_NAME] = json.dumps(metadata)
+    if verdict:
+        converted.user_defined_metadata["unknown_threshold"] = str(metadata["unknown_threshold"])
+    atomic_write_folder(path, converted.save)
+
+
+def atomic_write_folder(path, write):
+    """atomic_write for a folder (a .mlpackage): write(temporary) then a rename over path."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    try:
+        write(str(temporary))
+        if path.exists():
+            os.replace(path, old)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise UserError(f"cannot write {path} ({error_reason(error)}); free some disk space or "
+                        "choose a folder you can write to") from None
+    finally:
+        for leftover in (temporary, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def input_metadata(export_format, preprocess):
     crop = preprocess.crop
+    prepare = (f"RGB, the shorter side resized to {preprocess.resize} "
+               f"({preprocess.interpolation}), centre-cropped to {crop}x{crop}; nothing else "
+               "(scaling and normalisation are inside the model)")
+    if export_format == "coreml":
+        return {"name": "image", "type": f"RGB image {crop}x{crop}", "prepare": prepare}
+    batch = "N" if export_format in BATCHED else 1
+    return {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC",
+            "shape": [batch, crop, crop, 3], "prepare": prepare}
+
+
+def export_metadata(checkpoint, export_format, category_names=None, dtype="float32"):
+    """What an app needs: classes in index order, their display names, the input it feeds, the
+    outputs' meaning and the unknown verdict's threshold."""
+    classes = checkpoint_classes(checkpoint)
+    verdict = unknown_verdict(checkpoint)
+    outputs = {PROBABILITIES: f"[N, {len(classes)}] calibrated class probabilities, classes in "
+                              "index order"}
+    if verdict:
+        outputs[SIMILARITY] = ("[N] cosine similarity to the nearest class mean: below "
+                               "unknown_threshold the photo is none of the classes")
+    if export_format == "coreml":
+        outputs = {"classLabel": "the most likely display name",
+                   "classLabel_probs": "{display name: probability}",
+                   **({SIMILARITY: outputs[SIMILARITY]} if verdict else {})}
     return {
         "classes": classes,
         "names": display_names(classes, category_names or {}),
-        "preprocess": preprocess.as_dict(),
-        "input": f"float32 [N, 3, {crop}, {crop}], RGB, resized so the shorter side is "
-                 f"{preprocess.resize} ({preprocess.interpolation}), centre-cropped to "
-                 f"{crop}x{crop}, scaled to [0, 1], normalised with mean/std",
-        "output": f"probabilities [N, {len(classes)}]",
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
+        "input": input_metadata(export_format, checkpoint_preprocess(checkpoint)),
+        "outputs": outputs,
+        "output_names": list(outputs) if export_format == "coreml" else output_names(checkpoint),
+        "unknown_threshold": verdict[1] if verdict else None,
+        "preprocess": checkpoint_preprocess(checkpoint).as_dict(),
+        "temperature": checkpoint_temperature(checkpoint),
+        "mirror": bool(optional(checkpoint, "mirror")),
         "format": export_format,
-        "arch": checkpoint["arch"],
+        "dtype": dtype,
+        "arch": checkpoint_arch(checkpoint),
     }
 
 
@@ -157,58 +381,127 @@ def check_images(source):
     return [str(source)]
 
 
-def require_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserError("onnxruntime is not installed; pip install onnxruntime to check the "
-                        "ONNX export") from None
-    return onnxruntime
+def as_pair(outputs):
+    """(probabilities, similarity or None) as numpy arrays, from one output or two."""
+    if isinstance(outputs, (list, tuple)) and len(outputs) == 2:
+        return np.asarray(outputs[0], dtype=np.float32), np.asarray(outputs[1], dtype=np.float32)
+    single = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+    return np.asarray(single, dtype=np.float32), None
 
 
-def exported_runner(exported_path, export_format):
-    """A function from a float32 image batch to the exported model's probabilities."""
+def exported_runner(path, export_format):
+    """A function from uint8 pixels [1, crop, crop, 3] to the exported file's (probabilities,
+    similarity or None), run by the format's own runtime."""
     if export_format == "onnx":
-        session = require_onnxruntime().InferenceSession(
-            str(exported_path), providers=["CPUExecutionProvider"])
-        return lambda images: torch.from_numpy(session.run(None, {INPUT_NAME: images.numpy()})[0])
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda pixels: as_pair(session.run(None, {INPUT_NAME: pixels}))
+    if export_format == "executorch":
+        from executorch.runtime import Runtime
+
+        forward = Runtime.get().load_program(str(path)).load_method("forward")
+        return lambda pixels: as_pair([output.numpy() for output in
+                                       forward.execute([torch.from_numpy(pixels)])])
+    if export_format == "tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        runner = Interpreter(model_path=str(path)).get_signature_runner()
+        (input_name,) = runner.get_input_details()
+        return lambda pixels: as_pair([value for _, value in sorted(
+            runner(**{input_name: pixels}).items())])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(exported_path), map_location="cpu")
+        module = torch.jit.load(str(path), map_location="cpu")
 
-    def run(images):
+    def run(pixels):
         with torch.no_grad():
-            return module(images)
+            return as_pair(module(torch.from_numpy(pixels)))
     return run
 
 
-def parity_check(exported_path, export_format, checkpoint_path, image_paths):
-    """The largest absolute difference between the exported model's probabilities and
-    predict.py's on the same preprocessed images.
+@dataclass
+class CheckResult:
+    """How the exported model, fed as an app would, compares with predict.py."""
+    images: int
+    top1_agreement: float
+    max_difference: float
+    known_agreement: float | None  # the unknown verdict's, where there is one
+
+    def line(self):
+        known = ("" if self.known_agreement is None
+                 else f", known/unknown verdict agrees on {self.known_agreement:.1%}")
+        return (f"checked on {self.images} photos fed as uint8: top-1 class agrees with "
+                f"predict.py on {self.top1_agreement:.1%}, largest probability difference "
+                f"{self.max_difference:.2e}{known}")
+
+
+def read_photo(path):
+    try:
+        return load_image(path)
+    except UNREADABLE_IMAGE_ERRORS as error:
+        raise UserError(f"cannot read image {path} ({error}); pass photos such as JPEG or PNG "
+                        "files") from None
+
+
+def parity_check(path, export_format, checkpoint_path, image_paths, threshold=None):
+    """Run the exported file on each photo as an app would (decoded, the shorter side resized,
+    centre-cropped, uint8) and compare with predict.py on the same file.
 
     The reference is a Predictor loaded from the checkpoint file, not the model just exported,
     so the check covers predict.py's own loading path too."""
-    if export_format == "onnx":
-        require_onnxruntime()
     predictor = Predictor(checkpoint_path, engine="torch")  # fp32, whatever the batch size
-    run_exported = exported_runner(exported_path, export_format)
+    run_exported = exported_runner(path, export_format)
+    agree = known_agree = 0
     largest = 0.0
-    for start in range(0, len(image_paths), CHECK_BATCH_SIZE):
-        images = []
-        for path in image_paths[start:start + CHECK_BATCH_SIZE]:
-            try:
-                images.append(predictor.transform(load_image(path)))
-            except UNREADABLE_IMAGE_ERRORS as error:
-                raise UserError(f"cannot read image {path} ({error}); pass photos such as JPEG "
-                                "or PNG files") from None
-        images = torch.stack(images)
-        expected = predictor.probabilities(images)
-        exported = run_exported(images).float()
-        if exported.shape != expected.shape:
-            raise UserError(f"{exported_path} returned shape {list(exported.shape)}, expected "
+    for image_path in image_paths:
+        photo = read_photo(image_path)
+        expected, known = predictor.outputs(
+            predictor.transform(load_image(image_path, predictor.preprocess.resize))[None])
+        probabilities, similarity = run_exported(app_pixels(photo, predictor.preprocess)[None])
+        if probabilities.shape != tuple(expected.shape):
+            raise UserError(f"{path} returned shape {list(probabilities.shape)}, expected "
                             f"{list(expected.shape)}; export the checkpoint again")
-        largest = max(largest, (exported - expected).abs().max().item())
-    return largest
+        largest = max(largest, float(np.abs(probabilities - expected.numpy()).max()))
+        agree += int(probabilities.argmax() == expected.argmax().item())
+        if known is not None and similarity is not None:
+            known_agree += int(bool(similarity[0] >= threshold) == bool(known[0]))
+    count = len(image_paths)
+    return CheckResult(count, agree / count, largest,
+                       known_agree / count if predictor.unknown_threshold is not None else None)
+
+
+def check_coreml(path, metadata):
+    """What can be checked of a Core ML model on Linux: its spec's input, outputs and labels.
+    Returns the line to print."""
+    import coremltools as ct
+
+    spec = ct.utils.load_spec(str(path))
+    (image,) = spec.description.input
+    crop = metadata["preprocess"]["crop"]
+    size = (image.type.imageType.width, image.type.imageType.height)
+    outputs = [output.name for output in spec.description.output]
+    problems = []
+    if size != (crop, crop):
+        problems.append(f"input image is {size[0]}x{size[1]}, not {crop}x{crop}")
+    if outputs != metadata["output_names"]:
+        problems.append(f"outputs are {outputs}, not {metadata['output_names']}")
+    stored = json.loads(spec.description.metadata.userDefined[METADATA_NAME])
+    if stored["names"] != metadata["names"]:
+        problems.append("its labels differ from the classes")
+    if problems:
+        raise UserError(f"{path} is not the model expected: {'; '.join(problems)}; export again")
+    return (f"checked {path}'s spec: RGB image {crop}x{crop} in, outputs {', '.join(outputs)}, "
+            f"{len(metadata['names'])} labels; Core ML cannot predict on Linux, so its answers "
+            "were not compared with predict.py (run it on a Mac)")
+
+
+def verify(result, dtype):
+    """Raise when the check shows the exported model does not give predict.py's answers."""
+    too_different = dtype == "float32" and result.max_difference > MAX_DIFFERENCE
+    if result.top1_agreement < MIN_AGREEMENT[dtype] or too_different:
+        raise UserError(f"the exported model disagrees with predict.py ({result.line()}); do "
+                        "not ship it: export again, or report it with the checkpoint's arch")
 
 
 def output_paths(checkpoint_path, export_format, output):
@@ -226,32 +519,73 @@ def output_paths(checkpoint_path, export_format, output):
     return path, metadata
 
 
+def check_flags(args):
+    """Every flag problem and missing package, before any work."""
+    if args.dtype == "int8" and args.format != "executorch":
+        raise UserError("--dtype int8 is for --format executorch only; leave it out for "
+                        f"{args.format}")
+    if args.dtype == "int8" and not args.calibration:
+        raise UserError("--dtype int8 needs --calibration with training photos, e.g. "
+                        "--calibration data/train")
+    if args.format in EXPORTERS:
+        require(*EXPORTERS[args.format][:1], f"--format {args.format}",
+                EXPORTERS[args.format][1])
+    if args.check and args.format in CHECK_RUNTIMES:
+        module, install = CHECK_RUNTIMES[args.format]
+        require(module, f"--check of --format {args.format}", install)
+
+
+def write_model(args, checkpoint, path, metadata):
+    """Export to path in args.format (the int8 calibration photos read first)."""
+    preprocess = checkpoint_preprocess(checkpoint)
+    if args.format == "coreml":
+        export_coreml(app_model(checkpoint, channels_first=True), preprocess.crop, path,
+                      metadata)
+        return
+    model = app_model(checkpoint)
+    pixels = example_pixels(preprocess.crop, 2 if args.format in BATCHED else 1)
+    if args.format == "executorch":
+        calibration = (calibration_images(args.calibration, preprocess)
+                       if args.dtype == "int8" else None)
+        export_executorch(model, pixels, path, metadata, calibration)
+    elif args.format == "tflite":
+        export_tflite(model, pixels, path, metadata)
+    elif args.format == "onnx":
+        export_onnx(model, pixels, path, metadata)
+    else:
+        export_torchscript(model, pixels, path, metadata)
+
+
+def size_mb(path):
+    files = path.rglob("*") if path.is_dir() else [path]
+    return sum(file.stat().st_size for file in files if file.is_file()) / 1e6
+
+
 def main(args):
     checkpoint = load_checkpoint(args.checkpoint)
+    check_flags(args)
     category_names = category_names_from_flag(args.category_names)
     image_paths = check_images(args.check) if args.check else None
-    if image_paths and args.format == "onnx":
-        require_onnxruntime()  # fail now, not after the export
     path, metadata_path = output_paths(args.checkpoint, args.format, args.output)
     check_category_names(category_names, checkpoint_classes(checkpoint))
-    model = exportable_model(checkpoint)
-    crop = checkpoint_preprocess(checkpoint).crop
+    metadata = export_metadata(checkpoint, args.format, category_names, args.dtype)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if args.format == "onnx":
-            export_onnx(model, crop, path)
-        else:
-            export_torchscript(model, crop, path)
-        write_json(export_metadata(checkpoint, args.format, category_names), metadata_path)
     except OSError as error:
         raise UserError(f"cannot write {path} ({error_reason(error)}); choose a folder you "
                         "can write to with --output") from None
-    print(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB) and {metadata_path}")
-    result = {"output": str(path), "metadata": str(metadata_path), "max_difference": None}
-    if image_paths:
-        result["max_difference"] = parity_check(path, args.format, args.checkpoint, image_paths)
-        print(f"checked on {len(image_paths)} images: largest difference from predict.py's "
-              f"probabilities {result['max_difference']:.2e}")
+    write_model(args, checkpoint, path, metadata)
+    write_json(metadata, metadata_path)
+    print(f"saved {path} ({size_mb(path):.1f} MB) and {metadata_path}")
+    result = {"output": str(path), "metadata": str(metadata_path), "check": None}
+    if image_paths and args.format == "coreml":
+        print(check_coreml(path, metadata))
+    elif image_paths:
+        check = parity_check(path, args.format, args.checkpoint, image_paths,
+                             metadata["unknown_threshold"])
+        result["check"] = asdict(check)
+        print(check.line())
+        verify(check, args.dtype)
     return result
 
 

@@ -192,6 +192,11 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def checkpoint_arch(checkpoint):
+    """The backbone's registered name (backbones.py), e.g. "efficientnet_lite0" or "cnn"."""
+    return checkpoint["arch"]
+
+
 def checkpoint_classes(checkpoint):
     """The class folder names in output index order."""
     class_to_idx = checkpoint["class_to_idx"]
