@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from app_model import PROBABILITIES, SIMILARITY, app_model, app_pixels, output_names
 from cli_utils import HelpFormatter, category_names_from_flag, run_cli
@@ -261,18 +260,6 @@ def tflite_metadata(path):
     return json.loads(bytes(tflite.buffers[entry.buffer].data))
 
 
-class SimilarityFirst(nn.Module):
-    """Core ML's classifier takes the last output as the probabilities."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image):
-        probabilities, similarity = self.model(image)
-        return similarity, probabilities
-
-
 def export_coreml(model, crop, path, metadata):
     """An ML Program (.mlpackage) classifier: an RGB image in, classLabel and the probabilities
     of every label (Core ML's classifier outputs) out, plus similarity when there is a verdict;
@@ -285,13 +272,15 @@ def export_coreml(model, crop, path, metadata):
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(SimilarityFirst(model) if verdict else model, (image,))
+            program = torch.export.export(model, (image,)).run_decompositions({})
             converted = ct.convert(
-                program.run_decompositions({}),
+                program,
                 inputs=[ct.ImageType(name="image", shape=image.shape,
                                      color_layout=ct.colorlayout.RGB)],
                 classifier_config=ct.ClassifierConfig(metadata["names"]),
-                minimum_deployment_target=ct.target.iOS16)
+                # iOS 15: from iOS 16 on, coremltools 9 makes the outputs float16 and then fails
+                # to add the classifier to a model of two outputs.
+                minimum_deployment_target=ct.target.iOS15)
     except Exception as error:  # the converter's own failure
         raise exporter_failed("Core ML", error) from None
     spec = converted.get_spec()
@@ -310,8 +299,9 @@ def export_coreml(model, crop, path, metadata):
 
 
 def atomic_write_folder(path, write):
-    """atomic_write for a folder (a .mlpackage): write(temporary) then a rename over path."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """atomic_write for a folder (a .mlpackage): write(temporary) then a rename over path.
+    temporary keeps path's ending, which Core ML's save requires."""
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     old = path.with_name(f".{path.name}.{os.getpid()}.old")
     try:
         write(str(temporary))
@@ -444,16 +434,15 @@ def read_photo(path):
                         "files") from None
 
 
-def parity_check(path, export_format, checkpoint_path, image_paths, threshold=None):
-    """Run the exported file on each photo as an app would (decoded, the shorter side resized,
-    centre-cropped, uint8) and compare with predict.py on the same file.
+def compared_outputs(path, export_format, checkpoint_path, image_paths):
+    """Yield, per photo, predict.py's (probabilities [C], known or None) and the exported
+    file's (probabilities [C], similarity or None), the file fed as an app would (decoded,
+    the shorter side resized, centre-cropped, uint8).
 
     The reference is a Predictor loaded from the checkpoint file, not the model just exported,
     so the check covers predict.py's own loading path too."""
     predictor = Predictor(checkpoint_path, engine="torch")  # fp32, whatever the batch size
     run_exported = exported_runner(path, export_format)
-    agree = known_agree = 0
-    largest = 0.0
     for image_path in image_paths:
         photo = read_photo(image_path)
         expected, known = predictor.outputs(
@@ -462,13 +451,31 @@ def parity_check(path, export_format, checkpoint_path, image_paths, threshold=No
         if probabilities.shape != tuple(expected.shape):
             raise UserError(f"{path} returned shape {list(probabilities.shape)}, expected "
                             f"{list(expected.shape)}; export the checkpoint again")
-        largest = max(largest, float(np.abs(probabilities - expected.numpy()).max()))
-        agree += int(probabilities.argmax() == expected.argmax().item())
+        yield ((expected[0].numpy(), None if known is None else bool(known[0])),
+               (probabilities[0], None if similarity is None else float(similarity[0])))
+
+
+def parity_check(path, export_format, checkpoint_path, image_paths, threshold=None):
+    """How the exported file, fed as an app would, compares with predict.py on these photos."""
+    agree, known_agree, largest = 0, [], 0.0
+    for (expected, known), (probabilities, similarity) in compared_outputs(
+            path, export_format, checkpoint_path, image_paths):
+        largest = max(largest, float(np.abs(probabilities - expected).max()))
+        agree += int(probabilities.argmax() == expected.argmax())
         if known is not None and similarity is not None:
-            known_agree += int(bool(similarity[0] >= threshold) == bool(known[0]))
+            known_agree.append((similarity >= threshold) == known)
     count = len(image_paths)
     return CheckResult(count, agree / count, largest,
-                       known_agree / count if predictor.unknown_threshold is not None else None)
+                       sum(known_agree) / count if known_agree else None)
+
+
+def coreml_labels(spec):
+    """The class labels of an ML Program classifier: its classify operation's constant list."""
+    main = spec.mlProgram.functions["main"]
+    operations = main.block_specializations[main.opset].operations
+    classify = next(operation for operation in operations if operation.type == "classify")
+    labels = classify.inputs["classes"].arguments[0].value.immediateValue.list.values
+    return [label.immediateValue.tensor.strings.values[0] for label in labels]
 
 
 def check_coreml(path, metadata):
@@ -482,13 +489,12 @@ def check_coreml(path, metadata):
     size = (image.type.imageType.width, image.type.imageType.height)
     outputs = [output.name for output in spec.description.output]
     problems = []
-    if size != (crop, crop):
-        problems.append(f"input image is {size[0]}x{size[1]}, not {crop}x{crop}")
+    if size != (crop, crop) or image.type.imageType.colorSpace != image.type.imageType.RGB:
+        problems.append(f"input is not an RGB image {crop}x{crop}")
     if outputs != metadata["output_names"]:
         problems.append(f"outputs are {outputs}, not {metadata['output_names']}")
-    stored = json.loads(spec.description.metadata.userDefined[METADATA_NAME])
-    if stored["names"] != metadata["names"]:
-        problems.append("its labels differ from the classes")
+    if coreml_labels(spec) != metadata["names"]:
+        problems.append("its labels are not the classes' names")
     if problems:
         raise UserError(f"{path} is not the model expected: {'; '.join(problems)}; export again")
     return (f"checked {path}'s spec: RGB image {crop}x{crop} in, outputs {', '.join(outputs)}, "
