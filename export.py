@@ -71,8 +71,15 @@ MIN_AGREEMENT = {"float32": 0.995, "int8": 0.95}
 MAX_DIFFERENCE = 0.01
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag (an unknown --format) is one line, exit 2, as every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see python export.py --help\n")
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         description="Export a checkpoint as one model file for an app: uint8 RGB pixels in, "
         "calibrated probabilities (and the unknown verdict's similarity) out, with a JSON file "
         "of its classes, input and outputs beside it.",
