@@ -18,13 +18,19 @@ from torchvision import transforms
 
 from calibration import nearest_similarity
 from model_utils import (
-    backbone_features,
     checkpoint_preprocess,
     model_from_checkpoint,
     unknown_verdict,
 )
 
 PROBABILITIES, SIMILARITY = "probabilities", "similarity"  # the outputs' names, in order
+
+
+def mirror_averaged(backbone, images):
+    """model_utils.backbone_features with the mirror, as one backbone call on the images and
+    their mirrors together: each weight used once, as int8 quantisation for XNNPACK needs."""
+    features = backbone(torch.cat([images, images.flip(3)]))
+    return (features[:len(images)] + features[len(images):]) / 2
 
 
 class AppModel(nn.Module):
@@ -46,17 +52,37 @@ class AppModel(nn.Module):
         images = pixels.float() if self.channels_first else pixels.permute(0, 3, 1, 2).float()
         images = images * self.scale - self.shift
         classifier = self.classifier
-        features = backbone_features(classifier.backbone, images, classifier.mirror)
+        features = mirror_averaged(classifier.backbone, images) if classifier.mirror else (
+            classifier.backbone(images))
         probabilities = (classifier.head(features) / classifier.temperature).softmax(dim=1)
         if self.class_means is None:
             return probabilities
         return probabilities, nearest_similarity(features, self.class_means)
 
 
+class GlobalMaxPool(nn.Module):
+    """AdaptiveMaxPool2d(1) as a max over height and width: the same numbers, in core ATen
+    operators (adaptive_max_pool2d is not one, and ExecuTorch refuses it)."""
+
+    def forward(self, features):
+        return features.amax(dim=(2, 3), keepdim=True)
+
+
+def with_portable_operators(module):
+    """module with its global max-pooling (the --arch cnn network's) made GlobalMaxPool."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.AdaptiveMaxPool2d) and child.output_size in (1, (1, 1)):
+            setattr(module, name, GlobalMaxPool())
+        else:
+            with_portable_operators(child)
+    return module
+
+
 def app_model(checkpoint, channels_first=False):
     """The checkpoint's classifier behind the app-facing input and outputs."""
     verdict = unknown_verdict(checkpoint)
-    return AppModel(model_from_checkpoint(checkpoint), checkpoint_preprocess(checkpoint),
+    classifier = with_portable_operators(model_from_checkpoint(checkpoint))
+    return AppModel(classifier, checkpoint_preprocess(checkpoint),
                     verdict[0] if verdict else None, channels_first).cpu().eval()
 
 

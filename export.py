@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from app_model import PROBABILITIES, SIMILARITY, app_model, app_pixels, output_names
+from backbones import SCRATCH_ARCH
 from cli_utils import HelpFormatter, category_names_from_flag, run_cli
 from common import UserError, atomic_write, error_reason, warn, write_json
 from data_utils import (
@@ -126,7 +127,11 @@ def example_pixels(crop, size=1):
 
 
 def exporter_failed(export_format, error):
-    return UserError(f"the {export_format} exporter failed ({error_reason(error)}); export "
+    """The one line for an exporter's own failure: its message's first line that says something
+    (ExecuTorch's begin with a blank one)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[0] if lines else type(error).__name__
+    return UserError(f"the {export_format} exporter failed ({reason}); export "
                      "with --format onnx or torchscript instead, or report the checkpoint's arch")
 
 
@@ -207,7 +212,8 @@ def quantised_int8(model, pixels, calibration):
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(torch.export.export(model, (pixels,)).module(), quantizer)
     with torch.no_grad():
         for photo in calibration:
@@ -532,8 +538,12 @@ def output_paths(checkpoint_path, export_format, output):
     return path, metadata
 
 
-def check_flags(args):
+def check_flags(args, checkpoint):
     """Every flag problem and missing package, before any work."""
+    if args.dtype == "int8" and checkpoint_arch(checkpoint) == SCRATCH_ARCH:
+        raise UserError(f"--dtype int8 does not work for --arch {SCRATCH_ARCH}: XNNPACK refuses "
+                        "its quantised convolutions, which the network runs twice (mirror); "
+                        "leave out --dtype (its float32 .pte is under 5 MB)")
     if args.dtype == "int8" and args.format != "executorch":
         raise UserError("--dtype int8 is for --format executorch only; leave it out for "
                         f"{args.format}")
@@ -576,7 +586,7 @@ def size_mb(path):
 
 def main(args):
     checkpoint = load_checkpoint(args.checkpoint)
-    check_flags(args)
+    check_flags(args, checkpoint)
     category_names = category_names_from_flag(args.category_names)
     image_paths = check_images(args.check) if args.check else None
     path, metadata_path = output_paths(args.checkpoint, args.format, args.output)

@@ -222,15 +222,19 @@ def test_onnx_runs_with_onnxruntime_and_matches_predict(workdir, checkpoint, pix
     assert metadata["classes"] == CLASSES and metadata["names"] == CLASSES
 
 
-@pytest.fixture(scope="module")
-def cnn_checkpoint(tmp_path_factory):
-    """A checkpoint of the small CNN trained from scratch (--arch cnn) on a few CIFAR-10 photos."""
-    root = tmp_path_factory.mktemp("cnn")
+def train_cnn(root):
+    """(checkpoint, data) of the small CNN trained from scratch (--arch cnn) for 2 epochs on a
+    few CIFAR-10 photos."""
     data = make_subset(root / "data", ("airplane", "cat", "ship"),
                        {"train": 12, "valid": 4, "test": 4}, CIFAR)
     train.main(train_args(data, root / "run", root / "cache", "--arch", "cnn", "--epochs", "2",
                           "--batch_size", "16"))
     return root / "run" / "checkpoint.pth", data
+
+
+@pytest.fixture(scope="module")
+def cnn_checkpoint(tmp_path_factory):
+    return train_cnn(tmp_path_factory.mktemp("cnn"))
 
 
 def test_cnn_checkpoint_exports_and_matches_predict(cnn_checkpoint, tmp_path):
@@ -243,6 +247,11 @@ def test_cnn_checkpoint_exports_and_matches_predict(cnn_checkpoint, tmp_path):
     assert metadata["arch"] == "cnn" and metadata["input"]["shape"] == ["N", 32, 32, 3]
     assert result["check"]["images"] == 12 and result["check"]["top1_agreement"] == 1.0
     assert result["check"]["max_difference"] < TOLERANCE
+    with pytest.raises(UserError, match="int8 does not work for --arch cnn"):
+        export.main(export.get_args_parser().parse_args(
+            [str(checkpoint), "--format", "executorch", "--dtype", "int8", "--calibration",
+             str(data / "train"), "--output", str(tmp_path / "cnn.pte")]))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cnn.json", "cnn.onnx"]
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
