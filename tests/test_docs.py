@@ -45,11 +45,15 @@ def documented_flags(page):
     return flags
 
 
-def parser_flags(script):
-    """[(names the option or positional goes by)] of the script's parser, -h/--help left out."""
+def parser_actions(script):
+    """The script's parser's options and positionals, -h/--help left out."""
     parser = importlib.import_module(script).get_args_parser()
-    return [tuple(action.option_strings) or (action.dest,) for action in parser._actions
-            if not isinstance(action, argparse._HelpAction)]
+    return [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+
+
+def parser_flags(script):
+    """[(names the option or positional goes by)] of the script's parser."""
+    return [tuple(action.option_strings) or (action.dest,) for action in parser_actions(script)]
 
 
 @pytest.mark.parametrize("script", sorted(FLAG_PAGES))
@@ -64,6 +68,18 @@ def test_every_flag_of_the_parser_is_in_its_page_and_back(script):
     stale = sorted(set(documented) - every_name)
     assert not stale, (f"{page}'s flag table documents {', '.join(stale)}, which {script}.py's "
                        "parser does not have: correct or remove the row")
+
+
+@pytest.mark.parametrize("script", sorted(FLAG_PAGES))
+def test_every_choice_of_a_flag_is_named_in_its_page(script):
+    page = FLAG_PAGES[script]
+    text = FENCE.sub("", (PROJECT / page).read_text())
+    named = {word for span in re.findall(r"`([^`]+)`", text)
+             for word in re.findall(r"[\w.-]+", span)}
+    unnamed = [f"{action.option_strings[-1]} {choice}" for action in parser_actions(script)
+               if action.choices for choice in action.choices if str(choice) not in named]
+    assert not unnamed, (f"{page} never names these choices of {script}.py's flags in `code`: "
+                         f"{', '.join(unnamed)}; say what each does in the flag's row")
 
 
 def test_flag_tables_are_read_as_written():
