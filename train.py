@@ -104,7 +104,8 @@ def get_args_parser():
                         help="processes decoding images")
     parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
                         help="what computes the backbone features: auto takes OpenVINO on the "
-                        "CPU (bf16 where the CPU has it natively) for 128 images or more, else "
+                        "CPU (bf16 where the CPU has it natively) for 128 images or more or once "
+                        "its converted model is on disk, else "
                         "torch; --finetune always trains with torch")
     parser.add_argument("--strict", action="store_true", help="stop on unreadable images "
                         "instead of skipping them with a warning")
@@ -127,7 +128,7 @@ def get_args_parser():
     finetune.add_argument("--compile", action="store_true",
                           help="compile the training step with torch.compile: about 30 s more "
                           "in the first epoch, then each epoch about 1.3x faster (measured on a "
-                          "CPU); needs a C++ compiler")
+                          "CPU); needs a C++ compiler; ignored without --finetune")
     return parser
 
 

@@ -190,11 +190,7 @@ def test_damaged_download_is_named(raw_files, tmp_path, damaged):
         arrange(*raw_files, tmp_path / "flowers")
 
 
-@pytest.mark.parametrize("damaged", [
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason=(
-        "download_flowers.extract_images puts tarfile's multi-line message in its error (5 "
-        "lines); common.error_reason(error) would keep it to one"))),
-    1, 2])
+@pytest.mark.parametrize("damaged", [0, 1, 2])
 def test_damaged_download_on_the_command_line_is_one_line_and_exit_code_2(raw_files, tmp_path,
                                                                          damaged):
     raw_files[damaged].write_bytes(b"<html>not found</html>")  # kept: not downloaded again

@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 import engines
+import tasks
 from backbones import Backbone, Preprocess
 from common import UserError
 from data_utils import eval_transform
@@ -173,7 +174,7 @@ def test_training_autocasts_to_bf16_only_where_the_cpu_computes_it(monkeypatch):
     inputs = torch.randn(2, 8)
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda native=native: native)
-        with engines.training_autocast(CPU):
+        with tasks.training_autocast(CPU):
             assert layer(inputs).dtype == dtype
         with engines.autocast(CPU):
             assert layer(inputs).dtype == torch.float32
@@ -198,5 +199,5 @@ def test_bf16_detection_matches_this_cpus_flags():
     native = native and torch.backends.mkldnn.is_available()  # bf16 kernels need oneDNN
     assert engines.cpu_has_native_bf16() is native
     layer, inputs = nn.Linear(8, 4), torch.randn(2, 8)
-    with engines.training_autocast(CPU):
+    with tasks.training_autocast(CPU):
         assert layer(inputs).dtype == (torch.bfloat16 if native else torch.float32)
