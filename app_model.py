@@ -30,7 +30,7 @@ def mirror_averaged(backbone, images):
     """model_utils.backbone_features with the mirror, as one backbone call on the images and
     their mirrors together: each weight used once, as int8 quantisation for XNNPACK needs."""
     features = backbone(torch.cat([images, images.flip(3)]))
-    return (features[:len(images)] + features[len(images):]) / 2
+    return features.unflatten(0, (2, -1)).mean(dim=0)  # no batch size traced into the graph
 
 
 class AppModel(nn.Module):

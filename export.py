@@ -50,9 +50,9 @@ from predictor import Predictor
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "executorch": ".pte", "tflite": ".tflite",
            "coreml": ".mlpackage"}
 EXPORT_INSTALL = "pip install -r requirements-export.txt"
-LITERT_INSTALL = ("install it in an environment of its own: python3 -m venv .venv-litert && "
-                  ".venv-litert/bin/pip install -r requirements-export-litert.txt, then run "
-                  "export.py with .venv-litert/bin/python")
+LITERT_INSTALL = ("install requirements-export-litert.txt into an environment of its own as "
+                  "docs/export.md shows (Installing the exporters), and run export.py with its "
+                  "python")
 # format -> (module the exporter needs, how to install it)
 EXPORTERS = {"onnx": ("onnx", "pip install onnx"),
              "executorch": ("executorch", EXPORT_INSTALL),
@@ -449,8 +449,9 @@ def read_photo(path):
 
 def compared_outputs(path, export_format, checkpoint_path, image_paths):
     """Yield, per photo, predict.py's (probabilities [C], known or None) and the exported
-    file's (probabilities [C], similarity or None), the file fed as an app would (decoded,
-    the shorter side resized, centre-cropped, uint8).
+    file's (probabilities [C], known or None: its similarity against the checkpoint's
+    threshold), the file fed as an app would (decoded, the shorter side resized, centre-cropped,
+    uint8).
 
     The reference is a Predictor loaded from the checkpoint file, not the model just exported,
     so the check covers predict.py's own loading path too."""
@@ -465,18 +466,19 @@ def compared_outputs(path, export_format, checkpoint_path, image_paths):
             raise UserError(f"{path} returned shape {list(probabilities.shape)}, expected "
                             f"{list(expected.shape)}; export the checkpoint again")
         yield ((expected[0].numpy(), None if known is None else bool(known[0])),
-               (probabilities[0], None if similarity is None else float(similarity[0])))
+               (probabilities[0], None if similarity is None
+                else bool(similarity[0] >= predictor.unknown_threshold)))
 
 
-def parity_check(path, export_format, checkpoint_path, image_paths, threshold=None):
+def parity_check(path, export_format, checkpoint_path, image_paths):
     """How the exported file, fed as an app would, compares with predict.py on these photos."""
     agree, known_agree, largest = 0, [], 0.0
-    for (expected, known), (probabilities, similarity) in compared_outputs(
+    for (expected, known), (probabilities, exported_known) in compared_outputs(
             path, export_format, checkpoint_path, image_paths):
         largest = max(largest, float(np.abs(probabilities - expected).max()))
         agree += int(probabilities.argmax() == expected.argmax())
-        if known is not None and similarity is not None:
-            known_agree.append((similarity >= threshold) == known)
+        if known is not None and exported_known is not None:
+            known_agree.append(exported_known == known)
     count = len(image_paths)
     return CheckResult(count, agree / count, largest,
                        sum(known_agree) / count if known_agree else None)
@@ -551,8 +553,8 @@ def check_flags(args, checkpoint):
         raise UserError("--dtype int8 needs --calibration with training photos, e.g. "
                         "--calibration data/train")
     if args.format in EXPORTERS:
-        require(*EXPORTERS[args.format][:1], f"--format {args.format}",
-                EXPORTERS[args.format][1])
+        module, install = EXPORTERS[args.format]
+        require(module, f"--format {args.format}", install)
     if args.check and args.format in CHECK_RUNTIMES:
         module, install = CHECK_RUNTIMES[args.format]
         require(module, f"--check of --format {args.format}", install)
@@ -604,8 +606,7 @@ def main(args):
     if image_paths and args.format == "coreml":
         print(check_coreml(path, metadata))
     elif image_paths:
-        check = parity_check(path, args.format, args.checkpoint, image_paths,
-                             metadata["unknown_threshold"])
+        check = parity_check(path, args.format, args.checkpoint, image_paths)
         result["check"] = asdict(check)
         print(check.line())
         verify(check, args.dtype)

@@ -65,12 +65,12 @@ def exported(checkpoint, variant, data_dir, folder):
     return output, time.perf_counter() - start
 
 
-def compare(checkpoint, path, export_format, photos, classes, threshold):
+def compare(checkpoint, path, export_format, photos, classes):
     """Agreement with predict.py and the accuracy of both on the labelled photos."""
     labels = [classes.index(Path(photo).parent.name) for photo in photos]
     agree = within = ours = theirs = verdicts = 0
-    largest = 0.0
-    for label, ((expected, known), (probabilities, similarity)) in zip(
+    largest, has_verdict = 0.0, False
+    for label, ((expected, known), (probabilities, exported_known)) in zip(
             labels, export.compared_outputs(path, export_format, checkpoint, photos)):
         difference = float(np.abs(probabilities - expected).max())
         largest, within = max(largest, difference), within + (difference <= 0.01)
@@ -78,10 +78,10 @@ def compare(checkpoint, path, export_format, photos, classes, threshold):
         theirs += int(expected.argmax() == label)
         ours += int(probabilities.argmax() == label)
         if known is not None:
-            verdicts += int((similarity >= threshold) == known)
+            has_verdict, verdicts = True, verdicts + int(exported_known == known)
     count = len(photos)
     return {"agree": agree / count, "within_0.01": within / count, "max_difference": largest,
-            "verdict_agree": verdicts / count if threshold is not None else None,
+            "verdict_agree": verdicts / count if has_verdict else None,
             "accuracy": ours / count, "predict_accuracy": theirs / count}
 
 
@@ -123,7 +123,6 @@ def goals(rows):
 def main(args):
     checkpoint = load_checkpoint(args.checkpoint)
     classes, preprocess = checkpoint_classes(checkpoint), checkpoint_preprocess(checkpoint)
-    threshold = export.export_metadata(checkpoint, "onnx")["unknown_threshold"]
     photos = test_photos(Path(args.data_dir) / "test", args.limit)
     print(f"{len(photos)} test photos; one photo's latency: median of {LATENCY_RUNS} runs")
     rows = {}
@@ -132,7 +131,7 @@ def main(args):
             path, seconds = exported(args.checkpoint, variant, args.data_dir, folder)
             export_format = VARIANTS[variant][0]
             row = {"export_s": seconds, "mb": export.size_mb(path),
-                   **compare(args.checkpoint, path, export_format, photos, classes, threshold),
+                   **compare(args.checkpoint, path, export_format, photos, classes),
                    "latency_ms": latency_ms(path, export_format, photos[0], preprocess)}
             rows[variant] = row
             verdict = ("" if row["verdict_agree"] is None

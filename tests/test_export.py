@@ -184,12 +184,12 @@ def test_check_detects_a_wrong_model(workdir, checkpoint, test_images):
     output = workdir / "wrong" / "wrong.pt"
     export.main(export.get_args_parser().parse_args([str(workdir / "wrong.pth"), "--output",
                                                      str(output)]))
-    result = export.parity_check(output, "torchscript", checkpoint, test_images, 0.5)
+    result = export.parity_check(output, "torchscript", checkpoint, test_images)
     assert result.top1_agreement == 0.0
     with pytest.raises(UserError, match="disagrees with predict.py"):
         export.verify(result, "float32")
     right = export.parity_check(workdir / "exported" / "flowers.pt", "torchscript", checkpoint,
-                                test_images, 0.5)
+                                test_images)
     export.verify(right, "float32")
 
 
