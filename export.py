@@ -90,7 +90,7 @@ def get_args_parser():
                         help="torchscript (torch.jit.load) and onnx (onnxruntime) for servers; "
                         "executorch (.pte, XNNPACK), tflite (LiteRT) and coreml (.mlpackage) "
                         "for phones; each exporter but torchscript's is an optional install "
-                        "(README)")
+                        "(docs/export.md)")
     parser.add_argument("--dtype", choices=["float32", "int8"], default="float32",
                         help="int8: post-training quantisation with XNNPACK's quantiser, "
                         "calibrated on --calibration photos (executorch only)")
@@ -111,7 +111,7 @@ def get_args_parser():
                         f"(top-1 on less than {MIN_AGREEMENT['float32']:.1%} of photos or a "
                         f"probability off by more than {MAX_DIFFERENCE}; int8: top-1 on less than "
                         f"{MIN_AGREEMENT['int8']:.0%}). Core ML's spec only: it cannot predict "
-                        "on Linux (default: no check)")
+                        "on Linux (default: no check)".replace("%", "%%"))
     return parser
 
 

@@ -263,6 +263,8 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
 def test_unknown_format_is_one_clear_line(tmp_path, checkpoint):
     line = one_line_exit_2(run_export(checkpoint, "--format", "tensorflow", cwd=tmp_path))
     assert "tensorflow" in line and "executorch" in line      # names the choices
+    usage = run_export("--help")
+    assert usage.returncode == 0 and "99.5% of photos" in usage.stdout
 
 
 def test_damaged_checkpoint_is_one_clear_line_and_writes_nothing(tmp_path, checkpoint):
