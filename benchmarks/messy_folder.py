@@ -1,0 +1,131 @@
+"""How well the data check finds what a messy photo folder holds: precision and recall.
+
+    python benchmarks/messy_folder.py ../shared/data/flowers102 --out /tmp/messy
+    python benchmarks/messy_folder.py ../shared/data/flowers102 --out /tmp/messy2 --seed 1
+
+Builds, outside the project, one folder per class from the flowers' train/, valid/ and test/
+(symlinks to the untouched photos), then makes it messy and keeps a list of what it did
+(truth.json): --copies exact copies (a third of them filed under another class), --near_copies
+near-copies (resized, re-encoded at another JPEG quality, slightly cropped; real files in the
+same class), and --moved of the photos filed under a wrong class. Then it runs the data check
+as check_data.py does (automatic split, features through the cache, then the check) twice: cold,
+then warm, and prints precision and recall of each finding against the list, the check's time
+on the warm cache, and which findings were already in the shared data (the flowers hold a few
+duplicates of their own: listed apart, not counted as false).
+
+Choose the near-duplicate threshold with one --seed and report the goal figures with another.
+"""
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from PIL import Image  # noqa: E402
+
+from cli_utils import HelpFormatter, positive_int, run_cli  # noqa: E402
+from common import write_json  # noqa: E402
+from data_utils import list_images  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("flowers", help="the flowers' folder with train/, valid/, test/")
+    parser.add_argument("--out", required=True, help="an empty or missing folder outside the "
+                        "project for the messy folder, its truth list and the check's report")
+    parser.add_argument("--seed", type=int, default=0, help="what is copied and moved")
+    parser.add_argument("--copies", type=positive_int, default=100, help="exact copies")
+    parser.add_argument("--near_copies", type=positive_int, default=100, help="near-copies")
+    parser.add_argument("--moved_share", type=float, default=0.02,
+                        help="share of the photos moved into a wrong class")
+    parser.add_argument("--cache_dir", default=None, help="feature cache (default: the one "
+                        "train.py uses)")
+    parser.add_argument("--near_threshold", type=float, default=None,
+                        help="near-duplicate cosine similarity (default: the check's)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes")
+    return parser
+
+
+def merged_folder(flowers, folder):
+    """{relative path: original file} of one folder per class made of train/, valid/, test/."""
+    originals = {}
+    for split in ("train", "valid", "test"):
+        for path in list_images(Path(flowers) / split):
+            path = Path(path)
+            relative = f"{path.parent.name}/{path.name}"
+            originals[relative] = path.resolve()
+    for relative, original in originals.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).symlink_to(original)
+    return originals
+
+
+def near_copy(original, destination, generator):
+    """A resized, re-encoded or slightly cropped copy (one to three of them, at random)."""
+    with Image.open(original) as image:
+        image = image.convert("RGB")
+    changes = generator.sample(["resize", "quality", "crop"], generator.randint(1, 3))
+    if "crop" in changes:
+        width, height = image.size
+        margin = generator.uniform(0.02, 0.06)
+        left, top = int(width * generator.uniform(0, margin)), int(height * generator.uniform(0, margin))
+        image = image.crop((left, top, left + int(width * (1 - margin)),
+                            top + int(height * (1 - margin))))
+    if "resize" in changes:
+        scale = generator.uniform(0.5, 0.9)
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))),
+                             Image.Resampling.BICUBIC)
+    quality = generator.randint(55, 85) if "quality" in changes else 95
+    image.save(destination, "JPEG", quality=quality)
+    return changes
+
+
+def make_messy(flowers, folder, seed, copies, near_copies, moved_share):
+    """Build the messy folder; returns the truth list (paths relative to folder)."""
+    generator = random.Random(seed)
+    originals = merged_folder(flowers, folder)
+    classes = sorted({relative.split("/")[0] for relative in originals})
+    chosen = generator.sample(sorted(originals), copies + near_copies)
+    truth = {"exact_copies": [], "near_copies": [], "moved": []}
+    for index, relative in enumerate(chosen[:copies]):
+        name, file = relative.split("/")
+        into = generator.choice([c for c in classes if c != name]) if index % 3 == 0 else name
+        copy = f"{into}/copy_{index}_{file}"
+        shutil.copyfile(originals[relative], folder / copy)
+        truth["exact_copies"].append({"copy": copy, "original": relative})
+    for index, relative in enumerate(chosen[copies:]):
+        name, file = relative.split("/")
+        copy = f"{name}/near_{index}_{Path(file).stem}.jpg"
+        changes = near_copy(originals[relative], folder / copy, generator)
+        truth["near_copies"].append({"copy": copy, "original": relative, "changes": changes})
+    untouched = sorted(set(originals) - set(chosen))
+    for relative in generator.sample(untouched, round(moved_share * len(originals))):
+        name, file = relative.split("/")
+        into = generator.choice([c for c in classes if c != name])
+        (folder / relative).rename(folder / into / file)
+        truth["moved"].append({"path": f"{into}/{file}", "true_class": name})
+    return truth
+
+
+def main(args):
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        sys.exit(f"error: {out} is not empty; pass a new folder")
+    folder = out / "photos"
+    started = time.perf_counter()
+    truth = make_messy(args.flowers, folder, args.seed, args.copies, args.near_copies,
+                       args.moved_share)
+    write_json(truth, out / "truth.json")
+    print(f"built {folder}: {len(list_images(folder))} photos, {len(truth['exact_copies'])} exact "
+          f"copies, {len(truth['near_copies'])} near-copies, {len(truth['moved'])} moved "
+          f"({time.perf_counter() - started:.1f} s)")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
