@@ -94,7 +94,7 @@ def run_check(args):
                                  images=sum(len(split.paths) for split in splits.values()))
     features = split_features(extractor, splits, eval_transform(backbone.preprocess),
                               args.mirror)
-    report = check_dataset(class_to_idx, splits, features, args.save_dir,
+    report = check_dataset(class_to_idx, splits, features, args.save_dir, args.cache_dir,
                            near_threshold=args.near_threshold, tiny_side=args.tiny_side,
                            folds=args.folds)
     return report, manifest

@@ -22,19 +22,28 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
-from common import atomic_write, warn, write_json
+from common import warn, write_json
 from data_utils import UNREADABLE_IMAGE_ERRORS, load_image
+from features import FeatureCache, file_stamps
+from model_utils import SignedSqrt
+from reports import contact_sheet, short_path
 
 REPORT_NAME = "data_report.json"
 SHEETS_FOLDER = "data_check"
 MIRROR_CHOICES = ("predict", "all", "off")  # train.py's --mirror
-NEAR_THRESHOLD = 0.93  # cosine similarity; chosen on a messy folder of seed 1 (see benchmarks)
+NEAR_THRESHOLD = 0.92  # thumbnail correlation; chosen on the messy folder of seed 0 (benchmarks)
+CANDIDATE_SIMILARITY = 0.5  # cosine of centred features from which a neighbour is a candidate
+NEIGHBOURS = 4         # candidates per image: its twin, or several copies of one photo
+PROJECTED = 256        # dimensions of the random projection that finds the candidates
+THUMB = 8              # side of the greyscale thumbnails that confirm a near-copy
+RIDGE = 1.0            # of the out-of-fold classifier, on features scaled to a mean length of 1
+SOFTMAX_SCALES = [2.0 ** k for k in range(12)]
 TINY_SIDE = 64         # shorter side in pixels below which an image is reported as tiny
 FOLDS = 5
 SHEET_LIMIT = 60       # thumbnails per contact sheet, worst first
-FIT_EPOCHS = 30        # full-batch steps of the out-of-fold classifier
 
 
 def mirrored(mirror, split_name):
@@ -68,36 +77,84 @@ def split_features(extractor, splits, transform, mirror="predict"):
 # --- the files ------------------------------------------------------------------------------
 
 def file_facts(path):
-    """(sha256 or None, (width, height) or None) of a file, its bytes read once."""
+    """(facts row: int64 [sha256 as 4 words, width, height, has digest], thumbnail row, readable)
+    of one file, its bytes read once. The thumbnail is THUMB x THUMB greyscale, zero-mean and
+    unit length."""
+    facts, pixels = torch.zeros(7, dtype=torch.int64), torch.zeros(THUMB * THUMB)
     try:
         data = Path(path).read_bytes()
     except OSError:
-        return None, None
-    digest = hashlib.sha256(data).hexdigest()  # as splits.file_digest
+        return facts, pixels.half(), False
+    digest = hashlib.sha256(data).digest()  # as splits.file_digest
+    facts[:4] = torch.frombuffer(bytearray(digest), dtype=torch.int64)
+    facts[6] = 1
     try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as image:
-            return digest, image.size
+        with Image.open(io.BytesIO(data)) as header:
+            facts[4], facts[5] = header.size  # the stored size: before the draft decode
+        image = load_image(io.BytesIO(data), 2 * THUMB)
     except UNREADABLE_IMAGE_ERRORS:
-        return digest, None
+        return facts, pixels.half(), False
+    small = image.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX)
+    pixels = torch.tensor(list(small.getdata()), dtype=torch.float32)
+    pixels -= pixels.mean()
+    return facts, (pixels / pixels.norm().clamp(min=1e-6)).half(), True
 
 
-def catalogue(class_to_idx, splits, features):
-    """One row per image: path, class, split, digest, size, feature row, readable."""
-    classes = list(class_to_idx)
-    rows = []
-    for name, split in splits.items():
-        _, ok = features[name]
-        for index, (path, label) in enumerate(zip(split.paths, split.labels)):
-            rows.append({"path": str(path), "class": classes[label], "label": label,
-                         "split": name, "ok": bool(ok[index])})
+def cached_facts(paths, cache_dir, root):
+    """file_facts() of paths as (facts [N, 7], thumbnails [N, THUMB * THUMB], readable [N]),
+    kept in the feature cache's folder (keyed by path, size and times, as features are), so a
+    warm check reads no image."""
+    cache = FeatureCache(cache_dir) if cache_dir else None
+    keys = [f"{name} {THUMB}|{Path(root).resolve()}" for name in ("file facts", "thumbnails")]
+    stamps = file_stamps(paths)
+    cached = [cache.load(key) if cache else {} for key in keys]
+    rows = [[part.get((path, *stamp)) for path, stamp in zip(paths, stamps)] for part in cached]
+    missing = [index for index in range(len(paths))
+               if rows[0][index] is None or rows[1][index] is None]
     with ThreadPoolExecutor(max_workers=4) as pool:  # file reads and hashing release the GIL
-        for row, (digest, size) in zip(rows, pool.map(file_facts, [r["path"] for r in rows])):
-            row["sha256"], row["size"] = digest, size
-            row["ok"] = row["ok"] and size is not None
+        for index, (facts, pixels, ok) in zip(missing, pool.map(file_facts,
+                                                                 [paths[i] for i in missing])):
+            rows[0][index], rows[1][index] = (facts, ok), (pixels, ok)
+    facts = torch.stack([row[0] for row in rows[0]]) if paths else torch.zeros(0, 7,
+                                                                               dtype=torch.int64)
+    pixels = torch.stack([row[0] for row in rows[1]]) if paths else torch.zeros(0, THUMB * THUMB)
+    ok = torch.tensor([bool(row[1]) for row in rows[0]], dtype=torch.bool)
+    if cache and (missing or len(cached[0]) != len(paths) or len(cached[1]) != len(paths)):
+        cache.save(keys[0], paths, stamps, facts, ok)
+        cache.save(keys[1], paths, stamps, pixels, ok)
+    return facts, pixels.float(), ok
+
+
+def split_facts(splits, cache_dir):
+    """cached_facts() of every split's images in split order, one call (and cache file) per
+    folder, as split_features groups them."""
+    groups = defaultdict(list)
+    for name, split in splits.items():
+        groups[str(Path(split.root).resolve())].append(name)
+    by_split = {}
+    for names in groups.values():
+        paths = [path for name in names for path in splits[name].paths]
+        parts = cached_facts(paths, cache_dir, splits[names[0]].root)
+        sizes = [len(splits[name].paths) for name in names]
+        for name, *pieces in zip(names, *(part.split(sizes) for part in parts)):
+            by_split[name] = pieces
+    return [torch.cat([by_split[name][part] for name in splits]) for part in range(3)]
+
+
+def catalogue(class_to_idx, splits, features, cache_dir):
+    """(one row per image: path, class, label, split, readable, sha256, size; the features
+    [N, D] float32; the thumbnails [N, THUMB * THUMB]), in split order."""
+    classes = list(class_to_idx)
+    facts, pixels, readable = split_facts(splits, cache_dir)
+    ok = torch.cat([features[name][1] for name in splits]) & readable
+    rows = [{"path": str(path), "class": classes[label], "label": label, "split": name}
+            for name, split in splits.items() for path, label in zip(split.paths, split.labels)]
+    for row, fact, good in zip(rows, facts.tolist(), ok.tolist()):
+        row["ok"] = good
+        row["sha256"] = (torch.tensor(fact[:4]).numpy().tobytes().hex() if fact[6] else None)
+        row["size"] = (fact[4], fact[5]) if good else None
     matrix = torch.cat([features[name][0] for name in splits]).float()
-    return rows, matrix
+    return rows, matrix, pixels
 
 
 def where(row):
@@ -128,21 +185,61 @@ def exact_duplicates(rows):
     return sorted(found, key=lambda group: (-len(group["files"]), group["files"][0]["path"]))
 
 
-def near_duplicates(rows, matrix, threshold=NEAR_THRESHOLD, block=1024):
-    """Pairs of readable images whose features' cosine similarity is >= threshold (files with
-    the same bytes left out: they are exact duplicates), most similar first."""
+def feature_space(matrix, usable):
+    """Signed square root, centred on the mean image, scaled to a mean length of 1: raw pooled
+    features are all positive, so any two flowers look alike (cosine ~0.8) until centred."""
+    roots = SignedSqrt()(matrix.float())
+    if not usable.any():
+        return roots
+    centred = roots - roots[usable].mean(0)
+    return centred / centred[usable].norm(dim=1).mean().clamp(min=1e-6)
+
+
+def nearest_neighbours(unit, neighbours=NEIGHBOURS, block=2048):
+    """[N, neighbours] indices of each row's most similar other rows (rows of unit are
+    L2-normalised), searched in a random projection to PROJECTED dimensions (cosines kept to
+    about +-0.06: 5x less work, and the candidates are checked in full after), one block of
+    rows at a time to bound memory."""
+    if unit.shape[1] > PROJECTED:
+        projection = torch.randn(unit.shape[1], PROJECTED,
+                                 generator=torch.Generator().manual_seed(0))
+        unit = nn.functional.normalize(unit @ projection, dim=1)
+    indices = []
+    for start in range(0, len(unit), block):
+        similarity = unit[start:start + block] @ unit.T
+        rows = torch.arange(start, min(start + block, len(unit)))
+        similarity[rows - start, rows] = -2.0  # not itself
+        indices.append(similarity.topk(min(neighbours, len(unit) - 1), dim=1).indices)
+    return torch.cat(indices)
+
+
+def near_duplicates(rows, space, pixels, threshold=NEAR_THRESHOLD):
+    """Pairs of readable images that are near-copies of each other, most alike first: each
+    image and its nearest neighbours by the backbone's features (the candidates), kept where
+    the features' cosine similarity is >= CANDIDATE_SIMILARITY and their small greyscale
+    thumbnails correlate >= threshold (the features find the photo's twin among thousands; the
+    pixels tell a re-saved copy or a burst shot from another photo of the same flower). Files
+    with the same bytes are left out: they are exact duplicates."""
     usable = [index for index, row in enumerate(rows) if row["ok"]]
-    unit = nn.functional.normalize(matrix[usable], dim=1)
-    pairs = []
-    for start in range(0, len(usable), block):
-        similarity = unit[start:start + block] @ unit[start:].T
-        similarity = torch.triu(similarity, diagonal=1)  # each pair once, not with itself
-        for first, second in (similarity >= threshold).nonzero().tolist():
-            a, b = rows[usable[start + first]], rows[usable[start + second]]
-            if a["sha256"] != b["sha256"]:
-                pairs.append({"similarity": round(similarity[first, second].item(), 4),
-                              "kinds": kinds_of([a, b]), "files": [where(a), where(b)]})
-    return sorted(pairs, key=lambda pair: -pair["similarity"])
+    if len(usable) < 2:
+        return []
+    unit = nn.functional.normalize(space[usable], dim=1)
+    neighbour = nearest_neighbours(unit)
+    first = torch.arange(len(usable)).repeat_interleave(neighbour.shape[1])
+    second = neighbour.reshape(-1)
+    similarity = (unit[first] * unit[second]).sum(1)
+    correlation = (pixels[usable][first] * pixels[usable][second]).sum(1)
+    pairs = {}
+    for candidate in ((similarity >= CANDIDATE_SIMILARITY) & (correlation >= threshold)
+                      ).nonzero()[:, 0].tolist():
+        a, b = sorted((usable[first[candidate]], usable[second[candidate]]))
+        if (a, b) not in pairs and rows[a]["sha256"] != rows[b]["sha256"]:
+            pairs[(a, b)] = {"pixel_correlation": round(correlation[candidate].item(), 4),
+                             "similarity": round(similarity[candidate].item(), 4),
+                             "kinds": kinds_of([rows[a], rows[b]]),
+                             "files": [where(rows[a]), where(rows[b])]}
+    return sorted(pairs.values(), key=lambda pair: (-pair["pixel_correlation"],
+                                                    -pair["similarity"]))
 
 
 # --- likely mislabelled ---------------------------------------------------------------------
@@ -169,37 +266,24 @@ def fold_of_rows(rows, folds, seed):
     return torch.tensor(assigned)
 
 
-def fit_linear(features, labels, class_count, epochs=FIT_EPOCHS, weight_decay=1e-4):
-    """A softmax classifier on standardised features, full-batch L-BFGS: a few seconds at most
-    for thousands of images, and no learning rate to choose."""
-    model = nn.Linear(features.shape[1], class_count)
-    optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=epochs,
-                                  line_search_fn="strong_wolfe")
-
-    def loss():
-        optimizer.zero_grad()
-        value = nn.functional.cross_entropy(model(features), labels) + weight_decay * (
-            model.weight ** 2).sum()
-        value.backward()
-        return value
-
-    optimizer.step(loss)
-    return model
-
-
-def out_of_fold_probabilities(features, labels, folds, class_count):
-    """Each image's class probabilities from a classifier that never saw it."""
-    mean, std = features.mean(0), features.std(0) + 1e-6
-    standard = (features - mean) / std
-    probabilities = torch.zeros(len(labels), class_count)
-    for fold in range(int(folds.max()) + 1):
-        held_out = folds == fold
-        if held_out.all() or not held_out.any():
-            continue
-        model = fit_linear(standard[~held_out], labels[~held_out], class_count)
-        with torch.no_grad():
-            probabilities[held_out] = model(standard[held_out]).softmax(1)
-    return probabilities
+def out_of_fold_probabilities(features, labels, folds, class_count, ridge=RIDGE):
+    """Each image's class probabilities from a classifier that never saw it: ridge regression
+    onto one-hot labels (closed form: one Gram matrix for all folds, a fold's own rows
+    subtracted, so the whole check stays within seconds), its scores turned into probabilities
+    by the softmax scale with the lowest out-of-fold loss (powers of two)."""
+    targets = nn.functional.one_hot(labels, class_count).float()
+    gram, cross = features.T @ features, features.T @ targets
+    identity = torch.eye(features.shape[1])
+    scores = torch.zeros(len(labels), class_count)
+    for fold in folds.unique().tolist():
+        held = folds == fold
+        inputs = features[held]
+        factor = torch.linalg.cholesky(gram - inputs.T @ inputs + ridge * identity)
+        weights = torch.cholesky_solve(cross - inputs.T @ targets[held], factor)
+        scores[held] = inputs @ weights
+    scale = min(SOFTMAX_SCALES,
+                key=lambda c: nn.functional.cross_entropy(scores * c, labels).item())
+    return (scores * scale).softmax(1)
 
 
 def confident_learning(probabilities, labels):
@@ -222,14 +306,14 @@ def confident_learning(probabilities, labels):
     return ranked, suggested
 
 
-def likely_mislabelled(rows, matrix, classes, folds=FOLDS, seed=0):
+def likely_mislabelled(rows, space, classes, folds=FOLDS, seed=0):
     """Suspects of the confident-learning rule on out-of-fold predictions, least likely first."""
     usable = [index for index, row in enumerate(rows) if row["ok"]]
-    labels = torch.tensor([rows[i]["label"] for i in usable])
+    labels = torch.tensor([rows[i]["label"] for i in usable], dtype=torch.long)
     if len(usable) < 2 * folds or len(set(labels.tolist())) < 2:
         return []
     fold = fold_of_rows([rows[i] for i in usable], folds, seed)
-    probabilities = out_of_fold_probabilities(matrix[usable], labels, fold, len(classes))
+    probabilities = out_of_fold_probabilities(space[usable], labels, fold, len(classes))
     ranked, suggested = confident_learning(probabilities, labels)
     return [{**where(rows[usable[i]]), "suggested": classes[suggested[i]],
              "self_confidence": round(probabilities[i, labels[i]].item(), 4),
@@ -250,27 +334,30 @@ def class_counts(rows, classes):
     return {name: dict(count) for name, count in counts.items()}, ratio
 
 
-def check_dataset(class_to_idx, splits, features, save_dir=None, near_threshold=NEAR_THRESHOLD,
-                  tiny_side=TINY_SIDE, folds=FOLDS, seed=0):
+def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
+                  near_threshold=NEAR_THRESHOLD, tiny_side=TINY_SIDE, folds=FOLDS, seed=0):
     """The data check of splits ({name: data_utils.Split}) with features ({name: (features, ok)},
-    as split_features returns). With save_dir, data_report.json and the contact sheets are
-    written there. Returns the report (a JSON-ready dict)."""
+    as split_features returns). cache_dir: the feature cache's folder, where the thumbnails are
+    kept too (None: computed each time). With save_dir, data_report.json and the contact sheets
+    are written there. Returns the report (a JSON-ready dict)."""
     started = time.perf_counter()
     classes = list(class_to_idx)
-    rows, matrix = catalogue(class_to_idx, splits, features)
+    rows, matrix, pixels = catalogue(class_to_idx, splits, features, cache_dir)
+    usable = torch.tensor([row["ok"] for row in rows], dtype=torch.bool)
+    space = feature_space(matrix, usable)
     counts, ratio = class_counts(rows, classes)
     report = {
         "images": len(rows), "classes": len(classes), "class_counts": counts,
         "imbalance_ratio": ratio if math.isfinite(ratio) else None,
         "exact_duplicates": exact_duplicates(rows),
-        "near_duplicates": near_duplicates(rows, matrix, near_threshold),
+        "near_duplicates": near_duplicates(rows, space, pixels, near_threshold),
         "unreadable": [where(row) for row in rows if not row["ok"]],
         "tiny": [{**where(row), "width": row["size"][0], "height": row["size"][1]}
                  for row in rows if row["size"] and min(row["size"]) < tiny_side],
-        "mislabelled": likely_mislabelled(rows, matrix, classes, folds, seed),
+        "mislabelled": likely_mislabelled(rows, space, classes, folds, seed),
         "settings": {"near_threshold": near_threshold, "tiny_side": tiny_side, "folds": folds,
                      "seed": seed, "mislabel_rule": "confident learning on out-of-fold "
-                     "predictions of a linear classifier"},
+                     "predictions of a ridge classifier on the features"},
     }
     report["seconds"] = round(time.perf_counter() - started, 2)
     if save_dir is not None:
@@ -312,49 +399,6 @@ def sheet_items(report):
     items["unreadable"] = [(entry["path"], ["unreadable", short_path(entry["path"])])
                            for entry in report["unreadable"]]
     return items
-
-
-def short_path(path, keep=2):
-    """The last folders and the file name: enough to find the file below the data folder."""
-    return "/".join(Path(path).parts[-keep:])
-
-
-def contact_sheet(items, path, title, thumb=150, columns=6, caption_lines=3):
-    """Thumbnails in a grid, each with its caption, as one PNG (PIL only: fast, no figure)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=11)
-    line = 14
-    cell_height = thumb + 6 + line * caption_lines
-    rows = math.ceil(len(items) / columns)
-    sheet = Image.new("RGB", (columns * (thumb + 10) + 10, 30 + rows * (cell_height + 10)),
-                      "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((10, 8), title, fill="black", font=ImageFont.load_default(size=14))
-    for index, (image_path, caption) in enumerate(items):
-        x = 10 + (index % columns) * (thumb + 10)
-        y = 30 + (index // columns) * (cell_height + 10)
-        try:
-            image = load_image(image_path, thumb)
-            image.thumbnail((thumb, thumb))
-            sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
-        except UNREADABLE_IMAGE_ERRORS:
-            draw.rectangle((x, y, x + thumb, y + thumb), fill="#dddddd")
-            draw.text((x + 10, y + thumb // 2), "cannot be read", fill="black", font=font)
-        for number, text in enumerate(caption[:caption_lines]):
-            draw.text((x, y + thumb + 4 + number * line), fit_text(draw, text, font, thumb + 8),
-                      fill="black", font=font)
-    atomic_write(path, lambda temporary: sheet.save(temporary, format="PNG"))
-
-
-def fit_text(draw, text, font, width):
-    """text, cut from the left with '...' until it fits width pixels (file names end in what
-    tells them apart)."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength("..." + text, font=font) > width:
-        text = text[1:]
-    return "..." + text
 
 
 def summary_lines(report, save_dir=None):
