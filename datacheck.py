@@ -41,6 +41,9 @@ PROJECTED = 256        # dimensions of the random projection that finds the cand
 THUMB = 8              # side of the greyscale thumbnails that confirm a near-copy
 RIDGE = 1.0            # of the out-of-fold classifier, on features scaled to a mean length of 1
 SOFTMAX_SCALES = [2.0 ** k for k in range(12)]
+CLASS_WEIGHT_POWERS = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}
+AUTO_CLASS_WEIGHTS = "balanced"  # what 'auto' means: see benchmarks/class_weights.py
+DEFAULT_CLASS_WEIGHTS = "auto"
 TINY_SIDE = 64         # shorter side in pixels below which an image is reported as tiny
 FOLDS = 5
 SHEET_LIMIT = 60       # thumbnails per contact sheet, worst first
@@ -332,6 +335,19 @@ def class_counts(rows, classes):
     totals = [count["total"] for count in counts.values()]
     ratio = max(totals) / min(totals) if min(totals) else math.inf
     return {name: dict(count) for name, count in counts.items()}, ratio
+
+
+def class_weights(labels, class_count, mode=DEFAULT_CLASS_WEIGHTS):
+    """Loss weights per class [class_count] from the training labels: each class weighted by
+    (its image count)^-power, power CLASS_WEIGHT_POWERS[mode] ('balanced': inverse frequency,
+    'sqrt': its square root, 'none': all 1; 'auto': DEFAULT_CLASS_WEIGHTS, chosen by
+    benchmarks/class_weights.py), scaled so the mean weight over the images is 1 (the loss
+    and the learning rate keep their scale). A class with no image gets weight 0."""
+    power = CLASS_WEIGHT_POWERS[AUTO_CLASS_WEIGHTS if mode == "auto" else mode]
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long),
+                            minlength=class_count).double()
+    weights = torch.where(counts > 0, counts.clamp(min=1) ** -power, torch.zeros_like(counts))
+    return (weights * counts.sum() / (weights * counts).sum()).float()
 
 
 def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,

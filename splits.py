@@ -17,6 +17,7 @@ manifest_splits returns what data_utils.find_splits returns for a train/valid/te
 import hashlib
 import json
 import os
+from collections import defaultdict
 from pathlib import Path
 
 from common import UserError, error_reason, warn, write_json
@@ -98,9 +99,16 @@ def split_folder(data_dir, fractions=DEFAULT_FRACTIONS, previous=None):
         raise UserError(f"{data_dir} has no class folders with images; put each class's images "
                         "in a folder named after the class")
     kept = {(entry["class"], entry["path"]): entry for entry in (previous or {}).get("files", [])}
+    digests_of = {name: {path: _digest_or_none(data_dir / path) for path in paths}
+                  for name, paths in files.items()}
+    classes_of = defaultdict(set)
+    for name, digests in digests_of.items():
+        for digest in digests.values():
+            classes_of[digest].add(name)
+    shared = {digest for digest, names in classes_of.items() if len(names) > 1}
     entries, few = [], []
     for name, paths in files.items():
-        digests = {path: _digest_or_none(data_dir / path) for path in paths}
+        digests = digests_of[name]
         placed = {path: _placed_split(kept.get((name, path)), digest, fractions)
                   for path, digest in digests.items()}
         distinct = {digest or path for path, digest in digests.items()}
@@ -110,7 +118,7 @@ def split_folder(data_dir, fractions=DEFAULT_FRACTIONS, previous=None):
                             "to it or remove its folder")
         if len(distinct) < FEW_PHOTOS:
             few.append(name)
-        _fill_empty_splits(placed, digests, fractions)
+        _fill_empty_splits(placed, digests, fractions, shared)
         entries += [{"path": path, "class": name, "split": placed[path], "sha256": digests[path]}
                     for path in paths]
     if few:
@@ -137,9 +145,10 @@ def _placed_split(earlier, digest, fractions):
     return split_of(position, fractions)
 
 
-def _fill_empty_splits(placed, digests, fractions):
+def _fill_empty_splits(placed, digests, fractions, shared):
     """Give each split with no photo of this class the photo (all its copies) nearest its
-    interval, taken from the split that has the most."""
+    interval, taken from the split that has the most; a photo also filed under another class
+    (shared digests) is taken last, so that its copies stay in one split."""
     start = 0.0
     for name, fraction in fractions.items():
         middle = start + fraction / 2
@@ -149,7 +158,8 @@ def _fill_empty_splits(placed, digests, fractions):
         counts = {split: list(placed.values()).count(split) for split in fractions}
         donor = max(counts, key=counts.get)
         candidates = [path for path in placed if placed[path] == donor and digests[path]]
-        nearest = min(candidates, key=lambda path: abs(hash_position(digests[path]) - middle))
+        nearest = min(candidates, key=lambda path: (digests[path] in shared,
+                                                    abs(hash_position(digests[path]) - middle)))
         for path in placed:
             if digests[path] == digests[nearest]:
                 placed[path] = name

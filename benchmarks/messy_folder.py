@@ -113,6 +113,82 @@ def make_messy(flowers, folder, seed, copies, near_copies, moved_share):
     return truth
 
 
+def source_of(truth):
+    """{relative path of a planted copy: relative path of its original}."""
+    return {entry["copy"]: entry["original"]
+            for kind in ("exact_copies", "near_copies") for entry in truth[kind]}
+
+
+def pair_scores(found, planted, source, folder):
+    """(recall of the planted copies, precision over the found pairs that involve a planted
+    copy, the pairs found among the untouched photos). A copy counts as found when the check
+    pairs it with its original or another copy of it; a found pair is right when both files are
+    (copies of) one original, or of two originals that the check pairs itself (the shared
+    data's own duplicates, listed apart)."""
+    relative = [[str(Path(entry["path"]).relative_to(folder)) for entry in group["files"]]
+                for group in found]
+    pairs = [(a, b) for files in relative for i, a in enumerate(files) for b in files[i + 1:]]
+
+    def root(path):
+        return source.get(path, path)
+
+    among_originals = {frozenset(pair) for pair in pairs
+                       if pair[0] not in source and pair[1] not in source}
+    recalled = sum(any(copy in pair and root(pair[0]) == root(pair[1]) for pair in pairs)
+                   for copy, _ in planted)
+    involving = [pair for pair in pairs if pair[0] in source or pair[1] in source]
+    right = [(a, b) for a, b in involving
+             if root(a) == root(b) or frozenset((root(a), root(b))) in among_originals]
+    return (recalled / len(planted), len(right) / len(involving) if involving else 1.0,
+            sorted(tuple(sorted(pair)) for pair in among_originals))
+
+
+def mislabel_scores(suspects, moved, folder):
+    """(share of the moved photos among the 2N most suspicious, N = photos moved; precision and
+    recall of the whole suspect list)."""
+    listed = [str(Path(entry["path"]).relative_to(folder)) for entry in suspects]
+    moved = {entry["path"] for entry in moved}
+    top = listed[:2 * len(moved)]
+    hits = sum(path in moved for path in listed)
+    return (sum(path in moved for path in top) / len(moved),
+            hits / len(listed) if listed else 1.0, hits / len(moved))
+
+
+def check_args(folder, save_dir, args):
+    """check_data.py's arguments for the messy folder (its defaults otherwise)."""
+    import check_data
+
+    extra = ["--cache_dir", args.cache_dir] if args.cache_dir else []
+    extra += ["--near_threshold", str(args.near_threshold)] if args.near_threshold else []
+    extra += ["--workers", str(args.workers)] if args.workers is not None else []
+    return check_data.get_args_parser().parse_args([str(folder), "--save_dir", str(save_dir),
+                                                    *extra])
+
+
+def timed_check(check_args_):
+    """(report, seconds of the whole check_data run: split, features, check)."""
+    import check_data
+
+    started = time.perf_counter()
+    report, _ = check_data.run_check(check_args_)
+    return report, time.perf_counter() - started
+
+
+def print_scores(report, truth, folder):
+    source = source_of(truth)
+    for kind, finding in (("exact_copies", "exact_duplicates"), ("near_copies", "near_duplicates")):
+        planted = [(entry["copy"], entry["original"]) for entry in truth[kind]]
+        recall, precision, among = pair_scores(report[finding], planted, source, folder)
+        print(f"{finding}: recall {100 * recall:.1f}% of {len(planted)} planted, precision "
+              f"{100 * precision:.1f}% over the found pairs involving a planted copy; "
+              f"{len(among)} more pairs among the untouched shared photos (their own)")
+    top, precision, recall = mislabel_scores(report["mislabelled"], truth["moved"], folder)
+    print(f"mislabelled: {100 * top:.1f}% of the {len(truth['moved'])} moved photos are among the "
+          f"{2 * len(truth['moved'])} most suspicious; the whole list of "
+          f"{len(report['mislabelled'])}: precision {100 * precision:.1f}%, recall "
+          f"{100 * recall:.1f}%")
+
+
 def main(args):
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -125,6 +201,11 @@ def main(args):
     print(f"built {folder}: {len(list_images(folder))} photos, {len(truth['exact_copies'])} exact "
           f"copies, {len(truth['near_copies'])} near-copies, {len(truth['moved'])} moved "
           f"({time.perf_counter() - started:.1f} s)")
+    for run in ("cold", "warm"):
+        report, seconds = timed_check(check_args(folder, out / "check", args))
+        print(f"{run} run: check_data.py took {seconds:.1f} s, of which the check itself "
+              f"{report['seconds']:.1f} s (features{' from the cache' if run == 'warm' else ''})")
+    print_scores(report, truth, folder)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,18 @@ def test_split_is_stratified_and_by_content(tmp_path):
         assert entry["sha256"] == splits.file_digest(root / entry["path"])
 
 
+def test_copies_across_classes_stay_together_in_small_classes(tmp_path):
+    root = photo_folder(tmp_path / "photos", {"a": 6, "b": 3, "c": 3})
+    for name in ("b", "c"):
+        for index in range(3):
+            shutil.copyfile(root / "a" / f"{index}.png", root / name / f"copy_{index}.png")
+    manifest = splits.split_folder(root)
+    by_digest = {}
+    for entry in manifest["files"]:
+        by_digest.setdefault(entry["sha256"], set()).add(entry["split"])
+    assert all(len(placed) == 1 for placed in by_digest.values())
+
+
 def test_adding_photos_never_moves_placed_ones(tmp_path):
     root = photo_folder(tmp_path / "photos", {"cat": 30, "dog": 30})
     before = placement(splits.split_folder(root))
