@@ -39,6 +39,9 @@ CANDIDATE_SIMILARITY = 0.5  # cosine of centred features from which a neighbour 
 NEIGHBOURS = 4         # candidates per image: its twin, or several copies of one photo
 PROJECTED = 256        # dimensions of the random projection that finds the candidates
 THUMB = 8              # side of the greyscale thumbnails that confirm a near-copy
+EDGES = 16             # side of the thumbnails whose pixel differences confirm it too
+THUMB_LENGTH = THUMB * THUMB + 2 * EDGES * (EDGES - 1)
+EDGE_THRESHOLD = 0.6   # correlation of those differences; chosen on seed 0 (benchmarks)
 RIDGE = 1.0            # of the out-of-fold classifier, on features scaled to a mean length of 1
 SOFTMAX_SCALES = [2.0 ** k for k in range(12)]
 CLASS_WEIGHT_POWERS = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}
@@ -81,9 +84,10 @@ def split_features(extractor, splits, transform, mirror="predict"):
 
 def file_facts(path):
     """(facts row: int64 [sha256 as 4 words, width, height, has digest], thumbnail row, readable)
-    of one file, its bytes read once. The thumbnail is THUMB x THUMB greyscale, zero-mean and
-    unit length."""
-    facts, pixels = torch.zeros(7, dtype=torch.int64), torch.zeros(THUMB * THUMB)
+    of one file, its bytes read once. The thumbnail row: THUMB x THUMB greyscale pixels, then the
+    vertical and horizontal differences of EDGES x EDGES greyscale pixels, each part zero-mean
+    and unit length (so a dot product is a correlation)."""
+    facts, pixels = torch.zeros(7, dtype=torch.int64), torch.zeros(THUMB_LENGTH)
     try:
         data = Path(path).read_bytes()
     except OSError:
@@ -94,21 +98,30 @@ def file_facts(path):
     try:
         with Image.open(io.BytesIO(data)) as header:
             facts[4], facts[5] = header.size  # the stored size: before the draft decode
-        image = load_image(io.BytesIO(data), 2 * THUMB)
+        grey = load_image(io.BytesIO(data), 2 * EDGES).convert("L")
     except UNREADABLE_IMAGE_ERRORS:
         return facts, pixels.half(), False
-    small = image.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX)
-    pixels = torch.tensor(list(small.getdata()), dtype=torch.float32)
-    pixels -= pixels.mean()
-    return facts, (pixels / pixels.norm().clamp(min=1e-6)).half(), True
+    small = pixel_tensor(grey, THUMB)
+    edges = pixel_tensor(grey, EDGES)
+    parts = [small.reshape(-1), torch.cat([edges.diff(dim=0).reshape(-1),
+                                           edges.diff(dim=1).reshape(-1)])]
+    parts = [part - part.mean() for part in parts]
+    return facts, torch.cat([part / part.norm().clamp(min=1e-6) for part in parts]).half(), True
+
+
+def pixel_tensor(grey, side):
+    """A greyscale image as a side x side float tensor (box-filtered)."""
+    small = grey.resize((side, side), Image.Resampling.BOX)
+    return torch.tensor(list(small.getdata()), dtype=torch.float32).reshape(side, side)
 
 
 def cached_facts(paths, cache_dir, root):
-    """file_facts() of paths as (facts [N, 7], thumbnails [N, THUMB * THUMB], readable [N]),
+    """file_facts() of paths as (facts [N, 7], thumbnails [N, THUMB_LENGTH], readable [N]),
     kept in the feature cache's folder (keyed by path, size and times, as features are), so a
     warm check reads no image."""
     cache = FeatureCache(cache_dir) if cache_dir else None
-    keys = [f"{name} {THUMB}|{Path(root).resolve()}" for name in ("file facts", "thumbnails")]
+    keys = [f"{name} {THUMB} {EDGES}|{Path(root).resolve()}"
+            for name in ("file facts", "thumbnails")]
     stamps = file_stamps(paths)
     cached = [cache.load(key) if cache else {} for key in keys]
     rows = [[part.get((path, *stamp)) for path, stamp in zip(paths, stamps)] for part in cached]
@@ -120,7 +133,7 @@ def cached_facts(paths, cache_dir, root):
             rows[0][index], rows[1][index] = (facts, ok), (pixels, ok)
     facts = torch.stack([row[0] for row in rows[0]]) if paths else torch.zeros(0, 7,
                                                                                dtype=torch.int64)
-    pixels = torch.stack([row[0] for row in rows[1]]) if paths else torch.zeros(0, THUMB * THUMB)
+    pixels = torch.stack([row[0] for row in rows[1]]) if paths else torch.zeros(0, THUMB_LENGTH)
     ok = torch.tensor([bool(row[1]) for row in rows[0]], dtype=torch.bool)
     if cache and (missing or len(cached[0]) != len(paths) or len(cached[1]) != len(paths)):
         cache.save(keys[0], paths, stamps, facts, ok)
@@ -219,9 +232,10 @@ def nearest_neighbours(unit, neighbours=NEIGHBOURS, block=2048):
 def near_duplicates(rows, space, pixels, threshold=NEAR_THRESHOLD):
     """Pairs of readable images that are near-copies of each other, most alike first: each
     image and its nearest neighbours by the backbone's features (the candidates), kept where
-    the features' cosine similarity is >= CANDIDATE_SIMILARITY and their small greyscale
-    thumbnails correlate >= threshold (the features find the photo's twin among thousands; the
-    pixels tell a re-saved copy or a burst shot from another photo of the same flower). Files
+    the features' cosine similarity is >= CANDIDATE_SIMILARITY, their 8 x 8 greyscale
+    thumbnails correlate >= threshold and their 16 x 16 pixel differences >= EDGE_THRESHOLD (the
+    features find the photo's twin among thousands; the pixels tell a re-saved copy or a burst
+    shot from another photo of a look-alike flower). Files
     with the same bytes are left out: they are exact duplicates."""
     usable = [index for index, row in enumerate(rows) if row["ok"]]
     if len(usable) < 2:
@@ -231,13 +245,17 @@ def near_duplicates(rows, space, pixels, threshold=NEAR_THRESHOLD):
     first = torch.arange(len(usable)).repeat_interleave(neighbour.shape[1])
     second = neighbour.reshape(-1)
     similarity = (unit[first] * unit[second]).sum(1)
-    correlation = (pixels[usable][first] * pixels[usable][second]).sum(1)
+    products = pixels[usable][first] * pixels[usable][second]
+    correlation = products[:, :THUMB * THUMB].sum(1)
+    edges = products[:, THUMB * THUMB:].sum(1)
+    alike = ((similarity >= CANDIDATE_SIMILARITY) & (correlation >= threshold)
+             & (edges >= EDGE_THRESHOLD))
     pairs = {}
-    for candidate in ((similarity >= CANDIDATE_SIMILARITY) & (correlation >= threshold)
-                      ).nonzero()[:, 0].tolist():
+    for candidate in alike.nonzero()[:, 0].tolist():
         a, b = sorted((usable[first[candidate]], usable[second[candidate]]))
         if (a, b) not in pairs and rows[a]["sha256"] != rows[b]["sha256"]:
             pairs[(a, b)] = {"pixel_correlation": round(correlation[candidate].item(), 4),
+                             "edge_correlation": round(edges[candidate].item(), 4),
                              "similarity": round(similarity[candidate].item(), 4),
                              "kinds": kinds_of([rows[a], rows[b]]),
                              "files": [where(rows[a]), where(rows[b])]}
@@ -371,8 +389,8 @@ def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
         "tiny": [{**where(row), "width": row["size"][0], "height": row["size"][1]}
                  for row in rows if row["size"] and min(row["size"]) < tiny_side],
         "mislabelled": likely_mislabelled(rows, space, classes, folds, seed),
-        "settings": {"near_threshold": near_threshold, "tiny_side": tiny_side, "folds": folds,
-                     "seed": seed, "mislabel_rule": "confident learning on out-of-fold "
+        "settings": {"near_threshold": near_threshold, "edge_threshold": EDGE_THRESHOLD,
+                     "tiny_side": tiny_side, "folds": folds, "seed": seed, "mislabel_rule": "confident learning on out-of-fold "
                      "predictions of a ridge classifier on the features"},
     }
     report["seconds"] = round(time.perf_counter() - started, 2)
