@@ -1,9 +1,9 @@
 """Check a photo folder before training: duplicates, leaks between splits, unreadable and tiny
 images, class counts, and photos likely filed under the wrong class.
 
-    python check_data.py photos/                        # one folder per class: split as train.py does
-    python check_data.py flowers/ --save_dir runs/check # a train/valid/test layout
-    python check_data.py photos/ --fix                  # also write a cleaned split manifest
+    python check_data.py photos/                         # one folder per class, split as train.py
+    python check_data.py flowers/ --save_dir runs/check  # a train/valid/test layout
+    python check_data.py photos/ --fix                   # also write a cleaned split manifest
 
 It reads the backbone features from train.py's feature cache (computing what is missing, which a
 training run then reuses), writes data_report.json and contact sheets (data_check/*.png) to

@@ -1,16 +1,18 @@
 """The data check: what in a photo folder would mislead training or inflate the test score.
 
 Exact duplicates (same bytes) within a class, across classes and across splits (leaks);
-near-duplicates by cosine similarity of the backbone features training computes anyway (so on a
-warm feature cache the check costs no backbone pass); unreadable and tiny images; class counts
-and the imbalance ratio; and photos that are likely filed under the wrong class, found by the
-confident-learning rule on out-of-fold predictions of a linear classifier on the same features.
-It never moves or deletes a file: it writes data_report.json and one contact sheet per finding,
-and cleaned_manifest() turns the findings into a split manifest without them.
+near-copies (re-saved, resized, slightly cropped, burst shots): nearest neighbours by the
+backbone features training computes anyway (so on a warm feature cache the check costs no
+backbone pass), confirmed by tiny greyscale thumbnails; unreadable and tiny images; class counts
+and the imbalance ratio; and photos likely filed under the wrong class: the confident-learning
+rule on out-of-fold predictions of a ridge classifier on the same features. It never moves or
+deletes a file: it writes data_report.json and one contact sheet per finding, and
+cleaned_manifest() turns the findings into a split manifest without them.
 
     features = split_features(extractor, splits, eval_transform(backbone.preprocess))
-    report = check_dataset(class_to_idx, splits, features, save_dir)
-    print("\\n".join(summary_lines(report)))
+    report = check_dataset(class_to_idx, splits, features, save_dir, cache_dir)
+    print("\\n".join(summary_lines(report, save_dir)))
+    weights = class_weights(train_labels, len(class_to_idx), "auto")   # for the loss
 """
 import hashlib
 import io
@@ -178,7 +180,7 @@ def where(row):
 
 
 def kinds_of(members):
-    """Which kinds of duplicate a group of rows is: within a class, across classes, across splits."""
+    """The kinds of duplicate a group of rows is: within a class, across classes, across splits."""
     classes = [row["class"] for row in members]
     kinds = []
     if len(set(classes)) < len(classes):
@@ -390,8 +392,9 @@ def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
                  for row in rows if row["size"] and min(row["size"]) < tiny_side],
         "mislabelled": likely_mislabelled(rows, space, classes, folds, seed),
         "settings": {"near_threshold": near_threshold, "edge_threshold": EDGE_THRESHOLD,
-                     "tiny_side": tiny_side, "folds": folds, "seed": seed, "mislabel_rule": "confident learning on out-of-fold "
-                     "predictions of a ridge classifier on the features"},
+                     "tiny_side": tiny_side, "folds": folds, "seed": seed,
+                     "mislabel_rule": "confident learning on out-of-fold predictions of a ridge "
+                     "classifier on the features"},
     }
     report["seconds"] = round(time.perf_counter() - started, 2)
     if save_dir is not None:
@@ -419,15 +422,16 @@ def sheet_items(report):
     items = {"exact_duplicates": [], "near_duplicates": []}
     for finding in items:
         for number, group in enumerate(report[finding], 1):
-            score = f" sim {group['similarity']:.3f}" if "similarity" in group else ""
+            score = (f" r {group['pixel_correlation']:.2f}" if "pixel_correlation" in group
+                     else "")
             items[finding] += [(entry["path"], [f"#{number}{score} {entry['split']}",
                                                 short_path(entry["path"])])
                                for entry in group["files"]]
-    items["mislabelled"] = [(entry["path"], [f"filed: {entry['class']} ({entry['self_confidence']:.2f})",
-                                             f"suggested: {entry['suggested']} "
-                                             f"({entry['suggested_probability']:.2f})",
-                                             short_path(entry["path"])])
-                            for entry in report["mislabelled"]]
+    items["mislabelled"] = [
+        (entry["path"], [f"filed: {entry['class']} ({entry['self_confidence']:.2f})",
+                         f"suggested: {entry['suggested']} ({entry['suggested_probability']:.2f})",
+                         short_path(entry["path"])])
+        for entry in report["mislabelled"]]
     items["tiny"] = [(entry["path"], [f"{entry['width']}x{entry['height']} px",
                                       short_path(entry["path"])]) for entry in report["tiny"]]
     items["unreadable"] = [(entry["path"], ["unreadable", short_path(entry["path"])])
@@ -477,7 +481,8 @@ def files_to_drop(report):
             drop.update({entry["path"]: "filed under several classes" for entry in group["files"]})
             continue
         keep = min(group["files"], key=lambda e: (e["split"] != "train", e["path"]))
-        drop.update({entry["path"]: "exact duplicate" for entry in group["files"] if entry is not keep})
+        drop.update({entry["path"]: "exact duplicate" for entry in group["files"]
+                     if entry is not keep})
     for pair in report["near_duplicates"]:
         if "across_splits" in pair["kinds"]:
             leak = max(pair["files"], key=lambda e: ("train", "valid", "test").index(e["split"]))
@@ -492,8 +497,8 @@ def cleaned_manifest(manifest, data_dir, report):
     files_to_drop names; returns (manifest, {path: reason})."""
     drop = files_to_drop(report)
     data_dir = Path(data_dir)
-    kept = [entry for entry in manifest["files"]
-            if os.path.join(data_dir / manifest["roots"][entry["split"]], entry["path"]) not in drop]
+    kept = [entry for entry in manifest["files"] if os.path.join(
+        data_dir / manifest["roots"][entry["split"]], entry["path"]) not in drop]
     if len(manifest["files"]) - len(kept) != len(drop):
         warn("some findings name files that are not in the manifest; they are left as they are")
     return {**manifest, "files": kept, "cleaned": {"dropped": len(drop)}}, drop

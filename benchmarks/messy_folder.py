@@ -74,7 +74,8 @@ def near_copy(original, destination, generator):
     if "crop" in changes:
         width, height = image.size
         margin = generator.uniform(0.02, 0.06)
-        left, top = int(width * generator.uniform(0, margin)), int(height * generator.uniform(0, margin))
+        left = int(width * generator.uniform(0, margin))
+        top = int(height * generator.uniform(0, margin))
         image = image.crop((left, top, left + int(width * (1 - margin)),
                             top + int(height * (1 - margin))))
     if "resize" in changes:
