@@ -47,9 +47,10 @@ def parse_fractions(text):
 
 
 def is_one_folder(data_dir):
-    """True when data_dir holds class folders and no train/: the layout to split automatically."""
+    """True when data_dir is a folder without train/: one folder per class, to split
+    automatically (split_folder names the problem when it holds no class folders)."""
     data_dir = Path(data_dir)
-    return data_dir.is_dir() and not (data_dir / "train").is_dir() and bool(class_folders(data_dir))
+    return data_dir.is_dir() and not (data_dir / "train").is_dir()
 
 
 def file_digest(path):

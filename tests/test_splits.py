@@ -41,6 +41,9 @@ def test_is_one_folder(tmp_path):
     (tmp_path / "photos" / "train").mkdir()
     assert not splits.is_one_folder(tmp_path / "photos")
     assert not splits.is_one_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no class folders with images"):
+        splits.split_folder(tmp_path / "empty")
 
 
 def test_split_is_stratified_and_by_content(tmp_path):
