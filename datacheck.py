@@ -410,8 +410,9 @@ def save_report(report, save_dir):
         if items:
             path = save_dir / SHEETS_FOLDER / f"{finding}.png"
             contact_sheet(items[:SHEET_LIMIT], path,
-                          f"{finding.replace('_', ' ')}: {len(items)} image(s)"
-                          + (f", first {SHEET_LIMIT} shown" if len(items) > SHEET_LIMIT else ""))
+                          f"{finding.replace('_', ' ')}: {len(report[finding])} found"
+                          + (f"; the first {SHEET_LIMIT} of their {len(items)} images shown"
+                             if len(items) > SHEET_LIMIT else ""))
             report["sheets"][finding] = str(path)
     write_json(report, save_dir / REPORT_NAME)
 
@@ -422,7 +423,7 @@ def sheet_items(report):
     items = {"exact_duplicates": [], "near_duplicates": []}
     for finding in items:
         for number, group in enumerate(report[finding], 1):
-            score = (f" r {group['pixel_correlation']:.2f}" if "pixel_correlation" in group
+            score = (f" r {group['pixel_correlation']:.3f}" if "pixel_correlation" in group
                      else "")
             items[finding] += [(entry["path"], [f"#{number}{score} {entry['split']}",
                                                 short_path(entry["path"])])
