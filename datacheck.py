@@ -47,7 +47,10 @@ EDGE_THRESHOLD = 0.6   # correlation of those differences; chosen on seed 0 (ben
 RIDGE = 1.0            # of the out-of-fold classifier, on features scaled to a mean length of 1
 SOFTMAX_SCALES = [2.0 ** k for k in range(12)]
 CLASS_WEIGHT_POWERS = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}
-AUTO_CLASS_WEIGHTS = "balanced"  # what 'auto' means: see benchmarks/class_weights.py
+# What 'auto' means. benchmarks/class_weights.py, 5 folds on flowers train+valid keeping 10-100%
+# of each class: mean per-class accuracy none 91.97%, sqrt 93.45%, balanced 93.85% (+1.89 +-
+# 0.11 points); on all of train+valid (3 folds) balanced +0.82 +- 0.19, accuracy +0.2.
+AUTO_CLASS_WEIGHTS = "balanced"
 DEFAULT_CLASS_WEIGHTS = "auto"
 TINY_SIDE = 64         # shorter side in pixels below which an image is reported as tiny
 FOLDS = 5
