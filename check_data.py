@@ -62,17 +62,11 @@ def get_args_parser():
 def load_splits(args):
     """(class_to_idx, splits, manifest) of data_dir: the manifest named by --split_from, a new
     hash split of a one-folder data_dir, or the train/valid/test layout."""
-    from splits import (is_one_folder, manifest_of_layout, manifest_splits, parse_fractions,
-                        read_manifest, split_folder)
+    from splits import load_dataset, manifest_of_layout, parse_fractions
 
-    if args.split_from:
-        manifest = read_manifest(args.split_from)
-    elif is_one_folder(args.data_dir):
-        manifest = split_folder(args.data_dir, parse_fractions(args.split))
-    else:
-        manifest = manifest_of_layout(args.data_dir)
-    class_to_idx, splits = manifest_splits(manifest, args.data_dir)
-    return class_to_idx, splits, manifest
+    class_to_idx, splits, manifest = load_dataset(args.data_dir, parse_fractions(args.split),
+                                                  args.split_from)
+    return class_to_idx, splits, manifest or manifest_of_layout(args.data_dir)
 
 
 def run_check(args):
