@@ -40,8 +40,9 @@ def get_args_parser():
                         "split without the duplicates, leaks, unreadable and likely "
                         "mislabelled files (the files themselves stay)")
     parser.add_argument("--near_threshold", type=float, default=NEAR_THRESHOLD,
-                        help="cosine similarity of features from which two photos are "
-                        "near-duplicates")
+                        help="correlation of the small greyscale thumbnails of two feature "
+                        "neighbours from which they are near-copies (chosen on a messy folder: "
+                        "benchmarks/messy_folder.py)")
     parser.add_argument("--tiny_side", type=non_negative_int, default=TINY_SIDE,
                         help="report images whose shorter side is below this many pixels")
     parser.add_argument("--folds", type=int, default=FOLDS,
