@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from backbones import state_sha256
 from common import UserError, warn
 
 ENGINE_CHOICES = ("auto", "torch", "openvino")
@@ -150,11 +151,7 @@ def weights_key(arch, identity=None, state_dict=None):
     hash) where they are used unchanged, else a hash of the weights themselves (fine-tuned)."""
     if identity and identity.get("sha256"):
         return f"{arch} {sorted(identity.items())}"
-    digest = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return f"{arch} sha256 {digest.hexdigest()}"
+    return f"{arch} sha256 {state_sha256(state_dict)}"
 
 
 def converted_path(key, crop, cache_dir):

@@ -50,6 +50,7 @@ class TrainConfig:
     finetune: bool = hyperparameter(False)
     finetune_layers: int = hyperparameter(0)
     backbone_lr: float = hyperparameter(1e-4)
+    train_stages: int = hyperparameter(0, earlier=0)
     # Run options: where and how this run goes, not what it trains.
     save_dir: str = "."
     category_names: str | None = None  # None: data_dir/cat_to_name.json when present
