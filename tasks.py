@@ -81,7 +81,9 @@ def make_task(config, backbone, splits, device, classifier):
     if config.finetune:
         return ImageTask(config, backbone, splits, device, classifier)
     if config.train_stages:
-        return StageTask(config, backbone, splits, device, classifier)
+        bottom, top = split_backbone(backbone, config.train_stages)
+        data, extracted = extract_features(config, backbone, device, splits, bottom=bottom)
+        return StageTask(data, config, top, classifier, device, extracted)
     data, extracted = extract_features(config, backbone, device, splits)
     return FeatureTask(data, config.batch_size, classifier, device, extracted)
 
@@ -199,12 +201,12 @@ class StageTask(FeatureTask):
     that enter them, computed once and cached (stage_split.py). `model` is a
     stage_split.StageModel. Each training image's activations are kept with its mirror
     image's: a training batch takes one of the two at random (the --augment views too);
-    evaluation averages the two images' features unless --mirror off, as predictions do."""
+    evaluation averages the two images' features unless --mirror off, as predictions do.
+    data: as extract_features returns it with the bottom of split_backbone, whose top is top."""
     eval_batch_size = 256
 
-    def __init__(self, config, backbone, splits, device, classifier):
-        bottom, top = split_backbone(backbone, config.train_stages)
-        data, self.extracted = extract_features(config, backbone, device, splits, bottom=bottom)
+    def __init__(self, data, config, top, classifier, device, extracted=0):
+        self.extracted = extracted
         views = 1 if config.mirror == "off" else 2
         self.data = {name: (inputs if name == "train" else inputs[:, :views], labels)
                      for name, (inputs, labels) in data.items()}
