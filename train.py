@@ -33,7 +33,13 @@ from data_utils import default_workers
 from engines import ENGINE_CHOICES
 from features import default_cache_dir
 from model_utils import FEATURE_TRANSFORMS, load_train_state
-from train_config import MIRROR_CHOICES, TrainConfig, family_default, saved_hyperparameters
+from train_config import (
+    MIRROR_CHOICES,
+    TrainConfig,
+    family_default,
+    saved_hyperparameters,
+    unset_default,
+)
 
 
 def arch_default(name):
@@ -143,10 +149,9 @@ def resumed_run(args, values):
     """The train state of the run --resume names; the run's saved hyperparameters replace the
     flags' values, with a warning for each flag given that the run does not follow."""
     state, state_path = load_train_state(args.resume)
-    defaults = get_args_parser()
     for name, saved in saved_hyperparameters(state["hyperparameters"]).items():
         given = values[name]
-        if given not in (saved, defaults.get_default(name)):
+        if given not in (saved, unset_default(name)):
             warn(f"--resume continues the run as it was started: --{name} {saved}, not {given}; "
                  "train anew without --resume to change it")
         values[name] = saved

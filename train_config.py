@@ -76,11 +76,21 @@ def hyperparameter_fields():
     return [item for item in fields(TrainConfig) if item.metadata.get("hyperparameter")]
 
 
+def hyperparameter_field(name):
+    return next(item for item in hyperparameter_fields() if item.name == name)
+
+
 def family_default(name, from_scratch=False):
     """A hyperparameter's default: the family's where the families differ."""
-    item = next(item for item in hyperparameter_fields() if item.name == name)
+    item = hyperparameter_field(name)
     family = item.metadata["family"]
     return family["scratch" if from_scratch else "pretrained"] if family else item.default
+
+
+def unset_default(name):
+    """A hyperparameter's value when its flag is not given: None where the families differ
+    (filled in by TrainConfig.resolved)."""
+    return hyperparameter_field(name).default
 
 
 def saved_hyperparameters(saved):
