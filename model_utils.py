@@ -30,10 +30,11 @@ CHECKPOINT_KEYS = ("format_version", "arch", "backbone", "head", "head_state", "
                    "preprocess")
 # What newer checkpoints add, and what a checkpoint without the key means (issue 11): features
 # averaged with the mirror image's, logits divided by a temperature, and the unknown verdict's
-# class means (float16 [C, D]) and cosine-similarity threshold (None: no verdict); and with
+# class means (float16 [C, D]) and cosine-similarity threshold (None: no verdict); (issue 20)
+# the record of an automatic split of one folder (None: a train/valid/test layout); and with
 # --train_stages (issue 22) the trained stages' weights, on top of the pretrained backbone's.
 OPTIONAL_KEYS = {"mirror": False, "temperature": 1.0, "class_means": None,
-                 "unknown_threshold": None, "stages_state": None}
+                 "unknown_threshold": None, "split": None, "stages_state": None}
 
 
 def backbone_features(backbone, images, mirror):

@@ -126,3 +126,12 @@ def test_finetune_and_train_stages_together_are_one_clear_error(subset, tmp_path
     assert run.stderr.splitlines() == [
         "error: --finetune trains on images, --train_stages on cached activations; choose one "
         "of them"]
+
+
+def test_export_of_a_stage_checkpoint_matches_predict(stage_run, subset, tmp_path):
+    _, run, _ = stage_run
+    exported = run_script("export.py", run / "checkpoint.pth", "--output", tmp_path / "model.pt",
+                          "--check", subset / "valid")
+    assert exported.returncode == 0, exported.stderr
+    difference = float(exported.stdout.rsplit("probabilities", 1)[1])
+    assert difference < 1e-3
