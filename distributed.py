@@ -5,6 +5,8 @@
 Without torchrun every function here behaves as a world of one process.
 """
 import os
+from collections.abc import Iterator
+from itertools import islice
 
 import torch
 import torch.distributed as dist
@@ -33,7 +35,10 @@ def world_size():
 
 def shard(items):
     """This process's share of items: every world_size()-th one from its rank on, so the
-    shares are disjoint, cover every item once, and need no padding."""
+    shares are disjoint, cover every item once, and need no padding. A list or tensor is
+    sliced; an iterator is streamed (itertools.islice), holding nothing."""
+    if isinstance(items, Iterator):
+        return islice(items, rank(), None, world_size())
     return items[rank()::world_size()]
 
 
