@@ -112,7 +112,7 @@ def start(*args):
 
 
 def test_kill_9_at_a_random_moment_then_resume_matches_an_uninterrupted_run(
-        photos, checkpoint, reference, tmp_path):
+        photos, checkpoint, reference, tmp_path, capsys):
     output = tmp_path / "preds.jsonl"
     moment = random.Random().randint(1, 30)  # lines written before the kill
     run = start("predict.py", photos, checkpoint, "--output", output, "--top_k", "2",
@@ -121,19 +121,18 @@ def test_kill_9_at_a_random_moment_then_resume_matches_an_uninterrupted_run(
     run.send_signal(signal.SIGKILL)
     run.wait()
     assert not output.exists(), f"killed after {written} lines"
-    again = run_script("predict.py", photos, checkpoint, "--output", output, "--top_k", "2")
-    assert again.returncode == 2 and "pass --resume" in again.stderr
-    resumed = run_script("predict.py", photos, checkpoint, "--output", output, "--top_k", "2",
-                         "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    # Only what was missing was predicted again (an interrupted batch at most is redone).
-    redone = int(resumed.stderr.split("predicting: ")[-1].split("/")[0])
+    with pytest.raises(UserError, match="holds an unfinished run; pass --resume"):
+        predict.main(parse(photos, checkpoint, "--output", output, "--top_k", "2"))
+    capsys.readouterr()
+    assert predict.main(parse(photos, checkpoint, "--output", output, "--top_k", "2",
+                              "--resume")) == len(reference) - 1
+    # Only what was missing was predicted again (the batch under way at most is redone).
+    redone = int(capsys.readouterr().err.split("predicting: ")[-1].split("/")[0])
     assert redone <= len(reference) - 1 - written + 3, (written, redone)
     assert_same_predictions(output.read_text().splitlines(), reference)
     assert not Path(f"{output}.parts").exists()
-    finished = run_script("predict.py", photos, checkpoint, "--output", output, "--top_k", "2",
-                          "--resume")
-    assert finished.returncode == 0 and f"{output}: {len(reference) - 1} images" in finished.stderr
+    assert predict.main(parse(photos, checkpoint, "--output", output, "--top_k", "2",
+                              "--resume")) == len(reference) - 1  # finished: nothing to do
 
 
 def test_torchrun_two_processes_resume_a_killed_run_and_match_one(photos, checkpoint,
@@ -178,6 +177,11 @@ def parse(*args):
                                                  "--engine", "torch", "--batch_size", "4"])
 
 
+def first_part(output):
+    """The header line of the first process's part of the first attempt."""
+    return (Path(f"{output}.parts") / "attempt-1.rank-0.jsonl").read_text().split("\n")[0]
+
+
 def write_list(path, paths):
     path.write_text("".join(f"{line}\n" for line in paths))
     return path
@@ -193,15 +197,19 @@ def test_resume_refuses_another_checkpoint_or_file_list(photos, checkpoint, tmp_
     torch.save({**state, "epoch": state["epoch"] + 1}, other)
     second = write_list(tmp_path / "second.txt", images[:20])
     reordered = write_list(tmp_path / "first.txt", images[1:21])
+    sha256 = json.loads(first_part(output))["model"]["sha256"]
+    refused = run_script("predict.py", other, "--file_list", first, "--output", output,
+                         "--resume")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr == (f"error: {output}.parts holds predictions of another checkpoint "
+                              f"({checkpoint}, sha256 {sha256[:12]}); "
+                              "pass that checkpoint, or choose another --output\n")
     for args, message in [
-            ((other, "--file_list", first), "holds predictions of another checkpoint"),
             ((checkpoint, "--file_list", second), "holds predictions of another input"),
             ((checkpoint, "--file_list", first, "--top_k", "3"), "another --top_k"),
             ((checkpoint, "--file_list", reordered), "does not match the input: image 0")]:
-        result = run_script("predict.py", *args, "--output", output, "--resume")
-        assert result.returncode == 2, result.stderr
-        assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
-        assert "Traceback" not in result.stderr
+        with pytest.raises(UserError, match=message):
+            predict.main(parse(*args, "--output", output, "--resume"))
     write_list(first, images[:20])
     assert predict.main(parse(checkpoint, "--file_list", first, "--output", output,
                               "--resume")) == 20
