@@ -199,10 +199,10 @@ def check_header(archive, header, engine, source=None):
                         f"--engine {header['engine']} (or auto) so all lines match")
 
 
-def begin(archive, resume, choose_engine):
+def begin(archive, resume, predictor):
     """Rank 0's start: check what is on disk, record the run, and return (attempt number, the
-    engine, the images left to predict). choose_engine(images) names the engine "auto" takes
-    for a job of that many images."""
+    engine, the images left to predict). A new run takes the engine predictor.engine stands
+    for with a job of all the images; a resumed one keeps its engine."""
     if archive.output.exists():
         if not resume:
             raise UserError(f"{archive.output} exists; pass --resume to finish or check it, or "
@@ -219,12 +219,12 @@ def begin(archive, resume, choose_engine):
         if not images:
             raise UserError(f"{archive.source} holds no images; pass a folder with JPEG or PNG "
                             "files, or a file list naming them")
-        header = archive.header(choose_engine(images))
+        header = archive.header(predictor.backbone_engine(images).name)
         archive.parts.mkdir(parents=True, exist_ok=True)
         atomic_write(archive.parts / "run.json", lambda temporary: Path(temporary).write_text(
             json.dumps(header), encoding="utf-8"))
         return 1, header["engine"], images
-    check_header(archive, header, "auto")
+    check_header(archive, header, predictor.engine)
     attempts = [int(path.name.split(".")[0].removeprefix("attempt-"))
                 for path in archive.parts.glob("attempt-*")]
     left = sum(1 for _ in remaining(archive, header["engine"]))
@@ -319,7 +319,7 @@ def predict_archive(archive, predictor, resume, top_k, batch_size, workers):
     plan = None
     if distributed.is_main():
         try:
-            plan = begin(archive, resume, lambda images: predictor.backbone_engine(images).name)
+            plan = begin(archive, resume, predictor)
         except UserError as error:
             plan = str(error)
     plan = distributed.gather_objects(plan)[0]  # every process waits for rank 0's check

@@ -173,8 +173,10 @@ def interrupted_run(args, after_batches=1):
 
 
 def parse(*args):
+    """predict.py's arguments, with --engine torch unless given."""
+    engine = [] if "--engine" in args else ["--engine", "torch"]
     return predict.get_args_parser().parse_args([*map(str, args), "--workers", "0",
-                                                 "--engine", "torch", "--batch_size", "4"])
+                                                 "--batch_size", "4", *engine])
 
 
 def first_part(output):
@@ -207,6 +209,7 @@ def test_resume_refuses_another_checkpoint_or_file_list(photos, checkpoint, tmp_
     for args, message in [
             ((checkpoint, "--file_list", second), "holds predictions of another input"),
             ((checkpoint, "--file_list", first, "--top_k", "3"), "another --top_k"),
+            ((checkpoint, "--file_list", first, "--engine", "openvino"), "with engine torch"),
             ((checkpoint, "--file_list", reordered), "does not match the input: image 0")]:
         with pytest.raises(UserError, match=message):
             predict.main(parse(*args, "--output", output, "--resume"))
