@@ -4,12 +4,17 @@
 
 Without torchrun every function here behaves as a world of one process.
 """
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from itertools import islice
 
 import torch
 import torch.distributed as dist
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def init_distributed(device):
@@ -23,6 +28,17 @@ def init_distributed(device):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return True
+
+
+def end_with_launcher():
+    """Under torchrun on Linux, have this process get SIGTERM when the launcher dies: a rank
+    left running after a kill -9 of torchrun would go on writing while a rerun reads."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def rank():

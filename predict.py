@@ -161,6 +161,7 @@ def main(args):
     source, kind, checkpoint = check_inputs(args)
     category_names = category_names_from_flag(args.category_names)
     device = select_device(args.gpu)
+    distributed.end_with_launcher()
     distributed.init_distributed(device)
     try:
         if args.output is None and distributed.world_size() > 1:

@@ -309,3 +309,34 @@ def test_plot_from_the_command_line(photos, checkpoint, tmp_path):
         assert plot.format == "PNG" and plot.width >= 300 and plot.height >= 300
         colours = plot.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 100  # the photo and the bars, not a blank page
+
+
+def test_ranks_end_when_torchrun_is_killed(photos, checkpoint, tmp_path):
+    """kill -9 of the launcher: its ranks stop too, instead of writing on while a rerun reads."""
+    output = tmp_path / "preds.jsonl"
+    many = write_list(tmp_path / "many.txt", list_images(photos) * 100)  # minutes of work
+    launcher = start("-m", "torch.distributed.run", "--nproc_per_node", "2", "predict.py",
+                     "--file_list", many, checkpoint, "--output", output, "--engine", "torch",
+                     "--batch_size", "2", "--workers", "0")
+    wait_for_lines(Path(f"{output}.parts"), 2, launcher)
+    ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)],
+                                                capture_output=True, text=True).stdout.split()]
+    assert len(ranks) == 2
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 15
+    try:
+        while any(map(running, ranks)):
+            assert time.monotonic() < deadline, "a rank outlived torchrun by 15 s"
+            time.sleep(0.2)
+    finally:
+        for pid in filter(running, ranks):
+            os.kill(pid, signal.SIGKILL)
+
+
+def running(pid):
+    """True while the process exists and is no zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
