@@ -40,8 +40,9 @@ def get_args_parser():
                         "split without the duplicates, leaks, unreadable and likely "
                         "mislabelled files (the files themselves stay)")
     parser.add_argument("--near_threshold", type=float, default=NEAR_THRESHOLD,
-                        help="cosine similarity of features from which two photos are "
-                        "near-duplicates")
+                        help="correlation of the small greyscale thumbnails of two feature "
+                        "neighbours from which they are near-copies (chosen on a messy folder: "
+                        "benchmarks/messy_folder.py)")
     parser.add_argument("--tiny_side", type=non_negative_int, default=TINY_SIDE,
                         help="report images whose shorter side is below this many pixels")
     parser.add_argument("--folds", type=int, default=FOLDS,
@@ -62,17 +63,11 @@ def get_args_parser():
 def load_splits(args):
     """(class_to_idx, splits, manifest) of data_dir: the manifest named by --split_from, a new
     hash split of a one-folder data_dir, or the train/valid/test layout."""
-    from splits import (is_one_folder, manifest_of_layout, manifest_splits, parse_fractions,
-                        read_manifest, split_folder)
+    from splits import load_dataset, manifest_of_layout, parse_fractions
 
-    if args.split_from:
-        manifest = read_manifest(args.split_from)
-    elif is_one_folder(args.data_dir):
-        manifest = split_folder(args.data_dir, parse_fractions(args.split))
-    else:
-        manifest = manifest_of_layout(args.data_dir)
-    class_to_idx, splits = manifest_splits(manifest, args.data_dir)
-    return class_to_idx, splits, manifest
+    class_to_idx, splits, manifest = load_dataset(args.data_dir, parse_fractions(args.split),
+                                                  args.split_from)
+    return class_to_idx, splits, manifest or manifest_of_layout(args.data_dir)
 
 
 def run_check(args):

@@ -23,6 +23,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -117,7 +118,7 @@ def file_facts(path):
 def pixel_tensor(grey, side):
     """A greyscale image as a side x side float tensor (box-filtered)."""
     small = grey.resize((side, side), Image.Resampling.BOX)
-    return torch.tensor(list(small.getdata()), dtype=torch.float32).reshape(side, side)
+    return torch.from_numpy(np.asarray(small, dtype=np.float32).copy())
 
 
 def cached_facts(paths, cache_dir, root):

@@ -166,6 +166,19 @@ def _fill_empty_splits(placed, digests, fractions, shared):
                 placed[path] = name
 
 
+def load_dataset(data_dir, fractions=DEFAULT_FRACTIONS, split_from=None, previous=None):
+    """(class_to_idx, splits, manifest) of data_dir: the split the manifest file split_from
+    records; a one-folder data_dir split by content hash (previous: an earlier manifest of it,
+    whose placements stay); or a train/valid/test layout as it is (manifest None)."""
+    if split_from:
+        manifest = read_manifest(split_from)
+    elif is_one_folder(data_dir):
+        manifest = split_folder(data_dir, fractions, previous)
+    else:
+        return *find_splits(data_dir), None
+    return *manifest_splits(manifest, data_dir), manifest
+
+
 def manifest_of_layout(data_dir):
     """A manifest of an existing train/valid/test layout, as found by find_splits (for --fix)."""
     data_dir = Path(data_dir)
