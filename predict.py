@@ -23,7 +23,6 @@ from pathlib import Path
 
 import archive
 import distributed
-
 from cli_utils import (
     HelpFormatter,
     category_names_from_flag,
