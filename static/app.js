@@ -81,9 +81,24 @@ for (const id of ["camera", "picker"]) {
   });
 }
 
+// A server started with --token says so in /health: ask for the token as the page opens, not
+// only after a photo was refused.
+async function askForTokenIfNeeded() {
+  try {
+    const health = await (await fetch("health")).json();
+    if (health.token_required && !localStorage.getItem("token")) {
+      $("token-form").hidden = false;
+      setStatus("ready", "Enter the server's token, then take or choose a photo.");
+    }
+  } catch (error) {
+    setStatus("error", "The server cannot be reached; check that it is running and this phone is on its network.");
+  }
+}
+askForTokenIfNeeded();
+
 $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
   localStorage.setItem("token", $("token").value);
   $("token-form").hidden = true;
-  setStatus("ready", "Token saved; take or choose the photo again.");
+  setStatus("ready", "Token saved; take or choose a photo.");
 });
