@@ -301,6 +301,7 @@ MALFORMED = {  # case: (httpx request arguments, status, words of the error); PH
 
 
 @pytest.mark.parametrize("case", MALFORMED)
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_malformed_requests_get_a_4xx_without_exception_text(start, photo, case):
     server = start()
     request, status, phrase = MALFORMED[case]
