@@ -29,6 +29,12 @@ def warn(message):
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def log(message):
+    """One progress line on stdout; under torchrun only from rank 0, so N processes log once."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
 def atomic_write(path, write):
     """Call write(temporary_path), then rename it over path, so a crash never leaves half a file.
     path's folder is created if missing."""

@@ -186,7 +186,8 @@ def extract_images(archive_path, destinations, target_dir):
                 if not remaining:
                     break
     except DAMAGED_ARCHIVE_ERRORS as error:
-        raise UserError(f"{archive_path} is damaged or not a .tgz archive ({error}); {fix}") from None
+        raise UserError(f"{archive_path} is damaged or not a .tgz archive ({error_reason(error)}); "
+                        f"{fix}") from None
     if remaining:
         missing = sorted(remaining)
         more = f" and {len(missing) - 1} more images" if len(missing) > 1 else ""

@@ -45,16 +45,6 @@ def autocast(device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def training_autocast(device):
-    """autocast() for training steps, and bf16 on a CPU that computes it natively: there the
-    default head's epoch on cached features took 0.30 s instead of 0.37 s in float32 (batches of
-    64, one thread; 0.19 s instead of 0.28 s in batches of 256), at the same cross-validated
-    accuracy (benchmarks/quality.py)."""
-    if device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_has_native_bf16())
-    return autocast(device)
-
-
 @cache
 def cpu_has_native_bf16():
     """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast

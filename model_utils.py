@@ -22,6 +22,9 @@ from backbones import Backbone, Preprocess, build_backbone
 from common import UserError, atomic_write, error_reason, warn
 
 CHECKPOINT_FORMAT = 1
+# A run's files in its save folder: the best model so far, and what continuing the run needs.
+CHECKPOINT_NAME = "checkpoint.pth"
+TRAIN_STATE_NAME = "train_state.pth"
 # What every checkpoint holds; make_checkpoint writes them, load_checkpoint requires them.
 CHECKPOINT_KEYS = ("format_version", "arch", "backbone", "head", "head_state", "class_to_idx",
                    "preprocess")
@@ -190,6 +193,52 @@ def load_checkpoint(path):
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; use a checkpoint written by train.py")
     return checkpoint
+
+
+def make_train_state(checkpoint, model, optimizer, scheduler, scaler, epoch_done, history):
+    """train_state.pth: the best checkpoint so far plus the last epoch's training state
+    (model, optimiser, scheduler, grad scaler), so a run can continue where it stopped."""
+    return {**checkpoint, "last_model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(), "scheduler_state": scheduler.state_dict(),
+            "scaler_state": scaler.state_dict(), "epoch_done": epoch_done, "history": history}
+
+
+def load_train_state(path):
+    """(train state, its path) of the run whose checkpoint.pth (or folder) is path."""
+    path = Path(path)
+    if ".previous" in path.name:
+        raise UserError(f"--resume continues the run saved as {CHECKPOINT_NAME} and "
+                        f"{TRAIN_STATE_NAME}; to continue the earlier run kept in {path.name}, "
+                        "move it and train_state.previous.pth to a folder of their own without "
+                        ".previous")
+    state_path = path / TRAIN_STATE_NAME if path.is_dir() else path.with_name(TRAIN_STATE_NAME)
+    if not state_path.is_file():
+        raise UserError(f"nothing to resume: {state_path} not found (train.py writes it beside "
+                        f"{CHECKPOINT_NAME} during training); pass the {CHECKPOINT_NAME} of a run")
+    state = load_checkpoint(state_path)
+    if "optimizer_state" not in state:
+        raise UserError(f"{state_path} holds no training state; pass the {CHECKPOINT_NAME} of a "
+                        "run")
+    return state, state_path
+
+
+def restore_train_state(state, model, optimizer, scheduler, scaler):
+    """Load a train state's last epoch into the training objects; returns (best, history,
+    epochs done): best as ImageClassifier.trained_weights() plus its epoch and metrics."""
+    model.load_state_dict(state["last_model_state"])
+    optimizer.load_state_dict(state["optimizer_state"])
+    scheduler.load_state_dict(state["scheduler_state"])
+    if state["scaler_state"]:  # empty when saved with the scaler off (CPU, bf16)
+        scaler.load_state_dict(state["scaler_state"])
+    best = {key: state[key] for key in ("head_state", "backbone_state", "epoch", "metrics")}
+    return best, state["history"], state["epoch_done"]
+
+
+def backbone_weights(checkpoint):
+    """(arch, identity of the pretrained weights or None, the checkpoint's own backbone weights
+    or None): what engines.weights_key names a converted backbone by."""
+    own = checkpoint.get("backbone_state")
+    return checkpoint["arch"], None if own is not None else checkpoint["backbone"], own
 
 
 def checkpoint_classes(checkpoint):

@@ -25,10 +25,11 @@ from data_utils import (
     eval_transform,
     load_image,
 )
-from engines import autocast, compile_backbone, weights_key
 from data_utils import default_workers, image_loader
+from engines import autocast, compile_backbone, weights_key
 from model_utils import (
     backbone_features,
+    backbone_weights,
     checkpoint_classes,
     checkpoint_preprocess,
     checkpoint_temperature,
@@ -77,9 +78,7 @@ class Predictor:
         self.names = display_names(self.classes, category_names or {})
         self.preprocess = checkpoint_preprocess(self.checkpoint)
         self.transform = eval_transform(self.preprocess)
-        own_backbone = self.checkpoint.get("backbone_state")
-        self.weights = weights_key(self.checkpoint["arch"], None if own_backbone is not None
-                                   else self.checkpoint["backbone"], own_backbone)
+        self.weights = weights_key(*backbone_weights(self.checkpoint))
         self._model, self.engines = None, {}  # job size -> engine
         verdict = unknown_verdict(self.checkpoint)
         self.class_means, self.unknown_threshold = verdict if verdict else (None, None)

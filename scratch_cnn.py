@@ -14,11 +14,7 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-import distributed
-from backbones import Preprocess
-from common import UserError
 from data_utils import UNREADABLE_IMAGE_ERRORS, load_image
-from engines import training_autocast
 
 # Widths of the three conv groups and of the stem: about 1.2 M weights, 4.6 MB as float32.
 WIDTHS = (64, 128, 256)
@@ -28,12 +24,6 @@ MAX_INPUT_SIZE = 64
 MEAN, STD = (0.5,) * 3, (0.5,) * 3
 CROP_PADDING = 4  # pixels of reflect padding the random training crop may shift into
 EVAL_BATCH = 1024
-WEIGHT_DECAY = 5e-4
-# train.py's defaults for a network trained from scratch, where a flag is not given.
-# A 128-unit head keeps the checkpoint under 5 MB.
-TRAINING_DEFAULTS = {"epochs": 15, "learning_rate": 0.2, "hidden_units": 128, "batch_size": 512,
-                     "warmup_epochs": 2, "label_smoothing": 0.1, "dropout": 0.2,
-                     "weight_decay": WEIGHT_DECAY, "feature_transform": "none"}
 
 
 def conv_bn_relu(in_channels, out_channels, pool=False):
@@ -136,78 +126,8 @@ def normalize(images, mean, std):
     return ((images.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-class ScratchTask:
-    """Training the whole classifier from scratch on small images held in memory, for
-    train.py's Trainer like its FeatureTask and ImageTask: every split decoded once into uint8
-    tensors on the training device (on a GPU no batch is ever copied; labels stay on the CPU,
-    where the trainer gathers them); training batches shuffled, sharded across torchrun ranks
-    and augmented whole; evaluation batches plain (the network averages each image with its
-    mirror image itself). `model` is what trains: the classifier, under bf16 autocast on a CPU
-    that computes bf16 natively, in evaluation too (train.py's training steps autocast as well:
-    engines.training_autocast)."""
-
-    def __init__(self, args, backbone, splits, device, classifier):
-        size = input_size(splits["train"].paths)
-        backbone.preprocess = Preprocess(size, size, MEAN, STD)
-        self.preprocess, self.batch_size, self.device = backbone.preprocess, args.batch_size, device
-        self.data, self.ok_masks = {}, {}
-        for name, split in splits.items():
-            images, ok = decode_images(split.paths, size)
-            self.ok_masks[name] = ok
-            self.data[name] = (images[ok].to(device),
-                               torch.tensor(split.labels, dtype=torch.long)[ok])
-        if not len(self.data["train"][1]):
-            raise UserError(f"no readable images in train/; check the files in "
-                            f"{splits['train'].root}")
-        classifier.unfreeze(0)
-        self.model = CpuAutocast(classifier.to(memory_format=torch.channels_last), device)
-
-    def _normalize(self, images):
-        return normalize(images, self.preprocess.mean, self.preprocess.std)
-
-    def _train_order(self):
-        """This rank's share of a random order (the generator is seeded per epoch by the
-        trainer), in whole batches: a last, smaller batch would upset BatchNorm."""
-        count = len(self.data["train"][1])
-        world = distributed.world_size()
-        order = distributed.shard(torch.randperm(count))[:count // world]
-        return order[:max(len(order) // self.batch_size, 1) * self.batch_size]
-
-    def train_batches(self, epoch):
-        images, labels = self.data["train"]
-        for batch in self._train_order().split(self.batch_size):
-            yield self._normalize(augment_batch(images[batch.to(self.device)])), labels[batch]
-
-    def eval_batches(self, split):
-        images, labels = self.data[split]
-        mine = distributed.shard(torch.arange(len(labels)))
-        for batch in mine.split(EVAL_BATCH):
-            yield self._normalize(images[batch.to(self.device)]), labels[batch]
-
-    def steps_per_epoch(self):
-        return max(len(self.data["train"][1]) // distributed.world_size() // self.batch_size, 1)
-
-    def frozen_features(self, split):
-        """None: the whole network trains, so there are no fixed features for the unknown
-        verdict."""
-        return None
-
-
-class CpuAutocast(nn.Module):
-    """model under train.py's training autocast in evaluation too: bf16 on a CPU that computes
-    it natively (on CUDA train.py's own autocast is the same)."""
-
-    def __init__(self, model, device):
-        super().__init__()
-        self.model, self.device = model, device
-
-    def forward(self, images):
-        with training_autocast(self.device):
-            return self.model(images)
-
-
 def sgd(parameters, learning_rate, weight_decay):
     """SGD with Nesterov momentum and weight decay: the known-good optimiser for small CNNs
-    trained from scratch (train.py adds its warm-up and cosine decay)."""
+    trained from scratch (the trainer adds its warm-up and cosine decay)."""
     return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9, nesterov=True,
                            weight_decay=weight_decay)

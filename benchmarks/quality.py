@@ -24,6 +24,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -33,7 +34,8 @@ sys.path.insert(0, str(PROJECT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import train  # noqa: E402
+import tasks  # noqa: E402
+import trainer  # noqa: E402
 from calibration import (  # noqa: E402
     class_means,
     expected_calibration_error,
@@ -46,6 +48,7 @@ from data_utils import ImageFiles, eval_transform, find_splits, list_images  # n
 from data_utils import default_workers, image_loader  # noqa: E402
 from features import FeatureExtractor  # noqa: E402
 from model_utils import ImageClassifier, build_head  # noqa: E402
+from train_config import TrainConfig, family_default  # noqa: E402
 
 CPU = torch.device("cpu")
 CACHE_NAME = "quality_features"
@@ -189,7 +192,7 @@ def eval_inputs(split, mirror):
 
 # --- training with train.py's own functions -----------------------------------------------------
 
-class MixupTask(train.FeatureTask):
+class MixupTask(tasks.FeatureTask):
     """train.py's batches, mixed pairwise (mixup on features) with soft targets."""
 
     def __init__(self, data, batch_size, classifier, alpha, class_count):
@@ -208,17 +211,13 @@ class MixupTask(train.FeatureTask):
 
 def mirror_of(setting):
     """The setting's --mirror, train.py's default where it has none."""
-    return setting.get("mirror", train.get_args_parser().get_default("mirror"))
+    return setting.get("mirror", family_default("mirror"))
 
 
-def train_args(setting):
-    """train.py's parsed defaults with the setting's flags."""
-    args = train.get_args_parser().parse_args(["unused"])
-    train.fill_defaults(args, from_scratch=False)
-    for key, value in setting.items():
-        if key not in BENCHMARK_KEYS:
-            setattr(args, key, value)
-    return args
+def train_config(setting):
+    """train.py's defaults with the setting's flags."""
+    return TrainConfig("unused", **{key: value for key, value in setting.items()
+                                    if key not in BENCHMARK_KEYS}).resolved(from_scratch=False)
 
 
 @cache
@@ -231,28 +230,27 @@ def feature_backbone():
 def train_heads(setting, train_inputs, train_labels, class_count, seed):
     """The setting's head(s), trained as train.py's Trainer trains them (its task, optimiser,
     schedule, loss and seeding; the last epoch), in eval mode."""
-    args = train_args(setting)
+    config = train_config(setting)
     if train_inputs.dim() == 2:
         train_inputs = train_inputs.unsqueeze(0)  # train.py's views dimension
     data = {"train": (train_inputs, train_labels)}
     backbone = feature_backbone()
     heads = []
     for index in range(setting.get("heads", 1)):
-        args.seed = seed + index
-        torch.manual_seed(args.seed)
+        config = replace(config, seed=seed + index)
+        torch.manual_seed(config.seed)
         classifier = ImageClassifier(backbone, build_head(
-            backbone.feature_dim, class_count, args.hidden_units, args.dropout,
-            args.feature_transform))
-        task = (MixupTask(data, args.batch_size, classifier, setting["mixup"], class_count)
-                if setting.get("mixup") else train.FeatureTask(data, args.batch_size, classifier,
-                                                              CPU))
-        optimizer, scheduler = train.make_optimizer(args, classifier, task.steps_per_epoch())
-        criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+            backbone.feature_dim, class_count, **trainer.head_spec(config)))
+        task = (MixupTask(data, config.batch_size, classifier, setting["mixup"], class_count)
+                if setting.get("mixup") else tasks.FeatureTask(data, config.batch_size,
+                                                              classifier, CPU))
+        optimizer, scheduler = trainer.make_optimizer(config, classifier, task.steps_per_epoch())
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        for epoch in range(1, args.epochs + 1):
-            torch.manual_seed(args.seed + epoch)
+        for epoch in range(1, config.epochs + 1):
+            torch.manual_seed(config.seed + epoch)
             task.model.train()
-            train.train_one_epoch(task.model, task.train_batches(epoch), optimizer, scheduler,
+            trainer.train_one_epoch(task.model, task.train_batches(epoch), optimizer, scheduler,
                                   scaler, criterion, CPU)
         heads.append(task.model.eval())
     return heads

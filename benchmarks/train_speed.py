@@ -40,7 +40,7 @@ sys.path.insert(0, str(PROJECT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import train  # noqa: E402
+import tasks  # noqa: E402
 from backbones import build_backbone  # noqa: E402
 from cli_utils import non_negative_int, positive_int  # noqa: E402
 from common import UserError  # noqa: E402
@@ -54,8 +54,9 @@ from data_utils import (  # noqa: E402
 )
 from data_utils import default_workers, image_loader  # noqa: E402
 from features import FeatureExtractor  # noqa: E402
-from model_utils import ImageClassifier, build_head  # noqa: E402
+from model_utils import CHECKPOINT_NAME, ImageClassifier, build_head  # noqa: E402
 from predictor import BATCH_SIZE, Predictor  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
 
 CPU = torch.device("cpu")
 # Head hyperparameters of the warm run: other than the defaults, so only the cache is reused.
@@ -222,7 +223,7 @@ def floor_datasets(splits, backbone, defaults):
                 for name, split in splits.items()]
     training = splits["train"]
     for view in range(1, defaults.augment + 1):
-        seeds = [train.view_seed(defaults.seed, view, path, training.root)
+        seeds = [tasks.view_seed(defaults.seed, view, path, training.root)
                  for path in training.paths]
         datasets.append((f"train view {view}", ImageFiles(training.paths,
                                                           augment_transform(preprocess), crop,
@@ -423,8 +424,7 @@ def prepare_data(args, work):
 
 
 def main(args):
-    defaults = train.fill_defaults(train.get_args_parser().parse_args([args.data_dir]),
-                                   from_scratch=False)
+    defaults = TrainConfig(args.data_dir).resolved(from_scratch=False)
     predict_batch = BATCH_SIZE  # predict.py's default
     with tempfile.TemporaryDirectory(prefix="train_speed_") as temporary:
         work = Path(temporary)
@@ -443,7 +443,7 @@ def main(args):
                                  args.workers)
         rows["warm"] = run_train("warm", data_dir, work, cache_dir, images, args.epochs,
                                  args.workers, WARM_HEAD)
-        checkpoint = work / "cold" / train.CHECKPOINT_NAME
+        checkpoint = work / "cold" / CHECKPOINT_NAME
         rows["predict_inside"] = measure_predict_folder(checkpoint, splits["test"],
                                                         list(class_to_idx), predict_batch,
                                                         args.workers)

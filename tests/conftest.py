@@ -72,20 +72,20 @@ def trained(subset, tmp_path_factory):
 
 @contextlib.contextmanager
 def stopped_at_epoch(epoch, error=KeyboardInterrupt):
-    """train.py's Trainer raising `error` (Ctrl-C by default) as epoch `epoch` begins; the block
-    must end with it."""
-    import train
+    """The Trainer raising `error` (Ctrl-C by default) as epoch `epoch` begins; the block must
+    end with it."""
+    import trainer
 
-    run_epoch = train.Trainer.run_epoch
+    run_epoch = trainer.Trainer.run_epoch
 
-    def run_or_stop(trainer, number):
+    def run_or_stop(self, number):
         if number == epoch:
             raise error
-        return run_epoch(trainer, number)
+        return run_epoch(self, number)
 
-    train.Trainer.run_epoch = run_or_stop
+    trainer.Trainer.run_epoch = run_or_stop
     try:
         with pytest.raises(error if isinstance(error, type) else type(error)):
             yield
     finally:
-        train.Trainer.run_epoch = run_epoch
+        trainer.Trainer.run_epoch = run_epoch

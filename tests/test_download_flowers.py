@@ -115,16 +115,26 @@ def unused_local_port():
         return probe.getsockname()[1]
 
 
+def run_cli(*argv):
+    """download_flowers.py as a user runs it: (exit code, stderr)."""
+    result = subprocess.run([sys.executable, "download_flowers.py", *map(str, argv)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    return result.returncode, result.stderr
+
+
+def assert_one_error_line(returncode, stderr):
+    """A user error: exit code 2 and one `error:` line, never a traceback."""
+    assert returncode == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ")
+
+
 def test_offline_run_fails_with_one_line_and_no_half_file(tmp_path):
     out_dir = tmp_path / "flowers"
-    result = subprocess.run(
-        [sys.executable, "download_flowers.py", "--output", str(out_dir),
-         "--base_url", f"http://127.0.0.1:{unused_local_port()}/"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert "could not download" in result.stderr and "102flowers.tgz" in result.stderr
+    returncode, stderr = run_cli("--output", out_dir,
+                                 "--base_url", f"http://127.0.0.1:{unused_local_port()}/")
+    assert_one_error_line(returncode, stderr)
+    assert "could not download" in stderr and "102flowers.tgz" in stderr
     assert not any(path.is_file() for path in out_dir.rglob("*"))
 
 
@@ -180,17 +190,11 @@ def test_damaged_download_is_named(raw_files, tmp_path, damaged):
         arrange(*raw_files, tmp_path / "flowers")
 
 
-def test_existing_dataset_needs_force(raw_files, tmp_path):
-    out_dir = tmp_path / "flowers"
-    old_image = out_dir / "train" / "7" / "old.jpg"
-    old_image.parent.mkdir(parents=True)
-    old_image.write_bytes(b"old")
-    base_url = raw_files[0].parent.as_uri()
-    with pytest.raises(UserError, match="--force"):
-        run_main("--output", out_dir, "--base_url", base_url)
-    assert old_image.exists() and not (out_dir / ".downloads").exists()
-
-    run_main("--output", out_dir, "--base_url", base_url, "--force")
-    assert not old_image.exists()
-    assert_layout(out_dir, {"train": SET_IDS["trnid"], "valid": SET_IDS["valid"],
-                            "test": SET_IDS["tstid"]})
+@pytest.mark.parametrize("damaged", [0, 1, 2])
+def test_damaged_download_on_the_command_line_is_one_line_and_exit_code_2(raw_files, tmp_path,
+                                                                         damaged):
+    raw_files[damaged].write_bytes(b"<html>not found</html>")  # kept: not downloaded again
+    returncode, stderr = run_cli("--output", tmp_path / "flowers", "--download_dir",
+                                 raw_files[0].parent, "--base_url", tmp_path / "nowhere")
+    assert_one_error_line(returncode, stderr)
+    assert f"{raw_files[damaged].name} is damaged" in stderr and "run again" in stderr

@@ -25,10 +25,19 @@ def test_finetune_trains_the_last_stage_and_predicts(subset, tmp_path):
     assert Predictor(tmp_path / "run" / "checkpoint.pth").predict_image(image, 1).classes == ["10"]
 
 
-def test_compiled_finetune_saves_plain_weights(subset, tmp_path):
+def test_compiled_finetune_saves_plain_weights(subset, tmp_path, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_spy(model, *args, **kwargs):
+        compiled.append(type(model).__name__)
+        return real_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
     result = train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--finetune",
                                    "--finetune_layers", "1", "--epochs", "1", "--batch_size", "8",
                                    "--compile"))
+    assert compiled == ["ImageClassifier"]  # --compile was not dropped on the way
     assert result["test_accuracy"] >= 0.6
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
     # Keys as the uncompiled model names them, so predict.py loads it without torch.compile.

@@ -17,9 +17,9 @@ from calibration import (
     nearest_similarity,
     pass_threshold,
 )
-from data_utils import eval_transform, load_image
+from data_utils import eval_transform, find_splits, load_image
 from features import FeatureExtractor
-from model_utils import OPTIONAL_KEYS, load_checkpoint, save_checkpoint
+from model_utils import OPTIONAL_KEYS, head_from_checkpoint, load_checkpoint, save_checkpoint
 from predictor import Predictor
 
 CPU = torch.device("cpu")
@@ -141,12 +141,56 @@ def test_checkpoint_without_the_new_keys_still_predicts(trained, subset, tmp_pat
     assert given.returncode == 2 and "no unknown verdict" in given.stderr
 
 
-def test_test_report_has_calibration(trained):
+def hand_ece(probabilities, labels, bins=15):
+    """The expected calibration error written out: images in `bins` equal-width confidence
+    bins (b/bins, (b+1)/bins], each bin's |accuracy - mean confidence| weighted by its share."""
+    confidence, predicted = probabilities.max(dim=1)
+    total = 0.0
+    for index in range(bins):
+        inside = (confidence > index / bins) & (confidence <= (index + 1) / bins)
+        if inside.any():
+            accuracy = (predicted[inside] == labels[inside]).float().mean().item()
+            total += inside.float().mean().item() * abs(accuracy - confidence[inside].mean().item())
+    return total
+
+
+def run_test_features(data, cache_dir, checkpoint):
+    """(features, labels) of the readable test/ images exactly as the run saw them: read back
+    from its feature cache, mirror-averaged as train.py's --mirror predict does."""
+    splits = find_splits(data)[1]
+    backbone = build_backbone(checkpoint["arch"])
+    extractor = FeatureExtractor(backbone, CPU, cache_dir=cache_dir, workers=0,
+                                 images=sum(len(split.paths) for split in splits.values()))
+    test = splits["test"]
+    features, ok = extractor.features(test.root, test.paths, eval_transform(backbone.preprocess),
+                                      mirror=True)
+    assert extractor.computed == 0, "the run's test features are not in its feature cache"
+    return features[ok].float(), torch.tensor(test.labels)[ok]
+
+
+def test_test_report_calibration_is_that_of_the_test_images(trained, subset):
     _, run = trained
-    calibration = json.loads((run / "test_report.json").read_text())["calibration"]
-    assert set(calibration) == {"temperature", "ece_bins", "ece_before", "ece_after",
-                                "flagged_unknown"}
-    assert 0 <= calibration["ece_after"] <= 1 and 0 <= calibration["flagged_unknown"] <= 1
+    report = json.loads((run / "test_report.json").read_text())
+    calibration = report["calibration"]
+    checkpoint = load_checkpoint(run / "checkpoint.pth")
+    features, labels = run_test_features(subset, run.parent / "cache", checkpoint)
+    assert len(labels) == report["images"]
+    with torch.no_grad():
+        logits = head_from_checkpoint(checkpoint).eval()(features)
+    temperature = checkpoint["temperature"]
+    before = hand_ece(logits.softmax(1), labels)
+    after = hand_ece((logits / temperature).softmax(1), labels)
+    assert abs(before - after) > 0.01  # here the temperature matters: leaving it out would show
+    assert calibration["temperature"] == pytest.approx(temperature)
+    assert calibration["ece_bins"] == 15
+    assert calibration["ece_before"] == pytest.approx(before, abs=1e-6)
+    assert calibration["ece_after"] == pytest.approx(after, abs=1e-6)
+    # The unknown verdict's share: cosine similarity to the nearest class mean, by hand.
+    unit = features / features.norm(dim=1, keepdim=True)
+    means = checkpoint["class_means"].float()
+    nearest = (unit @ (means / means.norm(dim=1, keepdim=True)).T).max(dim=1).values
+    flagged = (nearest < checkpoint["unknown_threshold"]).float().mean().item()
+    assert calibration["flagged_unknown"] == pytest.approx(flagged)
 
 
 def test_mirror_features_average_the_image_and_its_mirror(tmp_path):

@@ -8,6 +8,7 @@ import scratch_cnn
 from backbones import Preprocess
 from conftest import CIFAR, make_subset, stopped_at_epoch, train_args
 from data_utils import eval_transform, find_splits, load_image
+from train_config import family_default
 
 CIFAR_CLASSES = ("airplane", "cat", "ship")
 CIFAR_SIZES = {"train": 12, "valid": 4, "test": 4}
@@ -93,8 +94,8 @@ def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
     checkpoint = load_checkpoint(checkpoint_path)
     assert checkpoint["arch"] == "cnn" and checkpoint["backbone_state"] is not None
     assert checkpoint["preprocess"]["crop"] == 32
-    assert checkpoint["hyperparameters"]["learning_rate"] == scratch_cnn.TRAINING_DEFAULTS[
-        "learning_rate"]
+    assert checkpoint["hyperparameters"]["learning_rate"] == family_default(
+        "learning_rate", from_scratch=True)
     assert (tmp_path / "whole" / "test_report.json").is_file()
 
     with stopped_at_epoch(2):
@@ -131,3 +132,17 @@ def test_network_converts_for_openvino_with_any_batch_size(tmp_path):
         expected = network(images)
     tolerance = 3e-2 if engine.precision == "bf16" else 1e-4
     torch.testing.assert_close(engine(images), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_torchrun_trains_the_cnn_on_two_processes(cifar, tmp_path):
+    from conftest import run_script
+    from model_utils import load_checkpoint
+
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", cifar,
+                        "--arch", "cnn", "--save_dir", tmp_path / "run", "--cache_dir",
+                        tmp_path / "cache", "--epochs", "2", "--batch_size", "8", "--workers", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sum(line.startswith("epoch") for line in result.stdout.splitlines()) == 2  # rank 0
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert checkpoint["arch"] == "cnn" and checkpoint["preprocess"]["crop"] == 32
+    assert checkpoint["backbone_state"] is not None and checkpoint["epoch"] in (1, 2)

@@ -14,7 +14,9 @@ from conftest import PROJECT, make_subset, run_script, stopped_at_epoch, train_a
 
 import engines
 import predict
+import tasks
 import train
+import trainer
 from common import UserError
 from model_utils import load_checkpoint
 from predictor import Predictor
@@ -45,9 +47,10 @@ def test_training_learns_and_writes_a_small_safe_checkpoint(trained):
     assert len(result["history"]) == 8
     checkpoint = torch.load(run / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert checkpoint["class_to_idx"] == {"1": 0, "10": 1, "2": 2}
-    assert checkpoint["epoch"] == result["best_epoch"]
-    assert checkpoint["metrics"]["valid_accuracy"] == max(
-        record["valid_accuracy"] for record in result["history"])
+    # The best epoch: the highest valid accuracy, ties to the lower valid loss.
+    best = max(result["history"], key=lambda r: (r["valid_accuracy"], -r["valid_loss"]))
+    assert checkpoint["epoch"] == best["epoch"] == result["best_epoch"]
+    assert checkpoint["metrics"]["valid_accuracy"] == best["valid_accuracy"]
     assert checkpoint["hyperparameters"]["hidden_units"] == 512
     assert checkpoint["backbone_state"] is None  # frozen: the backbone comes from its weights
     assert (run / "checkpoint.pth").stat().st_size < 5e6
@@ -128,7 +131,7 @@ def test_unwritable_save_dir_is_found_before_training(subset, tmp_path, monkeypa
     def no_extraction(*args, **kwargs):
         raise AssertionError("features were extracted before --save_dir was checked")
 
-    monkeypatch.setattr(train, "extract_features", no_extraction)
+    monkeypatch.setattr(tasks, "extract_features", no_extraction)
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match="cannot write to --save_dir"):
         train.main(train_args(subset, tmp_path / "a_file" / "run", tmp_path / "cache"))
@@ -197,7 +200,7 @@ def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
     split = find_splits(subset)[1]["train"]
     views = []
     for view in (1, 2, 1):
-        seeds = [train.view_seed(0, view, path, split.root) for path in split.paths]
+        seeds = [tasks.view_seed(0, view, path, split.root) for path in split.paths]
         views.append(extractor.features(split.root, split.paths[:4], augment_transform(
             backbone.preprocess), seeds=seeds[:4], view=str(view))[0])
     assert not torch.equal(views[0], views[1])
@@ -205,7 +208,7 @@ def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(subset, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "SAVE_INTERVAL", 3600)  # the interrupt writes the kept state
+    monkeypatch.setattr(trainer, "SAVE_INTERVAL", 3600)  # the interrupt writes the kept state
     cache = tmp_path / "cache"
     train.main(train_args(subset, tmp_path / "whole", cache, "--epochs", "5"))
     with stopped_at_epoch(4):  # as Ctrl-C would, or a kill after epoch 3's save
@@ -230,13 +233,15 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(subset, tmp_path,
         train.main(train_args(subset, tmp_path / "cut", cache, "--resume", tmp_path / "cut"))
 
 
-@pytest.mark.parametrize("interval, writes", [(0, 5), (3600, 1)])
+@pytest.mark.parametrize("interval, writes", [(0, 5), (3600, 1), (None, 1)])
 def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypatch, interval,
                                                      writes):
-    """Fast epochs are written together (after the last one); slow ones each (interval 0)."""
-    monkeypatch.setattr(train, "SAVE_INTERVAL", interval)
+    """Fast epochs are written together (after the last one); slow ones each (interval 0).
+    None: the default interval, under which epochs of a fraction of a second are written once."""
+    if interval is not None:
+        monkeypatch.setattr(trainer, "SAVE_INTERVAL", interval)
     written = []  # train_state.pth is written through either function
-    real_atomic_write, real_save_checkpoint = train.atomic_write, train.save_checkpoint
+    real_atomic_write, real_save_checkpoint = trainer.atomic_write, trainer.save_checkpoint
 
     def atomic_write(path, write):
         written.append(Path(path).name)
@@ -246,8 +251,8 @@ def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypat
         written.append(Path(path).name)
         return real_save_checkpoint(checkpoint, path)
 
-    monkeypatch.setattr(train, "atomic_write", atomic_write)
-    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(trainer, "atomic_write", atomic_write)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
     train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "5"))
     assert [name for name in written if name == "train_state.pth"] == ["train_state.pth"] * writes
     assert load_checkpoint(tmp_path / "run" / "train_state.pth")["epoch_done"] == 5
@@ -255,7 +260,7 @@ def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypat
 
 def test_an_error_during_training_still_writes_the_finished_epochs(subset, tmp_path,
                                                                     monkeypatch):
-    monkeypatch.setattr(train, "SAVE_INTERVAL", 3600)  # epochs 1-3 are held in memory
+    monkeypatch.setattr(trainer, "SAVE_INTERVAL", 3600)  # epochs 1-3 are held in memory
     with stopped_at_epoch(4, RuntimeError("a crash in epoch 4")):
         train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "5"))
     assert load_checkpoint(tmp_path / "run" / "train_state.pth")["epoch_done"] == 3
@@ -299,7 +304,7 @@ def test_resume_of_a_run_begun_before_the_resize_filter_keeps_resizing_bilinear(
         subset, tmp_path, monkeypatch):
     """A train_state.pth written before checkpoints recorded the filter resumes with that run's
     bilinear resizing, not the backbone's bicubic of today (features of one kind throughout)."""
-    monkeypatch.setattr(train, "SAVE_INTERVAL", 3600)
+    monkeypatch.setattr(trainer, "SAVE_INTERVAL", 3600)
     with stopped_at_epoch(2):
         train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "2"))
     state_path = tmp_path / "run" / "train_state.pth"
@@ -331,6 +336,18 @@ def test_training_steps_run_in_bf16_where_the_cpu_computes_it(monkeypatch):
     batches = [(torch.randn(2, 4), torch.tensor([0, 2]))]
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda native=native: native)
-        train.train_one_epoch(model, batches, optimizer, scheduler, scaler,
-                              torch.nn.CrossEntropyLoss(), torch.device("cpu"))
+        trainer.train_one_epoch(model, batches, optimizer, scheduler, scaler,
+                                torch.nn.CrossEntropyLoss(), torch.device("cpu"))
         assert seen.pop() == dtype
+
+
+def test_caches_follow_xdg_cache_home(tmp_path, monkeypatch):
+    """Feature and engine caches go under $XDG_CACHE_HOME when set, else ~/.cache."""
+    import features
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert features.default_cache_dir() == tmp_path / "flower_classifier" / "features"
+    assert engines.default_engine_cache_dir() == tmp_path / "flower_classifier" / "engines"
+    assert train.get_args_parser().get_default("cache_dir") == str(features.default_cache_dir())
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert features.default_cache_dir() == Path.home() / ".cache" / "flower_classifier" / "features"

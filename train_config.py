@@ -1,0 +1,98 @@
+"""What one training run is: a frozen TrainConfig of hyperparameters and run options.
+
+    from train_config import TrainConfig
+    config = TrainConfig("flowers", epochs=20, save_dir="checkpoints")
+    config = config.resolved(from_scratch=False)   # fill the family defaults left at None
+    config.hyperparameters()                        # what the checkpoint records
+
+Hyperparameters define the model and its training: they are saved in checkpoints and train
+states, and --resume takes them back. Where a pretrained backbone and a network trained from
+scratch want different values, the field's default is None and both defaults stand in its
+metadata side by side; `earlier` is what runs saved before the hyperparameter existed trained
+with. Adding a hyperparameter is one field here and one flag in train.py.
+"""
+from dataclasses import dataclass, field, fields, replace
+
+from backbones import DEFAULT_ARCH
+from data_utils import default_workers
+from features import default_cache_dir
+
+MIRROR_CHOICES = ("predict", "all", "off")
+
+
+def hyperparameter(default=None, *, pretrained=None, scratch=None, earlier=None):
+    """A field saved in checkpoints. Give `default` when both families share it, else
+    `pretrained` and `scratch` (the field stays None until TrainConfig.resolved)."""
+    family = {"pretrained": pretrained, "scratch": scratch} if pretrained is not None else None
+    return field(default=default, metadata={"hyperparameter": True, "family": family,
+                                            "earlier": earlier})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything train(config, device) needs; defaults chosen by cross-validation
+    (benchmarks/quality.py for the pretrained family, benchmarks/cifar.py from scratch)."""
+    data_dir: str
+    # Hyperparameters.
+    arch: str = hyperparameter(DEFAULT_ARCH)
+    learning_rate: float = hyperparameter(pretrained=0.001, scratch=0.2)
+    hidden_units: int = hyperparameter(pretrained=512, scratch=128)  # scratch: checkpoint < 5 MB
+    dropout: float = hyperparameter(pretrained=0.5, scratch=0.2)
+    weight_decay: float = hyperparameter(pretrained=0.05, scratch=5e-4, earlier=1e-4)
+    label_smoothing: float = hyperparameter(pretrained=0.1, scratch=0.1)
+    epochs: int = hyperparameter(pretrained=50, scratch=15)
+    batch_size: int = hyperparameter(pretrained=64, scratch=512)
+    warmup_epochs: int = hyperparameter(pretrained=1, scratch=2)
+    feature_transform: str = hyperparameter(pretrained="sqrt", scratch="none", earlier="none")
+    seed: int = hyperparameter(0)
+    mirror: str = hyperparameter("predict", earlier="off")
+    augment: int = hyperparameter(0)
+    finetune: bool = hyperparameter(False)
+    finetune_layers: int = hyperparameter(0)
+    backbone_lr: float = hyperparameter(1e-4)
+    # Run options: where and how this run goes, not what it trains.
+    save_dir: str = "."
+    category_names: str | None = None  # None: data_dir/cat_to_name.json when present
+    cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))  # None: none
+    workers: int = field(default_factory=default_workers)
+    engine: str = "auto"
+    strict: bool = False
+    compile: bool = False
+
+    def resolved(self, from_scratch):
+        """This config with the family defaults filled in where left at None."""
+        family = "scratch" if from_scratch else "pretrained"
+        return replace(self, **{item.name: item.metadata["family"][family]
+                                for item in hyperparameter_fields()
+                                if item.metadata["family"] and getattr(self, item.name) is None})
+
+    def hyperparameters(self):
+        """{name: value} of the hyperparameters, as checkpoints record them."""
+        return {item.name: getattr(self, item.name) for item in hyperparameter_fields()}
+
+
+def hyperparameter_fields():
+    return [item for item in fields(TrainConfig) if item.metadata.get("hyperparameter")]
+
+
+def hyperparameter_field(name):
+    return next(item for item in hyperparameter_fields() if item.name == name)
+
+
+def family_default(name, from_scratch=False):
+    """A hyperparameter's default: the family's where the families differ."""
+    item = hyperparameter_field(name)
+    family = item.metadata["family"]
+    return family["scratch" if from_scratch else "pretrained"] if family else item.default
+
+
+def unset_default(name):
+    """A hyperparameter's value when its flag is not given: None where the families differ
+    (filled in by TrainConfig.resolved)."""
+    return hyperparameter_field(name).default
+
+
+def saved_hyperparameters(saved):
+    """A checkpoint's hyperparameters, with the earlier value of those it predates."""
+    return {item.name: saved.get(item.name, item.metadata["earlier"])
+            for item in hyperparameter_fields()}
