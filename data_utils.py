@@ -152,18 +152,20 @@ def centre_crop_to_aspect(image, max_ratio=MAX_ASPECT_RATIO):
 
 
 def to_rgb(image):
-    """An opened image as RGB the way the camera meant it: EXIF rotation applied, an extreme
-    aspect ratio cropped, 16-bit levels scaled by Pillow's lookup tables (no float copy),
-    transparency over white."""
-    image = centre_crop_to_aspect(ImageOps.exif_transpose(image))
+    """An opened image as a new RGB image the way the camera meant it: EXIF rotation applied (in
+    place), an extreme aspect ratio cropped, 16-bit levels scaled by Pillow's lookup tables (no
+    float copy), transparency over white. At most two images of its size are held at once."""
+    ImageOps.exif_transpose(image, in_place=True)  # a copy only when the photo is rotated
+    image = centre_crop_to_aspect(image)
     if image.mode in SIXTEEN_BIT_MODES:
         scale = 257 if image.getextrema()[1] > 255 else 1
         image = image.point(lambda level: level / scale).convert("L")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = Image.new("RGB", rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel("A"))
-    return image.convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return image.convert("RGB")  # a copy even of an RGB image: the opened one is closed after
 
 
 def load_image(path, target=None):

@@ -149,7 +149,8 @@ class BadRequest(Exception):
 
 
 def busy(message):
-    return BadRequest(503, message, {"Retry-After": RETRY_AFTER_S})
+    """A 503 that closes the connection: a body left unsent is not worth draining when full."""
+    return BadRequest(503, message, {"Retry-After": RETRY_AFTER_S, "Connection": "close"})
 
 
 class Batcher:
@@ -186,7 +187,8 @@ class Batcher:
         """Why the model cannot answer now, or None while it works."""
         if self.worker.done():
             return "the model worker stopped"
-        busy_for = 0 if self.busy_since is None else asyncio.get_running_loop().time() - self.busy_since
+        now = asyncio.get_running_loop().time()
+        busy_for = 0 if self.busy_since is None else now - self.busy_since
         if busy_for > stuck_after:
             return f"the model has been running one batch for {busy_for:.0f} s"
         return None
@@ -604,7 +606,8 @@ def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16,
         except asyncio.TimeoutError:
             if phase[0] == "uploading":
                 raise BadRequest(408, f"The upload took longer than {request_timeout:g} s; send "
-                                 "it again on a faster connection.", {"Connection": "close"}) from None
+                                 "it again on a faster connection.",
+                                 {"Connection": "close"}) from None
             raise busy(f"The server could not answer within {request_timeout:g} s; try again "
                        "in a moment.") from None
         finally:

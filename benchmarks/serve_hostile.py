@@ -1,7 +1,7 @@
 """serve.py under hostile clients on 127.0.0.1 while good requests are measured (issue 23's goals).
 
     python benchmarks/serve_hostile.py checkpoints/checkpoint.pth
-    python benchmarks/serve_hostile.py checkpoints/checkpoint.pth --seconds 60 --server_args '--max_batch 8'
+    python benchmarks/serve_hostile.py checkpoints/checkpoint.pth --seconds 60 --uploads 48
 
 It starts `serve.py CHECKPOINT --host 127.0.0.1 --port 0`, then:
 1. sends each hostile payload alone (extreme aspect ratios, a 16-bit PNG just under the pixel
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import io
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -37,8 +38,14 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cli_utils import positive_int  # noqa: E402
-from data_utils import MAX_PIXELS, list_images  # noqa: E402
-from serve_load import DEFAULT_IMAGES, resident_mib, start_server  # noqa: E402
+from data_utils import MAX_PIXELS  # noqa: E402
+from serve_load import (  # noqa: E402
+    DEFAULT_IMAGES,
+    read_photos,
+    resident_mib,
+    start_server,
+    verdict,
+)
 
 UPLOAD_BYTES = 19_500_000  # under serve.py's default 20 MB limit
 GOALS = {"p99_s": 2.0, "health_s": 0.2, "connection_life_s": 30, "memory_mib": 512}
@@ -234,47 +241,69 @@ async def health_loop(url, times, failures, stop):
             await asyncio.sleep(0.5)
 
 
-async def flood(args, url, pid, photos):
+async def attackers(url, slow, idle, uploads, seconds):
+    """The slow, idle and upload clients for seconds: (lives of closed connections, ages of those
+    still open, upload answers by status)."""
     port = int(url.rsplit(":", 1)[1].strip("/"))
     stop = asyncio.Event()
     lives, statuses = Lives(), Counter()
-    latencies, failures, health_times, health_failures = [], Counter(), [], []
     bodies = [(os.urandom(UPLOAD_BYTES), "image/jpeg"), lookalike_form(UPLOAD_BYTES),
               (noise_png(UPLOAD_BYTES), "image/png")]
-    baseline = resident_mib(pid)
-    watch = MemoryWatch(pid)
-    tasks = [asyncio.create_task(watch.run(baseline))]
-    tasks += [asyncio.create_task(hold_connection(port, lives, stop, trickle=True))
-              for _ in range(args.slow)]
+    tasks = [asyncio.create_task(hold_connection(port, lives, stop, trickle=True))
+             for _ in range(slow)]
     tasks += [asyncio.create_task(hold_connection(port, lives, stop, trickle=False))
-              for _ in range(args.idle)]
+              for _ in range(idle)]
     tasks += [asyncio.create_task(upload_loop(url, bodies, statuses, stop))
-              for _ in range(args.uploads)]
-    tasks.append(asyncio.create_task(health_loop(url, health_times, health_failures, stop)))
+              for _ in range(uploads)]
+    await asyncio.sleep(seconds)
+    now = time.monotonic()
+    still_open = [now - opened for opened in lives.open_since.values()]
+    stop.set()
+    await asyncio.wait(tasks, timeout=150)
+    return lives.closed, still_open, statuses
+
+
+def attack(url, slow, idle, uploads, seconds, results):
+    """attackers() in a process of its own, so that its CPU time does not delay the timed
+    clients' event loop (it still competes for the cores, as a remote attacker would not)."""
+    results.put(asyncio.run(attackers(url, slow, idle, uploads, seconds)))
+
+
+async def measured(args, url, pid, photos):
+    """Good requests, /health probes and the server's memory for args.seconds."""
+    stop = asyncio.Event()
+    latencies, failures, health_times, health_failures = [], Counter(), [], []
+    watch = MemoryWatch(pid)
+    watcher = asyncio.create_task(watch.run(resident_mib(pid)))
+    baseline = resident_mib(pid)
     limits = httpx.Limits(max_connections=args.concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        tasks += [asyncio.create_task(good_loop(client, photos, latencies, failures, stop))
-                  for _ in range(args.concurrency)]
+        tasks = [asyncio.create_task(good_loop(client, photos, latencies, failures, stop))
+                 for _ in range(args.concurrency)]
+        tasks.append(asyncio.create_task(health_loop(url, health_times, health_failures, stop)))
         await asyncio.sleep(args.seconds)
-        now = time.monotonic()
-        still_open = [now - opened for opened in lives.open_since.values()]
         stop.set()
-        await asyncio.wait(tasks[1:], timeout=150)
-    tasks[0].cancel()
+        await asyncio.wait(tasks, timeout=150)
+    watcher.cancel()
     return {"latencies": latencies, "failures": failures, "health_times": health_times,
-            "health_failures": len(health_failures), "lives": lives.closed,
-            "still_open": still_open, "uploads": statuses, "growth": watch.peak - baseline}
+            "health_failures": len(health_failures), "growth": watch.peak - baseline}
 
 
-def verdict(met):
-    return "met" if met else "NOT met"
+def flood(args, url, pid, photos):
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    attacker = context.Process(target=attack, args=(url, args.slow, args.idle, args.uploads,
+                                                    args.seconds, results))
+    attacker.start()
+    time.sleep(2)  # the attackers' process starting and their connections opening
+    figures = asyncio.run(measured(args, url, pid, photos))
+    figures["lives"], figures["still_open"], figures["uploads"] = results.get(timeout=300)
+    attacker.join(timeout=60)
+    return figures
 
 
 def main(args):
-    paths = list_images(args.images)[: args.photos]
-    if not paths:
-        sys.exit(f"no photos in {args.images}")
-    photos = [(Path(path).name, Path(path).read_bytes()) for path in paths]
+    _, photos = read_photos(args.images, args.photos)
     process, url = start_server(args.checkpoint, args.server_args)
     try:
         print(f"serve.py {args.server_args}; each payload alone: status, memory growth")
@@ -282,7 +311,7 @@ def main(args):
         print(f"flood for {args.seconds} s: {args.slow} slow-header clients, {args.idle} idle "
               f"connections, {args.uploads} concurrent ~{UPLOAD_BYTES / 1e6:.0f}-MB uploads; "
               f"good requests at concurrency {args.concurrency}", flush=True)
-        figures = asyncio.run(flood(args, url, process.pid, photos))
+        figures = flood(args, url, process.pid, photos)
         crashed = process.poll() is not None
     finally:
         process.terminate()

@@ -182,11 +182,16 @@ def verdict(met):
     return "met" if met else "NOT met"
 
 
-def main(args):
-    paths = list_images(args.images)[: args.photos]
+def read_photos(folder, count):
+    """(paths, [(file name, bytes)]) of the first count photos below folder (None: all)."""
+    paths = list_images(folder)[:count]
     if not paths:
-        sys.exit(f"no photos in {args.images}")
-    photos = [(Path(path).name, Path(path).read_bytes()) for path in paths]
+        sys.exit(f"no photos in {folder}")
+    return paths, [(Path(path).name, Path(path).read_bytes()) for path in paths]
+
+
+def main(args):
+    paths, photos = read_photos(args.images, args.photos)
     print(f"{len(paths)} photos from {args.images}; one request in {BAD_EVERY} is a bad upload; "
           f"serve.py {args.server_args}")
     print("concurrency requests  p50 ms  p99 ms images/s errors mean batch server MiB")

@@ -2,6 +2,7 @@
 "use strict";
 
 const TOP_K = 5;
+const UNREACHABLE = "The server cannot be reached; check that it is running and this phone is on its network.";
 const $ = (id) => document.getElementById(id);
 
 // A token given as http://host:port/#token=... is kept on this phone and removed from the address.
@@ -61,7 +62,7 @@ async function classify(file) {
     body = await response.json().catch(() => ({ error: "The server answered " + response.status + "." }));
   } catch (error) {
     $("result").hidden = true;
-    setStatus("error", "The server cannot be reached; check that it is running and this phone is on its network.");
+    setStatus("error", UNREACHABLE);
     return;
   }
   if (response.status === 401) $("token-form").hidden = false;
@@ -91,7 +92,7 @@ async function askForTokenIfNeeded() {
       setStatus("ready", "Enter the server's token, then take or choose a photo.");
     }
   } catch (error) {
-    setStatus("error", "The server cannot be reached; check that it is running and this phone is on its network.");
+    setStatus("error", UNREACHABLE);
   }
 }
 askForTokenIfNeeded();

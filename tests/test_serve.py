@@ -237,8 +237,9 @@ def test_sigterm_lets_the_request_in_flight_finish(checkpoint, photos):
     server = Server(checkpoint, "--max_batch", 1, "--engine", "torch")
     data = photos[0].read_bytes()
     with socket.create_connection((server.host, server.port), timeout=30) as connection:
-        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
-                           b"Content-Length: %d\r\n\r\n" % len(data) + data[:1000])
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Content-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
+                           + data[:1000])
         wait_until(lambda: server.client.get("/health").json()["in_flight"] == 1)
         server.client.close()  # its idle connection would hold the shutdown up
         server.process.send_signal(signal.SIGTERM)
