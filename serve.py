@@ -294,30 +294,23 @@ class Share:
         self.held += size
 
 
-class Upload:
-    """One request's body and headers, as the decoding thread needs them."""
-
-    def __init__(self, body, content_type):
-        self.body, self.content_type = body, content_type
-
-
-def form_file(upload, limit):
+def form_file(body, content_type, limit):
     """(bytes, file name) of the multipart field `file`, parsed with python-multipart in the
     calling (decoding) thread. Bodies with more delimiters than MAX_FORM_PARTS are refused
     before parsing: that many delimiters only slow the parser down."""
-    content_type, options = parse_options_header(upload.content_type)
+    content_type, options = parse_options_header(content_type)
     boundary = options.get(b"boundary", b"")
     fix = f"send the photo as the form field '{UPLOAD_FIELD}'."
     if not boundary:
         raise BadRequest(400, f"The multipart form has no boundary in its Content-Type; {fix}")
-    if upload.body.count(b"\r\n--" + boundary) > MAX_FORM_PARTS:
+    if body.count(b"\r\n--" + boundary) > MAX_FORM_PARTS:
         raise BadRequest(400, f"The multipart form has more than {MAX_FORM_PARTS} parts; {fix}")
     fields, files = [], []
     parser = FormParser(
         "multipart/form-data", fields.append, files.append, boundary=boundary,
         config={"MAX_MEMORY_FILE_SIZE": limit + 1, "MAX_BODY_SIZE": limit + 1})
     try:
-        parser.write(upload.body)
+        parser.write(body)
         parser.finalize()
     except (FormParserError, ValueError):
         raise BadRequest(400, f"The multipart form cannot be read; {fix}") from None
@@ -335,12 +328,12 @@ def form_file(upload, limit):
                      f"{', '.join(names) or 'none'}); {fix}")
 
 
-def decode_upload(upload, predictor, share, limit):
+def decode_upload(body, content_type, predictor, share, limit):
     """(preprocessed tensor, file name) of the upload, or a BadRequest saying what is wrong with
     it. Runs in a decoding thread: form parsing and pixels never block the event loop."""
-    data, name = upload.body, "upload"
-    if upload.content_type.startswith("multipart/form-data"):
-        data, name = form_file(upload, limit)
+    data, name = body, "upload"
+    if content_type.startswith("multipart/form-data"):
+        data, name = form_file(body, content_type, limit)
     if not data:
         raise BadRequest(400, "The upload is empty; send a photo such as a JPEG or PNG file.")
     try:
@@ -580,15 +573,15 @@ def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16,
         if content_type.startswith("application/x-www-form-urlencoded"):
             raise BadRequest(400, f"Send the photo as multipart/form-data field '{UPLOAD_FIELD}' "
                              "or as the raw request body, not URL-encoded.")
-        upload = Upload(await read_body(request, limit, share), content_type)
+        body = await read_body(request, limit, share)
         phase[0] = "decoding"
         batcher.decoding += 1
         try:
             tensor, name = await asyncio.get_running_loop().run_in_executor(
-                decoders, decode_upload, upload, predictor, share, limit)
+                decoders, decode_upload, body, content_type, predictor, share, limit)
         finally:
             batcher.decoding -= 1
-        del upload  # the body's memory is free before the model runs
+        del body  # its memory is free before the model runs
         phase[0] = "predicting"
         return await batcher.predict(tensor, k, name)
 

@@ -48,6 +48,7 @@ from serve_load import (  # noqa: E402
 )
 
 UPLOAD_BYTES = 19_500_000  # under serve.py's default 20 MB limit
+QUIET_SECONDS = 15
 GOALS = {"p99_s": 2.0, "health_s": 0.2, "connection_life_s": 30, "memory_mib": 512}
 
 
@@ -269,8 +270,8 @@ def attack(url, slow, idle, uploads, seconds, results):
     results.put(asyncio.run(attackers(url, slow, idle, uploads, seconds)))
 
 
-async def measured(args, url, pid, photos):
-    """Good requests, /health probes and the server's memory for args.seconds."""
+async def measured(args, url, pid, photos, seconds):
+    """Good requests, /health probes and the server's memory for seconds."""
     stop = asyncio.Event()
     latencies, failures, health_times, health_failures = [], Counter(), [], []
     watch = MemoryWatch(pid)
@@ -281,7 +282,7 @@ async def measured(args, url, pid, photos):
         tasks = [asyncio.create_task(good_loop(client, photos, latencies, failures, stop))
                  for _ in range(args.concurrency)]
         tasks.append(asyncio.create_task(health_loop(url, health_times, health_failures, stop)))
-        await asyncio.sleep(args.seconds)
+        await asyncio.sleep(seconds)
         stop.set()
         await asyncio.wait(tasks, timeout=150)
     watcher.cancel()
@@ -296,7 +297,7 @@ def flood(args, url, pid, photos):
                                                     args.seconds, results))
     attacker.start()
     time.sleep(2)  # the attackers' process starting and their connections opening
-    figures = asyncio.run(measured(args, url, pid, photos))
+    figures = asyncio.run(measured(args, url, pid, photos, args.seconds))
     figures["lives"], figures["still_open"], figures["uploads"] = results.get(timeout=300)
     attacker.join(timeout=60)
     return figures
@@ -308,6 +309,9 @@ def main(args):
     try:
         print(f"serve.py {args.server_args}; each payload alone: status, memory growth")
         singles = asyncio.run(single_payloads(url, process.pid))
+        quiet = asyncio.run(measured(args, url, process.pid, photos, QUIET_SECONDS))
+        print(f"without attackers for {QUIET_SECONDS} s (the machine's own load): "
+              f"{timing_line(quiet)}", flush=True)
         print(f"flood for {args.seconds} s: {args.slow} slow-header clients, {args.idle} idle "
               f"connections, {args.uploads} concurrent ~{UPLOAD_BYTES / 1e6:.0f}-MB uploads; "
               f"good requests at concurrency {args.concurrency}", flush=True)
@@ -319,16 +323,30 @@ def main(args):
     report(singles, figures, crashed)
 
 
-def report(singles, figures, crashed):
-    latencies = figures["latencies"]
-    quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [math.nan] * 99
+def percentiles(values):
+    """(p50, p99, max) of values; NaN where there are too few."""
+    if len(values) < 2:
+        return math.nan, math.nan, max(values, default=math.nan)
+    quantiles = statistics.quantiles(values, n=100)
+    return quantiles[49], quantiles[98], max(values)
+
+
+def timing_line(figures):
+    good = percentiles(figures["latencies"])
+    health = percentiles(figures["health_times"])
     failures = sum(figures["failures"].values())
-    slowest_health = max(figures["health_times"], default=math.nan)
+    return (f"good requests {len(figures['latencies'])} answered, p50 {good[0]:.3f} s, p99 "
+            f"{good[1]:.3f} s, failures {failures} {dict(figures['failures'])}; /health "
+            f"{len(figures['health_times'])} probes, p50 {health[0]:.3f} s, p99 {health[1]:.3f} "
+            f"s, slowest {health[2]:.3f} s, {figures['health_failures']} not 200")
+
+
+def report(singles, figures, crashed):
+    p99 = percentiles(figures["latencies"])[1]
+    failures = sum(figures["failures"].values())
+    slowest_health = percentiles(figures["health_times"])[2]
     longest_life = max(figures["lives"] + figures["still_open"], default=0.0)
-    print(f"good requests: {len(latencies)} answered, p50 {quantiles[49]:.3f} s, p99 "
-          f"{quantiles[98]:.3f} s, failures {failures} {dict(figures['failures'])}")
-    print(f"/health: {len(figures['health_times'])} probes, slowest {slowest_health:.3f} s, "
-          f"{figures['health_failures']} not 200")
+    print(f"under attack: {timing_line(figures)}")
     print(f"slow and idle connections: {len(figures['lives'])} closed by the server, longest life "
           f"{longest_life:.1f} s; {len(figures['still_open'])} open at the end")
     print(f"large uploads answered: {dict(figures['uploads'])}")
@@ -339,7 +357,7 @@ def report(singles, figures, crashed):
     server_errors += [status for status in figures["uploads"] if isinstance(status, int)
                       and status >= 500 and status != 503]
     print(f"goal: good p99 <= {GOALS['p99_s']} s with zero failures: "
-          f"{verdict(quantiles[98] <= GOALS['p99_s'] and failures == 0 and not crashed)}")
+          f"{verdict(p99 <= GOALS['p99_s'] and failures == 0 and not crashed)}")
     print(f"goal: every slow or idle connection closed within {GOALS['connection_life_s']} s: "
           f"{verdict(longest_life <= GOALS['connection_life_s'])}")
     print(f"goal: /health within {GOALS['health_s']} s throughout: "
