@@ -58,7 +58,7 @@ from cli_utils import (
     select_device,
 )
 from common import UserError, error_reason, warn
-from data_utils import UNREADABLE_IMAGE_ERRORS, open_image, to_rgb
+from data_utils import MAX_PIXELS, UNREADABLE_IMAGE_ERRORS, open_image, to_rgb
 from engines import ENGINE_CHOICES
 from predictor import Predictor
 
@@ -258,40 +258,39 @@ class MemoryBudget:
         self.large_total = max(self.total - SMALL_REQUEST_RESERVE, self.total // 2)
         self.lock = threading.Lock()
 
-    def take(self, size, held):
-        """Reserve size more bytes for a request already holding held, or raise BadRequest."""
-        total = self.total if held + size <= SMALL_REQUEST_BYTES else self.large_total
-        if held + size > total:
+    def take(self, share, size):
+        """Reserve size more bytes for share's request, or raise BadRequest."""
+        total = self.total if share.held + size <= SMALL_REQUEST_BYTES else self.large_total
+        if share.held + size > total:
             raise BadRequest(413, "The upload needs more memory than this server gives one "
                              "request (--memory_mb); send a smaller photo.")
         with self.lock:
-            if self.used + size > total:
+            if share.closed or self.used + size > total:  # closed: its request timed out
                 raise busy("The server is busy with other uploads; try again in a moment.")
             self.used += size
-
-    def give(self, size):
-        with self.lock:
-            self.used -= size
+            share.held += size
 
     @contextlib.contextmanager
     def account(self):
-        """A request's share, given back when the block ends."""
+        """A request's share, given back when the block ends; a decoding thread still running
+        for it then can take no more."""
         share = Share(self)
         try:
             yield share
         finally:
-            self.give(share.held)
+            with self.lock:
+                self.used -= share.held
+                share.held, share.closed = 0, True
 
 
 class Share:
     """What one request holds of a MemoryBudget."""
 
     def __init__(self, budget):
-        self.budget, self.held = budget, 0
+        self.budget, self.held, self.closed = budget, 0, False
 
     def take(self, size):
-        self.budget.take(size, self.held)
-        self.held += size
+        self.budget.take(self, size)
 
 
 def form_file(body, content_type, limit):
@@ -340,15 +339,22 @@ def decode_upload(body, content_type, predictor, share, limit):
         with open_image(io.BytesIO(data), predictor.preprocess.resize) as image:
             share.take(image.width * image.height * DECODED_BYTES_PER_PIXEL)
             rgb = to_rgb(image)
-    except Image.DecompressionBombError as error:
-        raise BadRequest(413, f"The upload is not an image this server decodes ({error}); send a "
-                         "smaller photo.") from None
+    except Image.DecompressionBombError:
+        raise BadRequest(413, f"The image has more pixels than the {MAX_PIXELS} this server "
+                         "decodes; send a smaller photo.") from None
     except UNREADABLE_IMAGE_ERRORS as error:
-        reason = ("not a JPEG, PNG, WebP, HEIC, AVIF, BMP, TIFF or GIF image"
-                  if isinstance(error, UnidentifiedImageError) else error_reason(error))
-        raise BadRequest(400, f"The upload is not an image that can be read ({reason}); send a "
-                         "photo such as a JPEG or PNG file.") from None
+        raise BadRequest(400, f"The upload is not an image that can be read "
+                         f"({unreadable_reason(error)}); send a photo such as a JPEG or PNG "
+                         "file.") from None
     return predictor.transform(rgb), name
+
+
+def unreadable_reason(error):
+    """What is wrong with an unreadable upload, in the server's words: a decoder's own message
+    is not for clients."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not a JPEG, PNG, WebP, HEIC, AVIF, BMP, TIFF or GIF image"
+    return "the file is truncated" if "truncated" in str(error) else "the file is damaged"
 
 
 async def read_body(request, limit, share):

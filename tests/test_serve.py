@@ -280,10 +280,14 @@ def test_all_interfaces_warns_prints_the_lan_address_and_ctrl_c_exits_130(checkp
         process.communicate()
 
 
-def test_negative_batch_wait_is_refused():
-    result = run_script("serve.py", "unused.pth", "--batch_wait_ms", "-1", timeout=120)
-    assert result.returncode == 2
-    assert result.stderr == "error: --batch_wait_ms must be 0 or more, got -1.0\n"
+def test_negative_batch_wait_is_refused(capsys):
+    import serve
+    from cli_utils import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(serve.main, serve.get_args_parser(), ["unused.pth", "--batch_wait_ms", "-1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --batch_wait_ms must be 0 or more, got -1.0\n"
 
 
 def test_bad_checkpoint_is_one_line_before_serving(tmp_path):

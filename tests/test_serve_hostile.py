@@ -152,10 +152,14 @@ def stalled_upload(server, length=100_000, sent=1000):
     return connection
 
 
-def png(size, mode="RGB"):
+def encoded(image, format="PNG"):
     buffer = io.BytesIO()
-    Image.new(mode, size).save(buffer, "PNG")
+    image.save(buffer, format)
     return buffer.getvalue()
+
+
+def png(size, mode="RGB"):
+    return encoded(Image.new(mode, size))
 
 
 def test_slow_headers_and_idle_connections_are_closed(start):
@@ -284,6 +288,19 @@ def ico_wrapping_a_large_png():
     return b"\0\0\1\0\1\0" + entry + image
 
 
+def damaged_png():
+    """A small PNG whose middle third is inverted: its header reads, its pixels do not."""
+    data = bytearray(encoded(Image.effect_noise((64, 48), 60).convert("RGB")))
+    middle = slice(len(data) // 3, 2 * len(data) // 3)
+    data[middle] = bytes(byte ^ 0xFF for byte in data[middle])
+    return bytes(data)
+
+
+def damaged_heic():
+    """A small HEIC without its last bytes: its boxes point past the end (a 500 before)."""
+    return encoded(Image.effect_noise((64, 48), 60).convert("RGB"), "HEIF")[:-10]
+
+
 MALFORMED = {  # case: (httpx request arguments, status, words of the error); PHOTO: the photo
     "top_k superscript two": ({"params": {"top_k": "²"}, "files": "PHOTO"}, 400, "top_k"),
     "top_k circled one": ({"params": {"top_k": "①"}, "files": "PHOTO"}, 400, "top_k"),
@@ -293,6 +310,8 @@ MALFORMED = {  # case: (httpx request arguments, status, words of the error); PH
                                "not a JPEG"),
     "PNG over the pixel limit": ({"files": {"file": ("a.png", png((9500, 9500), "1"))}}, 413,
                                  "pixels"),
+    "damaged PNG": ({"files": {"file": ("a.png", damaged_png())}}, 400, "damaged"),
+    "damaged HEIC": ({"files": {"file": ("a.heic", damaged_heic())}}, 400, "damaged"),
     "multipart without boundary": ({"content": b"x", "headers": {
         "Content-Type": "multipart/form-data"}}, 400, "boundary"),
     "broken multipart": ({"content": b"--B\r\nnot a header\r\n\r\n", "headers": {
@@ -410,3 +429,15 @@ def test_waiting_requests_share_batches_of_at_most_max_batch(start, held, predic
     for path, answer in zip(photos, answers):
         expected = predictor.predict_image(path, top_k=3, path="a.jpg")
         assert answer.status_code == 200 and answer.json()["classes"] == expected.classes
+
+
+def test_a_timed_out_requests_share_is_given_back_and_takes_no_more():
+    """A decoding thread still running after its request timed out cannot leak memory shares."""
+    budget = serve.MemoryBudget(40e6)
+    with budget.account() as share:
+        share.take(10_000_000)
+        assert budget.used == 10_000_000
+    assert budget.used == 0
+    with pytest.raises(serve.BadRequest) as refused:
+        share.take(1000)
+    assert refused.value.status == 503 and budget.used == 0
