@@ -42,12 +42,15 @@ def file_stamps(paths):
     return stamps
 
 
+# Cache folders a write failed in, this process: warned about once, then left alone.
+UNWRITABLE_CACHE_DIRS = set()
+
+
 class FeatureCache:
     """One file per (backbone, transform, view, folder): paths, stamps, float16 features."""
 
     def __init__(self, cache_dir):
         self.cache_dir = Path(cache_dir).expanduser()
-        self.writable = True
 
     def path(self, key):
         return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
@@ -71,7 +74,7 @@ class FeatureCache:
     def save(self, key, paths, stamps, features, ok):
         """Write one cache file. The cache is optional: where writing fails (a full disk, a
         read-only --cache_dir) one warning says so and later saves are skipped; reading goes on."""
-        if not self.writable:
+        if self.cache_dir in UNWRITABLE_CACHE_DIRS:
             return
         entry = {"format": CACHE_FORMAT, "key": key, "paths": list(paths),
                  "stamps": torch.tensor(stamps, dtype=torch.int64).reshape(-1, 3),
@@ -80,7 +83,7 @@ class FeatureCache:
             atomic_write(self.path(key), lambda temporary: torch.save(entry, temporary))
         except UserError as error:
             warn(f"feature cache not saved ({error}); going on without it")
-            self.writable = False
+            UNWRITABLE_CACHE_DIRS.add(self.cache_dir)
 
 
 class FeatureExtractor:

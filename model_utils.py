@@ -30,9 +30,10 @@ CHECKPOINT_KEYS = ("format_version", "arch", "backbone", "head", "head_state", "
                    "preprocess")
 # What newer checkpoints add, and what a checkpoint without the key means (issue 11): features
 # averaged with the mirror image's, logits divided by a temperature, and the unknown verdict's
-# class means (float16 [C, D]) and cosine-similarity threshold (None: no verdict).
+# class means (float16 [C, D]) and cosine-similarity threshold (None: no verdict); and (issue 20)
+# the record of an automatic split of one folder (None: a train/valid/test layout).
 OPTIONAL_KEYS = {"mirror": False, "temperature": 1.0, "class_means": None,
-                 "unknown_threshold": None}
+                 "unknown_threshold": None, "split": None}
 
 
 def backbone_features(backbone, images, mirror):

@@ -8,9 +8,11 @@ sanity-check plot, and a JSON report of the test-set results.
     save_test_report(report, "runs/x/test_report.json")
     plot_confusion_matrix(labels, predictions, class_names, "runs/x/confusion.png")
     plot_prediction(image, top_names, top_probabilities, "prediction.png")
+    plot_mistakes(paths, labels, probabilities, class_names, "runs/x/mistakes.png")
 
 matplotlib is imported only inside the plotting functions, so predict.py starts fast.
 """
+import math
 from pathlib import Path
 
 import numpy as np
@@ -116,15 +118,19 @@ def _plot_accuracy(axes, epochs, percents):
 # --- the test report -------------------------------------------------------------------------
 
 def test_report(labels, predictions, class_names, top_confusions=10, calibration=None):
-    """Overall and per-class accuracy and the most frequent mix-ups, as a JSON-ready dict;
+    """Overall accuracy, each class's recall (share of its images named right) and precision
+    (share of the images named it that are it; None when none were), their mean recall (what an
+    unbalanced test set's accuracy hides), and the most frequent mix-ups, as a JSON-ready dict;
     calibration: calibration_section() of the same images, reported as it is."""
     counts = confusion_counts(labels, predictions, len(class_names))
     images = int(counts.sum())
+    predicted = counts.sum(axis=0)
     per_class = [
         {"class_index": index, "name": str(class_names[index]), "images": int(row.sum()),
-         "correct": int(row[index]), "accuracy": float(row[index] / row.sum())}
+         "correct": int(row[index]), "recall": float(row[index] / row.sum()),
+         "precision": float(row[index] / predicted[index]) if predicted[index] else None}
         for index, row in enumerate(counts) if row.sum() > 0]
-    per_class.sort(key=lambda entry: (entry["accuracy"], entry["name"]))
+    per_class.sort(key=lambda entry: (entry["recall"], entry["name"]))
     off_diagonal = counts.copy()
     np.fill_diagonal(off_diagonal, 0)
     confused = [{"true": str(class_names[true]), "predicted": str(class_names[predicted]),
@@ -132,6 +138,7 @@ def test_report(labels, predictions, class_names, top_confusions=10, calibration
                 for true, predicted in zip(*np.nonzero(off_diagonal))]
     confused.sort(key=lambda pair: (-pair["count"], pair["true"], pair["predicted"]))
     report = {"accuracy": float(np.trace(counts) / images), "images": images,
+              "mean_recall": float(np.mean([entry["recall"] for entry in per_class])),
               "per_class": per_class, "confused_pairs": confused[:top_confusions]}
     if calibration is not None:
         report["calibration"] = calibration
@@ -158,7 +165,8 @@ test_report.__test__ = False    # its name starts with "test": keep pytest from 
 def summarize_report(report, lines=5):
     """A few terminal lines: overall accuracy, the worst classes, the most frequent mix-ups."""
     correct = sum(entry["correct"] for entry in report["per_class"])
-    text = [f"test accuracy {100 * report['accuracy']:.2f}% ({correct}/{report['images']} images)"]
+    text = [f"test accuracy {100 * report['accuracy']:.2f}% ({correct}/{report['images']} images); "
+            f"mean per-class recall {100 * report['mean_recall']:.2f}%"]
     calibration = report.get("calibration")
     if calibration:
         text.append(f"calibration error {100 * calibration['ece_before']:.1f}% -> "
@@ -169,7 +177,7 @@ def summarize_report(report, lines=5):
     worst = [entry for entry in report["per_class"] if entry["correct"] < entry["images"]][:lines]
     if worst:
         text.append("worst classes:")
-        text += [f"  {entry['name']}: {100 * entry['accuracy']:.1f}% "
+        text += [f"  {entry['name']}: recall {100 * entry['recall']:.1f}% "
                  f"({entry['correct']}/{entry['images']})" for entry in worst]
     else:
         text.append("every class perfectly classified")
@@ -279,3 +287,82 @@ def _plot_top_k(axes, names, probabilities):
                   f"{100 * probability:.1f}%", va="center", ha="right" if inside else "left",
                   fontsize=9, color="white" if inside else "black")
     axes.grid(axis="x", alpha=0.3)
+
+
+# --- contact sheets: thumbnails with captions --------------------------------------------------
+
+def short_path(path, keep=2):
+    """The last folders and the file name: enough to find the file below the data folder."""
+    return "/".join(Path(path).parts[-keep:])
+
+
+def contact_sheet(items, path, title, thumb=150, columns=6, caption_lines=3):
+    """Thumbnails in a grid, each with its caption, as one PNG (PIL only: fast, no figure)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from data_utils import UNREADABLE_IMAGE_ERRORS, load_image  # torch: not at import time
+
+    font = ImageFont.load_default(size=11)
+    line = 14
+    cell_height = thumb + 6 + line * caption_lines
+    rows = math.ceil(len(items) / columns)
+    sheet = Image.new("RGB", (columns * (thumb + 10) + 10, 30 + rows * (cell_height + 10)),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((10, 8), title, fill="black", font=ImageFont.load_default(size=14))
+    for index, (image_path, caption) in enumerate(items):
+        x = 10 + (index % columns) * (thumb + 10)
+        y = 30 + (index // columns) * (cell_height + 10)
+        try:
+            image = load_image(image_path, thumb)
+            image.thumbnail((thumb, thumb))
+            sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
+        except UNREADABLE_IMAGE_ERRORS:
+            draw.rectangle((x, y, x + thumb, y + thumb), fill="#dddddd")
+            draw.text((x + 10, y + thumb // 2), "cannot be read", fill="black", font=font)
+        for number, text in enumerate(caption[:caption_lines]):
+            draw.text((x, y + thumb + 4 + number * line), fit_text(draw, text, font, thumb + 8),
+                      fill="black", font=font)
+    atomic_write(path, lambda temporary: sheet.save(temporary, format="PNG", compress_level=1))
+    return path
+
+
+def fit_text(draw, text, font, width):
+    """text, cut from the left with '...' until it fits width pixels (file names end in what
+    tells them apart)."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength("..." + text, font=font) > width:
+        text = text[1:]
+    return "..." + text
+
+# --- the mistakes to review -----------------------------------------------------------------
+
+def plot_mistakes(paths, labels, probabilities, class_names, path, limit=60):
+    """mistakes.png: the wrongly named photos, worst first (lowest probability of the true
+    class: fastai's top losses), each with its true name, the predicted name and probability.
+    Returns how many photos were wrong; with none, nothing is written."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape != (len(paths), len(class_names)) or labels.size != len(paths):
+        raise ValueError(f"{len(paths)} paths, {labels.size} labels and probabilities of shape "
+                         f"{probabilities.shape} for {len(class_names)} classes do not match")
+    predictions = probabilities.argmax(1)
+    true_probability = probabilities[np.arange(len(labels)), labels]
+    worst = mistakes_worst_first(labels, probabilities)
+    if not worst.size:
+        return 0
+    items = [(paths[i], [f"true: {class_names[labels[i]]} ({100 * true_probability[i]:.0f}%)",
+                         f"predicted: {class_names[predictions[i]]} "
+                         f"({100 * probabilities[i, predictions[i]]:.0f}%)", short_path(paths[i])])
+             for i in worst[:limit]]
+    contact_sheet(items, path, f"{worst.size} of {len(paths)} photos wrongly named, worst first"
+                  + (f" (first {limit} shown)" if worst.size > limit else ""))
+    return int(worst.size)
+
+
+def mistakes_worst_first(labels, probabilities):
+    """Indices of the wrongly predicted images, lowest probability of the true class first."""
+    wrong = np.nonzero(probabilities.argmax(1) != labels)[0]
+    true_probability = probabilities[wrong, labels[wrong]]
+    return wrong[np.argsort(true_probability, kind="stable")]

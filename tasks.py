@@ -22,6 +22,7 @@ import scratch_cnn
 from backbones import Preprocess
 from common import UserError, log, warn
 from data_utils import ImageFiles, augment_transform, eval_transform, image_loader, is_readable
+from datacheck import split_features
 from features import FeatureExtractor
 
 
@@ -41,9 +42,12 @@ class Task:
     model: the module that trains and is evaluated (the head, or the whole classifier); the
         batches feed it.
     extracted: how many images went through the backbone to build the task (for the log).
+    split_features: {split: (features, ok)} of every image, what the data check compares;
+        None where the backbone trains and features are not fixed.
     """
     model: torch.nn.Module
     extracted: int = 0
+    split_features = None
 
     def train_batches(self, epoch):
         """This rank's training batches for one epoch: (inputs on the device, labels on the
@@ -63,6 +67,15 @@ class Task:
         backbone trains and features are not fixed."""
         return None
 
+    def train_labels(self):
+        """The labels of the training images (every rank's), for the class weights."""
+        raise NotImplementedError
+
+    def eval_paths(self, split):
+        """The paths of a split's images in the order evaluate() gathers them (rank by rank,
+        unreadable ones left out), or None where that order is not known ahead."""
+        raise NotImplementedError
+
 
 def make_task(config, backbone, splits, device, classifier):
     """The Task for this run: from scratch, fine-tuning or on cached features."""
@@ -73,8 +86,10 @@ def make_task(config, backbone, splits, device, classifier):
         return ScratchTask(config, backbone, splits, device, classifier)
     if config.finetune:
         return ImageTask(config, backbone, splits, device, classifier)
-    data, extracted = extract_features(config, backbone, device, splits)
-    return FeatureTask(data, config.batch_size, classifier, device, extracted)
+    data, computed, by_split, kept_paths = extract_features(config, backbone, device, splits)
+    task = FeatureTask(data, config.batch_size, classifier, device, computed)
+    task.split_features, task.kept_paths = by_split, kept_paths
+    return task
 
 
 def report_unreadable(splits, ok_masks, strict):
@@ -96,6 +111,12 @@ def require_train_images(count, split):
         raise UserError(f"no readable images in train/; check the files in {split.root}")
 
 
+def gathered_order(paths):
+    """paths in the order evaluate() gathers their results: each rank's shard in turn."""
+    world = distributed.world_size()
+    return [paths[index] for rank in range(world) for index in range(rank, len(paths), world)]
+
+
 def view_seed(seed, view, path, root):
     """A stable per-image seed, so an augmented view is the same in every run and process."""
     name = f"{seed}:{view}:{Path(path).relative_to(root).as_posix()}"
@@ -104,17 +125,16 @@ def view_seed(seed, view, path, root):
 
 def extract_features(config, backbone, device, splits):
     """Each split's features once (train: the original and --augment views), unreadable
-    dropped; returns ({split: (inputs, labels)}, images computed)."""
+    dropped; returns ({split: (inputs, labels)}, images computed, {split: (features, ok)} as
+    extracted, {split: readable paths})."""
     extractor = FeatureExtractor(backbone, device, cache_dir=config.cache_dir,
                                  batch_size=max(config.batch_size, 32), workers=config.workers,
                                  engine=config.engine,
                                  images=sum(len(split.paths) for split in splits.values()))
-    clean = eval_transform(backbone.preprocess)
-    features, ok_masks = {}, {}
-    for name, split in splits.items():
-        mirror = config.mirror == "all" or (config.mirror == "predict" and name != "train")
-        features[name], ok_masks[name] = extractor.features(split.root, split.paths, clean,
-                                                            description=name, mirror=mirror)
+    by_split = split_features(extractor, splits, eval_transform(backbone.preprocess),
+                              config.mirror)
+    features = {name: rows for name, (rows, _) in by_split.items()}
+    ok_masks = {name: ok.clone() for name, (_, ok) in by_split.items()}
     train = splits["train"]
     views = [features["train"]]
     augment = augment_transform(backbone.preprocess)
@@ -126,14 +146,15 @@ def extract_features(config, backbone, device, splits):
         views.append(view_features)
         ok_masks["train"] &= view_ok
     report_unreadable(splits, ok_masks, config.strict)
-    data = {}
+    data, kept_paths = {}, {}
     for name, split in splits.items():
         keep = ok_masks[name]
         labels = torch.tensor(split.labels, dtype=torch.long)[keep]
         inputs = torch.stack(views)[:, keep] if name == "train" else features[name][keep]
         data[name] = (inputs, labels)
+        kept_paths[name] = [path for path, ok in zip(split.paths, keep.tolist()) if ok]
     require_train_images(len(data["train"][1]), train)
-    return data, extractor.computed
+    return data, extractor.computed, by_split, kept_paths
 
 
 class FeatureTask(Task):
@@ -143,7 +164,7 @@ class FeatureTask(Task):
 
     def __init__(self, data, batch_size, classifier, device, extracted=0):
         self.data, self.batch_size, self.device = data, batch_size, device
-        self.extracted = extracted
+        self.extracted, self.kept_paths = extracted, None
         self.model = classifier.head
         if device.type == "cpu":
             # The head's small matrix products gain nothing from a second thread, and lose
@@ -171,6 +192,12 @@ class FeatureTask(Task):
         """The train split's original view (not the augmented ones)."""
         features, labels = self.data[split]
         return (features[0] if split == "train" else features), labels
+
+    def train_labels(self):
+        return self.data["train"][1]
+
+    def eval_paths(self, split):
+        return gathered_order(self.kept_paths[split]) if self.kept_paths else None
 
 
 def readable_masks(splits):
@@ -223,6 +250,13 @@ class ImageTask(Task):
     def steps_per_epoch(self):
         return len(self.train_loader)
 
+    def train_labels(self):
+        return torch.tensor(self.splits["train"].labels, dtype=torch.long)
+
+    def eval_paths(self, split):
+        """Known ahead only where every image decodes (_readable drops the others)."""
+        return gathered_order(self.splits[split].paths)
+
     def _readable(self, loader, split):
         """The readable images of each batch; the others are warned about once per split
         (--strict checked them all before training)."""
@@ -253,11 +287,13 @@ class ScratchTask(Task):
         size = scratch_cnn.input_size(splits["train"].paths)
         backbone.preprocess = Preprocess(size, size, scratch_cnn.MEAN, scratch_cnn.STD)
         self.preprocess, self.batch_size, self.device = backbone.preprocess, config.batch_size, device
-        self.data, ok_masks = {}, {}
+        self.data, ok_masks, self.kept_paths = {}, {}, {}
         for name, split in splits.items():
             images, ok_masks[name] = scratch_cnn.decode_images(split.paths, size)
             self.data[name] = (images[ok_masks[name]].to(device),
                                torch.tensor(split.labels, dtype=torch.long)[ok_masks[name]])
+            self.kept_paths[name] = [path for path, ok in zip(split.paths,
+                                                              ok_masks[name].tolist()) if ok]
         report_unreadable(splits, ok_masks, config.strict)
         require_train_images(len(self.data["train"][1]), splits["train"])
         log(f"images decoded into memory at {size} px ({time.perf_counter() - started:.1f} s)")
@@ -287,6 +323,12 @@ class ScratchTask(Task):
 
     def steps_per_epoch(self):
         return max(len(self.data["train"][1]) // distributed.world_size() // self.batch_size, 1)
+
+    def train_labels(self):
+        return self.data["train"][1]
+
+    def eval_paths(self, split):
+        return gathered_order(self.kept_paths[split])
 
 
 class EvalAutocast(torch.nn.Module):

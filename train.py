@@ -6,7 +6,8 @@
     python train.py flowers --resume checkpoints/checkpoint.pth      # after Ctrl-C or a crash
     torchrun --nproc_per_node 2 train.py flowers                      # several processes or GPUs
 
-flowers/ holds train/ and valid/ (and optionally test/), each with one folder per class. The
+flowers/ holds train/ and valid/ (and optionally test/), each with one folder per class, or is
+one folder of class folders that train.py splits itself (kept in save_dir/split_manifest.json). The
 backbone is frozen, so each image's features are computed once (and cached on disk) and only the
 small head trains each epoch; --finetune trains the backbone too, on images augmented on the fly.
 """
@@ -29,10 +30,12 @@ from cli_utils import (
     select_device,
 )
 from common import UserError, log, warn
+from datacheck import CLASS_WEIGHT_POWERS
 from data_utils import default_workers
 from engines import ENGINE_CHOICES
 from features import default_cache_dir
 from model_utils import FEATURE_TRANSFORMS, load_train_state
+from splits import MANIFEST_NAME, parse_fractions
 from train_config import (
     MIRROR_CHOICES,
     TrainConfig,
@@ -54,7 +57,8 @@ def get_args_parser():
         "--arch cnn a small network trained from scratch.",
         formatter_class=HelpFormatter)
     parser.add_argument("data_dir", help="folder with train/ and valid/ (and optionally test/), "
-                        "each holding one folder of images per class")
+                        "each holding one folder of images per class; or one folder of class "
+                        "folders, split automatically (--split)")
     parser.add_argument("--save_dir", default=None, help="where checkpoint.pth and the reports go "
                         "(created if missing; default: the current folder, or with --resume the "
                         "resumed run's folder)")
@@ -113,6 +117,21 @@ def get_args_parser():
                         "CPU (bf16 where the CPU has it natively) for 128 images or more or once "
                         "its converted model is on disk, else "
                         "torch; --finetune always trains with torch")
+    parser.add_argument("--class_weights", choices=("auto", *CLASS_WEIGHT_POWERS), default=None,
+                        help="weights of the classes in the loss: 'balanced' weighs each class "
+                        "inversely to its training images (fairer to rare classes), 'sqrt' by "
+                        "its square root, 'none' all alike; 'auto' is 'balanced' "
+                        f"({arch_default('class_weights')})")
+    parser.add_argument("--split", default="0.8,0.1,0.1", metavar="FRACTIONS",
+                        help="how a data_dir of class folders (no train/) is split: train, valid "
+                        "and test fractions, decided per photo by a hash of its bytes; the split "
+                        f"is kept in save_dir/{MANIFEST_NAME}, where later runs find it")
+    parser.add_argument("--split_from", default=None, metavar="MANIFEST",
+                        help="use the split a manifest records (a run's split_manifest.json, or "
+                        "check_data.py --fix's cleaned_manifest.json) instead of splitting anew")
+    parser.add_argument("--no_data_check", dest="data_check", action="store_false",
+                        help="skip the data check (duplicates, leaks between splits, likely "
+                        "mislabelled photos) that runs on the features before training")
     parser.add_argument("--strict", action="store_true", help="stop on unreadable images "
                         "instead of skipping them with a warning")
     parser.add_argument("--resume", default=None, metavar="CHECKPOINT",
@@ -159,6 +178,7 @@ def config_from_args(args):
     """(TrainConfig, the train state to resume or None) from the parsed flags."""
     values = {item.name: getattr(args, item.name) for item in fields(TrainConfig)}
     values["cache_dir"] = None if args.no_cache else args.cache_dir
+    values["split"] = tuple(parse_fractions(args.split).values())
     if args.save_dir is None:
         resumed_dir = Path(args.resume) if args.resume else Path(".")
         values["save_dir"] = resumed_dir if resumed_dir.is_dir() else resumed_dir.parent

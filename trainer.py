@@ -10,6 +10,7 @@ epoch by epoch keeping the best weights (Trainer), calibrate on valid/, write th
 then test and report. train.py is its command line.
 """
 import contextlib
+import hashlib
 import io
 import math
 import sys
@@ -31,7 +32,8 @@ from calibration import (
     pass_threshold,
 )
 from common import UserError, atomic_write, error_reason, log, warn
-from data_utils import display_names, find_splits, load_category_names
+from data_utils import display_names, load_category_names
+from datacheck import check_dataset, class_weights, summary_lines
 from engines import autocast
 from model_utils import (
     CHECKPOINT_NAME,
@@ -44,11 +46,12 @@ from model_utils import (
     restore_train_state,
     save_checkpoint,
 )
+from splits import MANIFEST_NAME, SPLIT_NAMES, load_dataset, read_manifest, write_manifest
 from tasks import make_task, training_autocast
 
 # Everything a run writes in its save folder.
 RUN_FILES = (CHECKPOINT_NAME, TRAIN_STATE_NAME, "training_curves.png", "test_report.json",
-             "confusion_matrix.png")
+             "confusion_matrix.png", "mistakes.png")
 # Seconds between writes of the checkpoint and train_state.pth during training on cached
 # features (see Trainer.keep_train_state): a kill -9 loses at most this much training plus the
 # epoch under way, Ctrl-C nothing.
@@ -189,17 +192,20 @@ class Trainer:
     Checkpoints written during training carry no calibration: predictions from one are
     uncalibrated and have no unknown verdict until train() writes the final checkpoint."""
 
-    def __init__(self, config, classifier, task, device, backbone, class_to_idx):
+    def __init__(self, config, classifier, task, device, backbone, class_to_idx, split=None):
         """task.model is what trains (on device); self.model wraps it for torchrun and
-        compile, and task.model itself is what is evaluated, saved and restored."""
+        compile, and task.model itself is what is evaluated, saved and restored. split: the
+        automatic split's record for the checkpoint (split_record), None for a layout."""
         self.config, self.classifier, self.task, self.device = config, classifier, task, device
-        self.backbone, self.class_to_idx = backbone, class_to_idx
+        self.backbone, self.class_to_idx, self.split = backbone, class_to_idx, split
         self.save_dir = Path(config.save_dir)
         self.model = wrap_for_training(task.model.to(device), config, device)
         self.optimizer, self.scheduler = make_optimizer(config, classifier, task.steps_per_epoch())
         self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda"
                                            and not torch.cuda.is_bf16_supported())
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        weights = class_weights(task.train_labels(), len(class_to_idx), config.class_weights)
+        self.criterion = nn.CrossEntropyLoss(weight=weights.to(device),
+                                             label_smoothing=config.label_smoothing)
         self.best, self.history, self.start_epoch = None, [], 1
         self.best_saved = True
         self.unsaved_state = None  # a train state dict, or its bytes, not yet written
@@ -209,9 +215,10 @@ class Trainer:
     def checkpoint(self, best, calibration=None):
         """The checkpoint of the weights `best` (ImageClassifier.trained_weights() with epoch
         and metrics); calibration: what calibrate() returns, for the final checkpoint."""
+        split = {"split": self.split} if self.split else {}
         return make_checkpoint(self.backbone, self.class_to_idx, head_spec(self.config), best,
                                hyperparameters=self.config.hyperparameters(), epoch=best["epoch"],
-                               metrics=best["metrics"], **(calibration or {}))
+                               metrics=best["metrics"], **split, **(calibration or {}))
 
     def resume(self, state):
         self.best, self.history, epochs_done = restore_train_state(
@@ -363,13 +370,66 @@ def test_and_report(classifier, task, best, names, save_dir, device, calibration
                                       save_dir / "confusion_matrix.png")
         log(reports.summarize_report(report))
         log(f"saved test_report.json and confusion_matrix.png in {save_dir}")
+        review_mistakes(task, test, calibration["temperature"], names, save_dir)
     return test["accuracy"]
 
 
-def build_classifier(config, resumed):
+def review_mistakes(task, test, temperature, names, save_dir):
+    """mistakes.png: the wrongly named test photos, worst first, for a person to look at;
+    returns how many there are (None where the images' order is not known)."""
+    paths = task.eval_paths("test")
+    if paths is None or len(paths) != len(test["labels"]):
+        return None  # fine-tuning skipped unreadable images: the order is not known
+    probabilities = (test["logits"] / temperature).softmax(1)
+    wrong = reports.plot_mistakes(paths, test["labels"].tolist(), probabilities.numpy(), names,
+                                  save_dir / "mistakes.png")
+    if wrong:
+        log(f"saved mistakes.png in {save_dir}: the {wrong} wrongly named test photos, worst first")
+    return wrong
+
+
+def load_splits(config, save_dir):
+    """(class_to_idx, splits, the split's record for the checkpoint or None): a train/valid/test
+    layout as it is; a folder of class folders split automatically (the manifest written to
+    save_dir; an earlier one there keeps its photos where they were), or as config.split_from
+    records."""
+    earlier = save_dir / MANIFEST_NAME
+    previous = read_manifest(earlier) if earlier.is_file() and not config.split_from else None
+    fractions = dict(zip(SPLIT_NAMES, config.split))
+    class_to_idx, splits, manifest = load_dataset(config.data_dir, fractions, config.split_from,
+                                                  previous)
+    if manifest is None:
+        return class_to_idx, splits, None
+    if distributed.is_main():
+        write_manifest(manifest, earlier)
+    log(f"{config.data_dir} split automatically ({', '.join(splits)}); the split is kept in "
+        f"{earlier}" if not config.split_from else f"split as {config.split_from} records")
+    return class_to_idx, splits, split_record(manifest)
+
+
+def split_record(manifest):
+    """What the checkpoint records of an automatic split: its fractions and a digest of its
+    file list (the manifest itself stays in the save folder)."""
+    listing = sorted((entry["split"], entry["class"], entry["path"]) for entry in manifest["files"])
+    digest = hashlib.sha256(repr(listing).encode()).hexdigest()
+    return {"manifest": MANIFEST_NAME, "fractions": manifest["fractions"], "files_sha256": digest,
+            "counts": {name: sum(1 for entry in manifest["files"] if entry["split"] == name)
+                       for name in manifest["roots"]}}
+
+
+def run_data_check(config, class_to_idx, splits, task, save_dir):
+    """The data check on the features training computed anyway (nothing to do where the
+    backbone trains); its summary in the log, the full report in save_dir."""
+    if not config.data_check or task.split_features is None or not distributed.is_main():
+        return
+    report = check_dataset(class_to_idx, splits, task.split_features, save_dir, config.cache_dir)
+    log("\n".join(summary_lines(report, save_dir)))
+
+
+def build_classifier(config, resumed, save_dir):
     """(config with its family defaults, backbone, classifier with a new head, class_to_idx,
-    splits)."""
-    class_to_idx, splits = find_splits(config.data_dir)
+    splits, split record)."""
+    class_to_idx, splits, split = load_splits(config, save_dir)
     if resumed and resumed["class_to_idx"] != class_to_idx:
         raise UserError(f"the classes of {config.data_dir} differ from those of the run being "
                         "resumed; resume on the same data, or train anew without --resume")
@@ -383,7 +443,7 @@ def build_classifier(config, resumed):
     config = config.resolved(from_scratch=not backbone.pretrained)
     classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, len(class_to_idx),
                                                       **head_spec(config)))
-    return config, backbone, classifier, class_to_idx, splits
+    return config, backbone, classifier, class_to_idx, splits, split
 
 
 def train(config, device, resumed=None):
@@ -391,13 +451,15 @@ def train(config, device, resumed=None):
     whose hyperparameters config already holds. Returns the run's figures."""
     started = time.perf_counter()
     save_dir = prepare_save_dir(config.save_dir)
-    config, backbone, classifier, class_to_idx, splits = build_classifier(config, resumed)
+    config, backbone, classifier, class_to_idx, splits, split = build_classifier(
+        config, resumed, save_dir)
     names = class_display_names(config, class_to_idx)
     task = make_task(config, backbone, splits, device, classifier)
     if backbone.pretrained and not config.finetune:
         log(f"features ready: {task.extracted} images through the backbone, the rest from the "
             f"cache ({time.perf_counter() - started:.1f} s)")
-    trainer = Trainer(config, classifier, task, device, backbone, class_to_idx)
+    run_data_check(config, class_to_idx, splits, task, save_dir)
+    trainer = Trainer(config, classifier, task, device, backbone, class_to_idx, split)
     if resumed:
         trainer.resume(resumed)
     best, history = trainer.fit()

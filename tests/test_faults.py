@@ -19,25 +19,29 @@ from model_utils import load_checkpoint, save_checkpoint
 
 def test_new_run_keeps_the_earlier_runs_files(subset, tmp_path):
     run = tmp_path / "run"
-    train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "2"))
+    train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "2", "--no_data_check"))
     earlier = {path.name: path.read_bytes() for path in run.iterdir()}
-    assert sorted(earlier) == sorted(trainer.RUN_FILES)
+    # mistakes.png only where a test photo was named wrongly
+    assert set(trainer.RUN_FILES) - {"mistakes.png"} <= set(earlier) <= set(trainer.RUN_FILES)
     with pytest.raises(UserError):  # fails before its first save: nothing is moved
         train.main(train_args(tmp_path / "no_data", run, tmp_path / "cache"))
     assert {path.name: path.read_bytes() for path in run.iterdir()} == earlier
-    train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "1", "--seed", "1"))
+    train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "1", "--seed", "1",
+                          "--no_data_check"))
     for name, content in earlier.items():
         stem, suffix = name.split(".")
         assert (run / f"{stem}.previous.{suffix}").read_bytes() == content
     assert load_checkpoint(run / "checkpoint.pth")["hyperparameters"]["seed"] == 1
     # One generation is kept: a third run's *.previous.* are the second run's files.
     second = {path.name: path.read_bytes() for path in run.iterdir() if ".previous" not in path.name}
-    train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "1", "--seed", "2"))
+    train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "1", "--seed", "2",
+                          "--no_data_check"))
     for name, content in second.items():
         stem, suffix = name.split(".")
         assert (run / f"{stem}.previous.{suffix}").read_bytes() == content
-    assert sorted(path.name for path in run.iterdir()) == sorted(
-        [*second, *(name.replace(".", ".previous.") for name in second)])
+    third = {path.name for path in run.iterdir() if ".previous" not in path.name}
+    assert {path.name for path in run.iterdir()} == third | {
+        name.replace(".", ".previous.") for name in second}
     with pytest.raises(UserError, match="move it and train_state.previous.pth"):
         train.main(train_args(subset, run, tmp_path / "cache", "--resume",
                               run / "checkpoint.previous.pth"))

@@ -52,11 +52,12 @@ def test_report_numbers_and_order():
     assert [entry["name"] for entry in report["per_class"]] == ["beta", "alpha", "gamma"]
     beta, alpha, gamma = report["per_class"]
     assert beta == {"class_index": 1, "name": "beta", "images": 3, "correct": 1,
-                    "accuracy": pytest.approx(1 / 3)}
+                    "recall": pytest.approx(1 / 3), "precision": 0.5}
     assert alpha == {"class_index": 0, "name": "alpha", "images": 4, "correct": 3,
-                     "accuracy": pytest.approx(0.75)}
+                     "recall": pytest.approx(0.75), "precision": 1.0}
     assert gamma == {"class_index": 2, "name": "gamma", "images": 3, "correct": 3,
-                     "accuracy": 1.0}
+                     "recall": 1.0, "precision": 0.6}
+    assert report["mean_recall"] == pytest.approx((1 / 3 + 0.75 + 1) / 3)
     assert report["confused_pairs"] == [{"true": "beta", "predicted": "gamma", "count": 2},
                                         {"true": "alpha", "predicted": "beta", "count": 1}]
     assert json.loads(json.dumps(report)) == report
@@ -84,9 +85,9 @@ def test_report_rejects_bad_input(labels, predictions):
 def test_summarize_report():
     report = reports.test_report(LABELS, PREDICTIONS, NAMES)
     text = reports.summarize_report(report, lines=1)
-    assert "test accuracy 70.00% (7/10 images)" in text
-    assert "beta: 33.3% (1/3)" in text
-    assert "alpha: 75.0%" not in text                        # only lines=1 worst class
+    assert "test accuracy 70.00% (7/10 images); mean per-class recall 69.44%" in text
+    assert "beta: recall 33.3% (1/3)" in text
+    assert "alpha: recall 75.0%" not in text                     # only lines=1 worst class
     assert "beta -> gamma: 2" in text
     assert "alpha -> beta" not in text
     assert "gamma" not in reports.summarize_report(report).split("most confused")[0]  # perfect
@@ -167,3 +168,32 @@ def test_plot_prediction_sorts_unsorted_input(tmp_path):
     with Image.open(tmp_path / "unsorted.png") as unsorted, \
             Image.open(tmp_path / "sorted.png") as expected:
         assert np.array_equal(np.asarray(unsorted), np.asarray(expected))
+
+
+def test_mistakes_worst_first():
+    labels = np.array([0, 1, 2, 0, 1])
+    probabilities = np.array([[0.9, 0.05, 0.05],    # right
+                              [0.6, 0.3, 0.1],      # wrong, true class at 0.3
+                              [0.1, 0.85, 0.05],    # wrong, true class at 0.05: the worst
+                              [0.2, 0.1, 0.7],      # wrong, true class at 0.2
+                              [0.1, 0.8, 0.1]])     # right
+    assert reports.mistakes_worst_first(labels, probabilities).tolist() == [2, 3, 1]
+
+
+def test_plot_mistakes(tmp_path):
+    photos = []
+    for index, colour in enumerate(["red", "green", "blue"]):
+        photos.append(tmp_path / f"photo_{index}.jpg")
+        Image.new("RGB", (300, 200), colour).save(photos[-1])
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    photos.append(tmp_path / "broken.jpg")
+    probabilities = np.array([[0.7, 0.3], [0.2, 0.8], [0.9, 0.1], [0.4, 0.6]])
+    path = tmp_path / "out" / "mistakes.png"
+    wrong = reports.plot_mistakes(photos, [0, 0, 1, 0], probabilities, ["rose", "tulip"], path)
+    assert wrong == 3                                 # a broken photo is drawn as a grey box
+    assert_png(path, min_width=400, min_height=150)
+    assert reports.plot_mistakes(photos[:1], [0], probabilities[:1], ["rose", "tulip"],
+                                 tmp_path / "none.png") == 0
+    assert not (tmp_path / "none.png").exists()
+    with pytest.raises(ValueError, match="do not match"):
+        reports.plot_mistakes(photos, [0, 0], probabilities, ["rose", "tulip"], path)

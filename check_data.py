@@ -1,0 +1,114 @@
+"""Check a photo folder before training: duplicates, leaks between splits, unreadable and tiny
+images, class counts, and photos likely filed under the wrong class.
+
+    python check_data.py photos/                         # one folder per class, split as train.py
+    python check_data.py flowers/ --save_dir runs/check  # a train/valid/test layout
+    python check_data.py photos/ --fix                   # also write a cleaned split manifest
+
+It reads the backbone features from train.py's feature cache (computing what is missing, which a
+training run then reuses), writes data_report.json and contact sheets (data_check/*.png) to
+--save_dir, and never moves or deletes a file: --fix writes cleaned_manifest.json, which
+`train.py DIR --split_from` reads.
+"""
+import argparse
+from pathlib import Path
+
+from backbones import DEFAULT_ARCH, arch_choices
+from cli_utils import HelpFormatter, add_gpu_argument, non_negative_int, run_cli, select_device
+from common import UserError
+
+CLEANED_MANIFEST_NAME = "cleaned_manifest.json"
+
+
+def get_args_parser():
+    from data_utils import default_workers
+    from datacheck import FOLDS, MIRROR_CHOICES, NEAR_THRESHOLD, TINY_SIDE
+    from features import default_cache_dir
+    from splits import DEFAULT_FRACTIONS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("data_dir", help="one folder per class, or train/ and valid/ (and "
+                        "optionally test/) each with one folder per class")
+    parser.add_argument("--save_dir", default=".", help="where data_report.json, the contact "
+                        "sheets and (with --fix) the cleaned manifest go")
+    parser.add_argument("--split", default=",".join(str(v) for v in DEFAULT_FRACTIONS.values()),
+                        help="train,valid[,test] fractions of a one-folder data_dir, as train.py")
+    parser.add_argument("--split_from", default=None, metavar="MANIFEST",
+                        help="check the split this manifest records instead of splitting anew")
+    parser.add_argument("--fix", action="store_true", help="write cleaned_manifest.json: the "
+                        "split without the duplicates, leaks, unreadable and likely "
+                        "mislabelled files (the files themselves stay)")
+    parser.add_argument("--near_threshold", type=float, default=NEAR_THRESHOLD,
+                        help="correlation of the small greyscale thumbnails of two feature "
+                        "neighbours from which they are near-copies (chosen on a messy folder: "
+                        "benchmarks/messy_folder.py)")
+    parser.add_argument("--tiny_side", type=non_negative_int, default=TINY_SIDE,
+                        help="report images whose shorter side is below this many pixels")
+    parser.add_argument("--folds", type=int, default=FOLDS,
+                        help="folds of the out-of-fold predictions that find mislabelled photos")
+    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=arch_choices(), metavar="ARCH",
+                        help="backbone whose features are compared (use the one you train with, "
+                        "so its cache is shared)")
+    parser.add_argument("--mirror", choices=MIRROR_CHOICES, default="predict",
+                        help="as train.py's --mirror, so the check reads the features it cached")
+    parser.add_argument("--cache_dir", default=str(default_cache_dir()),
+                        help="the feature cache train.py uses")
+    parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                        help="processes decoding images")
+    add_gpu_argument(parser)
+    return parser
+
+
+def load_splits(args):
+    """(class_to_idx, splits, manifest) of data_dir: the manifest named by --split_from, a new
+    hash split of a one-folder data_dir, or the train/valid/test layout."""
+    from splits import load_dataset, manifest_of_layout, parse_fractions
+
+    class_to_idx, splits, manifest = load_dataset(args.data_dir, parse_fractions(args.split),
+                                                  args.split_from)
+    return class_to_idx, splits, manifest or manifest_of_layout(args.data_dir)
+
+
+def run_check(args):
+    """The report of the check (written to --save_dir) and the manifest it checked."""
+    from backbones import build_backbone
+    from data_utils import eval_transform
+    from datacheck import check_dataset, split_features
+    from features import FeatureExtractor
+
+    class_to_idx, splits, manifest = load_splits(args)
+    if args.folds < 2:
+        raise UserError(f"--folds {args.folds}: the out-of-fold predictions need at least 2")
+    backbone = build_backbone(args.arch)
+    if not backbone.pretrained:
+        raise UserError(f"--arch {args.arch} has no pretrained features to compare; use "
+                        f"--arch {DEFAULT_ARCH}")
+    extractor = FeatureExtractor(backbone, select_device(args.gpu), cache_dir=args.cache_dir,
+                                 workers=args.workers,
+                                 images=sum(len(split.paths) for split in splits.values()))
+    features = split_features(extractor, splits, eval_transform(backbone.preprocess),
+                              args.mirror)
+    report = check_dataset(class_to_idx, splits, features, args.save_dir, args.cache_dir,
+                           near_threshold=args.near_threshold, tiny_side=args.tiny_side,
+                           folds=args.folds)
+    return report, manifest
+
+
+def main(args):
+    from datacheck import cleaned_manifest, summary_lines
+    from splits import write_manifest
+
+    report, manifest = run_check(args)
+    print("\n".join(summary_lines(report, args.save_dir)))
+    if args.fix:
+        cleaned, dropped = cleaned_manifest(manifest, args.data_dir, report)
+        path = Path(args.save_dir) / CLEANED_MANIFEST_NAME
+        write_manifest(cleaned, path)
+        print(f"wrote {path}: {len(cleaned['files'])} files, {len(dropped)} left out "
+              f"(train with: train.py {args.data_dir} --split_from {path})")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

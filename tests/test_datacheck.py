@@ -1,0 +1,221 @@
+"""datacheck.py and check_data.py: a small real photo folder with planted problems (copies
+within and across classes, a near-copy, an unreadable file, a tiny image) is checked as a user
+would; the rules underneath on hand-made numbers."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import datacheck
+import splits
+from common import UserError
+from conftest import FLOWERS, require_shared_data, run_script
+
+CLASSES = ("1", "10", "2")
+PHOTOS = 10
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    """(folder, planted: {name: relative path}): three classes of real flowers with problems."""
+    require_shared_data()
+    folder = tmp_path_factory.mktemp("messy") / "photos"
+    for name in CLASSES:
+        (folder / name).mkdir(parents=True)
+        for image in sorted((FLOWERS / "train" / name).iterdir())[:PHOTOS]:
+            (folder / name / image.name).symlink_to(image)
+    first = sorted((folder / "1").iterdir())[0]
+    planted = {"original": f"1/{first.name}", "copy_in_class": "1/copy.jpg",
+               "copy_in_other_class": "2/copy_from_1.jpg", "near_copy": "1/near.jpg",
+               "unreadable": "10/broken.jpg", "tiny": "10/tiny.png"}
+    shutil.copyfile(first, folder / planted["copy_in_class"])
+    shutil.copyfile(first, folder / planted["copy_in_other_class"])
+    with Image.open(first) as image:
+        image.resize((image.width * 3 // 4, image.height * 3 // 4)).save(
+            folder / planted["near_copy"], quality=80)
+    (folder / planted["unreadable"]).write_bytes(b"not a photo")
+    Image.new("RGB", (40, 30), "orange").save(folder / planted["tiny"])
+    return folder, planted
+
+
+@pytest.fixture(scope="module")
+def checked(messy, tmp_path_factory):
+    """check_data.py run on the folder: (completed process, save_dir, cache_dir)."""
+    folder, _ = messy
+    root = tmp_path_factory.mktemp("check")
+    result = run_script("check_data.py", folder, "--save_dir", root / "out", "--cache_dir",
+                        root / "cache", "--workers", "0", "--fix")
+    return result, root / "out", root / "cache"
+
+
+def relative(entry, folder):
+    return str(Path(entry["path"]).relative_to(folder))
+
+
+def test_check_data_finds_the_planted_problems(messy, checked):
+    folder, planted = messy
+    result, out, _ = checked
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / datacheck.REPORT_NAME).read_text())
+
+    groups = [{relative(entry, folder) for entry in group["files"]}
+              for group in report["exact_duplicates"]]
+    assert groups == [{planted["original"], planted["copy_in_class"],
+                       planted["copy_in_other_class"]}]
+    assert report["exact_duplicates"][0]["kinds"] == ["within_class", "across_classes"]
+    near = [{relative(entry, folder) for entry in pair["files"]}
+            for pair in report["near_duplicates"]]
+    assert {planted["original"], planted["near_copy"]} in near
+    assert [relative(entry, folder) for entry in report["unreadable"]] == [planted["unreadable"]]
+    assert [(relative(entry, folder), entry["width"], entry["height"])
+            for entry in report["tiny"]] == [(planted["tiny"], 40, 30)]
+    assert report["class_counts"]["1"]["total"] == PHOTOS + 2
+    assert report["class_counts"]["10"]["total"] == PHOTOS + 2
+    assert report["imbalance_ratio"] == pytest.approx((PHOTOS + 2) / (PHOTOS + 1))
+    for finding in ("exact_duplicates", "near_duplicates", "unreadable", "tiny"):
+        with Image.open(report["sheets"][finding]) as sheet:
+            assert sheet.format == "PNG" and sheet.width > 500
+    assert "exact duplicates: 1 groups (1 within class, 1 across classes, 0 across splits)" \
+        in result.stdout
+    assert "unreadable: 1; tiny (< 64 px): 1" in result.stdout
+
+
+def test_fix_writes_a_cleaned_manifest_and_leaves_the_files(messy, checked):
+    folder, planted = messy
+    result, out, _ = checked
+    manifest = splits.read_manifest(out / "cleaned_manifest.json")
+    listed = {entry["path"] for entry in manifest["files"]}
+    for name in ("original", "copy_in_class", "copy_in_other_class", "unreadable"):
+        assert planted[name] not in listed            # class in doubt, or unreadable
+        assert (folder / planted[name]).exists()      # never deleted
+    assert planted["tiny"] in listed                  # tiny: reported, kept
+    class_to_idx, found = splits.manifest_splits(manifest, folder)
+    assert list(class_to_idx) == sorted(CLASSES)
+    assert sum(len(split.paths) for split in found.values()) == len(listed)
+    assert "cleaned_manifest.json" in result.stdout
+
+
+def test_warm_check_reads_no_image_and_gives_the_same_report(messy, checked, monkeypatch):
+    folder, _ = messy
+    _, out, cache = checked
+    import check_data
+
+    def must_not_run(path):
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr(datacheck, "file_facts", must_not_run)
+    args = check_data.get_args_parser().parse_args(
+        [str(folder), "--save_dir", str(out / "warm"), "--cache_dir", str(cache),
+         "--workers", "0"])
+    report, _ = check_data.run_check(args)
+    first = json.loads((out / datacheck.REPORT_NAME).read_text())
+    for finding in ("exact_duplicates", "near_duplicates", "unreadable", "tiny", "mislabelled"):
+        assert report[finding] == first[finding]
+
+
+def test_check_data_user_errors(tmp_path):
+    result = run_script("check_data.py", tmp_path / "missing", "--save_dir", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    import check_data
+
+    args = check_data.get_args_parser().parse_args([str(tmp_path), "--split_from",
+                                                    str(tmp_path / "none.json")])
+    with pytest.raises(UserError, match="cannot read split manifest"):
+        check_data.load_splits(args)
+
+
+class RecordingExtractor:
+    """Stands in for FeatureExtractor: records the calls, returns one feature per path."""
+
+    def __init__(self):
+        self.calls = []
+
+    def features(self, root, paths, transform, description="features", mirror=False):
+        self.calls.append((str(root), list(paths), mirror))
+        return torch.arange(len(paths), dtype=torch.float16)[:, None], torch.ones(
+            len(paths), dtype=torch.bool)
+
+
+def test_split_features_makes_train_pys_calls_for_a_layout():
+    layout = {name: splits.Split(Path(f"/data/{name}"), [f"/data/{name}/a/{i}.jpg" for i in
+                                                          range(3)], [0, 0, 0])
+              for name in ("train", "valid", "test")}
+    extractor = RecordingExtractor()
+    features = datacheck.split_features(extractor, layout, None)
+    assert extractor.calls == [("/data/train", layout["train"].paths, False),
+                               ("/data/valid", layout["valid"].paths, True),
+                               ("/data/test", layout["test"].paths, True)]
+    assert features["test"][0][:, 0].tolist() == [0, 1, 2]
+
+
+def test_split_features_shares_one_call_per_folder_and_mirroring():
+    one_folder = {name: splits.Split(Path("/photos"), [f"/photos/a/{name}{i}.jpg" for i in
+                                                       range(count)], [0] * count)
+                  for name, count in (("train", 4), ("valid", 2), ("test", 3))}
+    extractor = RecordingExtractor()
+    features = datacheck.split_features(extractor, one_folder, None)
+    assert [(root, len(paths), mirror) for root, paths, mirror in extractor.calls] == [
+        ("/photos", 4, False), ("/photos", 5, True)]
+    assert features["valid"][0][:, 0].tolist() == [0, 1]
+    assert features["test"][0][:, 0].tolist() == [2, 3, 4]
+
+
+def test_confident_learning_rule():
+    probabilities = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8], [0.2, 0.8],
+                                  [0.1, 0.9], [0.6, 0.4]])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # thresholds: class 0 (0.9 + 0.8 + 0.2) / 3 = 0.633, class 1 (0.8 + 0.9 + 0.4) / 3 = 0.7
+    ranked, suggested = datacheck.confident_learning(probabilities, labels)
+    assert ranked == [2]                  # 0.8 >= 0.7 for class 1; image 5: 0.6 < 0.633
+    assert suggested.tolist() == [0, 0, 1, 1, 1, 0]
+
+
+def test_likely_mislabelled_finds_a_flipped_label():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 32, generator=generator) * 4
+    labels = torch.arange(3).repeat_interleave(30)
+    features = centres[labels] + torch.randn(90, 32, generator=generator)
+    rows = [{"path": f"{i}.jpg", "class": str(int(label)), "label": int(label),
+             "split": "train", "sha256": str(i), "ok": True} for i, label in enumerate(labels)]
+    rows[7]["label"], rows[7]["class"] = 2, "2"          # a class-0 photo filed under 2
+    suspects = datacheck.likely_mislabelled(rows, features, ["0", "1", "2"])
+    assert suspects[0]["path"] == "7.jpg"
+    assert suspects[0]["suggested"] == "0" and suspects[0]["class"] == "2"
+    assert len(suspects) <= 3
+
+
+def test_class_weights():
+    labels = [0, 0, 0, 1, 2, 2]
+    balanced = datacheck.class_weights(labels, 4, "balanced")
+    assert balanced.tolist() == pytest.approx([2 / 3, 2.0, 1.0, 0.0])
+    assert (balanced[torch.tensor(labels)]).mean().item() == pytest.approx(1.0)
+    assert datacheck.class_weights(labels, 3, "none").tolist() == [1.0, 1.0, 1.0]
+    sqrt = datacheck.class_weights(labels, 3, "sqrt")
+    assert sqrt[1] / sqrt[0] == pytest.approx(3 ** 0.5)
+    assert datacheck.class_weights(labels, 3, "auto").tolist() == datacheck.class_weights(
+        labels, 3, datacheck.AUTO_CLASS_WEIGHTS).tolist()
+
+
+def test_cleaned_manifest_drops_leaks_and_keeps_one_copy(tmp_path):
+    manifest = {"format": 1, "roots": {"train": "train", "valid": "valid"}, "classes": ["a"],
+                "files": [{"path": f"a/{name}", "class": "a", "split": split, "sha256": name}
+                          for split, name in (("train", "x.jpg"), ("valid", "x.jpg"),
+                                              ("train", "y.jpg"), ("valid", "z.jpg"))]}
+
+    def entry(split, name):
+        return {"path": str(tmp_path / split / "a" / name), "class": "a", "split": split}
+
+    report = {"unreadable": [], "mislabelled": [],
+              "exact_duplicates": [{"kinds": ["within_class", "across_splits"],
+                                    "files": [entry("valid", "x.jpg"), entry("train", "x.jpg")]}],
+              "near_duplicates": [{"kinds": ["within_class", "across_splits"],
+                                   "files": [entry("valid", "z.jpg"), entry("train", "y.jpg")]}]}
+    cleaned, dropped = datacheck.cleaned_manifest(manifest, tmp_path, report)
+    assert [(e["split"], e["path"]) for e in cleaned["files"]] == [("train", "a/x.jpg"),
+                                                                  ("train", "a/y.jpg")]
+    assert set(dropped.values()) == {"exact duplicate",
+                                     "near-duplicate of a photo in another split"}

@@ -1,0 +1,108 @@
+"""train.py on one folder of class folders: the automatic split, its manifest, the data check
+before training, class weights, and the mistakes sheet after the test report."""
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import FLOWERS, require_shared_data, train_args
+
+import train
+import trainer
+from model_utils import load_checkpoint
+from splits import MANIFEST_NAME, read_manifest
+
+CLASSES = ("1", "10", "2")
+
+
+@pytest.fixture
+def one_folder(tmp_path):
+    """14 real photos of each of three classes in one folder per class (symlinks), plus a copy
+    of a class-1 photo filed under class 2."""
+    require_shared_data()
+    root = tmp_path / "photos"
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        for image in sorted((FLOWERS / "train" / name).iterdir())[:14]:
+            (root / name / image.name).symlink_to(image)
+    shutil.copyfile(sorted((root / "1").iterdir())[0], root / "2" / "copy_of_a_1.jpg")
+    return root
+
+
+def split_of(manifest):
+    return {(entry["class"], entry["path"]): entry["split"] for entry in manifest["files"]}
+
+
+def test_one_folder_trains_with_no_extra_flag_and_keeps_its_split(one_folder, tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    result = train.main(train_args(one_folder, run, cache, "--epochs", "2"))
+    manifest = read_manifest(run / MANIFEST_NAME)
+    placed = split_of(manifest)
+    assert len(placed) == 43 and set(placed.values()) == {"train", "valid", "test"}
+    checkpoint = load_checkpoint(run / "checkpoint.pth")
+    counts = checkpoint["split"]["counts"]
+    assert sum(counts.values()) == 43 and counts["test"] > 0
+    assert result["test_accuracy"] is not None
+    assert checkpoint["hyperparameters"]["class_weights"] == "auto"
+    # The copy filed under another class is reported, and lands in its original's split.
+    report = json.loads((run / "data_report.json").read_text())
+    across = [group for group in report["exact_duplicates"] if "across_classes" in group["kinds"]]
+    assert len(across) == 1 and {entry["class"] for entry in across[0]["files"]} == {"1", "2"}
+    original = sorted(p.name for p in (one_folder / "1").iterdir())[0]
+    assert placed[("2", "2/copy_of_a_1.jpg")] == placed[("1", f"1/{original}")]
+
+    # Photos added later never move the ones already placed.
+    extra = sorted((FLOWERS / "train" / "10").iterdir())[14:20]
+    for image in extra:
+        (one_folder / "10" / image.name).symlink_to(image)
+    train.main(train_args(one_folder, run, cache, "--epochs", "1"))
+    again = split_of(read_manifest(run / MANIFEST_NAME))
+    assert len(again) == 49
+    assert {key: again[key] for key in placed} == placed
+
+
+def test_split_from_trains_on_the_manifest_it_names(one_folder, tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    train.main(train_args(one_folder, run, cache, "--epochs", "1", "--no_data_check"))
+    assert not (run / "data_report.json").exists()
+    manifest = read_manifest(run / MANIFEST_NAME)
+    dropped = next(entry for entry in manifest["files"] if entry["split"] == "train")
+    manifest["files"].remove(dropped)
+    cleaned = tmp_path / "cleaned_manifest.json"
+    cleaned.write_text(json.dumps(manifest))
+    train.main(train_args(one_folder, tmp_path / "run2", cache, "--epochs", "1",
+                          "--split_from", cleaned))
+    counts = load_checkpoint(tmp_path / "run2" / "checkpoint.pth")["split"]["counts"]
+    assert counts["train"] == sum(1 for e in manifest["files"] if e["split"] == "train")
+    assert sum(counts.values()) == 42
+
+
+def test_a_bad_split_is_one_clear_error(one_folder, tmp_path):
+    from common import UserError
+    with pytest.raises(UserError, match="--split '0.8,0.3' must add up to 1"):
+        train.main(train_args(one_folder, tmp_path / "run", tmp_path / "cache",
+                              "--split", "0.8,0.3"))
+
+
+class KnownOrder:
+    """A task whose test images are known, in the order evaluate() gathers them."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def eval_paths(self, split):
+        return self.paths
+
+
+def test_mistakes_sheet_names_the_wrong_photos_worst_first(tmp_path):
+    require_shared_data()
+    paths = [str(p) for p in sorted((FLOWERS / "train" / "1").iterdir())[:3]]
+    logits = torch.tensor([[4.0, 0.0], [0.0, 1.0], [0.0, 5.0]])  # the 2nd and 3rd are wrong
+    test = {"labels": torch.tensor([0, 0, 0]), "logits": logits}
+    assert trainer.review_mistakes(KnownOrder(paths), test, 1.0,
+                                   ["pink primrose", "globe thistle"], tmp_path) == 2
+    assert (tmp_path / "mistakes.png").stat().st_size > 0
+    # A task that cannot tell the order (fine-tuning that skipped an image) writes nothing.
+    assert trainer.review_mistakes(KnownOrder(paths[:2]), test, 1.0, ["a", "b"],
+                                   tmp_path / "none") is None
+    assert not (tmp_path / "none").exists()
