@@ -116,9 +116,29 @@ def find_splits(data_dir):
 
 
 def list_images(folder):
-    """Every image below folder, recursively, in a stable order."""
-    return sorted(str(path) for path in Path(folder).rglob("*")
-                  if path.is_file() and is_image_file(str(path)))
+    """Every image below folder, recursively, sorted by path."""
+    return list(iter_images(folder))
+
+
+def iter_images(folder):
+    """list_images() one path at a time, holding only the names of the folders being walked,
+    so that a million photos stream. Folder symlinks are not followed; a broken file symlink
+    is listed (prediction then reports it unreadable instead of dropping it unseen)."""
+    folder = str(Path(folder))
+    try:
+        with os.scandir(folder) as entries:
+            # "name/" for folders: walking in this order gives sorted(full paths) exactly.
+            names = sorted(entry.name + "/" if entry.is_dir(follow_symlinks=False)
+                           else entry.name for entry in entries
+                           if not entry.is_symlink() or not entry.is_dir())
+    except OSError as error:
+        raise UserError(f"cannot read {folder} ({error_reason(error)}); check the folder's "
+                        "permissions") from None
+    for name in names:
+        if name.endswith("/"):
+            yield from iter_images(os.path.join(folder, name[:-1]))
+        elif is_image_file(name):
+            yield os.path.join(folder, name)
 
 
 @contextlib.contextmanager

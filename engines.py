@@ -134,7 +134,9 @@ class OpenVINOEngine:
     def compile(self):
         self.compiled = openvino_core().compile_model(
             converted_model(self.model, self.crop, self.path), "CPU",
-            {"INFERENCE_PRECISION_HINT": self.precision})
+            {"INFERENCE_PRECISION_HINT": self.precision,
+             # torch's threads: under torchrun distributed.init_distributed splits the cores
+             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
         compiled_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         if compiled_precision != self.precision:  # the cache key must say what really ran
             raise RuntimeError(f"OpenVINO compiled for {compiled_precision}, not {self.precision}")
