@@ -117,7 +117,7 @@ def get_args_parser():
                         "checks off (default: only this machine's addresses and names)")
     parser.add_argument("--max_upload_mb", type=positive_float, default=20,
                         help="largest upload accepted, in MB; larger ones get 413 unread")
-    parser.add_argument("--memory_mb", type=positive_float, default=384,
+    parser.add_argument("--memory_mb", type=positive_float, default=512,
                         help="most memory held at once for uploads and decoded images, in MB; "
                         "requests beyond it get 503, images that alone exceed it 413")
     parser.add_argument("--max_connections", type=positive_int, default=512,
@@ -549,7 +549,7 @@ class GuardedProtocol(H11Protocol):
 
 
 def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16, batch_wait_ms=10.0,
-               decode_threads=None, memory_mb=384.0, max_in_flight=64, request_timeout=30.0,
+               decode_threads=None, memory_mb=512.0, max_in_flight=64, request_timeout=30.0,
                bound_host="127.0.0.1", allowed_origins=()):
     """The Starlette app: the page, /predict, /health and /classes around one Batcher.
     decode_threads (default: the cores) parse forms, decode and preprocess uploads."""
