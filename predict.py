@@ -5,6 +5,7 @@
     python predict.py flower.jpg checkpoint.pth --top_k 5 --plot prediction.png
     python predict.py photos/ checkpoint.pth --json > predictions.jsonl   # a folder, recursively
     python predict.py photo.jpg checkpoint.pth --unknown_threshold 0.5    # or --no_unknown
+    python predict.py my_test/ checkpoint.pth --report report/   # a folder of class folders, scored
 
 A whole archive, written as it goes, resumable, on several processes, GPUs or machines
 (archive.py):
@@ -33,9 +34,8 @@ from cli_utils import (
     select_device,
 )
 from common import UserError, warn
-from data_utils import list_images, load_image
+from data_utils import class_folders, default_workers, list_images, list_split, load_image
 from engines import ENGINE_CHOICES
-from data_utils import default_workers
 from predictor import BATCH_SIZE, Predictor
 
 
@@ -80,6 +80,11 @@ def get_args_parser():
     parser.add_argument("--file_list", default=None, metavar="TXT",
                         help="a text file naming one image per line (relative paths from the "
                         "current folder), instead of the input folder; needs --output")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="score a labelled folder, whose sub-folders are the checkpoint's "
+                        "class folders (a test set of your own): print the accuracy and the "
+                        "worst classes, and write test_report.json, confusion_matrix.png and "
+                        "mistakes.png (the wrongly named photos, worst first) to DIR")
     parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
                         help="what runs the backbone: auto takes OpenVINO on the CPU for folders "
                         "of 128 images or more, else torch (fp32 on the CPU)")
@@ -151,6 +156,9 @@ def check_inputs(args):
                         "out --output")
     if args.resume and args.output is None:
         raise UserError("--resume finishes an --output file; add --output preds.jsonl")
+    if args.report and (not source.is_dir() or args.output):
+        raise UserError("--report scores a folder of class folders; pass a folder, and leave "
+                        "out --output")
     return source, "folder" if source.is_dir() else "image", args.checkpoint
 
 
@@ -171,6 +179,8 @@ def main(args):
         if args.top_k > len(predictor.classes):
             warn(f"--top_k {args.top_k} is more than the {len(predictor.classes)} classes; "
                  f"showing all {len(predictor.classes)}")
+        if args.report:
+            return report_on_folder(predictor, source, args)
         if args.output is None:
             return print_predictions(predictor, source, args)
         return write_predictions(predictor, source, kind, checkpoint, args)
@@ -187,6 +197,49 @@ def write_predictions(predictor, source, kind, checkpoint, args):
     if images is not None:
         print(f"{output.output}: {images} images", file=sys.stderr)
     return images
+
+
+def report_on_folder(predictor, source, args):
+    """--report: predictions scored against the class folders they lie in; returns the report."""
+    import numpy as np
+
+    import reports
+
+    class_to_idx = {name: index for index, name in enumerate(predictor.classes)}
+    unknown = sorted(set(class_folders(source)) - set(class_to_idx))
+    if unknown:
+        raise UserError(f"{source} has class folders the checkpoint does not know: "
+                        f"{', '.join(unknown[:5])}; --report scores a folder of its class folders "
+                        f"(such as {', '.join(predictor.classes[:3])})")
+    split = list_split(source, class_to_idx)
+    if not split.paths:
+        raise UserError(f"{source} holds no images in class folders; put each class's images in "
+                        "a folder named after the class")
+    paths, labels, probabilities = [], [], []
+    for prediction, label in zip(predictor.predict_files(split.paths, len(class_to_idx),
+                                                         args.batch_size, args.workers),
+                                 split.labels):
+        if prediction.ok:
+            row = np.zeros(len(class_to_idx))
+            row[[class_to_idx[name] for name in prediction.classes]] = prediction.probabilities
+            paths.append(prediction.path)
+            labels.append(label)
+            probabilities.append(row)
+    skipped = len(split.paths) - len(paths)
+    if skipped:
+        warn(f"skipped {skipped} unreadable images")
+    probabilities = np.stack(probabilities)
+    report = reports.test_report(labels, probabilities.argmax(1).tolist(), predictor.names)
+    folder = Path(args.report)
+    reports.save_test_report(report, folder / "test_report.json")
+    reports.plot_confusion_matrix(labels, probabilities.argmax(1).tolist(), predictor.names,
+                                  folder / "confusion_matrix.png")
+    wrong = reports.plot_mistakes(paths, labels, probabilities, predictor.names,
+                                  folder / "mistakes.png")
+    print(reports.summarize_report(report))
+    print(f"saved test_report.json, confusion_matrix.png{' and mistakes.png' if wrong else ''} "
+          f"in {folder}")
+    return report
 
 
 def print_predictions(predictor, source, args):
