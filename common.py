@@ -81,6 +81,7 @@ def progress(iterable, total, description, unit="it"):
         now = time.perf_counter()
         if now - last >= 15 or done == total:
             last = now
-            print(f"{description}: {done}/{total} {unit} ({now - start:.0f} s)", file=sys.stderr,
-                  flush=True)
+            rate = done / max(now - start, 1e-9)
+            print(f"{description}: {done}/{total} {unit} ({now - start:.0f} s, {rate:.1f} "
+                  f"{unit}/s, ETA {(total - done) / rate:.0f} s)", file=sys.stderr, flush=True)
 

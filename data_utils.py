@@ -5,15 +5,18 @@
     image = load_image("photo.jpg")            # RGB, EXIF orientation applied
     tensor = eval_transform(backbone.preprocess)(image)
 
-Images are JPEG, PNG, WebP, TIFF, BMP, PPM/PGM and the phone formats HEIC/HEIF (iPhones'
-default, read through pillow-heif) and AVIF.
+Images are JPEG, PNG, WebP, TIFF (first page), BMP, GIF (first frame), PPM/PGM and the phone
+formats HEIC/HEIF (iPhones' default, read through pillow-heif) and AVIF. No other format is ever
+opened (EPS would run Ghostscript), and an image's size is checked from its header before any
+pixel is decoded, so one function is safe for a training folder and for a server's uploads alike.
 """
+import contextlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
@@ -30,9 +33,18 @@ else:
 
 IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".heic", ".heif", ".avif")
 
-# What Pillow raises for files that are not images, are damaged, or are too large to decode safely.
-UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What Pillow and pillow-heif raise for files that are not images, are damaged, or are too large
+# to decode safely (decoders of damaged files raise more than OSError).
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError,
+                           KeyError, RuntimeError, Image.DecompressionBombError)
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+# The only decoders ever used (the JPEG one also reads cameras' multi-picture MPO files).
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "BMP", "TIFF", "GIF", "PPM")
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own safety limit, about 89 million
+# Longest side over shortest side kept: a longer image is cropped about its centre before it is
+# resized (a 4000x1 PNG would otherwise become 1,024,000x256 pixels), which keeps every pixel the
+# centre crop of eval_transform uses.
+MAX_ASPECT_RATIO = 8
 
 
 @dataclass
@@ -104,31 +116,82 @@ def find_splits(data_dir):
 
 
 def list_images(folder):
-    """Every image below folder, recursively, in a stable order."""
-    return sorted(str(path) for path in Path(folder).rglob("*")
-                  if path.is_file() and is_image_file(str(path)))
+    """Every image below folder, recursively, sorted by path."""
+    return list(iter_images(folder))
 
 
-def load_image(path, target=None):
-    """An RGB image the way the camera meant it: EXIF rotation applied, any mode converted.
+def iter_images(folder):
+    """list_images() one path at a time, holding only the names of the folders being walked,
+    so that a million photos stream. Folder symlinks are not followed; a broken file symlink
+    is listed (prediction then reports it unreadable instead of dropping it unseen)."""
+    folder = str(Path(folder))
+    try:
+        with os.scandir(folder) as entries:
+            # "name/" for folders: walking in this order gives sorted(full paths) exactly.
+            names = sorted(entry.name + "/" if entry.is_dir(follow_symlinks=False)
+                           else entry.name for entry in entries
+                           if not entry.is_symlink() or not entry.is_dir())
+    except OSError as error:
+        raise UserError(f"cannot read {folder} ({error_reason(error)}); check the folder's "
+                        "permissions") from None
+    for name in names:
+        if name.endswith("/"):
+            yield from iter_images(os.path.join(folder, name[:-1]))
+        elif is_image_file(name):
+            yield os.path.join(folder, name)
+
+
+@contextlib.contextmanager
+def open_image(path, target=None):
+    """The image with only its header read, refused before decoding when it is not one of
+    IMAGE_FORMATS or has more than MAX_PIXELS pixels (DecompressionBombError).
 
     target: the shorter side the transform will resize to. A JPEG is then decoded at the
     smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= target: a 12-MP phone photo
     decodes about 7x faster, and the resize that follows sees the same scene.
     """
-    with Image.open(path) as image:
+    with Image.open(path, formats=IMAGE_FORMATS) as image:
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise Image.DecompressionBombError(
+                f"the image is {width}x{height} pixels, more than the {MAX_PIXELS} decoded safely")
         if target:
             image.draft("RGB", (target, target))  # before any pixel is read; not JPEG: no-op
-        image = ImageOps.exif_transpose(image)
-        if image.mode in SIXTEEN_BIT_MODES:
-            levels = np.asarray(image, dtype=np.float64)
-            scale = 257.0 if levels.max() > 255 else 1.0
-            image = Image.fromarray(np.clip(levels / scale, 0, 255).astype(np.uint8), "L")
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            image = Image.new("RGB", rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel("A"))
-        return image.convert("RGB")
+        yield image
+
+
+def centre_crop_to_aspect(image, max_ratio=MAX_ASPECT_RATIO):
+    """The image cropped about its centre so its long side is at most max_ratio x its short one."""
+    width, height = image.size
+    short = max(1, min(width, height))
+    keep_width, keep_height = min(width, short * max_ratio), min(height, short * max_ratio)
+    if (keep_width, keep_height) == (width, height):
+        return image
+    left, top = (width - keep_width) // 2, (height - keep_height) // 2
+    return image.crop((left, top, left + keep_width, top + keep_height))
+
+
+def to_rgb(image):
+    """An opened image as a new RGB image the way the camera meant it: EXIF rotation applied (in
+    place), an extreme aspect ratio cropped, 16-bit levels scaled by Pillow's lookup tables (no
+    float copy), transparency over white. At most two images of its size are held at once."""
+    ImageOps.exif_transpose(image, in_place=True)  # a copy only when the photo is rotated
+    image = centre_crop_to_aspect(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        scale = 257 if image.getextrema()[1] > 255 else 1
+        image = image.point(lambda level: level / scale).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return image.convert("RGB")  # a copy even of an RGB image: the opened one is closed after
+
+
+def load_image(path, target=None):
+    """An RGB image the way the camera meant it (open_image, then to_rgb): safe for any file."""
+    with open_image(path, target) as image:
+        return to_rgb(image)
 
 
 def eval_transform(preprocess):

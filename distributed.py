@@ -4,10 +4,17 @@
 
 Without torchrun every function here behaves as a world of one process.
 """
+import ctypes
 import os
+import signal
+import sys
+from collections.abc import Iterator
+from itertools import islice
 
 import torch
 import torch.distributed as dist
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def init_distributed(device):
@@ -23,6 +30,17 @@ def init_distributed(device):
     return True
 
 
+def end_with_launcher():
+    """Under torchrun on Linux, have this process get SIGTERM when the launcher dies: a rank
+    left running after a kill -9 of torchrun would go on writing while a rerun reads."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -33,7 +51,10 @@ def world_size():
 
 def shard(items):
     """This process's share of items: every world_size()-th one from its rank on, so the
-    shares are disjoint, cover every item once, and need no padding."""
+    shares are disjoint, cover every item once, and need no padding. A list or tensor is
+    sliced; an iterator is streamed (itertools.islice), holding nothing."""
+    if isinstance(items, Iterator):
+        return islice(items, rank(), None, world_size())
     return items[rank()::world_size()]
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from backbones import state_sha256
 from common import UserError, warn
 
 ENGINE_CHOICES = ("auto", "torch", "openvino")
@@ -134,7 +135,9 @@ class OpenVINOEngine:
     def compile(self):
         self.compiled = openvino_core().compile_model(
             converted_model(self.model, self.crop, self.path), "CPU",
-            {"INFERENCE_PRECISION_HINT": self.precision})
+            {"INFERENCE_PRECISION_HINT": self.precision,
+             # torch's threads: under torchrun distributed.init_distributed splits the cores
+             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
         compiled_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         if compiled_precision != self.precision:  # the cache key must say what really ran
             raise RuntimeError(f"OpenVINO compiled for {compiled_precision}, not {self.precision}")
@@ -150,11 +153,7 @@ def weights_key(arch, identity=None, state_dict=None):
     hash) where they are used unchanged, else a hash of the weights themselves (fine-tuned)."""
     if identity and identity.get("sha256"):
         return f"{arch} {sorted(identity.items())}"
-    digest = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return f"{arch} sha256 {digest.hexdigest()}"
+    return f"{arch} sha256 {state_sha256(state_dict)}"
 
 
 def converted_path(key, crop, cache_dir):

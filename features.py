@@ -6,6 +6,9 @@ model, large JPEGs draft-decoded) and trains the head on them. The cache keys ea
 changes its features: the backbone and its weights, the engine and its precision, the exact
 transform (and the view's seed), the file's path, size and mtime.
 
+With --train_stages the same machinery keeps, instead of the features, the activations that
+enter the trained stages (stage_split.py), the image's and its mirror image's side by side.
+
     extractor = FeatureExtractor(backbone, device, cache_dir="~/.cache/flower_classifier")
     features, ok = extractor.features(split.root, split.paths, eval_transform(backbone.preprocess))
 """
@@ -92,14 +95,21 @@ class FeatureExtractor:
     Under torchrun each rank computes its share of the missing images and all ranks get all
     features. `computed` counts the images that all ranks together ran through the backbone.
     engine and images (the job's size) pick the engine: see engines.compile_backbone.
+    bottom: stage_split's bottom of the backbone, to keep the activations that enter its last
+    `trained_stages` stages instead of the features; with mirror, the image's and its mirror
+    image's are kept side by side ([N, 2, C, H, W]), not averaged.
     """
 
     def __init__(self, backbone, device, cache_dir=None, batch_size=64, workers=None,
-                 engine="auto", images=None):
+                 engine="auto", images=None, bottom=None, trained_stages=0):
         weights = weights_key(backbone.name, backbone.weights if backbone.pretrained else None,
                               backbone.model.state_dict())
-        self.engine = compile_backbone(backbone.model, backbone.preprocess.crop, device, engine,
-                                       images, weights=weights)
+        # What the engine computes: part of the cache key and the converted model's name.
+        self.output = f"input of stage -{trained_stages}" if bottom is not None else "features"
+        self.engine = compile_backbone(backbone.model if bottom is None else bottom,
+                                       backbone.preprocess.crop, device, engine, images,
+                                       weights=weights if bottom is None
+                                       else f"{weights} {self.output}")
         self.spec, self.device, self.batch_size = backbone, device, batch_size
         self.workers = default_workers() if workers is None else workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None
@@ -113,7 +123,8 @@ class FeatureExtractor:
         key = "|".join([self.spec.name, repr(self.spec.weights), repr(transform), view,
                         str(Path(root).resolve()), self.device.type, self.engine.name,
                         self.engine.precision, f"draft {self.spec.preprocess.resize}"]
-                       + (["mirror-averaged"] if mirror else []))
+                       + (["mirror-averaged"] if mirror else [])
+                       + ([self.output] if self.output != "features" else []))
         stamps = file_stamps(paths)
         cached = self.cache.load(key) if self.cache else {}
         rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
@@ -155,9 +166,17 @@ class FeatureExtractor:
         batches = (progress(loader, len(loader), f"extracting {description}", unit="batches")
                    if distributed.is_main() else loader)
         for images, _, good in batches:
-            features.append(backbone_features(self.engine, images, mirror).cpu().half())
+            features.append(self.outputs(images, mirror).cpu().half())
             ok.append(good)
         if not features:
             return torch.empty(0, self.spec.feature_dim, dtype=torch.float16), torch.empty(
                 0, dtype=torch.bool)
         return torch.cat(features), torch.cat(ok)
+
+    def outputs(self, images, mirror):
+        """The features of a batch (mirror-averaged with mirror), or the activations (the
+        image's and its mirror image's side by side with mirror)."""
+        if self.output == "features":
+            return backbone_features(self.engine, images, mirror)
+        views = [images, images.flip(3)] if mirror else [images]
+        return torch.stack([self.engine(view).contiguous() for view in views], 1)

@@ -30,10 +30,11 @@ CHECKPOINT_KEYS = ("format_version", "arch", "backbone", "head", "head_state", "
                    "preprocess")
 # What newer checkpoints add, and what a checkpoint without the key means (issue 11): features
 # averaged with the mirror image's, logits divided by a temperature, and the unknown verdict's
-# class means (float16 [C, D]) and cosine-similarity threshold (None: no verdict); and (issue 20)
-# the record of an automatic split of one folder (None: a train/valid/test layout).
+# class means (float16 [C, D]) and cosine-similarity threshold (None: no verdict); (issue 20)
+# the record of an automatic split of one folder (None: a train/valid/test layout); and with
+# --train_stages (issue 22) the trained stages' weights, on top of the pretrained backbone's.
 OPTIONAL_KEYS = {"mirror": False, "temperature": 1.0, "class_means": None,
-                 "unknown_threshold": None, "split": None}
+                 "unknown_threshold": None, "split": None, "stages_state": None}
 
 
 def backbone_features(backbone, images, mirror):
@@ -91,6 +92,7 @@ class ImageClassifier(nn.Module):
         self.backbone_spec = backbone
         self.mirror, self.temperature = mirror, temperature
         self.unfrozen = []
+        self.stages_only = False  # --train_stages: keep only the unfrozen stages' weights
 
     def forward(self, images):
         return self.head(backbone_features(self.backbone, images, self.mirror)) / self.temperature
@@ -101,6 +103,12 @@ class ImageClassifier(nn.Module):
         self.unfrozen = stages[-layers:] if layers else stages
         for stage in self.unfrozen:
             stage.requires_grad_(True)
+
+    def train_stages(self, layers):
+        """Train the backbone's last `layers` stages on cached activations: unfrozen, and the
+        checkpoint keeps only their weights (a few MB), the rest being the pretrained ones."""
+        self.unfreeze(layers)
+        self.stages_only = True
 
     def train(self, mode=True):
         super().train(mode)
@@ -119,14 +127,31 @@ class ImageClassifier(nn.Module):
         return groups
 
     def trained_weights(self):
-        """What a checkpoint keeps: the head's weights, and the backbone's when it trained."""
-        return {"head_state": weights_copy(self.head),
-                "backbone_state": weights_copy(self.backbone) if self.unfrozen else None}
+        """What a checkpoint keeps: the head's weights, and the backbone's when it trained (only
+        its trained stages' with --train_stages)."""
+        weights = {"head_state": weights_copy(self.head),
+                   "backbone_state": weights_copy(self.backbone)
+                   if self.unfrozen and not self.stages_only else None}
+        if self.stages_only:
+            weights["stages_state"] = self.unfrozen_weights()
+        return weights
+
+    def unfrozen_weights(self):
+        """CPU copies of the unfrozen stages' weights, named as in the backbone's state dict."""
+        names = {id(module): name for name, module in self.backbone.named_modules()}
+        return {f"{names[id(module)]}.{key}": value
+                for stage in self.unfrozen for module in stage
+                for key, value in weights_copy(module).items()}
 
     def load_trained_weights(self, weights):
         self.head.load_state_dict(weights["head_state"])
         if weights.get("backbone_state") is not None:
             self.backbone.load_state_dict(weights["backbone_state"])
+        if weights.get("stages_state") is not None:
+            unexpected = self.backbone.load_state_dict(weights["stages_state"],
+                                                       strict=False).unexpected_keys
+            if unexpected:
+                raise KeyError(f"the backbone has no {unexpected[0]}")
 
 
 def make_checkpoint(backbone, class_to_idx, head_spec, weights, **extra):
@@ -144,6 +169,7 @@ def make_checkpoint(backbone, class_to_idx, head_spec, weights, **extra):
                  **head_spec},
         "head_state": weights["head_state"],
         "backbone_state": weights["backbone_state"],
+        **({"stages_state": weights["stages_state"]} if weights.get("stages_state") else {}),
         "class_to_idx": class_to_idx,
         "preprocess": backbone.preprocess.as_dict(),
         **extra,
@@ -237,13 +263,17 @@ def restore_train_state(state, model, optimizer, scheduler, scaler):
     if state["scaler_state"]:  # empty when saved with the scaler off (CPU, bf16)
         scaler.load_state_dict(state["scaler_state"])
     best = {key: state[key] for key in ("head_state", "backbone_state", "epoch", "metrics")}
+    best["stages_state"] = optional(state, "stages_state")
     return best, state["history"], state["epoch_done"]
 
 
 def backbone_weights(checkpoint):
     """(arch, identity of the pretrained weights or None, the checkpoint's own backbone weights
-    or None): what engines.weights_key names a converted backbone by."""
-    own = checkpoint.get("backbone_state")
+    or None): what engines.weights_key names a converted backbone by. Trained stages: their
+    weights, and the arch named with the pretrained weights under them."""
+    own, stages = checkpoint.get("backbone_state"), optional(checkpoint, "stages_state")
+    if stages is not None:
+        return f"{checkpoint['arch']} on {sorted(checkpoint['backbone'].items())}", None, stages
     return checkpoint["arch"], None if own is not None else checkpoint["backbone"], own
 
 

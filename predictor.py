@@ -10,16 +10,17 @@
 
 predict.py, export.py's parity check, the benchmarks and serve.py all go through this class.
 """
+import math
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 from PIL import Image
 
 from calibration import nearest_similarity
-from common import UserError, progress
+from common import UserError, error_reason, progress
 from data_utils import (
     UNREADABLE_IMAGE_ERRORS,
-    ImageFiles,
     check_category_names,
     display_names,
     eval_transform,
@@ -52,12 +53,44 @@ class Prediction:
     probabilities: list = field(default_factory=list)
     ok: bool = True
     known: bool | None = None  # None: no unknown verdict (the checkpoint has none, or it is off)
+    error: str | None = None  # why an unreadable file could not be read
 
     def as_json(self):
-        """predict.py --json's object for this image ("known" only where there is a verdict)."""
+        """predict.py --json's object for this image ("known" only where there is a verdict);
+        for an unreadable file, its path and the error."""
+        if not self.ok:
+            return {"path": self.path, "error": self.error}
         fields = {"path": self.path, "classes": self.classes, "names": self.names,
                   "probabilities": self.probabilities}
         return fields if self.known is None else {**fields, "known": self.known}
+
+
+class FileBatches(torch.utils.data.Dataset):
+    """Decodes a whole batch, given as the key itself: dataset[[(key, path), ...]] is
+    (that list, the readable images [R, 3, H, W], per path None or why it is unreadable).
+    A DataLoader whose sampler is a stream of such batches then decodes in worker processes
+    while the paths are still being listed: nothing holds the whole list."""
+
+    def __init__(self, transform, preprocess):
+        self.transform, self.preprocess = transform, preprocess
+
+    def __getitem__(self, batch):
+        images, errors = [], []
+        for _, path in batch:
+            try:
+                images.append(self.transform(load_image(path, self.preprocess.resize)))
+                errors.append(None)
+            except UNREADABLE_IMAGE_ERRORS as error:
+                errors.append(error_reason(error))
+        crop = self.preprocess.crop
+        return batch, torch.stack(images) if images else torch.zeros(0, 3, crop, crop), errors
+
+
+def batched(items, size):
+    """Lists of up to size consecutive items of an iterable."""
+    items = iter(items)
+    while batch := list(islice(items, size)):
+        yield batch
 
 
 class Predictor:
@@ -157,19 +190,28 @@ class Predictor:
                                 "JPEG or PNG file") from None
         return self.predict_images([image], top_k, [path if path is not None else ""])[0]
 
-    def predict_files(self, paths, top_k=5, batch_size=BATCH_SIZE, workers=None):
-        """Yield a Prediction per file, in order, batched with decoding worker processes; an
-        unreadable file yields Prediction(path, ok=False)."""
+    def predict_batches(self, items, top_k=5, batch_size=BATCH_SIZE, workers=None,
+                        job_size=None):
+        """For an iterable of (key, path), read lazily, yield per batch a list of (key,
+        Prediction) in order, decoded by worker processes; an unreadable file's Prediction
+        has ok=False and the error. job_size: the images of the whole job, for the engine."""
         workers = default_workers() if workers is None else workers
-        dataset = ImageFiles(paths, self.transform, self.preprocess.crop,
-                             draft=self.preprocess.resize)
-        loader = image_loader(dataset, batch_size, workers if len(paths) > 1 else 0, self.device)
-        position = 0
-        for images, _, ok in progress(loader, len(loader), "predicting", unit="batches"):
-            batch_paths = paths[position:position + len(ok)]
-            position += len(ok)
-            readable = iter(self.top(self.outputs(images[ok], len(paths)), top_k,
-                                     [p for p, good in zip(batch_paths, ok.tolist()) if good])
-                            if ok.any() else [])
-            for path, good in zip(batch_paths, ok.tolist()):
-                yield next(readable) if good else Prediction(str(path), ok=False)
+        loader = image_loader(FileBatches(self.transform, self.preprocess), None, workers,
+                              self.device, sampler=batched(items, batch_size))
+        for batch, images, errors in loader:
+            readable = [path for (_, path), error in zip(batch, errors) if error is None]
+            predictions = iter(self.top(self.outputs(images, job_size), top_k, readable)
+                               if readable else [])
+            yield [(key, next(predictions) if error is None
+                    else Prediction(str(path), ok=False, error=error))
+                   for (key, path), error in zip(batch, errors)]
+
+    def predict_files(self, paths, top_k=5, batch_size=BATCH_SIZE, workers=None):
+        """Yield a Prediction per file, in order (predict_batches with a progress bar)."""
+        workers = default_workers() if workers is None else workers
+        batches = self.predict_batches(((None, path) for path in paths), top_k, batch_size,
+                                       workers if len(paths) > 1 else 0, len(paths))
+        for batch in progress(batches, math.ceil(len(paths) / batch_size), "predicting",
+                              unit="batches"):
+            for _, prediction in batch:
+                yield prediction

@@ -5,6 +5,8 @@
 
 FeatureTask: the default. The backbone is frozen, so each image's features are computed once
 (features.py, cached on disk) and only the head trains, on slices of those tensors.
+StageTask: --train_stages N. As FeatureTask, but what is cached is the input of the backbone's
+last N stages, and those stages train with the head (stage_split.py).
 ImageTask: --finetune. Images are decoded and augmented on the fly and go through the backbone,
 whose chosen stages train with the head.
 ScratchTask: --arch cnn. Small images decoded once into memory; the whole network trains.
@@ -24,6 +26,7 @@ from common import UserError, log, warn
 from data_utils import ImageFiles, augment_transform, eval_transform, image_loader, is_readable
 from datacheck import split_features
 from features import FeatureExtractor
+from stage_split import StageModel, split_backbone
 
 
 def training_autocast(device):
@@ -80,12 +83,23 @@ class Task:
 def make_task(config, backbone, splits, device, classifier):
     """The Task for this run: from scratch, fine-tuning or on cached features."""
     if not backbone.pretrained:
-        if config.finetune:
-            warn(f"--finetune is ignored with --arch {config.arch}: the whole network trains "
-                 "from scratch")
+        for flag in ("finetune", "train_stages"):
+            if getattr(config, flag):
+                warn(f"--{flag} is ignored with --arch {config.arch}: the whole network trains "
+                     "from scratch")
         return ScratchTask(config, backbone, splits, device, classifier)
+    if config.finetune and config.train_stages:
+        raise UserError("--finetune trains on images, --train_stages on cached activations; "
+                        "choose one of them")
     if config.finetune:
         return ImageTask(config, backbone, splits, device, classifier)
+    if config.train_stages:
+        bottom, top = split_backbone(backbone, config.train_stages)
+        data, computed, _, kept_paths = extract_features(config, backbone, device, splits,
+                                                         bottom=bottom)
+        task = StageTask(data, config, top, classifier, device, computed)
+        task.kept_paths = kept_paths
+        return task
     data, computed, by_split, kept_paths = extract_features(config, backbone, device, splits)
     task = FeatureTask(data, config.batch_size, classifier, device, computed)
     task.split_features, task.kept_paths = by_split, kept_paths
@@ -123,16 +137,19 @@ def view_seed(seed, view, path, root):
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
-def extract_features(config, backbone, device, splits):
+def extract_features(config, backbone, device, splits, bottom=None):
     """Each split's features once (train: the original and --augment views), unreadable
     dropped; returns ({split: (inputs, labels)}, images computed, {split: (features, ok)} as
-    extracted, {split: readable paths})."""
+    extracted, {split: readable paths}). bottom: keep instead the activations that enter the
+    last config.train_stages stages (stage_split.split_backbone), each image's beside its
+    mirror image's."""
     extractor = FeatureExtractor(backbone, device, cache_dir=config.cache_dir,
                                  batch_size=max(config.batch_size, 32), workers=config.workers,
                                  engine=config.engine,
-                                 images=sum(len(split.paths) for split in splits.values()))
+                                 images=sum(len(split.paths) for split in splits.values()),
+                                 bottom=bottom, trained_stages=config.train_stages)
     by_split = split_features(extractor, splits, eval_transform(backbone.preprocess),
-                              config.mirror)
+                              "all" if bottom is not None else config.mirror)
     features = {name: rows for name, (rows, _) in by_split.items()}
     ok_masks = {name: ok.clone() for name, (_, ok) in by_split.items()}
     train = splits["train"]
@@ -142,7 +159,8 @@ def extract_features(config, backbone, device, splits):
         seeds = [view_seed(config.seed, view, path, train.root) for path in train.paths]
         view_features, view_ok = extractor.features(
             train.root, train.paths, augment, seeds=seeds, view=f"augment {config.seed} {view}",
-            description=f"train view {view}/{config.augment}", mirror=config.mirror == "all")
+            description=f"train view {view}/{config.augment}",
+            mirror=bottom is not None or config.mirror == "all")
         views.append(view_features)
         ok_masks["train"] &= view_ok
     report_unreadable(splits, ok_masks, config.strict)
@@ -162,6 +180,8 @@ class FeatureTask(Task):
     `model` is the classifier's head. data: {split: (inputs, labels)} as extract_features
     returns it (train's inputs [views, N, D])."""
 
+    eval_batch_size = 1024
+
     def __init__(self, data, batch_size, classifier, device, extracted=0):
         self.data, self.batch_size, self.device = data, batch_size, device
         self.extracted, self.kept_paths = extracted, None
@@ -178,11 +198,16 @@ class FeatureTask(Task):
         view_index = torch.randint(len(views), (count,))
         order = distributed.shard(torch.randperm(count))[:count // distributed.world_size()]
         for batch in order.split(self.batch_size):
-            yield views[view_index[batch], batch].float().to(self.device), labels[batch]
+            inputs = self.training_inputs(views[view_index[batch], batch])
+            yield inputs.float().to(self.device), labels[batch]
+
+    def training_inputs(self, rows):
+        """A training batch from its rows of the views drawn for it."""
+        return rows
 
     def eval_batches(self, split):
         inputs, labels = self.data[split]
-        for batch in distributed.shard(torch.arange(len(labels))).split(1024):
+        for batch in distributed.shard(torch.arange(len(labels))).split(self.eval_batch_size):
             yield inputs[batch].float().to(self.device), labels[batch]
 
     def steps_per_epoch(self):
@@ -198,6 +223,43 @@ class FeatureTask(Task):
 
     def eval_paths(self, split):
         return gathered_order(self.kept_paths[split]) if self.kept_paths else None
+
+
+class StageTask(FeatureTask):
+    """--train_stages N: the backbone's last N stages train with the head on the activations
+    that enter them, computed once and cached (stage_split.py). `model` is a
+    stage_split.StageModel. Each training image's activations are kept with its mirror
+    image's: a training batch takes one of the two at random (the --augment views too);
+    evaluation averages the two images' features unless --mirror off, as predictions do.
+    data: as extract_features returns it with the bottom of split_backbone, whose top is top."""
+    eval_batch_size = 256
+
+    def __init__(self, data, config, top, classifier, device, extracted=0):
+        self.extracted, self.kept_paths = extracted, None
+        views = 1 if config.mirror == "off" else 2
+        self.data = {name: (inputs if name == "train" else inputs[:, :views], labels)
+                     for name, (inputs, labels) in data.items()}
+        self.views, self.batch_size, self.device = views, config.batch_size, device
+        classifier.train_stages(config.train_stages)
+        self.model = StageModel(top, classifier.head)
+
+    def training_inputs(self, rows):
+        """The image's or its mirror image's activations, at random for each."""
+        return rows[torch.arange(len(rows)), torch.randint(2, (len(rows),))]
+
+    @torch.inference_mode()
+    def frozen_features(self, split):
+        """Features of the stages as trained now, as predictions compute them (the train
+        split's original view): the unknown verdict's class means and threshold come from
+        the trained backbone's features, since predictions compare those."""
+        inputs, labels = self.data[split]
+        if split == "train":
+            inputs = inputs[0, :, :self.views]
+        self.model.eval()
+        with training_autocast(self.device):
+            features = [self.model.features(batch.float().to(self.device)).float().cpu()
+                        for batch in inputs.split(self.eval_batch_size)]
+        return torch.cat(features), labels
 
 
 def readable_masks(splits):

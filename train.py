@@ -137,6 +137,13 @@ def get_args_parser():
     parser.add_argument("--resume", default=None, metavar="CHECKPOINT",
                         help="continue an interrupted run from its checkpoint.pth or its folder "
                         "(reads the train_state.pth there)")
+    parser.add_argument("--train_stages", type=non_negative_int,
+                        default=family_default("train_stages"),
+                        help="train the backbone's last N stages with the head, on their input "
+                        "activations cached once (the image's and its mirror image's; each "
+                        "epoch trains on one at random) at --backbone_lr; 0 trains the head "
+                        "alone on cached features; with efficientnet_lite0, 2 is its last "
+                        "block and conv_head")
     finetune = parser.add_argument_group("fine-tuning (train the backbone too)")
     finetune.add_argument("--finetune", action="store_true",
                           help="unfreeze the backbone and train it with the head on images "

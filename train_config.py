@@ -53,6 +53,7 @@ class TrainConfig:
     finetune: bool = hyperparameter(False)
     finetune_layers: int = hyperparameter(0)
     backbone_lr: float = hyperparameter(1e-4)
+    train_stages: int = hyperparameter(0, earlier=0)
     # Run options: where and how this run goes, not what it trains.
     save_dir: str = "."
     split: tuple = (0.8, 0.1, 0.1)  # train, valid[, test] of a one-folder data_dir

@@ -14,6 +14,13 @@ rule) is printed beside it, for the trade of accuracy against time. Only then is
 setting trained on train/ (last epoch) and checked once on test/; the test split never chooses
 anything.
 
+Trained stages (--train_stages N, issue 22): the activations that enter the backbone's last N
+stages are extracted once (train.py's FeatureExtractor and cache; the image and its mirror
+image) and the same folds score the frozen head (on the pretrained stages' features of those
+activations) against STAGE_SETTINGS, which train the stages with the head as train.py does
+(tasks.StageTask, its optimiser and schedule); the chosen one is checked once on test/ and
+--not_flowers, its unknown verdict computed from the trained stages' features as train.py does.
+
 Unknown verdict: class means of the training features; an image is unknown when the cosine
 similarity of its feature to the nearest class mean is below a threshold that lets --pass_rate
 of the valid images through. The pass rate is checked by cross-validation (flowers of held-out
@@ -48,6 +55,7 @@ from data_utils import ImageFiles, eval_transform, find_splits, list_images  # n
 from data_utils import default_workers, image_loader  # noqa: E402
 from features import FeatureExtractor  # noqa: E402
 from model_utils import ImageClassifier, build_head  # noqa: E402
+from stage_split import split_backbone  # noqa: E402
 from train_config import TrainConfig, family_default  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -105,6 +113,15 @@ DEFAULT_SETTINGS = ("sqrt, 50 epochs", "sqrt, lr 0.002, 40 epochs", "sqrt, lr 0.
                     "sqrt, batch 256, lr 0.002, 50 epochs", "sqrt, batch 256, lr 0.004, 30 epochs",
                     "sqrt, batch 256, lr 0.004, 8 epochs", "sqrt, lr 0.002, 4 epochs")
 BENCHMARK_KEYS = ("mirror", "heads", "standardise", "mixup")
+# --train_stages: the frozen default head against training the last stages with it (the first
+# is the default, trained on the pretrained stages' features of the cached activations).
+STAGE_SETTINGS = {
+    "frozen: sqrt, 50 epochs": SETTINGS["sqrt, 50 epochs"],
+    "stages, 12 epochs, lr 3e-4": {**SQRT, "epochs": 12, "backbone_lr": 3e-4},
+    "stages, 20 epochs, lr 2e-4": {**SQRT, "epochs": 20, "backbone_lr": 2e-4},
+    "stages, 8 epochs, lr 3e-4": {**SQRT, "epochs": 8, "backbone_lr": 3e-4},
+}
+SETTINGS.update(STAGE_SETTINGS)
 
 
 def get_args_parser():
@@ -126,6 +143,14 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes decoding images")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures")
+    parser.add_argument("--train_stages", type=int, default=0,
+                        help="N > 0: cross-validate --stage_settings, which train the backbone's "
+                        "last N stages with the head, against the frozen head")
+    parser.add_argument("--stage_settings", nargs="*", default=list(STAGE_SETTINGS),
+                        choices=list(STAGE_SETTINGS), metavar="NAME",
+                        help=f"settings with --train_stages: {', '.join(STAGE_SETTINGS)}")
+    parser.add_argument("--classes", type=int, default=0,
+                        help="use only the first N classes (0: all), for a cheaper comparison")
     return parser
 
 
@@ -244,15 +269,7 @@ def train_heads(setting, train_inputs, train_labels, class_count, seed):
         task = (MixupTask(data, config.batch_size, classifier, setting["mixup"], class_count)
                 if setting.get("mixup") else tasks.FeatureTask(data, config.batch_size,
                                                               classifier, CPU))
-        optimizer, scheduler = trainer.make_optimizer(config, classifier, task.steps_per_epoch())
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        for epoch in range(1, config.epochs + 1):
-            torch.manual_seed(config.seed + epoch)
-            task.model.train()
-            trainer.train_one_epoch(task.model, task.train_batches(epoch), optimizer, scheduler,
-                                  scaler, criterion, CPU)
-        heads.append(task.model.eval())
+        heads.append(run_epochs(config, task, classifier))
     return heads
 
 
@@ -401,7 +418,187 @@ def final_check(data, name, pass_rate, seed):
     return results
 
 
+# --- trained stages ---------------------------------------------------------------------------
+
+def stage_sources(args):
+    """{split: (root, paths, labels)} of train, valid, test (and not_flowers), of the first
+    --classes classes; and the number of classes."""
+    class_to_idx, splits = find_splits(args.data_dir)
+    count = args.classes or len(class_to_idx)
+    sources = {}
+    for name, split in splits.items():
+        kept = [i for i, label in enumerate(split.labels) if label < count]
+        sources[name] = (split.root, [split.paths[i] for i in kept],
+                         [split.labels[i] for i in kept])
+    if args.not_flowers:
+        paths = list_images(args.not_flowers)
+        sources["not_flowers"] = (Path(args.not_flowers), paths, [-1] * len(paths))
+    return sources, count
+
+
+def load_activations(args):
+    """{split: {"activations" [N, 2, C, H, W] float16 (the image's, its mirror image's),
+    "labels"}} of readable images, and the number of classes: train.py's extraction and cache
+    (--cache_dir) for --train_stages."""
+    backbone = feature_backbone()
+    bottom, _ = split_backbone(backbone, args.train_stages)
+    sources, class_count = stage_sources(args)
+    extractor = FeatureExtractor(backbone, CPU, cache_dir=args.cache_dir, workers=args.workers,
+                                 images=sum(len(paths) for _, paths, _ in sources.values()),
+                                 bottom=bottom, trained_stages=args.train_stages)
+    data = {}
+    for name, (root, paths, labels) in sources.items():
+        started = time.perf_counter()
+        activations, ok = extractor.features(root, paths, eval_transform(backbone.preprocess),
+                                             description=name, mirror=True)
+        data[name] = {"activations": activations[ok],
+                      "labels": torch.tensor(labels, dtype=torch.long)[ok]}
+        print(f"activations of {name}: {len(paths)} images, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+    return data, class_count
+
+
+@torch.inference_mode()
+def pretrained_features(data, layers):
+    """The frozen path's data ({"plain", "mirror", "labels"} per split) from the activations,
+    through the pretrained last stages."""
+    _, top = split_backbone(build_backbone(DEFAULT_ARCH), layers)
+    top.eval()
+
+    def through(activations):
+        with tasks.training_autocast(CPU):
+            return torch.cat([top(batch.float()).float() for batch in activations.split(256)])
+
+    return {name: {"plain": through(split["activations"][:, 0]).half(),
+                   "mirror": through(split["activations"][:, 1]).half(),
+                   "labels": split["labels"]} for name, split in data.items()}
+
+
+def run_epochs(config, task, classifier):
+    """train.py's Trainer epochs (its optimiser, schedule, loss and seeding), the last kept."""
+    optimizer, scheduler = trainer.make_optimizer(config, classifier, task.steps_per_epoch())
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for epoch in range(1, config.epochs + 1):
+        torch.manual_seed(config.seed + epoch)
+        task.model.train()
+        trainer.train_one_epoch(task.model, task.train_batches(epoch), optimizer, scheduler,
+                                scaler, criterion, CPU)
+    return task.model.eval()
+
+
+def train_stage_task(setting, splits, layers, class_count, seed):
+    """A StageTask trained as train.py trains it on splits["train"] (a fresh pretrained
+    backbone each time: training changes its stages); splits: {name: {"activations",
+    "labels"}}."""
+    config = replace(train_config(setting), train_stages=layers, seed=seed)
+    torch.manual_seed(seed)
+    backbone = build_backbone(DEFAULT_ARCH)
+    _, top = split_backbone(backbone, layers)
+    classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, class_count,
+                                                      **trainer.head_spec(config)))
+    data = {name: (split["activations"].unsqueeze(0) if name == "train"
+                   else split["activations"], split["labels"]) for name, split in splits.items()}
+    task = tasks.StageTask(data, config, top, classifier, CPU)
+    run_epochs(config, task, classifier)
+    return task
+
+
+@torch.inference_mode()
+def task_logits(task, split):
+    with tasks.training_autocast(CPU):
+        return torch.cat([task.model(inputs).float() for inputs, _ in task.eval_batches(split)])
+
+
+def stage_score(setting, training, held_out, layers, class_count, seed):
+    task = train_stage_task(setting, {"train": training, "held_out": held_out}, layers,
+                            class_count, seed)
+    return (task_logits(task, "held_out").argmax(1) == held_out["labels"]).float().mean().item()
+
+
+def cross_validate_stages(args, data, features, class_count):
+    """{setting: (mean, std, seconds per fold)} on the same folds: the frozen settings on the
+    pretrained features, the others training --train_stages stages."""
+    pool = {key: torch.cat([data["train"][key], data["valid"][key]])
+            for key in ("activations", "labels")}
+    feature_pool = pooled(features)
+    fold_of = stratified_folds(pool["labels"], args.folds, args.seed)
+    results = {}
+    for name in args.stage_settings:
+        setting, started = STAGE_SETTINGS[name], time.perf_counter()
+        scores = []
+        for fold in range(args.folds):
+            if name.startswith("frozen"):
+                scores.append(fit_and_score(setting, subset(feature_pool, fold_of != fold),
+                                            subset(feature_pool, fold_of == fold), class_count,
+                                            args.seed))
+            else:
+                scores.append(stage_score(setting, subset(pool, fold_of != fold),
+                                          subset(pool, fold_of == fold), args.train_stages,
+                                          class_count, args.seed))
+            print(f"    {name} fold {fold}: {100 * scores[-1]:.2f} % "
+                  f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+        scores = torch.tensor(scores)
+        results[name] = (scores.mean().item(), scores.std().item(),
+                         (time.perf_counter() - started) / args.folds)
+        print(f"  {name:32s} {100 * results[name][0]:.2f} ± {100 * results[name][1]:.2f} %"
+              f"  ({results[name][2]:.0f} s per fold)", flush=True)
+    return results
+
+
+def final_check_stages(data, name, layers, class_count, pass_rate, seed):
+    """A stage setting trained on train/ (last epoch), then valid/, test/ and not_flowers: the
+    accuracy, and the unknown verdict as train.py computes it (class means and threshold of the
+    trained stages' features)."""
+    task = train_stage_task(STAGE_SETTINGS[name], data, layers, class_count, seed)
+    results = {f"{split}_accuracy": (task_logits(task, split).argmax(1)
+                                     == data[split]["labels"]).float().mean().item()
+               for split in ("valid", "test")}
+    means = class_means(*task.frozen_features("train"), class_count)
+    threshold = pass_threshold(nearest_similarity(task.frozen_features("valid")[0], means),
+                               pass_rate)
+    results["threshold"] = threshold
+    for split in ("test", "not_flowers"):
+        if split in data:
+            scores = nearest_similarity(task.frozen_features(split)[0], means)
+            results[f"{split}_flagged"] = (scores < threshold).float().mean().item()
+    return results
+
+
+def main_stages(args):
+    """--train_stages N: the frozen head against training the last N stages with it."""
+    torch.set_num_threads(2)  # the stages' convolutions use both cores (the head's do not)
+    data, class_count = load_activations(args)
+    features = pretrained_features(data, args.train_stages)
+    print(f"cross-validation: {args.folds} stratified folds of train+valid "
+          f"({len(data['train']['labels']) + len(data['valid']['labels'])} images, "
+          f"{class_count} classes), seed {args.seed}, held-out accuracy at the last epoch; "
+          f"the last {args.train_stages} stages trained")
+    results = cross_validate_stages(args, data, features, class_count)
+    chosen = choose(results)
+    print(f"chosen (best mean): {chosen}")
+    features["class_count"] = class_count
+    final = {}
+    for kind in ("frozen", "stages"):  # the best of each kind, checked once on test/
+        names = [name for name in results if name.startswith(kind)]
+        if not names:
+            continue
+        best = max(names, key=lambda name: results[name][0])
+        final[best] = (final_check(features, best, args.pass_rate, args.seed) if kind == "frozen"
+                       else final_check_stages(data, best, args.train_stages, class_count,
+                                               args.pass_rate, args.seed))
+        print(f"last check of {best} (trained on train/, last epoch): "
+              + ", ".join(f"{key} {value:.4f}" for key, value in final[best].items()),
+              flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cv": results, "chosen": chosen, "final": final},
+                                              indent=1))
+    return {"cv": results, "chosen": chosen, "final": final}
+
+
 def main(args):
+    if args.train_stages:
+        return main_stages(args)
     # The head is small: one thread trains it about 7x faster than two on a busy 2-core CPU
     # (measured), and leaves a core for a second run.
     torch.set_num_threads(1)

@@ -2,12 +2,14 @@
 
     python benchmarks/serve_load.py checkpoints/checkpoint.pth
     python benchmarks/serve_load.py checkpoints/checkpoint.pth --load 1:50 8:100 --photos 50
+    python benchmarks/serve_load.py checkpoints/checkpoint.pth --against ../before --load 8:200
 
 It starts `serve.py CHECKPOINT --host 127.0.0.1 --port 0` (a free loopback port), sends a fixed
 number of requests at each concurrency (`--load CONCURRENCY:REQUESTS ...`), one in ten of them a
 bad upload (not an image, empty, truncated, wrong field name: each must get a 4xx answer), then
 stops the server with SIGTERM. Then, with the server gone, it times Predictor.predict_files on
 the same photos in this process: predict.py's in-process folder rate, the yardstick.
+With --against, it compares two checkouts' servers instead, side by side under the same load.
 
 Per concurrency it prints p50 and p99 latency of the good requests, images/s (good answers per
 wall second), errors (a good request not answered 200, a bad one not answered 4xx, or a
@@ -56,6 +58,11 @@ def get_args_parser():
                         metavar="CONCURRENCY:REQUESTS", help="the levels, run in order")
     parser.add_argument("--server_args", default="", help="more serve.py flags, e.g. "
                         "'--max_batch 32 --batch_wait_ms 5'")
+    parser.add_argument("--against", type=Path, default=None, metavar="PROJECT",
+                        help="instead: run PROJECT's serve.py (another checkout, e.g. before a "
+                        "change) beside this one and feed both alternate batches at the first "
+                        "--load level, six each; prints each server's CPU ms per request (robust "
+                        "to other jobs' load) and images/s")
     return parser
 
 
@@ -68,11 +75,11 @@ def resident_mib(pid):
     return int(re.search(r"VmRSS:\s+(\d+)", status)[1]) / 1024
 
 
-def start_server(checkpoint, server_args):
-    """serve.py on a free loopback port: (process, base URL), once /health answers."""
+def start_server(checkpoint, server_args, project=PROJECT):
+    """project's serve.py on a free loopback port: (process, base URL), once /health answers."""
     process = subprocess.Popen(
-        [sys.executable, "serve.py", str(checkpoint), "--host", "127.0.0.1", "--port", "0",
-         *server_args.split()], cwd=PROJECT, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "serve.py", str(Path(checkpoint).resolve()), "--host", "127.0.0.1",
+         "--port", "0", *server_args.split()], cwd=project, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = process.stdout.readline()
     match = re.search(r"http://127\.0\.0\.1:\d+/", line)
@@ -182,11 +189,54 @@ def verdict(met):
     return "met" if met else "NOT met"
 
 
-def main(args):
-    paths = list_images(args.images)[: args.photos]
+def read_photos(folder, count):
+    """(paths, [(file name, bytes)]) of the first count photos below folder (None: all)."""
+    paths = list_images(folder)[:count]
     if not paths:
-        sys.exit(f"no photos in {args.images}")
-    photos = [(Path(path).name, Path(path).read_bytes()) for path in paths]
+        sys.exit(f"no photos in {folder}")
+    return paths, [(Path(path).name, Path(path).read_bytes()) for path in paths]
+
+
+def cpu_seconds(pid):
+    """A process's user + system CPU time so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def side_by_side(args, photos, rounds=6):
+    """This checkout's server and args.against's, fed alternate batches under the same load."""
+    concurrency, requests = args.load[0]
+    servers = {"this": start_server(args.checkpoint, args.server_args),
+               str(args.against): start_server(args.checkpoint, args.server_args, args.against)}
+    figures = {name: {"cpu_ms": [], "images_per_s": []} for name in servers}
+    try:
+        for process, url in servers.values():  # warm-up
+            asyncio.run(run_level(url, photos, concurrency, 2 * concurrency))
+        for _ in range(rounds):
+            for name, (process, url) in servers.items():
+                before = cpu_seconds(process.pid)
+                level = asyncio.run(run_level(url, photos, concurrency, requests))
+                figures[name]["cpu_ms"].append(
+                    1000 * (cpu_seconds(process.pid) - before) / requests)
+                figures[name]["images_per_s"].append(level["images_per_s"])
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=60)
+    for name, figure in figures.items():
+        print(f"{name}: server CPU {statistics.mean(figure['cpu_ms']):.2f} ms per request "
+              f"({', '.join(f'{value:.1f}' for value in figure['cpu_ms'])}), "
+              f"{statistics.mean(figure['images_per_s']):.1f} images/s "
+              f"({', '.join(f'{value:.1f}' for value in figure['images_per_s'])})")
+
+
+def main(args):
+    paths, photos = read_photos(args.images, args.photos)
+    if args.against:
+        print(f"concurrency {args.load[0][0]}, {args.load[0][1]} requests per batch, one in "
+              f"{BAD_EVERY} a bad upload")
+        side_by_side(args, photos)
+        return
     print(f"{len(paths)} photos from {args.images}; one request in {BAD_EVERY} is a bad upload; "
           f"serve.py {args.server_args}")
     print("concurrency requests  p50 ms  p99 ms images/s errors mean batch server MiB")

@@ -2,6 +2,7 @@
 "use strict";
 
 const TOP_K = 5;
+const UNREACHABLE = "The server cannot be reached; check that it is running and this phone is on its network.";
 const $ = (id) => document.getElementById(id);
 
 // A token given as http://host:port/#token=... is kept on this phone and removed from the address.
@@ -61,7 +62,7 @@ async function classify(file) {
     body = await response.json().catch(() => ({ error: "The server answered " + response.status + "." }));
   } catch (error) {
     $("result").hidden = true;
-    setStatus("error", "The server cannot be reached; check that it is running and this phone is on its network.");
+    setStatus("error", UNREACHABLE);
     return;
   }
   if (response.status === 401) $("token-form").hidden = false;
@@ -81,9 +82,24 @@ for (const id of ["camera", "picker"]) {
   });
 }
 
+// A server started with --token says so in /health: ask for the token as the page opens, not
+// only after a photo was refused.
+async function askForTokenIfNeeded() {
+  try {
+    const health = await (await fetch("health")).json();
+    if (health.token_required && !localStorage.getItem("token")) {
+      $("token-form").hidden = false;
+      setStatus("ready", "Enter the server's token, then take or choose a photo.");
+    }
+  } catch (error) {
+    setStatus("error", UNREACHABLE);
+  }
+}
+askForTokenIfNeeded();
+
 $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
   localStorage.setItem("token", $("token").value);
   $("token-form").hidden = true;
-  setStatus("ready", "Token saved; take or choose the photo again.");
+  setStatus("ready", "Token saved; take or choose a photo.");
 });

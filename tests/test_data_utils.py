@@ -5,18 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision import transforms
 
 from backbones import Preprocess
 from common import UserError
 from data_utils import (
     ImageFiles,
+    centre_crop_to_aspect,
     eval_transform,
     find_splits,
     list_images,
     load_category_names,
     load_image,
+    to_rgb,
 )
 
 PREPROCESS = Preprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -99,6 +101,51 @@ def test_every_image_mode_loads_as_rgb(tmp_path, mode):
     assert image.mode == "RGB" and image.size == (40, 30)
     if mode == "I;16":  # 16-bit levels scaled down, not clipped to white
         assert image.getpixel((0, 0)) == (194, 194, 194)
+
+
+@pytest.mark.parametrize("mode, level, expected", [("I;16", 50000, 194), ("I;16", 200, 200),
+                                                     ("I", 50000, 194)])
+def test_sixteen_and_32_bit_levels_are_scaled_to_8_bits(mode, level, expected):
+    image = Image.fromarray(np.full((30, 40), level, dtype=np.uint16)).convert(mode)
+    assert to_rgb(image).getpixel((0, 0)) == (expected,) * 3
+
+
+@pytest.mark.parametrize("suffix", [".eps", ".ico", ".pcx", ".tga"])
+def test_formats_outside_the_list_are_never_opened(tmp_path, suffix):
+    """EPS would be handed to Ghostscript; ICO decodes an embedded PNG before any size check."""
+    path = write_image(tmp_path / f"image{suffix}")
+    with pytest.raises(UnidentifiedImageError):
+        load_image(path)
+
+
+def test_first_frame_of_a_gif_and_first_page_of_a_tiff(tmp_path):
+    for suffix in (".gif", ".tiff"):
+        path = tmp_path / f"two{suffix}"
+        first, second = Image.new("RGB", (8, 6), (255, 0, 0)), Image.new("RGB", (8, 6), (0, 0, 255))
+        first.save(path, save_all=True, append_images=[second])
+        assert load_image(path).getpixel((0, 0)) == (255, 0, 0)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_pixel_limit_is_checked_before_any_pixel_is_decoded(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (9500, 9500)).save(path)  # 10 KB that would decode to 90 million pixels
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: pytest.fail("decoded"))
+    with pytest.raises(Image.DecompressionBombError, match="9500x9500 pixels"):
+        load_image(path)
+
+
+def test_extreme_aspect_ratio_is_cropped_without_changing_the_prediction_input():
+    """A 4000x100 strip keeps its centre 800x100: the same tensor after eval_transform, without
+    the 10240x256 resize of the whole strip (a 4000x1 one would need 1,024,000x256)."""
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 4000, 3), np.uint8))
+    cropped = centre_crop_to_aspect(strip)
+    assert cropped.size == (800, 100)
+    assert np.array_equal(np.asarray(cropped), np.asarray(strip)[:, 1600:2400])
+    assert centre_crop_to_aspect(Image.new("RGB", (4000, 1))).size == (8, 1)
+    transform = eval_transform(PREPROCESS)
+    assert torch.allclose(transform(cropped), transform(strip), atol=1e-5)
+    assert to_rgb(strip).size == (800, 100)
 
 
 def test_transparent_pixels_become_white(tmp_path):

@@ -130,7 +130,7 @@ def test_checkpoint_without_the_new_keys_still_predicts(trained, subset, tmp_pat
     _, run = trained
     checkpoint = load_checkpoint(run / "checkpoint.pth")
     for key in OPTIONAL_KEYS:
-        del checkpoint[key]
+        checkpoint.pop(key, None)  # "split" only where a folder was split automatically
     save_checkpoint(checkpoint, tmp_path / "old.pth")
     image = sorted((subset / "test" / "2").iterdir())[0]
     old = Predictor(tmp_path / "old.pth").predict_image(image, top_k=3)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -173,7 +172,7 @@ def test_bad_upload_is_a_one_line_json_error(server, photos, case):
 def test_large_upload_is_refused_before_it_is_read(server):
     """A declared 100 MB upload is answered 413 after 64 KB; so is a chunked one without a size."""
     with socket.create_connection((server.host, server.port), timeout=30) as connection:
-        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
                            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
                            b"Content-Length: 100000000\r\n\r\n" + b"\xff" * 65536)
         assert connection.recv(4096).startswith(b"HTTP/1.1 413 ")
@@ -186,22 +185,8 @@ def test_large_upload_is_refused_before_it_is_read(server):
     assert chunked.status_code == 413 and "limit" in chunked.json()["error"]
 
 
-def test_concurrent_requests_share_model_batches(server, predictor, photos):
-    expected = {path: predictor.predict_image(path, top_k=1, path=path.name) for path in photos[:6]}
-    requests = [*expected] * 3
-    before = server.client.get("/health").json()
-    with ThreadPoolExecutor(len(requests)) as pool:
-        answers = list(pool.map(lambda path: post_photo(server, path, params={"top_k": 1}),
-                                requests))
-    after = server.client.get("/health").json()
-    for path, answer in zip(requests, answers):
-        assert answer.status_code == 200, answer.text
-        assert_matches(answer.json(), expected[path], 1)
-    assert after["images"] - before["images"] == len(requests)
-    assert after["batches"] - before["batches"] < len(requests)
-
-
-def test_page_names_the_photo_in_headless_chromium(server, predictor, photos, tmp_path):
+def test_page_asks_for_the_token_then_names_the_photo_in_headless_chromium(server, predictor,
+                                                                          photos, tmp_path):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as error:
@@ -216,7 +201,11 @@ def test_page_names_the_photo_in_headless_chromium(server, predictor, photos, tm
             viewport={"width": 390, "height": 844})  # a fresh profile and a phone's screen
         try:
             page = browser.new_page()
-            page.goto(f"{server.url}#token={TOKEN}")
+            page.goto(server.url)  # no #token=: the page must ask before any photo is sent
+            page.wait_for_selector("#token-form", state="visible", timeout=30000)
+            page.fill("#token", TOKEN)
+            page.click("#token-form button")
+            page.wait_for_selector("#token-form", state="hidden", timeout=30000)
             page.set_input_files("#picker", str(photo))
             page.wait_for_selector("body[data-state=done]", timeout=30000)
             headline = page.inner_text("#headline")
@@ -234,20 +223,71 @@ def browser_missing(reason):
     pytest.skip(reason)
 
 
+def refuses_connections(server):
+    try:
+        socket.create_connection((server.host, server.port), timeout=5).close()
+    except OSError:
+        return True
+    return False
+
+
 def test_sigterm_lets_the_request_in_flight_finish(checkpoint, photos):
+    """The rest of the upload is sent only once the server is seen shutting down (it no longer
+    accepts connections) with the request in flight: no sleeps, no race."""
     server = Server(checkpoint, "--max_batch", 1, "--engine", "torch")
     data = photos[0].read_bytes()
     with socket.create_connection((server.host, server.port), timeout=30) as connection:
-        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
-                           b"Content-Length: %d\r\n\r\n" % len(data) + data[:1000])
-        time.sleep(0.5)
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Content-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(data)
+                           + data[:1000])
+        wait_until(lambda: server.client.get("/health").json()["in_flight"] == 1)
+        server.client.close()  # its idle connection would hold the shutdown up
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        wait_until(lambda: refuses_connections(server))
         connection.sendall(data[1000:])
         answer = b"".join(iter(lambda: connection.recv(65536), b""))  # until the server closes
     assert answer.startswith(b"HTTP/1.1 200 ") and b'"probabilities"' in answer
     assert server.process.wait(timeout=30) == 143  # SIGTERM's exit code, as for train.py
     server.stop()
+
+
+def wait_until(condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)
+
+
+def test_all_interfaces_warns_prints_the_lan_address_and_ctrl_c_exits_130(checkpoint):
+    import serve
+
+    process = subprocess.Popen(
+        [sys.executable, "serve.py", str(checkpoint), "--host", "0.0.0.0", "--port", "0",
+         "--max_batch", "1", "--engine", "torch"], cwd=PROJECT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        warning = process.stderr.readline()
+        line = process.stdout.readline()
+        port = int(re.search(r":(\d+)/ ", line)[1])
+        assert warning.startswith("warning: listening on 0.0.0.0:") and "--token" in warning
+        assert f"http://{serve.lan_address()}:{port}/ " in line
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)
+        assert health.status_code == 200
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_negative_batch_wait_is_refused(capsys):
+    import serve
+    from cli_utils import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(serve.main, serve.get_args_parser(), ["unused.pth", "--batch_wait_ms", "-1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --batch_wait_ms must be 0 or more, got -1.0\n"
 
 
 def test_bad_checkpoint_is_one_line_before_serving(tmp_path):

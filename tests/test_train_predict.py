@@ -351,3 +351,27 @@ def test_caches_follow_xdg_cache_home(tmp_path, monkeypatch):
     assert train.get_args_parser().get_default("cache_dir") == str(features.default_cache_dir())
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert features.default_cache_dir() == Path.home() / ".cache" / "flower_classifier" / "features"
+
+
+def test_predict_report_scores_a_folder_of_class_folders(trained, subset, tmp_path):
+    _, run = trained
+    report = predict.main(predict.get_args_parser().parse_args(
+        [str(subset / "test"), str(run / "checkpoint.pth"), "--report", str(tmp_path / "report"),
+         "--workers", "0"]))
+    plain = predict.main(predict.get_args_parser().parse_args(
+        [str(subset / "test"), str(run / "checkpoint.pth"), "--no_unknown", "--workers", "0"]))
+    right = sum(Path(p.path).parent.name == p.classes[0] for p in plain)
+    assert report["images"] == len(plain) == sum(1 for _ in (subset / "test").glob("*/*"))
+    assert report["accuracy"] == pytest.approx(right / len(plain))
+    assert json.loads((tmp_path / "report" / "test_report.json").read_text()) == report
+    assert (tmp_path / "report" / "confusion_matrix.png").stat().st_size > 0
+    assert (tmp_path / "report" / "mistakes.png").exists() == (right < len(plain))
+    (subset / "test" / "not_a_class").mkdir()
+    try:
+        with pytest.raises(UserError, match="class folders the checkpoint does not know: "
+                                            "not_a_class"):
+            predict.main(predict.get_args_parser().parse_args(
+                [str(subset / "test"), str(run / "checkpoint.pth"), "--report",
+                 str(tmp_path / "report")]))
+    finally:
+        (subset / "test" / "not_a_class").rmdir()

@@ -1,0 +1,70 @@
+"""A backbone cut in two for --train_stages N: the frozen bottom computes, once per image, the
+activations that enter its last N stages (cached like the features); the top (those stages and
+the pooling) trains with the head on them each epoch.
+
+    bottom, top = split_backbone(backbone, 2)     # EfficientNet-Lite0: up to blocks[5] | the rest
+    activations = bottom(images)                  # [N, 192, 7, 7]
+    features = top(activations)                   # [N, 1280], as backbone.model(images)
+
+Only backbones whose stages run one after the other, then a pooling layer (Backbone.pool), can
+be cut; the top's modules are the backbone's own, so training them trains the classifier.
+"""
+from torch import nn
+
+from common import UserError
+
+
+class Stages(nn.Module):
+    """Backbone stages run in order, then the pooling (where given)."""
+
+    def __init__(self, stages, pool=None):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.pool = pool
+
+    def forward(self, inputs):
+        for stage in self.stages:
+            for module in stage:
+                inputs = module(inputs)
+        return inputs if self.pool is None else self.pool(inputs)
+
+
+def check_train_stages(backbone, layers):
+    """A clear error where the backbone cannot be cut before its last `layers` stages."""
+    stages = backbone.stages()
+    if backbone.pool is None:
+        raise UserError(f"--train_stages needs a backbone whose stages run one after the other "
+                        f"(efficientnet_lite0); {backbone.name} has none: use --finetune, or "
+                        "--train_stages 0")
+    if not 0 < layers < len(stages):
+        raise UserError(f"--train_stages {layers} is out of range: {backbone.name} has "
+                        f"{len(stages)} stages, and the first stays frozen; choose 1 to "
+                        f"{len(stages) - 1}")
+
+
+def split_backbone(backbone, layers):
+    """(bottom, top): the backbone's stages before its last `layers`, and those stages with the
+    pooling."""
+    check_train_stages(backbone, layers)
+    stages = backbone.stages()
+    return (Stages(stages[:-layers]).eval(),
+            Stages(stages[-layers:], backbone.pool(backbone.model)))
+
+
+class StageModel(nn.Module):
+    """What --train_stages trains: the top of the backbone and the head, on cached activations.
+    Inputs [N, C, H, W] (one view) or [N, V, C, H, W]: the views' features are averaged before
+    the head, as ImageClassifier averages an image's with its mirror image's."""
+
+    def __init__(self, top, head):
+        super().__init__()
+        self.top, self.head = top, head
+
+    def features(self, activations):
+        if activations.dim() == 4:
+            return self.top(activations)
+        count, views = activations.shape[:2]
+        return self.top(activations.flatten(0, 1)).unflatten(0, (count, views)).mean(1)
+
+    def forward(self, activations):
+        return self.head(self.features(activations))

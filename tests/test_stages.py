@@ -1,0 +1,137 @@
+"""--train_stages: the backbone's last stages trained with the head on cached activations, on a
+small real subset of the flowers; the checkpoint, predictions and the unknown verdict."""
+import pytest
+import torch
+from conftest import run_script, stopped_at_epoch, train_args
+
+import train
+from backbones import build_backbone
+from calibration import class_means
+from common import UserError
+from data_utils import ImageFiles, eval_transform
+from model_utils import backbone_features, load_checkpoint, model_from_checkpoint
+from predictor import Predictor
+from stage_split import check_train_stages, split_backbone
+
+STAGES = 2  # EfficientNet-Lite0's last block (192 -> 320 channels at 7x7) and conv_head + bn2
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return build_backbone("efficientnet_lite0")
+
+
+@pytest.mark.parametrize("layers", [1, STAGES, 5])
+def test_the_cut_backbone_computes_the_whole_backbones_features(lite0, layers):
+    bottom, top = split_backbone(lite0, layers)
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        activations = bottom(images)
+        assert torch.allclose(top.eval()(activations), lite0.model(images), atol=1e-5)
+    if layers == STAGES:
+        assert activations.shape == (2, 192, 7, 7)
+
+
+def test_stages_out_of_range_or_a_backbone_that_cannot_be_cut_are_user_errors(lite0):
+    with pytest.raises(UserError, match="choose 1 to 8"):
+        check_train_stages(lite0, 9)
+    with pytest.raises(UserError, match="use --finetune"):
+        check_train_stages(build_backbone("dinov2_vits14", pretrained=False), 1)
+
+
+@pytest.fixture(scope="module")
+def stage_run(subset, tmp_path_factory):
+    """A real --train_stages run on the subset, through torch (as the Predictor checks it):
+    (result, run folder, cache folder)."""
+    root = tmp_path_factory.mktemp("stages")
+    result = train.main(train_args(subset, root / "run", root / "cache", "--train_stages",
+                                   STAGES, "--epochs", "4", "--engine", "torch"))
+    return result, root / "run", root / "cache"
+
+
+def test_the_checkpoint_keeps_only_the_trained_stages(stage_run, lite0):
+    result, run, _ = stage_run
+    checkpoint = load_checkpoint(run / "checkpoint.pth")
+    assert checkpoint["backbone_state"] is None
+    assert checkpoint["hyperparameters"]["train_stages"] == STAGES
+    stages = checkpoint["stages_state"]
+    assert {key.split(".")[0] + ("." + key.split(".")[1] if key.startswith("blocks") else "")
+            for key in stages} == {"blocks.6", "conv_head", "bn2"}
+    pretrained = lite0.model.state_dict()
+    assert not torch.equal(stages["conv_head.weight"], pretrained["conv_head.weight"])  # trained
+    assert (run / "checkpoint.pth").stat().st_size < 10e6
+    # The rebuilt model: the pretrained backbone with the trained stages on top of it.
+    rebuilt = model_from_checkpoint(checkpoint).backbone.state_dict()
+    assert torch.equal(rebuilt["conv_head.weight"], stages["conv_head.weight"])
+    assert torch.equal(rebuilt["blocks.5.0.conv_pw.weight"], pretrained["blocks.5.0.conv_pw.weight"])
+
+
+def image_batch(subset, split, preprocess):
+    paths = sorted(str(path) for path in (subset / split).glob("*/*"))
+    dataset = ImageFiles(paths, eval_transform(preprocess), preprocess.crop)
+    return torch.stack([dataset[i][0] for i in range(len(paths))]), paths
+
+
+def test_predictions_and_the_unknown_verdict_come_from_the_trained_stages(stage_run, subset,
+                                                                           lite0):
+    result, run, _ = stage_run
+    predictor = Predictor(run / "checkpoint.pth", engine="torch")
+    valid, paths = image_batch(subset, "valid", predictor.preprocess)
+    predictions = predictor.top(predictor.outputs(valid), 1, paths)
+    correct = sum(p.classes[0] == p.path.split("/")[-2] for p in predictions)
+    assert correct / len(paths) == pytest.approx(result["valid_accuracy"])  # as training saw it
+    # The verdict's class means are those of the trained backbone's (mirror-averaged) features
+    # of train/, as predictions compute them, not those of the pretrained backbone.
+    checkpoint = predictor.checkpoint
+    train_images, train_paths = image_batch(subset, "train", predictor.preprocess)
+    labels = torch.tensor([checkpoint["class_to_idx"][p.split("/")[-2]] for p in train_paths])
+    with torch.no_grad():
+        trained = backbone_features(predictor.model.backbone, train_images, True)
+        pretrained = backbone_features(lite0.model, train_images, True)
+    means = checkpoint["class_means"].float()
+    assert torch.allclose(class_means(trained, labels, 3), means, atol=0.02)
+    assert not torch.allclose(class_means(pretrained, labels, 3), means, atol=0.02)
+    known = [p.known for p in predictions]
+    assert sum(known) >= len(known) - 1  # the threshold lets 95% of valid/ through
+
+
+def test_a_warm_rerun_extracts_nothing(stage_run, subset, tmp_path):
+    _, _, cache = stage_run
+    rerun = train.main(train_args(subset, tmp_path / "run", cache, "--train_stages", STAGES,
+                                  "--epochs", "1", "--engine", "torch"))
+    assert rerun["extracted_images"] == 0
+
+
+def test_a_resumed_stage_run_ends_as_the_whole_run(stage_run, subset, tmp_path, monkeypatch):
+    import trainer
+
+    _, whole_run, cache = stage_run
+    monkeypatch.setattr(trainer, "SAVE_INTERVAL", 3600)
+    args = ("--train_stages", STAGES, "--epochs", "4", "--engine", "torch")
+    with stopped_at_epoch(3):
+        train.main(train_args(subset, tmp_path / "cut", cache, *args))
+    train.main(train_args(subset, tmp_path / "cut", cache, "--engine", "torch", "--resume",
+                          tmp_path / "cut" / "checkpoint.pth"))
+    whole = load_checkpoint(whole_run / "checkpoint.pth")
+    cut = load_checkpoint(tmp_path / "cut" / "checkpoint.pth")
+    assert whole["epoch"] == cut["epoch"]
+    for key in whole["stages_state"]:
+        assert torch.equal(whole["stages_state"][key], cut["stages_state"][key]), key
+
+
+def test_finetune_and_train_stages_together_are_one_clear_error(subset, tmp_path):
+    run = run_script("train.py", subset, "--save_dir", tmp_path, "--finetune", "--train_stages",
+                     "2", "--cache_dir", tmp_path / "cache")
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        "error: --finetune trains on images, --train_stages on cached activations; choose one "
+        "of them"]
+
+
+def test_export_of_a_stage_checkpoint_matches_predict(stage_run, subset, tmp_path):
+    _, run, _ = stage_run
+    exported = run_script("export.py", run / "checkpoint.pth", "--output", tmp_path / "model.pt",
+                          "--check", subset / "valid")
+    assert exported.returncode == 0, exported.stderr
+    difference = float(exported.stdout.rsplit("probabilities", 1)[1])
+    assert difference < 1e-3
