@@ -1,5 +1,7 @@
 """--train_stages: the backbone's last stages trained with the head on cached activations, on a
 small real subset of the flowers; the checkpoint, predictions and the unknown verdict."""
+import re
+
 import pytest
 import torch
 from conftest import run_script, stopped_at_epoch, train_args
@@ -133,5 +135,7 @@ def test_export_of_a_stage_checkpoint_matches_predict(stage_run, subset, tmp_pat
     exported = run_script("export.py", run / "checkpoint.pth", "--output", tmp_path / "model.pt",
                           "--check", subset / "valid")
     assert exported.returncode == 0, exported.stderr
-    difference = float(exported.stdout.rsplit("probabilities", 1)[1])
-    assert difference < 1e-3
+    check = re.search(r"top-1 class agrees with predict.py on ([\d.]+)%, largest probability "
+                      r"difference ([\d.e+-]+)", exported.stdout)
+    assert check, exported.stdout
+    assert float(check[1]) == 100.0 and float(check[2]) < 1e-3
