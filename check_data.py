@@ -22,9 +22,10 @@ CLEANED_MANIFEST_NAME = "cleaned_manifest.json"
 
 def get_args_parser():
     from data_utils import default_workers
-    from datacheck import FOLDS, MIRROR_CHOICES, NEAR_THRESHOLD, TINY_SIDE
+    from datacheck import FOLDS, NEAR_THRESHOLD, TINY_SIDE
     from features import default_cache_dir
     from splits import DEFAULT_FRACTIONS
+    from train_config import MIRROR_CHOICES, family_default
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
@@ -32,7 +33,7 @@ def get_args_parser():
                         "optionally test/) each with one folder per class")
     parser.add_argument("--save_dir", default=".", help="where data_report.json, the contact "
                         "sheets and (with --fix) the cleaned manifest go")
-    parser.add_argument("--split", default=",".join(str(v) for v in DEFAULT_FRACTIONS.values()),
+    parser.add_argument("--split", default=",".join(map(str, DEFAULT_FRACTIONS.values())),
                         help="train,valid[,test] fractions of a one-folder data_dir, as train.py")
     parser.add_argument("--split_from", default=None, metavar="MANIFEST",
                         help="check the split this manifest records instead of splitting anew")
@@ -50,7 +51,7 @@ def get_args_parser():
     parser.add_argument("--arch", default=DEFAULT_ARCH, choices=arch_choices(), metavar="ARCH",
                         help="backbone whose features are compared (use the one you train with, "
                         "so its cache is shared)")
-    parser.add_argument("--mirror", choices=MIRROR_CHOICES, default="predict",
+    parser.add_argument("--mirror", choices=MIRROR_CHOICES, default=family_default("mirror"),
                         help="as train.py's --mirror, so the check reads the features it cached")
     parser.add_argument("--cache_dir", default=str(default_cache_dir()),
                         help="the feature cache train.py uses")
@@ -62,16 +63,15 @@ def get_args_parser():
 
 def load_splits(args):
     """(class_to_idx, splits, manifest) of data_dir: the manifest named by --split_from, a new
-    hash split of a one-folder data_dir, or the train/valid/test layout."""
-    from splits import load_dataset, manifest_of_layout, parse_fractions
+    hash split of a one-folder data_dir, or the train/valid/test layout (manifest None)."""
+    from splits import load_dataset, parse_fractions
 
-    class_to_idx, splits, manifest = load_dataset(args.data_dir, parse_fractions(args.split),
-                                                  args.split_from)
-    return class_to_idx, splits, manifest or manifest_of_layout(args.data_dir)
+    return load_dataset(args.data_dir, parse_fractions(args.split), args.split_from)
 
 
 def run_check(args):
-    """The report of the check (written to --save_dir) and the manifest it checked."""
+    """The report of the check (written to --save_dir) and the manifest it checked (None for a
+    train/valid/test layout)."""
     from backbones import build_backbone
     from data_utils import eval_transform
     from datacheck import check_dataset, split_features
@@ -97,12 +97,13 @@ def run_check(args):
 
 def main(args):
     from datacheck import cleaned_manifest, summary_lines
-    from splits import write_manifest
+    from splits import manifest_of_layout, write_manifest
 
     report, manifest = run_check(args)
     print("\n".join(summary_lines(report, args.save_dir)))
-    if args.fix:
-        cleaned, dropped = cleaned_manifest(manifest, args.data_dir, report)
+    if args.fix:  # a layout's manifest hashes every file: made only when it is needed
+        cleaned, dropped = cleaned_manifest(manifest or manifest_of_layout(args.data_dir),
+                                            args.data_dir, report)
         path = Path(args.save_dir) / CLEANED_MANIFEST_NAME
         write_manifest(cleaned, path)
         print(f"wrote {path}: {len(cleaned['files'])} files, {len(dropped)} left out "

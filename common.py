@@ -23,15 +23,21 @@ def error_reason(error):
     return getattr(error, "strerror", None) or lines[0]
 
 
+def on_first_rank():
+    """True without torchrun and on its rank 0 (read from torchrun's environment, so it holds
+    before the process group exists): where warnings and log lines are printed once."""
+    return int(os.environ.get("WORLD_SIZE", 1)) <= 1 or os.environ.get("RANK", "0") == "0"
+
+
 def warn(message):
     """One line on stderr; under torchrun only from rank 0, so N processes warn once."""
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or os.environ.get("RANK", "0") == "0":
+    if on_first_rank():
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def log(message):
     """One progress line on stdout; under torchrun only from rank 0, so N processes log once."""
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or os.environ.get("RANK", "0") == "0":
+    if on_first_rank():
         print(message, flush=True)
 
 

@@ -12,7 +12,6 @@ cleaned_manifest() turns the findings into a split manifest without them.
     features = split_features(extractor, splits, eval_transform(backbone.preprocess))
     report = check_dataset(class_to_idx, splits, features, save_dir, cache_dir)
     print("\\n".join(summary_lines(report, save_dir)))
-    weights = class_weights(train_labels, len(class_to_idx), "auto")   # for the loss
 """
 import hashlib
 import io
@@ -29,14 +28,13 @@ from PIL import Image
 from torch import nn
 
 from common import warn, write_json
-from data_utils import UNREADABLE_IMAGE_ERRORS, load_image
+from data_utils import UNREADABLE_IMAGE_ERRORS, open_image, to_rgb
 from features import FeatureCache, file_stamps
 from model_utils import SignedSqrt
 from reports import contact_sheet, short_path
 
 REPORT_NAME = "data_report.json"
 SHEETS_FOLDER = "data_check"
-MIRROR_CHOICES = ("predict", "all", "off")  # train.py's --mirror
 NEAR_THRESHOLD = 0.92  # thumbnail correlation; chosen on the messy folder of seed 0 (benchmarks)
 CANDIDATE_SIMILARITY = 0.5  # cosine of centred features from which a neighbour is a candidate
 NEIGHBOURS = 4         # candidates per image: its twin, or several copies of one photo
@@ -47,12 +45,6 @@ THUMB_LENGTH = THUMB * THUMB + 2 * EDGES * (EDGES - 1)
 EDGE_THRESHOLD = 0.6   # correlation of those differences; chosen on seed 0 (benchmarks)
 RIDGE = 1.0            # of the out-of-fold classifier, on features scaled to a mean length of 1
 SOFTMAX_SCALES = [2.0 ** k for k in range(12)]
-CLASS_WEIGHT_POWERS = {"none": 0.0, "sqrt": 0.5, "balanced": 1.0}
-# What 'auto' means. benchmarks/class_weights.py, 5 folds on flowers train+valid keeping 10-100%
-# of each class: mean per-class accuracy none 91.97%, sqrt 93.45%, balanced 93.85% (+1.89 +-
-# 0.11 points); on all of train+valid (3 folds) balanced +0.82 +- 0.19, accuracy +0.2.
-AUTO_CLASS_WEIGHTS = "balanced"
-DEFAULT_CLASS_WEIGHTS = "auto"
 TINY_SIDE = 64         # shorter side in pixels below which an image is reported as tiny
 FOLDS = 5
 SHEET_LIMIT = 60       # thumbnails per contact sheet, worst first
@@ -102,9 +94,10 @@ def file_facts(path):
     facts[:4] = torch.frombuffer(bytearray(digest), dtype=torch.int64)
     facts[6] = 1
     try:
-        with Image.open(io.BytesIO(data)) as header:
-            facts[4], facts[5] = header.size  # the stored size: before the draft decode
-        grey = load_image(io.BytesIO(data), 2 * EDGES).convert("L")
+        with open_image(io.BytesIO(data)) as image:  # one open: the formats load_image takes
+            facts[4], facts[5] = image.size  # the stored size: before the draft decode
+            image.draft("RGB", (2 * EDGES, 2 * EDGES))
+            grey = to_rgb(image).convert("L")
     except UNREADABLE_IMAGE_ERRORS:
         return facts, pixels.half(), False
     small = pixel_tensor(grey, THUMB)
@@ -359,19 +352,6 @@ def class_counts(rows, classes):
     totals = [count["total"] for count in counts.values()]
     ratio = max(totals) / min(totals) if min(totals) else math.inf
     return {name: dict(count) for name, count in counts.items()}, ratio
-
-
-def class_weights(labels, class_count, mode=DEFAULT_CLASS_WEIGHTS):
-    """Loss weights per class [class_count] from the training labels: each class weighted by
-    (its image count)^-power, power CLASS_WEIGHT_POWERS[mode] ('balanced': inverse frequency,
-    'sqrt': its square root, 'none': all 1; 'auto': DEFAULT_CLASS_WEIGHTS, chosen by
-    benchmarks/class_weights.py), scaled so the mean weight over the images is 1 (the loss
-    and the learning rate keep their scale). A class with no image gets weight 0."""
-    power = CLASS_WEIGHT_POWERS[AUTO_CLASS_WEIGHTS if mode == "auto" else mode]
-    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long),
-                            minlength=class_count).double()
-    weights = torch.where(counts > 0, counts.clamp(min=1) ** -power, torch.zeros_like(counts))
-    return (weights * counts.sum() / (weights * counts).sum()).float()
 
 
 def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,

@@ -179,6 +179,16 @@ def load_dataset(data_dir, fractions=DEFAULT_FRACTIONS, split_from=None, previou
     return *manifest_splits(manifest, data_dir), manifest
 
 
+def manifest_record(manifest):
+    """What the checkpoint records of an automatic split: its fractions and a digest of its
+    file list (the manifest itself stays in the save folder)."""
+    listing = sorted((entry["split"], entry["class"], entry["path"]) for entry in manifest["files"])
+    digest = hashlib.sha256(repr(listing).encode()).hexdigest()
+    return {"manifest": MANIFEST_NAME, "fractions": manifest["fractions"], "files_sha256": digest,
+            "counts": {name: sum(1 for entry in manifest["files"] if entry["split"] == name)
+                       for name in manifest["roots"]}}
+
+
 def manifest_of_layout(data_dir):
     """A manifest of an existing train/valid/test layout, as found by find_splits (for --fix)."""
     data_dir = Path(data_dir)

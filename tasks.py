@@ -97,13 +97,10 @@ def make_task(config, backbone, splits, device, classifier):
         bottom, top = split_backbone(backbone, config.train_stages)
         data, computed, _, kept_paths = extract_features(config, backbone, device, splits,
                                                          bottom=bottom)
-        task = StageTask(data, config, top, classifier, device, computed)
-        task.kept_paths = kept_paths
-        return task
+        return StageTask(data, config, top, classifier, device, computed, kept_paths)
     data, computed, by_split, kept_paths = extract_features(config, backbone, device, splits)
-    task = FeatureTask(data, config.batch_size, classifier, device, computed)
-    task.split_features, task.kept_paths = by_split, kept_paths
-    return task
+    return FeatureTask(data, config.batch_size, classifier, device, computed, kept_paths,
+                       by_split)
 
 
 def report_unreadable(splits, ok_masks, strict):
@@ -177,14 +174,17 @@ def extract_features(config, backbone, device, splits, bottom=None):
 
 class FeatureTask(Task):
     """Head training on cached features: batches are slices of tensors, sharded across ranks.
-    `model` is the classifier's head. data: {split: (inputs, labels)} as extract_features
-    returns it (train's inputs [views, N, D])."""
+    `model` is the classifier's head. data, extracted, kept_paths, split_features: as
+    extract_features returns them (train's inputs [views, N, D]); kept_paths None where the
+    images' paths are not known (no mistakes sheet)."""
 
     eval_batch_size = 1024
 
-    def __init__(self, data, batch_size, classifier, device, extracted=0):
+    def __init__(self, data, batch_size, classifier, device, extracted=0, kept_paths=None,
+                 split_features=None):
         self.data, self.batch_size, self.device = data, batch_size, device
-        self.extracted, self.kept_paths = extracted, None
+        self.extracted, self.kept_paths = extracted, kept_paths
+        self.split_features = split_features
         self.model = classifier.head
         if device.type == "cpu":
             # The head's small matrix products gain nothing from a second thread, and lose
@@ -234,8 +234,8 @@ class StageTask(FeatureTask):
     data: as extract_features returns it with the bottom of split_backbone, whose top is top."""
     eval_batch_size = 256
 
-    def __init__(self, data, config, top, classifier, device, extracted=0):
-        self.extracted, self.kept_paths = extracted, None
+    def __init__(self, data, config, top, classifier, device, extracted=0, kept_paths=None):
+        self.extracted, self.kept_paths = extracted, kept_paths
         views = 1 if config.mirror == "off" else 2
         self.data = {name: (inputs if name == "train" else inputs[:, :views], labels)
                      for name, (inputs, labels) in data.items()}

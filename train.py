@@ -30,12 +30,11 @@ from cli_utils import (
     select_device,
 )
 from common import UserError, log, warn
-from datacheck import CLASS_WEIGHT_POWERS
 from data_utils import default_workers
 from engines import ENGINE_CHOICES
 from features import default_cache_dir
 from model_utils import FEATURE_TRANSFORMS, load_train_state
-from splits import MANIFEST_NAME, parse_fractions
+from splits import DEFAULT_FRACTIONS, MANIFEST_NAME, parse_fractions
 from train_config import (
     MIRROR_CHOICES,
     TrainConfig,
@@ -117,12 +116,13 @@ def get_args_parser():
                         "CPU (bf16 where the CPU has it natively) for 128 images or more or once "
                         "its converted model is on disk, else "
                         "torch; --finetune always trains with torch")
-    parser.add_argument("--class_weights", choices=("auto", *CLASS_WEIGHT_POWERS), default=None,
+    parser.add_argument("--class_weights", choices=("auto", *trainer.CLASS_WEIGHT_POWERS), default=None,
                         help="weights of the classes in the loss: 'balanced' weighs each class "
                         "inversely to its training images (fairer to rare classes), 'sqrt' by "
                         "its square root, 'none' all alike; 'auto' is 'balanced' "
                         f"({arch_default('class_weights')})")
-    parser.add_argument("--split", default="0.8,0.1,0.1", metavar="FRACTIONS",
+    parser.add_argument("--split", default=",".join(map(str, DEFAULT_FRACTIONS.values())),
+                        metavar="FRACTIONS",
                         help="how a data_dir of class folders (no train/) is split: train, valid "
                         "and test fractions, decided per photo by a hash of its bytes; the split "
                         f"is kept in save_dir/{MANIFEST_NAME}, where later runs find it")

@@ -477,7 +477,8 @@ def pretrained_features(data, layers):
 def run_epochs(config, task, classifier):
     """train.py's Trainer epochs (its optimiser, schedule, loss and seeding), the last kept."""
     optimizer, scheduler = trainer.make_optimizer(config, classifier, task.steps_per_epoch())
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    criterion = trainer.make_criterion(config, task.train_labels(),
+                                       classifier.head[-1].out_features, CPU)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for epoch in range(1, config.epochs + 1):
         torch.manual_seed(config.seed + epoch)

@@ -188,18 +188,6 @@ def test_likely_mislabelled_finds_a_flipped_label():
     assert len(suspects) <= 3
 
 
-def test_class_weights():
-    labels = [0, 0, 0, 1, 2, 2]
-    balanced = datacheck.class_weights(labels, 4, "balanced")
-    assert balanced.tolist() == pytest.approx([2 / 3, 2.0, 1.0, 0.0])
-    assert (balanced[torch.tensor(labels)]).mean().item() == pytest.approx(1.0)
-    assert datacheck.class_weights(labels, 3, "none").tolist() == [1.0, 1.0, 1.0]
-    sqrt = datacheck.class_weights(labels, 3, "sqrt")
-    assert sqrt[1] / sqrt[0] == pytest.approx(3 ** 0.5)
-    assert datacheck.class_weights(labels, 3, "auto").tolist() == datacheck.class_weights(
-        labels, 3, datacheck.AUTO_CLASS_WEIGHTS).tolist()
-
-
 def test_cleaned_manifest_drops_leaks_and_keeps_one_copy(tmp_path):
     manifest = {"format": 1, "roots": {"train": "train", "valid": "valid"}, "classes": ["a"],
                 "files": [{"path": f"a/{name}", "class": "a", "split": split, "sha256": name}
