@@ -14,9 +14,9 @@ so it cannot resize, crop or normalise differently from Python by mistake.
 import numpy as np
 import torch
 from torch import nn
-from torchvision import transforms
 
 from calibration import nearest_similarity
+from data_utils import resize_and_crop
 from model_utils import (
     checkpoint_preprocess,
     model_from_checkpoint,
@@ -93,9 +93,4 @@ def output_names(checkpoint):
 def app_pixels(image, preprocess):
     """What an app feeds the model for a decoded RGB PIL image: the shorter side resized with
     the checkpoint's filter, the centre crop, as uint8 [crop, crop, 3]; nothing else."""
-    resize_and_crop = transforms.Compose([
-        transforms.Resize(preprocess.resize,
-                          interpolation=transforms.InterpolationMode(preprocess.interpolation)),
-        transforms.CenterCrop(preprocess.crop),
-    ])
-    return np.array(resize_and_crop(image), dtype=np.uint8)
+    return np.array(resize_and_crop(preprocess)(image), dtype=np.uint8)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,9 @@ SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 # The only decoders ever used (the JPEG one also reads cameras' multi-picture MPO files).
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "BMP", "TIFF", "GIF", "PPM")
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own safety limit, about 89 million
+# open_image refuses images over MAX_PIXELS itself, so Pillow's warning about the half-way
+# region before its own limit would only precede that error.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # Longest side over shortest side kept: a longer image is cropped about its centre before it is
 # resized (a 4000x1 PNG would otherwise become 1,024,000x256 pixels), which keeps every pixel the
 # centre crop of eval_transform uses.
@@ -194,12 +198,20 @@ def load_image(path, target=None):
         return to_rgb(image)
 
 
-def eval_transform(preprocess):
-    """Resize, centre crop and normalise as the backbone was trained: the one used to predict."""
+def resize_and_crop(preprocess):
+    """The shorter side resized with the backbone's filter, then the centre crop: the geometry
+    of eval_transform, and all an app does to a photo before an exported model (app_model)."""
     return transforms.Compose([
         transforms.Resize(preprocess.resize,
                           interpolation=transforms.InterpolationMode(preprocess.interpolation)),
         transforms.CenterCrop(preprocess.crop),
+    ])
+
+
+def eval_transform(preprocess):
+    """Resize, centre crop and normalise as the backbone was trained: the one used to predict."""
+    return transforms.Compose([
+        resize_and_crop(preprocess),
         transforms.ToTensor(),
         transforms.Normalize(preprocess.mean, preprocess.std),
     ])

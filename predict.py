@@ -225,14 +225,18 @@ def report_on_folder(predictor, source, args):
             paths.append(prediction.path)
             labels.append(label)
             probabilities.append(row)
+    if not paths:
+        raise UserError(f"none of the {len(split.paths)} images in {source} could be read; "
+                        "pass photos such as JPEG or PNG")
     skipped = len(split.paths) - len(paths)
     if skipped:
         warn(f"skipped {skipped} unreadable images")
     probabilities = np.stack(probabilities)
-    report = reports.test_report(labels, probabilities.argmax(1).tolist(), predictor.names)
+    predictions = probabilities.argmax(1).tolist()
+    report = reports.test_report(labels, predictions, predictor.names)
     folder = Path(args.report)
     reports.save_test_report(report, folder / "test_report.json")
-    reports.plot_confusion_matrix(labels, probabilities.argmax(1).tolist(), predictor.names,
+    reports.plot_confusion_matrix(labels, predictions, predictor.names,
                                   folder / "confusion_matrix.png")
     wrong = reports.plot_mistakes(paths, labels, probabilities, predictor.names,
                                   folder / "mistakes.png")

@@ -22,11 +22,12 @@ from common import UserError, error_reason, progress
 from data_utils import (
     UNREADABLE_IMAGE_ERRORS,
     check_category_names,
+    default_workers,
     display_names,
     eval_transform,
+    image_loader,
     load_image,
 )
-from data_utils import default_workers, image_loader
 from engines import autocast, compile_backbone, weights_key
 from model_utils import (
     backbone_features,
@@ -153,10 +154,6 @@ class Predictor:
             known = similarity >= self.unknown_threshold
         return logits.float().softmax(dim=1).cpu(), known
 
-    def probabilities(self, images, job_size=None):
-        """Class probabilities [N, C] (index order) of a preprocessed float batch [N, 3, H, W]."""
-        return self.outputs(images, job_size)[0]
-
     def top(self, outputs, top_k, paths):
         """A Prediction per image of outputs(); top_k, one for all images or one per image, is
         clamped to the number of classes."""
@@ -208,7 +205,6 @@ class Predictor:
 
     def predict_files(self, paths, top_k=5, batch_size=BATCH_SIZE, workers=None):
         """Yield a Prediction per file, in order (predict_batches with a progress bar)."""
-        workers = default_workers() if workers is None else workers
         batches = self.predict_batches(((None, path) for path in paths), top_k, batch_size,
                                        workers if len(paths) > 1 else 0, len(paths))
         for batch in progress(batches, math.ceil(len(paths) / batch_size), "predicting",

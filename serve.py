@@ -29,7 +29,6 @@ import os
 import socket
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -58,7 +57,7 @@ from cli_utils import (
     select_device,
 )
 from common import UserError, error_reason, warn
-from data_utils import MAX_PIXELS, UNREADABLE_IMAGE_ERRORS, open_image, to_rgb
+from data_utils import IMAGE_FORMATS, MAX_PIXELS, UNREADABLE_IMAGE_ERRORS, open_image, to_rgb
 from engines import ENGINE_CHOICES
 from predictor import Predictor
 
@@ -87,9 +86,11 @@ SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; "
      b"frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
 ]
-BUSY_CONNECTION_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
-                          b"Content-Type: text/plain\r\nContent-Length: 37\r\nConnection: close\r\n"
-                          b"\r\nThe server has too many connections.\n")
+BUSY_CONNECTION_TEXT = b"The server has too many connections.\n"
+BUSY_CONNECTION_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %s\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+    % (RETRY_AFTER_S.encode(), len(BUSY_CONNECTION_TEXT), BUSY_CONNECTION_TEXT))
 
 
 def get_args_parser():
@@ -293,7 +294,7 @@ class Share:
         self.budget.take(self, size)
 
 
-def form_file(body, content_type, limit):
+def form_file(body, content_type):
     """(bytes, file name) of the multipart field `file`, parsed with python-multipart in the
     calling (decoding) thread. Bodies with more delimiters than MAX_FORM_PARTS are refused
     before parsing: that many delimiters only slow the parser down."""
@@ -307,7 +308,8 @@ def form_file(body, content_type, limit):
     fields, files = [], []
     parser = FormParser(
         "multipart/form-data", fields.append, files.append, boundary=boundary,
-        config={"MAX_MEMORY_FILE_SIZE": limit + 1, "MAX_BODY_SIZE": limit + 1})
+        # read_body refused bodies over --max_upload_mb already: the whole body fits in memory
+        config={"MAX_MEMORY_FILE_SIZE": len(body) + 1, "MAX_BODY_SIZE": len(body) + 1})
     try:
         parser.write(body)
         parser.finalize()
@@ -327,12 +329,12 @@ def form_file(body, content_type, limit):
                      f"{', '.join(names) or 'none'}); {fix}")
 
 
-def decode_upload(body, content_type, predictor, share, limit):
+def decode_upload(body, content_type, predictor, share):
     """(preprocessed tensor, file name) of the upload, or a BadRequest saying what is wrong with
     it. Runs in a decoding thread: form parsing and pixels never block the event loop."""
     data, name = body, "upload"
     if content_type.startswith("multipart/form-data"):
-        data, name = form_file(body, content_type, limit)
+        data, name = form_file(body, content_type)
     if not data:
         raise BadRequest(400, "The upload is empty; send a photo such as a JPEG or PNG file.")
     try:
@@ -353,7 +355,7 @@ def unreadable_reason(error):
     """What is wrong with an unreadable upload, in the server's words: a decoder's own message
     is not for clients."""
     if isinstance(error, UnidentifiedImageError):
-        return "not a JPEG, PNG, WebP, HEIC, AVIF, BMP, TIFF or GIF image"
+        return f"not a {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image"
     return "the file is truncated" if "truncated" in str(error) else "the file is damaged"
 
 
@@ -573,22 +575,21 @@ def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16,
                              "'Authorization: Bearer TOKEN' with the server's --token.",
                              {"WWW-Authenticate": "Bearer"})
 
-    async def answer(request, share, phase):
+    async def answer(request, share, uploading):
         k = min(requested_top_k(request, top_k), len(predictor.classes))
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("application/x-www-form-urlencoded"):
             raise BadRequest(400, f"Send the photo as multipart/form-data field '{UPLOAD_FIELD}' "
                              "or as the raw request body, not URL-encoded.")
         body = await read_body(request, limit, share)
-        phase[0] = "decoding"
+        uploading.clear()  # the upload is in: a timeout from here on is the server's
         batcher.decoding += 1
         try:
             tensor, name = await asyncio.get_running_loop().run_in_executor(
-                decoders, decode_upload, body, content_type, predictor, share, limit)
+                decoders, decode_upload, body, content_type, predictor, share)
         finally:
             batcher.decoding -= 1
         del body  # its memory is free before the model runs
-        phase[0] = "predicting"
         return await batcher.predict(tensor, k, name)
 
     async def predict(request):
@@ -598,12 +599,14 @@ def create_app(predictor, top_k=5, token=None, max_upload_mb=20.0, max_batch=16,
             raise busy("The server is answering as many requests as it takes; try again in a "
                        "moment.")
         in_flight += 1
-        phase = ["uploading"]
+        uploading = asyncio.Event()
+        uploading.set()
         try:
             with budget.account() as share:
-                prediction = await asyncio.wait_for(answer(request, share, phase), request_timeout)
+                prediction = await asyncio.wait_for(answer(request, share, uploading),
+                                                    request_timeout)
         except asyncio.TimeoutError:
-            if phase[0] == "uploading":
+            if uploading.is_set():
                 raise BadRequest(408, f"The upload took longer than {request_timeout:g} s; send "
                                  "it again on a faster connection.",
                                  {"Connection": "close"}) from None
@@ -728,8 +731,6 @@ def main(args):
             raise UserError(f"--allow_origin {origin!r} is not an origin; write it as "
                             "scheme://host[:port], e.g. https://photos.example.org")
     limit_malloc_arenas()
-    # open_image refuses images over Pillow's pixel limit itself, with a 413 answer.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     predictor = load_predictor(args)
     app = app_from_args(predictor, args)
     sock = listen(args.host, args.port)

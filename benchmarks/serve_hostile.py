@@ -275,8 +275,8 @@ async def measured(args, url, pid, photos, seconds):
     stop = asyncio.Event()
     latencies, failures, health_times, health_failures = [], Counter(), [], []
     watch = MemoryWatch(pid)
-    watcher = asyncio.create_task(watch.run(resident_mib(pid)))
     baseline = resident_mib(pid)
+    watcher = asyncio.create_task(watch.run(baseline))
     limits = httpx.Limits(max_connections=args.concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
         tasks = [asyncio.create_task(good_loop(client, photos, latencies, failures, stop))

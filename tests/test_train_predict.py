@@ -375,3 +375,25 @@ def test_predict_report_scores_a_folder_of_class_folders(trained, subset, tmp_pa
                  str(tmp_path / "report")]))
     finally:
         (subset / "test" / "not_a_class").rmdir()
+
+
+def test_class_weights():
+    labels = [0, 0, 0, 1, 2, 2]
+    balanced = trainer.class_weights(labels, 4, "balanced")
+    assert balanced.tolist() == pytest.approx([2 / 3, 2.0, 1.0, 0.0])
+    assert (balanced[torch.tensor(labels)]).mean().item() == pytest.approx(1.0)
+    assert trainer.class_weights(labels, 3, "none").tolist() == [1.0, 1.0, 1.0]
+    sqrt = trainer.class_weights(labels, 3, "sqrt")
+    assert sqrt[1] / sqrt[0] == pytest.approx(3 ** 0.5)
+    assert trainer.class_weights(labels, 3, "auto").tolist() == trainer.class_weights(
+        labels, 3, trainer.AUTO_CLASS_WEIGHTS).tolist()
+
+
+def test_predict_report_on_unreadable_images_is_one_clear_error(trained, tmp_path):
+    _, run = trained
+    (tmp_path / "labelled" / "1").mkdir(parents=True)
+    (tmp_path / "labelled" / "1" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="none of the 1 images .* could be read"):
+        predict.main(predict.get_args_parser().parse_args(
+            [str(tmp_path / "labelled"), str(run / "checkpoint.pth"), "--report",
+             str(tmp_path / "report"), "--workers", "0"]))
