@@ -93,8 +93,7 @@ def get_args_parser():
                         "(docs/export.md)")
     parser.add_argument("--dtype", choices=["float32", "int8"], default="float32",
                         help="int8: post-training quantisation with XNNPACK's quantiser, "
-                        "calibrated on --calibration photos, the first convolution kept "
-                        "float32 for accuracy (executorch only)")
+                        "calibrated on --calibration photos (executorch only)")
     parser.add_argument("--calibration", default=None, metavar="FOLDER",
                         help=f"training photos that calibrate --dtype int8 ({CALIBRATION_IMAGES} "
                         "spread over the folder, searched recursively; default: none)")
@@ -204,40 +203,18 @@ def calibration_images(folder, preprocess):
     return readable
 
 
-def up_to_first_convolution(graph_module):
-    """The names of the nodes up to the convolution that reads the image (the backbone's stem),
-    included: the input's scaling and the mirror's concatenation feed it, and XNNPACK refuses a
-    float32 convolution whose input is int8. Names: prepare_pt2e annotates a copy of the graph."""
-    names = []
-    for node in graph_module.graph.nodes:
-        if node.op == "call_function":  # not the weights (get_attr), which every layer reads
-            names.append(node.name)
-        if node.target == torch.ops.aten.conv2d.default:
-            return set(names)
-    return set()
-
-
 def quantised_int8(model, pixels, calibration):
-    """The model with XNNPACK's symmetric int8 quantisation (PT2E, per-channel weights), its
-    activation ranges calibrated on the calibration photos.
-
-    The first convolution (with the input scaling before it) stays float32: it is the most
-    precision-critical layer (in int8 it cost 2 of the 3 points of top-1 lost on the valid
-    split) and has under a thousand weights (EfficientNet-Lite0: 864), so the file does not
-    grow. Changing the head instead (its Linear layers quantised per photo, its signed square
-    root in float32) left that accuracy as it was."""
+    """The model with XNNPACK's symmetric int8 quantisation (PT2E), its activation ranges
+    calibrated on the calibration photos."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    graph_module = torch.export.export(model, (pixels,)).module()
-    kept_float32 = up_to_first_convolution(graph_module)
-    quantizer = (XNNPACKQuantizer()
-                 .set_global(get_symmetric_quantization_config(is_per_channel=True))
-                 .set_filter_function(lambda node: node.name not in kept_float32))
-    prepared = prepare_pt2e(graph_module, quantizer)
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(torch.export.export(model, (pixels,)).module(), quantizer)
     with torch.no_grad():
         for photo in calibration:
             prepared(photo)

@@ -98,21 +98,6 @@ def test_int8_executorch_is_a_quarter_the_size_and_close(executorch_export, chec
     assert result.images == 6 and 0 < result.max_difference < 0.2
 
 
-def test_int8_keeps_only_the_first_convolution_float32(checkpoint, data):
-    """The stem reads float32 weights, every other convolution int8 ones (dequantized)."""
-    from app_model import app_model
-    from model_utils import checkpoint_preprocess, load_checkpoint
-
-    loaded = load_checkpoint(checkpoint)
-    calibration = export.calibration_images(data / "train", checkpoint_preprocess(loaded))[:2]
-    quantised = export.quantised_int8(app_model(loaded), calibration[0], calibration)
-    weights = [node.args[1] for node in quantised.graph.nodes
-               if node.target == torch.ops.aten.conv2d.default]
-    stem, *others = [weight.target for weight in weights]
-    assert len(others) > 40 and stem.endswith("conv_stem.weight")
-    assert all("dequantize_per_channel" in str(target) for target in others)
-
-
 @pytest.fixture(scope="module")
 def cnn_run(tmp_path_factory):
     """The small CNN trained from scratch on a few CIFAR-10 photos: quick to export."""
