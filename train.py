@@ -47,10 +47,10 @@ from train_config import (
 def arch_default(name):
     """The help text's default of a flag whose default depends on --arch (and, where it
     differs, on whether the backbone's last stages train)."""
-    stages = family_default(name, "stages")
-    return (f"default: {family_default(name)}"
-            + (f", with --train_stages {stages}" if stages != family_default(name) else "")
-            + f", with --arch {SCRATCH_ARCH} {family_default(name, 'scratch')}")
+    head_alone, stages = family_default(name), family_default(name, "stages")
+    default = (f"default: {stages} where the backbone's last stages train, {head_alone} with "
+               "--train_stages 0" if stages != head_alone else f"default: {head_alone}")
+    return f"{default}, with --arch {SCRATCH_ARCH} {family_default(name, 'scratch')}"
 
 
 def get_args_parser():
