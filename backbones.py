@@ -23,6 +23,9 @@ from torch import nn
 from common import UserError, error_reason
 
 DEFAULT_ARCH = "efficientnet_lite0"
+# --train_stages's default per backbone, chosen by cross-validation (benchmarks/quality.py):
+# Lite0's last block and conv_head. Others train the head alone (0): not measured.
+DEFAULT_TRAIN_STAGES = {DEFAULT_ARCH: 2}
 SCRATCH_ARCH = "cnn"  # the one network trained from scratch, for small images
 BACKBONES = {}  # name -> builder(pretrained) -> Backbone, in the order registered
 

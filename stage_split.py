@@ -9,6 +9,7 @@ the pooling) trains with the head on them each epoch.
 Only backbones whose stages run one after the other, then a pooling layer (Backbone.pool), can
 be cut; the top's modules are the backbone's own, so training them trains the classifier.
 """
+import torch
 from torch import nn
 
 from common import UserError
@@ -61,10 +62,15 @@ class StageModel(nn.Module):
         self.top, self.head = top, head
 
     def features(self, activations):
-        if activations.dim() == 4:
-            return self.top(activations)
-        count, views = activations.shape[:2]
-        return self.top(activations.flatten(0, 1)).unflatten(0, (count, views)).mean(1)
+        count, views = (activations.shape[0], None) if activations.dim() == 4 else (
+            activations.shape[:2])
+        inputs = activations if views is None else activations.flatten(0, 1)
+        if not self.training:
+            # Evaluation's convolutions ran 1.5x faster on channels-last inputs (float32, CPU);
+            # training's steps ran 1.35x slower, so they keep the cache's layout.
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        features = self.top(inputs)
+        return features if views is None else features.unflatten(0, (count, views)).mean(1)
 
     def forward(self, activations):
         return self.head(self.features(activations))

@@ -95,9 +95,11 @@ def make_task(config, backbone, splits, device, classifier):
         return ImageTask(config, backbone, splits, device, classifier)
     if config.train_stages:
         bottom, top = split_backbone(backbone, config.train_stages)
-        data, computed, _, kept_paths = extract_features(config, backbone, device, splits,
-                                                         bottom=bottom)
-        return StageTask(data, config, top, classifier, device, computed, kept_paths)
+        data, computed, by_split, kept_paths = extract_features(config, backbone, device, splits,
+                                                                bottom=bottom)
+        checked = (pretrained_top_features(top, by_split, device)
+                   if config.data_check and distributed.is_main() else None)
+        return StageTask(data, config, top, classifier, device, computed, kept_paths, checked)
     data, computed, by_split, kept_paths = extract_features(config, backbone, device, splits)
     return FeatureTask(data, config.batch_size, classifier, device, computed, kept_paths,
                        by_split)
@@ -146,7 +148,7 @@ def extract_features(config, backbone, device, splits, bottom=None):
                                  images=sum(len(split.paths) for split in splits.values()),
                                  bottom=bottom, trained_stages=config.train_stages)
     by_split = split_features(extractor, splits, eval_transform(backbone.preprocess),
-                              "all" if bottom is not None else config.mirror)
+                              config.mirror)
     features = {name: rows for name, (rows, _) in by_split.items()}
     ok_masks = {name: ok.clone() for name, (_, ok) in by_split.items()}
     train = splits["train"]
@@ -157,7 +159,7 @@ def extract_features(config, backbone, device, splits, bottom=None):
         view_features, view_ok = extractor.features(
             train.root, train.paths, augment, seeds=seeds, view=f"augment {config.seed} {view}",
             description=f"train view {view}/{config.augment}",
-            mirror=bottom is not None or config.mirror == "all")
+            mirror=config.mirror == "all")
         views.append(view_features)
         ok_masks["train"] &= view_ok
     report_unreadable(splits, ok_masks, config.strict)
@@ -228,24 +230,33 @@ class FeatureTask(Task):
 class StageTask(FeatureTask):
     """--train_stages N: the backbone's last N stages train with the head on the activations
     that enter them, computed once and cached (stage_split.py). `model` is a
-    stage_split.StageModel. Each training image's activations are kept with its mirror
-    image's: a training batch takes one of the two at random (the --augment views too);
-    evaluation averages the two images' features unless --mirror off, as predictions do.
+    stage_split.StageModel. A training batch takes each image's activations as they are or
+    flipped left to right at random (--mirror off: never flipped; --mirror all: the mirror
+    image's own activations, cached beside the image's, instead of the flipped map, at the cost
+    of a second backbone pass over train/); evaluation averages the image's and its mirror
+    image's features unless --mirror off, as predictions do.
     data: as extract_features returns it with the bottom of split_backbone, whose top is top."""
-    eval_batch_size = 256
+    eval_batch_size = 64  # the stages' convolutions ran 1.9x slower per image in batches of 256
 
-    def __init__(self, data, config, top, classifier, device, extracted=0, kept_paths=None):
-        self.extracted, self.kept_paths = extracted, kept_paths
-        views = 1 if config.mirror == "off" else 2
-        self.data = {name: (inputs if name == "train" else inputs[:, :views], labels)
-                     for name, (inputs, labels) in data.items()}
-        self.views, self.batch_size, self.device = views, config.batch_size, device
+    def __init__(self, data, config, top, classifier, device, extracted=0, kept_paths=None,
+                 split_features=None):
+        self.data, self.extracted, self.kept_paths = data, extracted, kept_paths
+        self.split_features = split_features
+        self.flip_maps = config.mirror != "off"
+        self.batch_size, self.device = config.batch_size, device
         classifier.train_stages(config.train_stages)
         self.model = StageModel(top, classifier.head)
 
     def training_inputs(self, rows):
-        """The image's or its mirror image's activations, at random for each."""
-        return rows[torch.arange(len(rows)), torch.randint(2, (len(rows),))]
+        """rows [B, views, C, H, W]: one of the cached views at random, else the activation
+        map flipped left to right at random (the mirror image's map is close to it)."""
+        pick = torch.randint(rows.shape[1], (len(rows),))
+        inputs = rows[torch.arange(len(rows)), pick]
+        if rows.shape[1] > 1 or not self.flip_maps:
+            return inputs
+        flip = torch.rand(len(rows)) < 0.5
+        inputs[flip] = inputs[flip].flip(-1)
+        return inputs
 
     @torch.inference_mode()
     def frozen_features(self, split):
@@ -254,12 +265,26 @@ class StageTask(FeatureTask):
         the trained backbone's features, since predictions compare those."""
         inputs, labels = self.data[split]
         if split == "train":
-            inputs = inputs[0, :, :self.views]
+            inputs = inputs[0]
         self.model.eval()
         with training_autocast(self.device):
             features = [self.model.features(batch.float().to(self.device)).float().cpu()
                         for batch in inputs.split(self.eval_batch_size)]
         return torch.cat(features), labels
+
+
+@torch.inference_mode()
+def pretrained_top_features(top, by_split, device):
+    """{split: (float16 features [N, D], ok)} of each image (not its mirror image) through the
+    pretrained top, before it trains: the features the data check compares."""
+    top.eval()
+    features = {}
+    for name, (activations, ok) in by_split.items():
+        with training_autocast(device):
+            rows = [top(batch[:, 0].float().to(device)).cpu().half()
+                    for batch in activations.split(StageTask.eval_batch_size)]
+        features[name] = (torch.cat(rows) if rows else torch.empty(0, 0), ok)
+    return features
 
 
 def readable_masks(splits):

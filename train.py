@@ -17,7 +17,7 @@ from pathlib import Path
 
 import distributed
 import trainer
-from backbones import BACKBONES, DEFAULT_ARCH, SCRATCH_ARCH
+from backbones import BACKBONES, DEFAULT_ARCH, DEFAULT_TRAIN_STAGES, SCRATCH_ARCH
 from cli_utils import (
     HelpFormatter,
     add_gpu_argument,
@@ -45,9 +45,12 @@ from train_config import (
 
 
 def arch_default(name):
-    """The help text's default of a flag whose default depends on --arch."""
-    return (f"default: {family_default(name)}, with --arch {SCRATCH_ARCH} "
-            f"{family_default(name, from_scratch=True)}")
+    """The help text's default of a flag whose default depends on --arch (and, where it
+    differs, on whether the backbone's last stages train)."""
+    head_alone, stages = family_default(name), family_default(name, "stages")
+    default = (f"default: {stages} where the backbone's last stages train, {head_alone} with "
+               "--train_stages 0" if stages != head_alone else f"default: {head_alone}")
+    return f"{default}, with --arch {SCRATCH_ARCH} {family_default(name, 'scratch')}"
 
 
 def get_args_parser():
@@ -137,13 +140,14 @@ def get_args_parser():
     parser.add_argument("--resume", default=None, metavar="CHECKPOINT",
                         help="continue an interrupted run from its checkpoint.pth or its folder "
                         "(reads the train_state.pth there)")
-    parser.add_argument("--train_stages", type=non_negative_int,
-                        default=family_default("train_stages"),
+    parser.add_argument("--train_stages", type=non_negative_int, default=None,
                         help="train the backbone's last N stages with the head, on their input "
-                        "activations cached once (the image's and its mirror image's; each "
-                        "epoch trains on one at random) at --backbone_lr; 0 trains the head "
-                        "alone on cached features; with efficientnet_lite0, 2 is its last "
-                        "block and conv_head")
+                        "activations computed once and cached, at --backbone_lr; 0 trains the "
+                        "head alone on cached features (default: "
+                        + ", ".join(f"{count} with {arch}"
+                                    for arch, count in DEFAULT_TRAIN_STAGES.items())
+                        + f": its last block and conv_head; 0 with other backbones, --finetune "
+                        f"and --arch {SCRATCH_ARCH})")
     finetune = parser.add_argument_group("fine-tuning (train the backbone too)")
     finetune.add_argument("--finetune", action="store_true",
                           help="unfreeze the backbone and train it with the head on images "
@@ -151,9 +155,10 @@ def get_args_parser():
     finetune.add_argument("--finetune_layers", type=non_negative_int,
                           default=family_default("finetune_layers"),
                           help="unfreeze only the backbone's last N stages; 0 means all")
-    finetune.add_argument("--backbone_lr", type=positive_float,
-                          default=family_default("backbone_lr"),
-                          help="learning rate of the unfrozen backbone")
+    finetune.add_argument("--backbone_lr", type=positive_float, default=None,
+                          help="learning rate of the backbone's trained stages (default: "
+                          f"{family_default('backbone_lr')} with --finetune, "
+                          f"{family_default('backbone_lr', 'stages')} with --train_stages)")
     finetune.add_argument("--warmup_epochs", type=non_negative_int, default=None,
                           help="epochs of linear learning-rate warm-up before the cosine decay "
                           f"({arch_default('warmup_epochs')})")

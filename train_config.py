@@ -2,7 +2,7 @@
 
     from train_config import TrainConfig
     config = TrainConfig("flowers", epochs=20, save_dir="checkpoints")
-    config = config.resolved(from_scratch=False)   # fill the family defaults left at None
+    config = config.resolved(from_scratch=False, default_stages=2)  # fill the defaults left at None
     config.hyperparameters()                        # what the checkpoint records
 
 Hyperparameters define the model and its training: they are saved in checkpoints and train
@@ -21,10 +21,14 @@ from splits import DEFAULT_FRACTIONS
 MIRROR_CHOICES = ("predict", "all", "off")
 
 
-def hyperparameter(default=None, *, pretrained=None, scratch=None, earlier=None):
-    """A field saved in checkpoints. Give `default` when both families share it, else
-    `pretrained` and `scratch` (the field stays None until TrainConfig.resolved)."""
-    family = {"pretrained": pretrained, "scratch": scratch} if pretrained is not None else None
+def hyperparameter(default=None, *, pretrained=None, scratch=None, stages=None, earlier=None):
+    """A field saved in checkpoints. Give `default` when the families share it, else
+    `pretrained` and `scratch`, and `stages` where training the backbone's last stages
+    (--train_stages) wants another value than the head alone (the field stays None until
+    TrainConfig.resolved)."""
+    family = None if pretrained is None else {
+        "pretrained": pretrained, "scratch": scratch,
+        "stages": pretrained if stages is None else stages}
     return field(default=default, metadata={"hyperparameter": True, "family": family,
                                             "earlier": earlier})
 
@@ -41,7 +45,7 @@ class TrainConfig:
     dropout: float = hyperparameter(pretrained=0.5, scratch=0.2)
     weight_decay: float = hyperparameter(pretrained=0.05, scratch=5e-4, earlier=1e-4)
     label_smoothing: float = hyperparameter(pretrained=0.1, scratch=0.1)
-    epochs: int = hyperparameter(pretrained=50, scratch=15)
+    epochs: int = hyperparameter(pretrained=50, scratch=15, stages=12)
     batch_size: int = hyperparameter(pretrained=64, scratch=512)
     warmup_epochs: int = hyperparameter(pretrained=1, scratch=2)
     feature_transform: str = hyperparameter(pretrained="sqrt", scratch="none", earlier="none")
@@ -53,8 +57,9 @@ class TrainConfig:
     augment: int = hyperparameter(0)
     finetune: bool = hyperparameter(False)
     finetune_layers: int = hyperparameter(0)
-    backbone_lr: float = hyperparameter(1e-4)
-    train_stages: int = hyperparameter(0, earlier=0)
+    backbone_lr: float = hyperparameter(pretrained=1e-4, scratch=1e-4, stages=3e-4)
+    # None: the backbone's own default (Backbone.train_stages); 0 with --finetune and from scratch.
+    train_stages: int | None = hyperparameter(None, earlier=0)
     # Run options: where and how this run goes, not what it trains.
     save_dir: str = "."
     split: tuple = tuple(DEFAULT_FRACTIONS.values())  # train, valid[, test] of one folder
@@ -67,12 +72,16 @@ class TrainConfig:
     strict: bool = False
     compile: bool = False
 
-    def resolved(self, from_scratch):
-        """This config with the family defaults filled in where left at None."""
-        family = "scratch" if from_scratch else "pretrained"
-        return replace(self, **{item.name: item.metadata["family"][family]
-                                for item in hyperparameter_fields()
-                                if item.metadata["family"] and getattr(self, item.name) is None})
+    def resolved(self, from_scratch, default_stages=0):
+        """This config with the defaults left at None filled in: train_stages with
+        default_stages (the backbone's), then each hyperparameter with its family's default."""
+        stages = self.train_stages
+        if stages is None:
+            stages = 0 if from_scratch or self.finetune else default_stages
+        family = "scratch" if from_scratch else "stages" if stages else "pretrained"
+        return replace(self, train_stages=stages, **{
+            item.name: item.metadata["family"][family] for item in hyperparameter_fields()
+            if item.metadata["family"] and getattr(self, item.name) is None})
 
     def hyperparameters(self):
         """{name: value} of the hyperparameters, as checkpoints record them."""
@@ -87,11 +96,11 @@ def hyperparameter_field(name):
     return next(item for item in hyperparameter_fields() if item.name == name)
 
 
-def family_default(name, from_scratch=False):
-    """A hyperparameter's default: the family's where the families differ."""
+def family_default(name, family="pretrained"):
+    """A hyperparameter's default: the family's (pretrained, scratch, stages) where they
+    differ."""
     item = hyperparameter_field(name)
-    family = item.metadata["family"]
-    return family["scratch" if from_scratch else "pretrained"] if family else item.default
+    return item.metadata["family"][family] if item.metadata["family"] else item.default
 
 
 def unset_default(name):

@@ -22,7 +22,7 @@ from torch import nn
 import distributed
 import reports
 import scratch_cnn
-from backbones import DEFAULT_ARCH, build_backbone
+from backbones import DEFAULT_ARCH, DEFAULT_TRAIN_STAGES, build_backbone
 from calibration import (
     DEFAULT_PASS_RATE,
     class_means,
@@ -460,7 +460,8 @@ def build_classifier(config, resumed, save_dir):
     if resumed and backbone.pretrained:
         # Preprocessed as the run began (bilinear for one begun before the filter was recorded).
         backbone.preprocess = checkpoint_preprocess(resumed)
-    config = config.resolved(from_scratch=not backbone.pretrained)
+    config = config.resolved(from_scratch=not backbone.pretrained,
+                             default_stages=DEFAULT_TRAIN_STAGES.get(backbone.name, 0))
     classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, len(class_to_idx),
                                                       **head_spec(config)))
     return config, backbone, classifier, class_to_idx, splits, split

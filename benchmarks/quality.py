@@ -113,11 +113,15 @@ DEFAULT_SETTINGS = ("sqrt, 50 epochs", "sqrt, lr 0.002, 40 epochs", "sqrt, lr 0.
                     "sqrt, batch 256, lr 0.002, 50 epochs", "sqrt, batch 256, lr 0.004, 30 epochs",
                     "sqrt, batch 256, lr 0.004, 8 epochs", "sqrt, lr 0.002, 4 epochs")
 BENCHMARK_KEYS = ("mirror", "heads", "standardise", "mixup")
-# --train_stages: the frozen default head against training the last stages with it (the first
-# is the default, trained on the pretrained stages' features of the cached activations).
+# --train_stages: the frozen head (trained on the pretrained stages' features of the cached
+# activations; train.py --train_stages 0) against training the last stages with it. The first
+# stage setting is train.py's default since issue 22 (--mirror predict: training activation maps
+# flipped at random); "mirror all" trains on the mirror images' own activations instead.
 STAGE_SETTINGS = {
     "frozen: sqrt, 50 epochs": SETTINGS["sqrt, 50 epochs"],
     "stages, 12 epochs, lr 3e-4": {**SQRT, "epochs": 12, "backbone_lr": 3e-4},
+    "stages, mirror all, 12 epochs, lr 3e-4": {**SQRT, "mirror": "all", "epochs": 12,
+                                               "backbone_lr": 3e-4},
     "stages, 20 epochs, lr 2e-4": {**SQRT, "epochs": 20, "backbone_lr": 2e-4},
     "stages, 8 epochs, lr 3e-4": {**SQRT, "epochs": 8, "backbone_lr": 3e-4},
 }
@@ -492,14 +496,17 @@ def train_stage_task(setting, splits, layers, class_count, seed):
     """A StageTask trained as train.py trains it on splits["train"] (a fresh pretrained
     backbone each time: training changes its stages); splits: {name: {"activations",
     "labels"}}."""
-    config = replace(train_config(setting), train_stages=layers, seed=seed)
+    config = replace(train_config(setting), train_stages=layers, seed=seed,
+                     mirror=mirror_of(setting))
     torch.manual_seed(seed)
     backbone = build_backbone(DEFAULT_ARCH)
     _, top = split_backbone(backbone, layers)
     classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, class_count,
                                                       **trainer.head_spec(config)))
-    data = {name: (split["activations"].unsqueeze(0) if name == "train"
-                   else split["activations"], split["labels"]) for name, split in splits.items()}
+    views = {"train": 2 if config.mirror == "all" else 1}  # as train.py caches them
+    data = {name: (split["activations"][:, :views.get(name, 1 if config.mirror == "off" else 2)],
+                   split["labels"]) for name, split in splits.items()}
+    data["train"] = (data["train"][0].unsqueeze(0), data["train"][1])
     task = tasks.StageTask(data, config, top, classifier, CPU)
     run_epochs(config, task, classifier)
     return task

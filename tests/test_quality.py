@@ -1,6 +1,7 @@
 """Issue 11: the unknown verdict, calibrated probabilities, mirror-averaged features."""
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,8 +20,10 @@ from calibration import (
 )
 from data_utils import eval_transform, find_splits, load_image
 from features import FeatureExtractor
-from model_utils import OPTIONAL_KEYS, head_from_checkpoint, load_checkpoint, save_checkpoint
+from model_utils import OPTIONAL_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
 from predictor import Predictor
+from stage_split import StageModel, split_backbone
+from tasks import training_autocast
 
 CPU = torch.device("cpu")
 JSON_KEYS = {"path", "classes", "names", "probabilities", "known"}
@@ -154,18 +157,31 @@ def hand_ece(probabilities, labels, bins=15):
     return total
 
 
-def run_test_features(data, cache_dir, checkpoint):
-    """(features, labels) of the readable test/ images exactly as the run saw them: read back
-    from its feature cache, mirror-averaged as train.py's --mirror predict does."""
+def run_test_outputs(data, cache_dir, checkpoint):
+    """(logits, features, labels) of the readable test/ images exactly as the default run saw
+    them: its cached activations of each image and its mirror image (read back from its cache),
+    through its trained stages and head, the views averaged as --mirror predict does; logits in
+    float32 as evaluation computes them, features under training's autocast as the unknown
+    verdict's are."""
     splits = find_splits(data)[1]
     backbone = build_backbone(checkpoint["arch"])
+    stages = checkpoint["hyperparameters"]["train_stages"]
     extractor = FeatureExtractor(backbone, CPU, cache_dir=cache_dir, workers=0,
-                                 images=sum(len(split.paths) for split in splits.values()))
+                                 images=sum(len(split.paths) for split in splits.values()),
+                                 bottom=split_backbone(backbone, stages)[0], trained_stages=stages)
     test = splits["test"]
-    features, ok = extractor.features(test.root, test.paths, eval_transform(backbone.preprocess),
-                                      mirror=True)
-    assert extractor.computed == 0, "the run's test features are not in its feature cache"
-    return features[ok].float(), torch.tensor(test.labels)[ok]
+    activations, ok = extractor.features(test.root, test.paths,
+                                         eval_transform(backbone.preprocess), mirror=True)
+    assert extractor.computed == 0, "the run's test activations are not in its cache"
+    classifier = model_from_checkpoint(checkpoint)
+    trained_top = split_backbone(replace(backbone, model=classifier.backbone), stages)[1]
+    model = StageModel(trained_top, classifier.head).eval()
+    inputs = activations[ok].float()
+    with torch.no_grad():
+        logits = model(inputs)
+        with training_autocast(CPU):
+            features = model.features(inputs).float()
+    return logits, features, torch.tensor(test.labels)[ok]
 
 
 def test_test_report_calibration_is_that_of_the_test_images(trained, subset):
@@ -173,10 +189,9 @@ def test_test_report_calibration_is_that_of_the_test_images(trained, subset):
     report = json.loads((run / "test_report.json").read_text())
     calibration = report["calibration"]
     checkpoint = load_checkpoint(run / "checkpoint.pth")
-    features, labels = run_test_features(subset, run.parent / "cache", checkpoint)
+    assert checkpoint["hyperparameters"]["train_stages"] == 2  # the default run
+    logits, features, labels = run_test_outputs(subset, run.parent / "cache", checkpoint)
     assert len(labels) == report["images"]
-    with torch.no_grad():
-        logits = head_from_checkpoint(checkpoint).eval()(features)
     temperature = checkpoint["temperature"]
     before = hand_ece(logits.softmax(1), labels)
     after = hand_ece((logits / temperature).softmax(1), labels)

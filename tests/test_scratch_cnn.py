@@ -95,7 +95,7 @@ def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
     assert checkpoint["arch"] == "cnn" and checkpoint["backbone_state"] is not None
     assert checkpoint["preprocess"]["crop"] == 32
     assert checkpoint["hyperparameters"]["learning_rate"] == family_default(
-        "learning_rate", from_scratch=True)
+        "learning_rate", "scratch")
     assert (tmp_path / "whole" / "test_report.json").is_file()
 
     with stopped_at_epoch(2):

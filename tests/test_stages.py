@@ -1,19 +1,23 @@
 """--train_stages: the backbone's last stages trained with the head on cached activations, on a
 small real subset of the flowers; the checkpoint, predictions and the unknown verdict."""
+import json
 import re
 
 import pytest
 import torch
 from conftest import run_script, stopped_at_epoch, train_args
 
+import tasks
 import train
-from backbones import build_backbone
+from backbones import DEFAULT_ARCH, DEFAULT_TRAIN_STAGES, build_backbone
 from calibration import class_means
 from common import UserError
 from data_utils import ImageFiles, eval_transform
 from model_utils import backbone_features, load_checkpoint, model_from_checkpoint
 from predictor import Predictor
+from datacheck import REPORT_NAME
 from stage_split import check_train_stages, split_backbone
+from train_config import TrainConfig
 
 STAGES = 2  # EfficientNet-Lite0's last block (192 -> 320 channels at 7x7) and conv_head + bn2
 
@@ -82,19 +86,69 @@ def test_predictions_and_the_unknown_verdict_come_from_the_trained_stages(stage_
     predictions = predictor.top(predictor.outputs(valid), 1, paths)
     correct = sum(p.classes[0] == p.path.split("/")[-2] for p in predictions)
     assert correct / len(paths) == pytest.approx(result["valid_accuracy"])  # as training saw it
-    # The verdict's class means are those of the trained backbone's (mirror-averaged) features
-    # of train/, as predictions compute them, not those of the pretrained backbone.
+    # The verdict's class means are those of the trained backbone's features of train/ (the
+    # images, not their mirror images, as for the head alone), not the pretrained backbone's.
     checkpoint = predictor.checkpoint
     train_images, train_paths = image_batch(subset, "train", predictor.preprocess)
     labels = torch.tensor([checkpoint["class_to_idx"][p.split("/")[-2]] for p in train_paths])
     with torch.no_grad():
-        trained = backbone_features(predictor.model.backbone, train_images, True)
-        pretrained = backbone_features(lite0.model, train_images, True)
+        trained = backbone_features(predictor.model.backbone, train_images, False)
+        pretrained = backbone_features(lite0.model, train_images, False)
     means = checkpoint["class_means"].float()
-    assert torch.allclose(class_means(trained, labels, 3), means, atol=0.02)
+    assert torch.allclose(class_means(trained, labels, 3), means, atol=0.005)
     assert not torch.allclose(class_means(pretrained, labels, 3), means, atol=0.02)
     known = [p.known for p in predictions]
     assert sum(known) >= len(known) - 1  # the threshold lets 95% of valid/ through
+
+
+def test_the_data_check_runs_on_the_pretrained_stages_features(stage_run, subset, lite0):
+    _, run, _ = stage_run
+    report = json.loads((run / REPORT_NAME).read_text())
+    assert report["images"] == sum(1 for _ in subset.glob("*/*/*"))
+    # The features it compared: the pretrained stages' on the cached activations, which are
+    # the whole pretrained backbone's features.
+    task_features = tasks.pretrained_top_features(
+        split_backbone(lite0, STAGES)[1], {"valid": (bottom_activations(lite0, subset), None)},
+        torch.device("cpu"))["valid"][0]
+    images, _ = image_batch(subset, "valid", lite0.preprocess)
+    with torch.no_grad():
+        assert torch.allclose(task_features.float(), lite0.model(images), atol=0.05)
+
+
+def bottom_activations(backbone, subset):
+    """[N, 1, C, H, W] activations of valid/'s images, as the cache keeps them."""
+    images, _ = image_batch(subset, "valid", backbone.preprocess)
+    with torch.no_grad():
+        return split_backbone(backbone, STAGES)[0](images).unsqueeze(1)
+
+
+@pytest.mark.parametrize("mirror, cached_views", [("predict", 1), ("off", 1), ("all", 2)])
+def test_training_views_flip_the_map_or_take_a_cached_view(mirror, cached_views):
+    """One cached view: --mirror predict flips each map left to right at random (half of them
+    here), --mirror off never; two (--mirror all): each row is one of its two cached views."""
+    torch.manual_seed(0)
+    rows = torch.randn(400, cached_views, 4, 3, 3)
+    task = tasks.StageTask.__new__(tasks.StageTask)
+    task.flip_maps = mirror != "off"
+    inputs = task.training_inputs(rows)
+    same = torch.tensor([torch.equal(a, b[0]) for a, b in zip(inputs, rows)])
+    if cached_views == 2:
+        second = torch.tensor([torch.equal(a, b[1]) for a, b in zip(inputs, rows)])
+        assert bool((same ^ second).all()) and 150 < int(second.sum()) < 250
+        return
+    flipped = torch.tensor([torch.equal(a, b[0].flip(-1)) for a, b in zip(inputs, rows)])
+    assert bool((same ^ flipped).all())
+    assert (150 < int(flipped.sum()) < 250) if mirror == "predict" else not flipped.any()
+
+
+@pytest.mark.parametrize("flags, stages, epochs", [
+    ({}, 2, 12), ({"train_stages": 0}, 0, 50), ({"finetune": True}, 0, 50)])
+def test_the_default_trains_lite0s_last_two_stages(flags, stages, epochs):
+    config = TrainConfig("data", **flags).resolved(from_scratch=False,
+                                                   default_stages=DEFAULT_TRAIN_STAGES[DEFAULT_ARCH])
+    assert (config.train_stages, config.epochs) == (stages, epochs)
+    assert config.backbone_lr == (3e-4 if stages else 1e-4)
+    assert TrainConfig("data").resolved(from_scratch=True).train_stages == 0
 
 
 def test_a_warm_rerun_extracts_nothing(stage_run, subset, tmp_path):
