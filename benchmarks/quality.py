@@ -124,6 +124,7 @@ STAGE_SETTINGS = {
                                                "backbone_lr": 3e-4},
     "stages, 20 epochs, lr 2e-4": {**SQRT, "epochs": 20, "backbone_lr": 2e-4},
     "stages, 8 epochs, lr 3e-4": {**SQRT, "epochs": 8, "backbone_lr": 3e-4},
+    "stages, 8 epochs, lr 4e-4": {**SQRT, "epochs": 8, "backbone_lr": 4e-4},
 }
 SETTINGS.update(STAGE_SETTINGS)
 
