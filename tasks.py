@@ -264,27 +264,27 @@ class StageTask(FeatureTask):
         split's original view): the unknown verdict's class means and threshold come from
         the trained backbone's features, since predictions compare those."""
         inputs, labels = self.data[split]
-        if split == "train":
-            inputs = inputs[0]
-        self.model.eval()
-        with training_autocast(self.device):
-            features = [self.model.features(batch.float().to(self.device)).float().cpu()
-                        for batch in inputs.split(self.eval_batch_size)]
-        return torch.cat(features), labels
+        return stage_features(self.model, inputs[0] if split == "train" else inputs,
+                              self.device), labels
 
 
 @torch.inference_mode()
+def stage_features(model, activations, device):
+    """Features [N, D] of activations [N, views, C, H, W] through a StageModel's stages as they
+    are now, the views averaged: in evaluation batches under training's autocast."""
+    model.eval()
+    with training_autocast(device):
+        rows = [model.features(batch.float().to(device)).float().cpu()
+                for batch in activations.split(StageTask.eval_batch_size)]
+    return torch.cat(rows) if rows else torch.empty(0, 0)
+
+
 def pretrained_top_features(top, by_split, device):
     """{split: (float16 features [N, D], ok)} of each image (not its mirror image) through the
     pretrained top, before it trains: the features the data check compares."""
-    top.eval()
-    features = {}
-    for name, (activations, ok) in by_split.items():
-        with training_autocast(device):
-            rows = [top(batch[:, 0].float().to(device)).cpu().half()
-                    for batch in activations.split(StageTask.eval_batch_size)]
-        features[name] = (torch.cat(rows) if rows else torch.empty(0, 0), ok)
-    return features
+    stages = StageModel(top, head=None)
+    return {name: (stage_features(stages, activations[:, :1], device).half(), ok)
+            for name, (activations, ok) in by_split.items()}
 
 
 def readable_masks(splits):

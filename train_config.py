@@ -58,7 +58,8 @@ class TrainConfig:
     finetune: bool = hyperparameter(False)
     finetune_layers: int = hyperparameter(0)
     backbone_lr: float = hyperparameter(pretrained=1e-4, scratch=1e-4, stages=3e-4)
-    # None: the backbone's own default (Backbone.train_stages); 0 with --finetune and from scratch.
+    # None: the backbone's default (backbones.DEFAULT_TRAIN_STAGES); 0 with --finetune and from
+    # scratch.
     train_stages: int | None = hyperparameter(None, earlier=0)
     # Run options: where and how this run goes, not what it trains.
     save_dir: str = "."

@@ -53,6 +53,7 @@ from calibration import (  # noqa: E402
 from backbones import DEFAULT_ARCH, build_backbone  # noqa: E402
 from data_utils import ImageFiles, eval_transform, find_splits, list_images  # noqa: E402
 from data_utils import default_workers, image_loader  # noqa: E402
+from datacheck import mirrored  # noqa: E402
 from features import FeatureExtractor  # noqa: E402
 from model_utils import ImageClassifier, build_head  # noqa: E402
 from stage_split import split_backbone  # noqa: E402
@@ -504,8 +505,8 @@ def train_stage_task(setting, splits, layers, class_count, seed):
     _, top = split_backbone(backbone, layers)
     classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, class_count,
                                                       **trainer.head_spec(config)))
-    views = {"train": 2 if config.mirror == "all" else 1}  # as train.py caches them
-    data = {name: (split["activations"][:, :views.get(name, 1 if config.mirror == "off" else 2)],
+    # The views train.py caches: the mirror image's where --mirror averages it in.
+    data = {name: (split["activations"][:, :2 if mirrored(config.mirror, name) else 1],
                    split["labels"]) for name, split in splits.items()}
     data["train"] = (data["train"][0].unsqueeze(0), data["train"][1])
     task = tasks.StageTask(data, config, top, classifier, CPU)
