@@ -29,15 +29,21 @@ def require_shared_data(data=FLOWERS):
 
 def make_subset(root, classes=SUBSET_CLASSES, sizes=SUBSET_SIZES, data=FLOWERS):
     """Symlinks to the first images of a few classes of data: real photos, nothing copied."""
-    require_shared_data(data)
-    root = Path(root)
     for split, count in sizes.items():
-        for name in classes:
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for image in sorted((data / split / name).iterdir())[:count]:
-                (folder / image.name).symlink_to(image)
-    return root
+        link_class_folders(Path(root) / split, count, classes, data / split)
+    return Path(root)
+
+
+def link_class_folders(root, count, classes=SUBSET_CLASSES, source=FLOWERS / "train"):
+    """root/<class>/ for each class, holding symlinks to the first `count` photos of that
+    class in source: one folder of class folders of real photos, nothing copied."""
+    require_shared_data(source.parent)
+    for name in classes:
+        folder = Path(root) / name
+        folder.mkdir(parents=True)
+        for image in sorted((source / name).iterdir())[:count]:
+            (folder / image.name).symlink_to(image)
+    return Path(root)
 
 
 def run_script(*args, timeout=300, **kwargs):

@@ -12,7 +12,7 @@ from PIL import Image
 import datacheck
 import splits
 from common import UserError
-from conftest import FLOWERS, require_shared_data, run_script
+from conftest import link_class_folders, run_script
 
 CLASSES = ("1", "10", "2")
 PHOTOS = 10
@@ -21,12 +21,7 @@ PHOTOS = 10
 @pytest.fixture(scope="module")
 def messy(tmp_path_factory):
     """(folder, planted: {name: relative path}): three classes of real flowers with problems."""
-    require_shared_data()
-    folder = tmp_path_factory.mktemp("messy") / "photos"
-    for name in CLASSES:
-        (folder / name).mkdir(parents=True)
-        for image in sorted((FLOWERS / "train" / name).iterdir())[:PHOTOS]:
-            (folder / name / image.name).symlink_to(image)
+    folder = link_class_folders(tmp_path_factory.mktemp("messy") / "photos", PHOTOS, CLASSES)
     first = sorted((folder / "1").iterdir())[0]
     planted = {"original": f"1/{first.name}", "copy_in_class": "1/copy.jpg",
                "copy_in_other_class": "2/copy_from_1.jpg", "near_copy": "1/near.jpg",

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FLOWERS, require_shared_data, train_args
+from conftest import FLOWERS, link_class_folders, require_shared_data, train_args
 
 import train
 import trainer
@@ -19,12 +19,7 @@ CLASSES = ("1", "10", "2")
 def one_folder(tmp_path):
     """14 real photos of each of three classes in one folder per class (symlinks), plus a copy
     of a class-1 photo filed under class 2."""
-    require_shared_data()
-    root = tmp_path / "photos"
-    for name in CLASSES:
-        (root / name).mkdir(parents=True)
-        for image in sorted((FLOWERS / "train" / name).iterdir())[:14]:
-            (root / name / image.name).symlink_to(image)
+    root = link_class_folders(tmp_path / "photos", 14, CLASSES)
     shutil.copyfile(sorted((root / "1").iterdir())[0], root / "2" / "copy_of_a_1.jpg")
     return root
 

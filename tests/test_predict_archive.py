@@ -18,7 +18,7 @@ import archive
 import distributed
 import predict
 from common import UserError
-from conftest import FLOWERS, PROJECT, require_shared_data, run_script
+from conftest import PROJECT, link_class_folders, run_script
 from data_utils import iter_images, list_images
 
 CLASSES = ("1", "10", "2")
@@ -27,12 +27,7 @@ CLASSES = ("1", "10", "2")
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """36 real photos (symlinks) in class folders, plus one file that is no image."""
-    require_shared_data()
-    root = tmp_path_factory.mktemp("archive") / "photos"
-    for name in CLASSES:
-        (root / name).mkdir(parents=True)
-        for image in sorted((FLOWERS / "train" / name).iterdir())[:12]:
-            (root / name / image.name).symlink_to(image)
+    root = link_class_folders(tmp_path_factory.mktemp("archive") / "photos", 12, CLASSES)
     (root / "10" / "broken.jpg").write_text("not an image")
     return root
 
