@@ -13,8 +13,11 @@ this benchmark only (the first command above).
 Protocol. Each backbone's frozen pooled features of train/ and valid/ (the image and its mirror
 image in one batch, quality.plain_and_mirror_features, torch float32, one thread) are extracted
 once with its own preprocessing (bicubic resize of the shorter side to crop / crop_pct, centre
-crop: Lite0 256 -> 224, Lite1 272 -> 240, Lite2 292 -> 260) and kept in --cache_dir, with the
-seconds per image it took (decoding included). test/ is never read. A setting is a list of
+crop: Lite0 256 -> 224, Lite1 272 -> 240, Lite2 292 -> 260) and kept in --cache_dir. test/ is
+never read. The extraction's cost is timed in each run, apart from the cache: the same
+--time_images images of valid/ through each backbone the settings use (decoding included), in
+the process's CPU seconds (one thread: what other jobs' load and pauses change least) and wall
+seconds. A setting is a list of
 backbones, whose features are concatenated in that order (the head's input grows), and a head
 setting of quality.py ("sqrt, 50 epochs", train.py's default, optionally with several heads of
 consecutive seeds whose logits are averaged). Each is scored with quality.py's functions on its
@@ -56,9 +59,9 @@ HEAD = quality.SETTINGS["sqrt, 50 epochs"]  # train.py's default head
 # name: (backbones whose features are concatenated, in order; head setting)
 SETTINGS = {
     "Lite0": (("Lite0",), HEAD),
-    "Lite0, 3 heads averaged": (("Lite0",), {**HEAD, "heads": 3}),
     "Lite0+Lite1": (("Lite0", "Lite1"), HEAD),
     "Lite0+Lite2": (("Lite0", "Lite2"), HEAD),
+    "Lite0, 3 heads averaged": (("Lite0",), {**HEAD, "heads": 3}),
     "Lite1": (("Lite1",), HEAD),
     "Lite2": (("Lite2",), HEAD),
     "Lite0+Lite1+Lite2": (("Lite0", "Lite1", "Lite2"), HEAD),
@@ -78,6 +81,8 @@ def get_args_parser():
     # One thread and no decoding processes: the benchmark shares a 2-core machine.
     parser.add_argument("--workers", type=int, default=0,
                         help="processes decoding images (0: in the main process)")
+    parser.add_argument("--time_images", type=positive_int, default=256,
+                        help="valid/ images each backbone's extraction is timed on")
     return parser
 
 
@@ -116,9 +121,8 @@ def build(name):
 
 
 def backbone_features(name, data_dir, cache_dir, workers):
-    """{"train", "valid": {"plain", "mirror", "ok", "labels"}, "seconds_per_image",
-    "class_count"} of one backbone (all images, ok marking the readable ones), extracted once
-    and then read from cache_dir."""
+    """{"train", "valid": {"plain", "mirror", "ok", "labels"}, "class_count"} of one backbone
+    (all images, ok marking the readable ones), extracted once and then read from cache_dir."""
     backbone = build(name)
     made_by = f"{backbone.name} {backbone.weights} {eval_transform(backbone.preprocess)!r}"
     cache = Path(cache_dir) / f"{name}-{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.pt"
@@ -126,19 +130,34 @@ def backbone_features(name, data_dir, cache_dir, workers):
         return torch.load(cache, map_location="cpu", weights_only=True)
     class_to_idx, splits = find_splits(data_dir)
     extractor = FeatureExtractor(backbone, quality.CPU, workers=workers, engine="torch")
-    data, started = {"class_count": len(class_to_idx)}, time.perf_counter()
+    data = {"class_count": len(class_to_idx)}
     for split in ("train", "valid"):  # test/ is never read
         plain, mirror, ok = quality.plain_and_mirror_features(
             extractor, splits[split].paths, backbone.preprocess, workers)
         data[split] = {"plain": plain, "mirror": mirror, "ok": ok,
                        "labels": torch.tensor(splits[split].labels, dtype=torch.long)}
-    images = sum(len(data[split]["labels"]) for split in ("train", "valid"))
-    data["seconds_per_image"] = (time.perf_counter() - started) / images
-    print(f"features of {name}: {images} images (and their mirror images), "
-          f"{1000 * data['seconds_per_image']:.1f} ms per image", flush=True)
+    print(f"features of {name}: {sum(len(data[split]['ok']) for split in ('train', 'valid'))} "
+          "images and their mirror images", flush=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, lambda temporary: torch.save(data, temporary))
     return data
+
+
+def extraction_seconds(names, data_dir, count, workers):
+    """(images, {backbone: (CPU seconds, wall seconds) per image}) of extracting the features
+    of the same images of valid/ (count at most, spread over its classes) and their mirror
+    images."""
+    paths = find_splits(data_dir)[1]["valid"].paths
+    paths = paths[::max(1, len(paths) // count)][:count]
+    seconds = {}
+    for name in names:
+        backbone = build(name)
+        extractor = FeatureExtractor(backbone, quality.CPU, workers=workers, engine="torch")
+        cpu_started, wall_started = time.process_time(), time.perf_counter()
+        quality.plain_and_mirror_features(extractor, paths, backbone.preprocess, workers)
+        seconds[name] = ((time.process_time() - cpu_started) / len(paths),
+                         (time.perf_counter() - wall_started) / len(paths))
+    return len(paths), seconds
 
 
 def concatenated(features, names):
@@ -175,27 +194,28 @@ def main(args):
                    key=["Lite0", *LITES].index)
     features = {name: backbone_features(name, args.data_dir, args.cache_dir, args.workers)
                 for name in names}
-    lite0_time = features["Lite0"]["seconds_per_image"] if "Lite0" in features else None
-    print("extraction, ms per image (the image and its mirror image, decoding included)"
-          + (", x Lite0" if lite0_time else "") + ":")
-    for name in names:
-        seconds = features[name]["seconds_per_image"]
-        print(f"  {name}: {1000 * seconds:.1f}"
-              + (f"  {seconds / lite0_time:.2f}x" if lite0_time else ""))
+    images, seconds = extraction_seconds(names, args.data_dir, args.time_images, args.workers)
+    print(f"extraction of {images} valid/ images and their mirror images (decoding "
+          "included), ms per image: CPU, wall" + (", CPU x Lite0's" if "Lite0" in names else ""))
+    for name, (cpu, wall) in seconds.items():
+        print(f"  {name}: {1000 * cpu:.1f}, {1000 * wall:.1f}"
+              + (f", {cpu / seconds['Lite0'][0]:.2f}x" if "Lite0" in seconds else ""))
     print(f"cross-validation: {args.folds} stratified folds of train+valid, seed {args.seed}, "
           "held-out accuracy at the last epoch, %")
     results = {}
     for setting in args.settings:
         backbones, head = SETTINGS[setting]
-        started = time.perf_counter()
+        cpu_started, wall_started = time.process_time(), time.perf_counter()
         scores = torch.tensor(fold_scores(concatenated(features, backbones), head, args.folds,
                                           args.seed)) * 100
-        results[setting] = {"folds": scores.tolist(), "mean": scores.mean().item(),
-                            "std": scores.std().item(),
-                            "seconds_per_fold": (time.perf_counter() - started) / args.folds}
+        results[setting] = {
+            "folds": scores.tolist(), "mean": scores.mean().item(), "std": scores.std().item(),
+            "cpu_seconds_per_fold": (time.process_time() - cpu_started) / args.folds,
+            "wall_seconds_per_fold": (time.perf_counter() - wall_started) / args.folds}
         print(f"  {setting:24s} {results[setting]['mean']:.2f} ± {results[setting]['std']:.2f}"
               f"  folds {' '.join(f'{score:.2f}' for score in scores.tolist())}"
-              f"  ({results[setting]['seconds_per_fold']:.0f} s per fold)", flush=True)
+              f"  (per fold: {results[setting]['cpu_seconds_per_fold']:.0f} s CPU, "
+              f"{results[setting]['wall_seconds_per_fold']:.0f} s wall)", flush=True)
     return results
 
 

@@ -1,4 +1,5 @@
-"""benchmarks/backbone_concat.py: the concatenation it cross-validates, and its missing-weights line."""
+"""benchmarks/backbone_concat.py: the concatenation it cross-validates; its missing-weights
+line."""
 import importlib.util
 import sys
 
