@@ -64,8 +64,6 @@ class ConvReLU6Quantizer(Quantizer):
 
     def annotate(self, model):
         for conv, relu6 in conv_relu6_pairs(model.graph):
-            if any(ANNOTATION in node.meta for node in (conv, relu6)):
-                continue
             inputs = {conv.args[0]: get_input_act_qspec(self.config),
                       conv.args[1]: get_weight_qspec(self.config)}
             bias = conv.args[2] if len(conv.args) > 2 else None
