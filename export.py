@@ -92,8 +92,9 @@ def get_args_parser():
                         "for phones; each exporter but torchscript's is an optional install "
                         "(docs/export.md)")
     parser.add_argument("--dtype", choices=["float32", "int8"], default="float32",
-                        help="int8: post-training quantisation with XNNPACK's quantiser, "
-                        "calibrated on --calibration photos (executorch only)")
+                        help="int8: post-training quantisation with XNNPACK's quantiser, each "
+                        "ReLU6 fused into its convolution, calibrated on --calibration photos "
+                        "(executorch only)")
     parser.add_argument("--calibration", default=None, metavar="FOLDER",
                         help=f"training photos that calibrate --dtype int8 ({CALIBRATION_IMAGES} "
                         "spread over the folder, searched recursively; default: none)")
@@ -204,17 +205,13 @@ def calibration_images(folder, preprocess):
 
 
 def quantised_int8(model, pixels, calibration):
-    """The model with XNNPACK's symmetric int8 quantisation (PT2E), its activation ranges
-    calibrated on the calibration photos."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
+    """The model with XNNPACK's symmetric int8 quantisation (PT2E), each ReLU6 fused into its
+    convolution (int8_quantizer.py), its activation ranges calibrated on the calibration photos."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(
-        get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(torch.export.export(model, (pixels,)).module(), quantizer)
+    from int8_quantizer import int8_quantizer
+
+    prepared = prepare_pt2e(torch.export.export(model, (pixels,)).module(), int8_quantizer())
     with torch.no_grad():
         for photo in calibration:
             prepared(photo)

@@ -8,8 +8,10 @@ the pooling) trains with the head on them each epoch.
 
 Only backbones whose stages run one after the other, then a pooling layer (Backbone.pool), can
 be cut; the top's modules are the backbone's own, so training them trains the classifier.
+Before training, fold_batch_norms(top) folds each batch norm into the convolution before it.
 """
 import torch
+from timm.layers import BatchNormAct2d
 from torch import nn
 
 from common import UserError
@@ -52,6 +54,38 @@ def split_backbone(backbone, layers):
             Stages(stages[-layers:], backbone.pool(backbone.model)))
 
 
+class FoldedBatchNormAct2d(BatchNormAct2d):
+    """A BatchNormAct2d folded into the convolution before it (fold_batch_norms): it adds its
+    bias, then its activation. Its weights are a batch norm's with the identity's statistics,
+    so they load into the unfolded backbone as they are."""
+
+    def forward(self, inputs):
+        return self.act(self.drop(inputs + self.bias.view(1, -1, 1, 1).to(inputs.dtype)))
+
+
+@torch.no_grad()
+def fold_batch_norms(stages):
+    """Fold, in place, each BatchNormAct2d that follows a convolution without bias: the
+    convolution's weights take the norm's scale, the norm keeps only its shift (scale 1, frozen;
+    mean 0, variance 1 - eps) and becomes a FoldedBatchNormAct2d. Training then keeps the
+    pretrained statistics instead of each batch's, and a training step of EfficientNet-Lite0's
+    last two stages ran 1.5x faster (the batch norms' backward had been a third of it)."""
+    for module in stages.modules():
+        previous = None
+        for child in module.children():
+            if (type(child) is BatchNormAct2d and isinstance(previous, nn.Conv2d)
+                    and previous.bias is None):
+                scale = child.weight / torch.sqrt(child.running_var + child.eps)
+                previous.weight.mul_(scale.view(-1, 1, 1, 1))
+                child.bias.sub_(child.running_mean * scale)
+                child.weight.fill_(1).requires_grad_(False)
+                child.running_mean.zero_()
+                child.running_var.fill_(1 - child.eps)
+                child.__class__ = FoldedBatchNormAct2d
+            previous = child
+    return stages
+
+
 class StageModel(nn.Module):
     """What --train_stages trains: the top of the backbone and the head, on cached activations.
     Inputs [N, C, H, W] (one view) or [N, V, C, H, W]: the views' features are averaged before
@@ -65,11 +99,9 @@ class StageModel(nn.Module):
         if activations.dim() == 5:  # [N, views, C, H, W]: the views' features averaged
             return self.features(activations.flatten(0, 1)).unflatten(
                 0, activations.shape[:2]).mean(1)
-        if not self.training:
-            # Evaluation's convolutions ran 1.5x faster on channels-last inputs (float32, CPU);
-            # training's steps ran 1.35x slower, so they keep the cache's layout.
-            activations = activations.contiguous(memory_format=torch.channels_last)
-        return self.top(activations)
+        # Channels-last: evaluation 1.5x faster (float32, CPU); training steps with the batch
+        # norms folded 1.5x faster (bf16), though 1.35x slower with them unfolded.
+        return self.top(activations.contiguous(memory_format=torch.channels_last))
 
     def forward(self, activations):
         return self.head(self.features(activations))

@@ -117,7 +117,8 @@ BENCHMARK_KEYS = ("mirror", "heads", "standardise", "mixup")
 # --train_stages: the frozen head (trained on the pretrained stages' features of the cached
 # activations; train.py --train_stages 0) against training the last stages with it. The first
 # stage setting is train.py's default since issue 22 (--mirror predict: training activation maps
-# flipped at random); "mirror all" trains on the mirror images' own activations instead.
+# flipped at random; the batch norms folded since its second session); "mirror all" trains on
+# the mirror images' own activations instead.
 STAGE_SETTINGS = {
     "frozen: sqrt, 50 epochs": SETTINGS["sqrt, 50 epochs"],
     "stages, 12 epochs, lr 3e-4": {**SQRT, "epochs": 12, "backbone_lr": 3e-4},
@@ -126,6 +127,7 @@ STAGE_SETTINGS = {
     "stages, 20 epochs, lr 2e-4": {**SQRT, "epochs": 20, "backbone_lr": 2e-4},
     "stages, 8 epochs, lr 3e-4": {**SQRT, "epochs": 8, "backbone_lr": 3e-4},
     "stages, 8 epochs, lr 4e-4": {**SQRT, "epochs": 8, "backbone_lr": 4e-4},
+    "stages, 10 epochs, lr 3e-4": {**SQRT, "epochs": 10, "backbone_lr": 3e-4},
 }
 SETTINGS.update(STAGE_SETTINGS)
 

@@ -17,6 +17,7 @@ import torch
 
 import export
 from conftest import make_subset, train_args
+from model_utils import checkpoint_preprocess, load_checkpoint
 from test_export import CLASSES, SIZES, TOLERANCE, run_export, train_cnn
 
 PROJECT_ROOT = Path(__file__).parents[1]
@@ -96,6 +97,25 @@ def test_int8_executorch_is_a_quarter_the_size_and_close(executorch_export, chec
     photos = sorted(str(path) for path in (data / "test").rglob("*.jpg"))
     result = export.parity_check(int8, "executorch", checkpoint, photos)
     assert result.images == 6 and 0 < result.max_difference < 0.2
+
+
+def test_int8_fuses_each_relu6_into_its_convolution(checkpoint, data):
+    """int8_quantizer.py: no int8 step between a convolution and its ReLU6, whose output range is
+    observed within [0, 6] (XNNPACK's quantiser alone observes the unclamped convolution's)."""
+    from app_model import app_model
+    from int8_quantizer import is_relu6
+
+    trained = load_checkpoint(checkpoint)
+    photos = export.calibration_images(data / "train", checkpoint_preprocess(trained))
+    quantised = export.quantised_int8(app_model(trained), photos[0], photos)
+    relu6s = [node for node in quantised.graph.nodes if is_relu6(node)]
+    assert len(relu6s) == 33   # EfficientNet-Lite0: stem, head, blocks' expansions and depthwise
+    for relu6 in relu6s:
+        assert relu6.args[0].target == torch.ops.aten.conv2d.default
+        (quantize,) = relu6.users
+        _, scale, zero_point, lowest, highest, _ = quantize.args
+        assert "quantize_per_tensor" in str(quantize.target)
+        assert (lowest - zero_point) * scale == 0 and 0 < (highest - zero_point) * scale <= 6.01
 
 
 @pytest.fixture(scope="module")

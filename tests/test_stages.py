@@ -16,7 +16,7 @@ from data_utils import ImageFiles, eval_transform
 from model_utils import backbone_features, load_checkpoint, model_from_checkpoint
 from predictor import Predictor
 from datacheck import REPORT_NAME
-from stage_split import check_train_stages, split_backbone
+from stage_split import FoldedBatchNormAct2d, check_train_stages, fold_batch_norms, split_backbone
 from train_config import TrainConfig
 
 STAGES = 2  # EfficientNet-Lite0's last block (192 -> 320 channels at 7x7) and conv_head + bn2
@@ -36,6 +36,31 @@ def test_the_cut_backbone_computes_the_whole_backbones_features(lite0, layers):
         assert torch.allclose(top.eval()(activations), lite0.model(images), atol=1e-5)
     if layers == STAGES:
         assert activations.shape == (2, 192, 7, 7)
+
+
+def test_folded_batch_norms_compute_the_same_and_load_into_the_unfolded_backbone():
+    backbone = build_backbone(DEFAULT_ARCH)
+    _, top = split_backbone(backbone, STAGES)
+    activations = torch.randn(3, 192, 7, 7)
+    with torch.no_grad():
+        expected = top(activations)
+        keys = set(backbone.model.state_dict())
+        fold_batch_norms(top.requires_grad_(True))
+        assert torch.allclose(top(activations), expected, atol=1e-4)
+    folded = [module for module in top.modules() if isinstance(module, FoldedBatchNormAct2d)]
+    assert len(folded) == 4  # bn1, bn2, bn3 of the block and bn2 after conv_head
+    assert not any(norm.weight.requires_grad for norm in folded)
+    assert all(norm.bias.requires_grad for norm in folded)
+    # Training keeps the pretrained statistics: a step in training mode leaves them as folded.
+    statistics = [norm.running_var.clone() for norm in folded]
+    top.train()(activations).sum().backward()
+    assert all(torch.equal(norm.running_var, kept) for norm, kept in zip(folded, statistics))
+    # The folded weights, keys unchanged, load into a fresh (unfolded) backbone as they are.
+    assert set(backbone.model.state_dict()) == keys
+    fresh = build_backbone(DEFAULT_ARCH)
+    fresh.model.load_state_dict(backbone.model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(split_backbone(fresh, STAGES)[1](activations), expected, atol=1e-4)
 
 
 def test_stages_out_of_range_or_a_backbone_that_cannot_be_cut_are_user_errors(lite0):
