@@ -17,10 +17,9 @@ crop: Lite0 256 -> 224, Lite1 272 -> 240, Lite2 292 -> 260) and kept in --cache_
 never read. The extraction's cost is timed in each run, apart from the cache: the same
 --time_images images of valid/ through each backbone the settings use (decoding included), in
 the process's CPU seconds (one thread: what other jobs' load and pauses change least) and wall
-seconds. A setting is a list of
-backbones, whose features are concatenated in that order (the head's input grows), and a head
-setting of quality.py ("sqrt, 50 epochs", train.py's default, optionally with several heads of
-consecutive seeds whose logits are averaged). Each is scored with quality.py's functions on its
+seconds. A setting is a list of backbones, whose features are concatenated in that order (the
+head's input grows), and a head setting of quality.py ("sqrt, 50 epochs", train.py's default,
+optionally with several heads of consecutive seeds whose logits are averaged). Each is scored with quality.py's functions on its
 folds (--folds stratified folds of train+valid, --seed): fit_and_score trains the head as
 train.py trains it and scores the last epoch on the held-out fold, mirror-averaged features.
 """
