@@ -195,6 +195,7 @@ class FeatureTask(Task):
             torch.set_num_threads(1)
             # Epochs slowed from 0.30 to 0.36 s as training went on, on values decaying into
             # denormal floats; flushed to zero, all 50 stay at 0.30 s, with the same losses.
+            # (Process-wide from here on, in this thread: calibration and reports too.)
             torch.set_flush_denormal(True)
 
     def train_batches(self, epoch):
@@ -231,15 +232,15 @@ class FeatureTask(Task):
 
 
 class StageTask(FeatureTask):
-    """--train_stages N: the backbone's last N stages train with the head on the activations
-    that enter them, computed once and cached (stage_split.py), their batch norms folded into
-    the convolutions (the pretrained statistics kept). `model` is a stage_split.StageModel. A
-    training batch takes each image's activations as they are or flipped left to right at
-    random (--mirror off: never flipped; --mirror all: the mirror image's own activations,
-    cached beside the image's, instead of the flipped map, at the cost of a second backbone
-    pass over train/); evaluation averages the image's and its mirror image's features unless
-    --mirror off, as predictions do.
-    data: as extract_features returns it with the bottom of split_backbone, whose top is top."""
+    """--train_stages N: the backbone's last N stages train with the head on the activations that
+    enter them, computed once and cached (stage_split.py), their batch norms folded into the
+    convolutions (the pretrained statistics kept; not with --no_fold_norms). `model` is a
+    stage_split.StageModel. A training batch takes each image's activations as they are or
+    flipped left to right at random (--mirror off: never flipped; --mirror all: the mirror
+    image's own activations, cached beside the image's, instead of the flipped map, at the
+    cost of a second backbone pass over train/); evaluation averages the image's and its
+    mirror image's features unless --mirror off, as predictions do. data: as
+    extract_features returns it with the bottom of split_backbone, whose top is top."""
     eval_batch_size = 64  # the stages' convolutions ran 1.9x slower per image in batches of 256
 
     def __init__(self, data, config, top, classifier, device, extracted=0, kept_paths=None,
@@ -249,7 +250,8 @@ class StageTask(FeatureTask):
         self.flip_maps = config.mirror != "off"
         self.batch_size, self.device = config.batch_size, device
         classifier.train_stages(config.train_stages)
-        self.model = StageModel(fold_batch_norms(top), classifier.head)
+        self.model = StageModel(fold_batch_norms(top) if config.fold_norms else top,
+                                classifier.head)
 
     def training_inputs(self, rows):
         """rows [B, views, C, H, W]: one of the cached views at random, else the activation

@@ -148,6 +148,11 @@ def get_args_parser():
                                     for arch, count in DEFAULT_TRAIN_STAGES.items())
                         + f": its last block and conv_head; 0 with other backbones, --finetune "
                         f"and --arch {SCRATCH_ARCH})")
+    parser.add_argument("--no_fold_norms", dest="fold_norms", action="store_false",
+                        help="with --train_stages: train the stages' batch norms on each batch's "
+                        "statistics instead of folding them into their convolutions with the "
+                        "pretrained statistics (default: folded, 0.3-0.5 points more accurate "
+                        "cross-validated and 1.5x faster per step)")
     finetune = parser.add_argument_group("fine-tuning (train the backbone too)")
     finetune.add_argument("--finetune", action="store_true",
                           help="unfreeze the backbone and train it with the head on images "

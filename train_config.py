@@ -61,6 +61,9 @@ class TrainConfig:
     # None: the backbone's default (backbones.DEFAULT_TRAIN_STAGES); 0 with --finetune and from
     # scratch.
     train_stages: int | None = hyperparameter(None, earlier=0)
+    # --train_stages: the stages' batch norms folded into their convolutions (stage_split.py);
+    # runs begun before the folding resume unfolded.
+    fold_norms: bool = hyperparameter(True, earlier=False)
     # Run options: where and how this run goes, not what it trains.
     save_dir: str = "."
     split: tuple = tuple(DEFAULT_FRACTIONS.values())  # train, valid[, test] of one folder

@@ -19,9 +19,10 @@ never read. The extraction's cost is timed in each run, apart from the cache: th
 the process's CPU seconds (one thread: what other jobs' load and pauses change least) and wall
 seconds. A setting is a list of backbones, whose features are concatenated in that order (the
 head's input grows), and a head setting of quality.py ("sqrt, 50 epochs", train.py's default,
-optionally with several heads of consecutive seeds whose logits are averaged). Each is scored with quality.py's functions on its
-folds (--folds stratified folds of train+valid, --seed): fit_and_score trains the head as
-train.py trains it and scores the last epoch on the held-out fold, mirror-averaged features.
+optionally with several heads of consecutive seeds whose logits are averaged). Each is scored
+with quality.py's functions on its folds (--folds stratified folds of train+valid, --seed):
+fit_and_score trains the head as train.py trains it and scores the last epoch on the held-out
+fold, mirror-averaged features. The CPU seconds count decoding only with --workers 0.
 """
 import argparse
 import hashlib
@@ -118,7 +119,10 @@ def backbone_features(name, data_dir, cache_dir, workers):
     """{"train", "valid": {"plain", "mirror", "ok", "labels"}, "class_count"} of one backbone
     (all images, ok marking the readable ones), extracted once and then read from cache_dir."""
     backbone = build(name)
-    made_by = f"{backbone.name} {backbone.weights} {eval_transform(backbone.preprocess)!r}"
+    _, splits = find_splits(data_dir)
+    images = "\n".join(path for split in ("train", "valid") for path in splits[split].paths)
+    made_by = (f"{backbone.name} {backbone.weights} {eval_transform(backbone.preprocess)!r} "
+               f"{Path(data_dir).resolve()} {hashlib.sha256(images.encode()).hexdigest()}")
     cache = Path(cache_dir) / f"{name}-{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.pt"
     if cache.is_file():
         return torch.load(cache, map_location="cpu", weights_only=True)

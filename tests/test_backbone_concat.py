@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import PROJECT, run_script
 
-sys.path.insert(0, str(PROJECT / "benchmarks"))
+sys.path.append(str(PROJECT / "benchmarks"))  # after the project: benchmarks/engines.py
 from backbone_concat import concatenated  # noqa: E402
 
 
