@@ -50,7 +50,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in the help, except None and off switches, whose help says what they mean."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:
+        if action.default is None or False in (action.default, action.const):  # store_false too
             return action.help
         return super()._get_help_string(action)
 

@@ -151,8 +151,8 @@ def get_args_parser():
     parser.add_argument("--no_fold_norms", dest="fold_norms", action="store_false",
                         help="with --train_stages: train the stages' batch norms on each batch's "
                         "statistics instead of folding them into their convolutions with the "
-                        "pretrained statistics (default: folded, 0.3-0.5 points more accurate "
-                        "cross-validated and 1.5x faster per step)")
+                        "pretrained statistics (folded: 0.3-0.5 points more accurate "
+                        "cross-validated, 1.5x faster per step)")
     finetune = parser.add_argument_group("fine-tuning (train the backbone too)")
     finetune.add_argument("--finetune", action="store_true",
                           help="unfreeze the backbone and train it with the head on images "
