@@ -29,9 +29,7 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
@@ -175,15 +173,13 @@ def concatenated(features, names):
 
 
 def fold_scores(data, setting, folds, seed):
-    """Held-out accuracy per fold, with quality.py's folds and head training; the head's input
-    is as wide as the (concatenated) features."""
+    """Held-out accuracy per fold, with quality.py's folds and head training (the head as wide
+    as the concatenated features)."""
     pool = quality.pooled(data)
     fold_of = quality.stratified_folds(pool["labels"], folds, seed)
-    width = replace(quality.feature_backbone(), feature_dim=pool["plain"].shape[1])
-    with mock.patch.object(quality, "feature_backbone", lambda: width):
-        return [quality.fit_and_score(setting, quality.subset(pool, fold_of != fold),
-                                      quality.subset(pool, fold_of == fold),
-                                      data["class_count"], seed) for fold in range(folds)]
+    return [quality.fit_and_score(setting, quality.subset(pool, fold_of != fold),
+                                  quality.subset(pool, fold_of == fold), data["class_count"],
+                                  seed) for fold in range(folds)]
 
 
 def main(args):

@@ -265,7 +265,7 @@ def feature_backbone():
 
 def train_heads(setting, train_inputs, train_labels, class_count, seed):
     """The setting's head(s), trained as train.py's Trainer trains them (its task, optimiser,
-    schedule, loss and seeding; the last epoch), in eval mode."""
+    schedule, loss and seeding; the last epoch), in eval mode; as wide as the inputs."""
     config = train_config(setting)
     if train_inputs.dim() == 2:
         train_inputs = train_inputs.unsqueeze(0)  # train.py's views dimension
@@ -276,7 +276,7 @@ def train_heads(setting, train_inputs, train_labels, class_count, seed):
         config = replace(config, seed=seed + index)
         torch.manual_seed(config.seed)
         classifier = ImageClassifier(backbone, build_head(
-            backbone.feature_dim, class_count, **trainer.head_spec(config)))
+            train_inputs.shape[-1], class_count, **trainer.head_spec(config)))
         task = (MixupTask(data, config.batch_size, classifier, setting["mixup"], class_count)
                 if setting.get("mixup") else tasks.FeatureTask(data, config.batch_size,
                                                               classifier, CPU))
