@@ -113,18 +113,16 @@ def build(name):
     return quality.feature_backbone() if name == "Lite0" else lite_backbone(name)
 
 
-def backbone_features(name, data_dir, cache_dir, workers):
+def backbone_features(name, backbone, data_dir, cache_dir, workers):
     """{"train", "valid": {"plain", "mirror", "ok", "labels"}, "class_count"} of one backbone
     (all images, ok marking the readable ones), extracted once and then read from cache_dir."""
-    backbone = build(name)
-    _, splits = find_splits(data_dir)
+    class_to_idx, splits = find_splits(data_dir)
     images = "\n".join(path for split in ("train", "valid") for path in splits[split].paths)
     made_by = (f"{backbone.name} {backbone.weights} {eval_transform(backbone.preprocess)!r} "
                f"{Path(data_dir).resolve()} {hashlib.sha256(images.encode()).hexdigest()}")
     cache = Path(cache_dir) / f"{name}-{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.pt"
     if cache.is_file():
         return torch.load(cache, map_location="cpu", weights_only=True)
-    class_to_idx, splits = find_splits(data_dir)
     extractor = FeatureExtractor(backbone, quality.CPU, workers=workers, engine="torch")
     data = {"class_count": len(class_to_idx)}
     for split in ("train", "valid"):  # test/ is never read
@@ -139,15 +137,14 @@ def backbone_features(name, data_dir, cache_dir, workers):
     return data
 
 
-def extraction_seconds(names, data_dir, count, workers):
-    """(images, {backbone: (CPU seconds, wall seconds) per image}) of extracting the features
-    of the same images of valid/ (count at most, spread over its classes) and their mirror
-    images."""
+def extraction_seconds(backbones, data_dir, count, workers):
+    """(images, {name: (CPU seconds, wall seconds) per image}) of extracting the features of
+    the same images of valid/ (count at most, spread over its classes) and their mirror
+    images through each of backbones {name: Backbone}."""
     paths = find_splits(data_dir)[1]["valid"].paths
     paths = paths[::max(1, len(paths) // count)][:count]
     seconds = {}
-    for name in names:
-        backbone = build(name)
+    for name, backbone in backbones.items():
         extractor = FeatureExtractor(backbone, quality.CPU, workers=workers, engine="torch")
         cpu_started, wall_started = time.process_time(), time.perf_counter()
         quality.plain_and_mirror_features(extractor, paths, backbone.preprocess, workers)
@@ -186,9 +183,11 @@ def main(args):
     torch.set_num_threads(1)
     names = sorted({name for setting in args.settings for name in SETTINGS[setting][0]},
                    key=["Lite0", *LITES].index)
-    features = {name: backbone_features(name, args.data_dir, args.cache_dir, args.workers)
-                for name in names}
-    images, seconds = extraction_seconds(names, args.data_dir, args.time_images, args.workers)
+    backbones = {name: build(name) for name in names}
+    features = {name: backbone_features(name, backbone, args.data_dir, args.cache_dir,
+                                        args.workers) for name, backbone in backbones.items()}
+    images, seconds = extraction_seconds(backbones, args.data_dir, args.time_images,
+                                         args.workers)
     print(f"extraction of {images} valid/ images and their mirror images (decoding "
           "included), ms per image: CPU, wall" + (", CPU x Lite0's" if "Lite0" in names else ""))
     for name, (cpu, wall) in seconds.items():
