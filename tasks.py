@@ -239,8 +239,8 @@ class StageTask(FeatureTask):
     flipped left to right at random (--mirror off: never flipped; --mirror all: the mirror
     image's own activations, cached beside the image's, instead of the flipped map, at the
     cost of a second backbone pass over train/); evaluation averages the image's and its
-    mirror image's features unless --mirror off, as predictions do. data: as
-    extract_features returns it with the bottom of split_backbone, whose top is top."""
+    mirror image's features unless --mirror off, as predictions do.
+    data: as extract_features returns it with the bottom of split_backbone, whose top is top."""
     eval_batch_size = 64  # the stages' convolutions ran 1.9x slower per image in batches of 256
 
     def __init__(self, data, config, top, classifier, device, extracted=0, kept_paths=None,
