@@ -8,7 +8,6 @@ through $LITERT_PYTHON or .venv-litert/bin/python: without it its test is skippe
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ import torch
 
 import export
 from conftest import make_subset, train_args
-from model_utils import checkpoint_preprocess, load_checkpoint
 from test_export import CLASSES, SIZES, TOLERANCE, run_export, train_cnn
 
 PROJECT_ROOT = Path(__file__).parents[1]
@@ -83,15 +81,29 @@ def test_executorch_gives_predicts_answers_with_labels_inside(executorch_export)
     assert probabilities.sum().item() == pytest.approx(1, abs=1e-5)
 
 
-def test_int8_executorch_is_a_quarter_the_size_and_close(executorch_export, checkpoint, data,
-                                                         workdir):
+@pytest.fixture(scope="module")
+def int8_export(workdir, checkpoint, data):
+    """export.py --dtype int8, calibrated on the training photos: the .pte, and the quantised
+    graph export.quantised_int8 made for it (one quantisation for the tests of both)."""
+    output = workdir / "pte" / "int8.pte"
+    quantised = []
+    make_quantised = export.quantised_int8
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "quantised_int8",
+                      lambda *args: quantised.append(make_quantised(*args)) or quantised[-1])
+        export.main(export.get_args_parser().parse_args(
+            [str(checkpoint), "--format", "executorch", "--output", str(output), "--dtype",
+             "int8", "--calibration", str(data / "train")]))
+    (graph,) = quantised
+    return output, graph
+
+
+def test_int8_executorch_is_a_quarter_the_size_and_close(executorch_export, int8_export,
+                                                         checkpoint, data):
     """--dtype int8: XNNPACK's quantiser, calibrated on the training photos; the file is about a
     quarter of float32's and its probabilities stay near predict.py's."""
     float32, _ = executorch_export
-    int8 = workdir / "pte" / "int8.pte"
-    export.main(export.get_args_parser().parse_args(
-        [str(checkpoint), "--format", "executorch", "--output", str(int8), "--dtype", "int8",
-         "--calibration", str(data / "train")]))
+    int8, _ = int8_export
     assert int8.stat().st_size < 0.35 * float32.stat().st_size
     assert json.loads(int8.with_suffix(".json").read_text())["dtype"] == "int8"
     photos = sorted(str(path) for path in (data / "test").rglob("*.jpg"))
@@ -99,15 +111,12 @@ def test_int8_executorch_is_a_quarter_the_size_and_close(executorch_export, chec
     assert result.images == 6 and 0 < result.max_difference < 0.2
 
 
-def test_int8_fuses_each_relu6_into_its_convolution(checkpoint, data):
+def test_int8_fuses_each_relu6_into_its_convolution(int8_export):
     """int8_quantizer.py: no int8 step between a convolution and its ReLU6, whose output range is
     observed within [0, 6] (XNNPACK's quantiser alone observes the unclamped convolution's)."""
-    from app_model import app_model
     from int8_quantizer import is_relu6
 
-    trained = load_checkpoint(checkpoint)
-    photos = export.calibration_images(data / "train", checkpoint_preprocess(trained))
-    quantised = export.quantised_int8(app_model(trained), photos[0], photos)
+    _, quantised = int8_export
     relu6s = [node for node in quantised.graph.nodes if is_relu6(node)]
     assert len(relu6s) == 33   # EfficientNet-Lite0: stem, head, blocks' expansions and depthwise
     for relu6 in relu6s:
