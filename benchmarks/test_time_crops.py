@@ -88,7 +88,8 @@ def get_args_parser():
     parser.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and the heads")
     parser.add_argument("--setting", default="sqrt, 50 epochs", choices=HEAD_SETTINGS,
-                        metavar="NAME", help=f"quality.py's head setting: {', '.join(HEAD_SETTINGS)}")
+                        metavar="NAME",
+                        help=f"quality.py's head setting: {', '.join(HEAD_SETTINGS)}")
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="the head's epochs instead of the setting's (for a quick check)")
     parser.add_argument("--engine", default="auto", choices=("auto", "openvino", "torch"),
@@ -248,9 +249,9 @@ def print_table(summary, seconds):
     print("crop set | passes | probabilities averaged: mean ± std, gain ± std | features "
           "averaged: mean ± std, gain ± std | ms per photo CPU, wall | x today's")
     for name, crop_set in CROP_SETS.items():
-        cells = [f"{summary[name, method]['mean']:.2f} ± {summary[name, method]['std']:.2f}, "
-                 f"{summary[name, method]['gain_mean']:+.2f} ± {summary[name, method]['gain_std']:.2f}"
-                 for method in METHODS]
+        figures = [summary[name, method] for method in METHODS]
+        cells = [f"{one['mean']:.2f} ± {one['std']:.2f}, {one['gain_mean']:+.2f} ± "
+                 f"{one['gain_std']:.2f}" for one in figures]
         cpu, wall = seconds[name]
         print(f"  {name:36s} | {len(crop_set):2d} | {cells[0]} | {cells[1]} | "
               f"{1000 * cpu:.1f}, {1000 * wall:.1f} | {cpu / base_cpu:.2f}x")
