@@ -23,6 +23,13 @@ the head ("features": what predict.py does with the image and its mirror image t
 baseline is today's: centre + mirror, features averaged; each crop set's difference from it is
 paired (the same folds and heads), mean ± std over the folds.
 
+Trained stages (--train_stages N; train.py's default is 2): the activations that enter the
+backbone's last N stages are cached per view instead (the backbone's bottom through the same
+engine, as quality.py --train_stages caches them), and on each fold the stages train with the
+head as train.py trains them (quality.train_stage_task, --setting's default "stages, 12 epochs,
+lr 3e-4": the centre crops' activations, flipped at random); every held-out view then goes
+through the trained stages, and the crop sets are scored on those features the same two ways.
+
 Cost: each crop set's views of the same --time_images valid/ images extracted (decoding
 included, --workers 0: the process's CPU seconds count it), per photo, and relative to the
 baseline's 2 views.
@@ -41,11 +48,13 @@ from torchvision import transforms  # noqa: E402
 from torchvision.transforms import functional  # noqa: E402
 
 import quality  # noqa: E402
+import tasks  # noqa: E402
 from cli_utils import HelpFormatter, positive_int, run_cli  # noqa: E402
 from common import atomic_write, write_json  # noqa: E402
 from data_utils import ImageFiles, eval_transform, find_splits, image_loader  # noqa: E402
 from data_utils import is_readable  # noqa: E402
 from features import FeatureExtractor  # noqa: E402
+from stage_split import split_backbone  # noqa: E402
 
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "centre")  # FiveCrop's order
 CENTRE = (256, "centre", False)  # eval_transform's view: what the head trains on
@@ -76,7 +85,7 @@ CROP_SETS = {
 }
 BASELINE = ("centre + mirror (today)", "features")
 METHODS = ("probabilities", "features")
-HEAD_SETTINGS = [name for name in quality.SETTINGS if name not in quality.STAGE_SETTINGS]
+DEFAULT_SETTINGS = {False: "sqrt, 50 epochs", True: "stages, 12 epochs, lr 3e-4"}  # train.py's
 
 
 def get_args_parser():
@@ -87,9 +96,13 @@ def get_args_parser():
                         help="where the views' features are kept")
     parser.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and the heads")
-    parser.add_argument("--setting", default="sqrt, 50 epochs", choices=HEAD_SETTINGS,
-                        metavar="NAME",
-                        help=f"quality.py's head setting: {', '.join(HEAD_SETTINGS)}")
+    parser.add_argument("--train_stages", type=int, default=0,
+                        help="N > 0: train the backbone's last N stages with the head, on the "
+                        "views' cached activations")
+    parser.add_argument("--setting", default=None, choices=list(quality.SETTINGS),
+                        metavar="NAME", help="quality.py's setting (default: train.py's, "
+                        f"{DEFAULT_SETTINGS[False]!r}, or {DEFAULT_SETTINGS[True]!r} with "
+                        f"--train_stages): {', '.join(quality.SETTINGS)}")
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="the head's epochs instead of the setting's (for a quick check)")
     parser.add_argument("--engine", default="auto", choices=("auto", "openvino", "torch"),
@@ -149,12 +162,14 @@ def readable_images(split):
 
 
 def load_view_features(args, extractor):
-    """{"train", "valid": {"views" [N, len(VIEWS), D] float16, "labels"}, "class_count"},
-    extracted once, then read from --cache_dir."""
+    """{"train", "valid": {"views" [N, len(VIEWS), ...] float16, "labels"}, "class_count"}:
+    the views' features (or, with a bottom, their activations), extracted once, then read from
+    --cache_dir."""
     class_to_idx, splits = find_splits(args.data_dir)
     backbone, engine = extractor.spec, extractor.engine
     images = "\n".join(path for split in ("train", "valid") for path in splits[split].paths)
-    made_by = (f"{backbone.name} {backbone.weights} {engine.name} {engine.precision} "
+    made_by = (f"{backbone.name} {backbone.weights} {extractor.output} {engine.name} "
+               f"{engine.precision} "
                f"{CropViews(backbone.preprocess, VIEWS)!r} {Path(args.data_dir).resolve()} "
                f"{hashlib.sha256(images.encode()).hexdigest()}")
     cache = Path(args.cache_dir) / f"crops-{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.pt"
@@ -182,6 +197,19 @@ def train_on_centre(setting, training, class_count, seed):
     return quality.train_heads(setting, inputs, training["labels"], class_count, seed)
 
 
+def train_stages(setting, training, held_out, layers, class_count, seed):
+    """([head], features [N, len(VIEWS), D] of the held-out views): the last `layers` stages
+    and the head trained on the centre crops' activations as train.py trains them, each
+    held-out view through the trained stages."""
+    centre = [VIEWS.index(CENTRE), VIEWS.index(MIRROR)]
+    task = quality.train_stage_task(
+        setting, {"train": {"activations": training["views"][:, centre],
+                            "labels": training["labels"]}}, layers, class_count, seed)
+    features = torch.stack([tasks.stage_features(task.model, held_out["views"][:, [index]],
+                                                 quality.CPU) for index in range(len(VIEWS))], 1)
+    return [task.model.head], features
+
+
 def crop_set_predictions(heads, views):
     """{(crop set, method): predicted class of each image} of features [N, len(VIEWS), D]."""
     probabilities = torch.stack([quality.mean_logits(heads, views[:, index]).softmax(1)
@@ -191,13 +219,14 @@ def crop_set_predictions(heads, views):
         index = [VIEWS.index(view) for view in crop_set]
         predictions[name, "probabilities"] = probabilities[:, index].mean(1).argmax(1)
         # As predict.py averages the image's and its mirror image's features (float16 inputs).
-        averaged = views[:, index].float().mean(1).half()
+        averaged = views[:, index].float().mean(1).to(views.dtype)
         predictions[name, "features"] = quality.mean_logits(heads, averaged).argmax(1)
     return predictions
 
 
-def fold_accuracies(data, setting, folds, seed):
-    """{(crop set, method): held-out accuracy of each fold}, quality.py's folds and head."""
+def fold_accuracies(data, setting, folds, seed, layers=0):
+    """{(crop set, method): held-out accuracy of each fold}, quality.py's folds and head (and
+    the last `layers` stages trained with it)."""
     pool = {key: torch.cat([data["train"][key], data["valid"][key]])
             for key in ("views", "labels")}
     fold_of = quality.stratified_folds(pool["labels"], folds, seed)
@@ -206,8 +235,13 @@ def fold_accuracies(data, setting, folds, seed):
         started = time.perf_counter()
         training, held_out = (quality.subset(pool, fold_of != fold),
                               quality.subset(pool, fold_of == fold))
-        heads = train_on_centre(setting, training, data["class_count"], seed)
-        for key, predicted in crop_set_predictions(heads, held_out["views"]).items():
+        if layers:
+            heads, features = train_stages(setting, training, held_out, layers,
+                                           data["class_count"], seed)
+        else:
+            heads, features = (train_on_centre(setting, training, data["class_count"], seed),
+                               held_out["views"])
+        for key, predicted in crop_set_predictions(heads, features).items():
             accuracy = (predicted == held_out["labels"]).float().mean().item()
             accuracies.setdefault(key, []).append(accuracy)
         print(f"  fold {fold}: today's {100 * accuracies[BASELINE][-1]:.2f} %, "
@@ -260,23 +294,34 @@ def print_table(summary, seconds):
 def main(args):
     # The head is small and the machine shared: one thread (quality.py measured it faster).
     torch.set_num_threads(1)
-    setting = dict(quality.SETTINGS[args.setting])
+    name = args.setting or DEFAULT_SETTINGS[args.train_stages > 0]
+    setting = dict(quality.SETTINGS[name])
     if args.epochs:
         setting["epochs"] = args.epochs
-    extractor = FeatureExtractor(quality.feature_backbone(), quality.CPU, workers=args.workers,
-                                 engine=args.engine)
-    data = load_view_features(args, extractor)
+    backbone = quality.feature_backbone()
+    extractor = FeatureExtractor(backbone, quality.CPU, workers=args.workers, engine=args.engine)
+    if args.train_stages:  # what is cached: the activations that enter the trained stages
+        bottom, _ = split_backbone(backbone, args.train_stages)
+        data = load_view_features(args, FeatureExtractor(
+            backbone, quality.CPU, workers=args.workers, engine=args.engine, bottom=bottom,
+            trained_stages=args.train_stages))
+    else:
+        data = load_view_features(args, extractor)
+    # A prediction's cost: the whole backbone per view, whatever trained it.
     images, seconds = extraction_seconds(extractor, args.data_dir, args.time_images,
                                          args.workers)
     print(f"cross-validation: {args.folds} stratified folds of train+valid "
           f"({len(data['train']['labels']) + len(data['valid']['labels'])} images), seed "
-          f"{args.seed}, head {args.setting} {setting} trained on the centre crops, held-out "
+          f"{args.seed}, {name} {setting}, the last {args.train_stages} stages trained, on the "
+          f"centre crops; held-out "
           f"accuracy at the last epoch, %; gain: paired difference from today's (centre + "
           f"mirror, features averaged); extraction timed on {images} valid/ images "
           f"({extractor.engine.name} {extractor.engine.precision}, decoding included)")
-    summary = summarise(fold_accuracies(data, setting, args.folds, args.seed))
+    summary = summarise(fold_accuracies(data, setting, args.folds, args.seed,
+                                        args.train_stages))
     print_table(summary, seconds)
-    results = {"setting": setting, "seed": args.seed, "engine": extractor.engine.name,
+    results = {"setting": setting, "train_stages": args.train_stages, "seed": args.seed,
+               "engine": extractor.engine.name,
                "crop_sets": {name: {"passes": len(crop_set),
                                     "cpu_seconds_per_image": seconds[name][0],
                                     "wall_seconds_per_image": seconds[name][1],

@@ -33,9 +33,14 @@ def run(tmp_path_factory):
     # crop sets' scores can differ and today's can be matched against quality.py's.
     data = make_subset(root / "data", classes=tuple(str(number) for number in range(1, 13)),
                        sizes={"train": 3, "valid": 2})
+    return scored_run(data, root)
+
+
+def scored_run(data, root, *extra):
+    """(args, results, the JSON written) of a 2-fold run of 2 epochs."""
     args = crops.get_args_parser().parse_args(
         [str(data), "--cache_dir", str(root / "cache"), "--folds", "2", "--epochs", "2",
-         "--time_images", "3", "--json", str(root / "crops.json")])
+         "--time_images", "3", "--json", str(root / "crops.json"), *extra])
     return args, crops.main(args), json.loads((root / "crops.json").read_text())
 
 
@@ -68,13 +73,30 @@ def test_todays_baseline_is_quality_pys_score(run):
             "mirror": torch.cat([data[s]["views"][:, mirror] for s in ("train", "valid")]),
             "labels": torch.cat([data[s]["labels"] for s in ("train", "valid")])}
     fold_of = quality.stratified_folds(pool["labels"], 2, args.seed)
-    setting = {**quality.SETTINGS[args.setting], "epochs": 2}
+    setting = {**quality.SETTINGS[crops.DEFAULT_SETTINGS[False]], "epochs": 2}
     expected = [100 * quality.fit_and_score(setting, quality.subset(pool, fold_of != fold),
                                             quality.subset(pool, fold_of == fold),
                                             data["class_count"], args.seed)
                 for fold in range(2)]
     scored = results["crop_sets"][crops.BASELINE[0]]["features"]["folds"]
     assert scored == pytest.approx(expected)
+
+
+def test_trained_stages_score_every_view_through_the_trained_stages(run, tmp_path):
+    args, frozen, _ = run
+    stages_args, results, _ = scored_run(args.data_dir, tmp_path, "--train_stages", "2")
+    extractor = crops.FeatureExtractor(quality.feature_backbone(), quality.CPU, workers=0,
+                                       bottom=crops.split_backbone(quality.feature_backbone(),
+                                                                   2)[0], trained_stages=2)
+    cached = crops.load_view_features(stages_args, extractor)["train"]["views"]
+    assert cached.shape[1:3] == (len(crops.VIEWS), 192)  # [N, views, C, H, W] activations
+    assert list(results["crop_sets"]) == list(crops.CROP_SETS)
+    assert results["train_stages"] == 2 and results["setting"]["backbone_lr"] == 3e-4
+    def accuracies(figures):
+        return [figures[name][method]["folds"] for name in crops.CROP_SETS
+                for method in crops.METHODS]
+
+    assert accuracies(results["crop_sets"]) != accuracies(frozen["crop_sets"])
 
 
 def test_missing_folder_is_one_line_and_exit_2(tmp_path):
