@@ -93,7 +93,7 @@ def get_args_parser():
                                      formatter_class=HelpFormatter)
     parser.add_argument("data_dir", help="folder with train/ and valid/ (test/ is not read)")
     parser.add_argument("--cache_dir", default="/tmp/test_time_crops_cache",
-                        help="where the views' features are kept")
+                        help="where the views' features (or activations) are kept")
     parser.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and the heads")
     parser.add_argument("--train_stages", type=int, default=0,
