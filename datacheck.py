@@ -15,6 +15,7 @@ cleaned_manifest() turns the findings into a split manifest without them.
 """
 import hashlib
 import io
+import json
 import math
 import os
 import time
@@ -48,6 +49,7 @@ SOFTMAX_SCALES = [2.0 ** k for k in range(12)]
 TINY_SIDE = 64         # shorter side in pixels below which an image is reported as tiny
 FOLDS = 5
 SHEET_LIMIT = 60       # thumbnails per contact sheet, worst first
+RULES_VERSION = 1      # part of the report's fingerprint: a change of the rules above bumps it
 
 
 def mirrored(mirror, split_name):
@@ -359,8 +361,17 @@ def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
     """The data check of splits ({name: data_utils.Split}) with features ({name: (features, ok)},
     as split_features returns). cache_dir: the feature cache's folder, where the thumbnails are
     kept too (None: computed each time). With save_dir, data_report.json and the contact sheets
-    are written there. Returns the report (a JSON-ready dict)."""
+    are written there; a report already there from the same files, features and settings is
+    returned as it is (a rerun on unchanged data checks nothing again). Returns the report (a
+    JSON-ready dict)."""
     started = time.perf_counter()
+    settings = {"near_threshold": near_threshold, "edge_threshold": EDGE_THRESHOLD,
+                "tiny_side": tiny_side, "folds": folds, "seed": seed,
+                "mislabel_rule": "confident learning on out-of-fold predictions of a ridge "
+                "classifier on the features"}
+    fingerprint = report_fingerprint(class_to_idx, splits, features, settings)
+    if save_dir is not None and (kept := kept_report(save_dir, fingerprint)):
+        return kept
     classes = list(class_to_idx)
     rows, matrix, pixels = catalogue(class_to_idx, splits, features, cache_dir)
     usable = torch.tensor([row["ok"] for row in rows], dtype=torch.bool)
@@ -375,15 +386,39 @@ def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
         "tiny": [{**where(row), "width": row["size"][0], "height": row["size"][1]}
                  for row in rows if row["size"] and min(row["size"]) < tiny_side],
         "mislabelled": likely_mislabelled(rows, space, classes, folds, seed),
-        "settings": {"near_threshold": near_threshold, "edge_threshold": EDGE_THRESHOLD,
-                     "tiny_side": tiny_side, "folds": folds, "seed": seed,
-                     "mislabel_rule": "confident learning on out-of-fold predictions of a ridge "
-                     "classifier on the features"},
+        "settings": settings, "fingerprint": fingerprint,
     }
     report["seconds"] = round(time.perf_counter() - started, 2)
     if save_dir is not None:
         save_report(report, save_dir)
     return report
+
+
+def report_fingerprint(class_to_idx, splits, features, settings):
+    """A digest of what the report is computed from: the classes, each split's files (path,
+    label, size and times) and their features, the settings and RULES_VERSION."""
+    described = [RULES_VERSION, class_to_idx, settings,
+                 {name: [[str(path) for path in split.paths], list(split.labels),
+                         file_stamps(split.paths)] for name, split in splits.items()}]
+    digest = hashlib.sha256(json.dumps(described).encode())
+    for name in splits:
+        for tensor in features[name]:
+            digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def kept_report(save_dir, fingerprint):
+    """The report in save_dir if it has this fingerprint and its contact sheets are there."""
+    try:
+        report = json.loads((Path(save_dir) / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("fingerprint") != fingerprint:
+        return None
+    sheets = report.get("sheets")
+    sheets_there = isinstance(sheets, dict) and all(Path(sheet).is_file()
+                                                    for sheet in sheets.values())
+    return report if sheets_there else None
 
 
 def save_report(report, save_dir):

