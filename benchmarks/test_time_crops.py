@@ -15,8 +15,9 @@ FeatureExtractor engine, OpenVINO bf16 on a CPU that has it) are extracted once 
 list. test/ is never read. Unreadable images are left out.
 
 The folds and the head are quality.py's: --folds stratified folds of train+valid (--seed), the
-head of --setting (train.py's default, "sqrt, 50 epochs", --mirror predict) trained as train.py
-trains it (quality.train_heads) on the centre crops of the other folds, the last epoch kept.
+head of --setting (train.py's default for the head alone, "sqrt, batch 128, lr 0.002, 40
+epochs", --mirror predict) trained as train.py trains it (quality.train_heads) on the centre
+crops of the other folds, the last epoch kept.
 Each held-out image is then predicted from each crop set of CROP_SETS two ways: the softmax
 probabilities of its views averaged ("probabilities"), and the views' features averaged before
 the head ("features": what predict.py does with the image and its mirror image today). The
@@ -85,7 +86,9 @@ CROP_SETS = {
 }
 BASELINE = ("centre + mirror (today)", "features")
 METHODS = ("probabilities", "features")
-DEFAULT_SETTINGS = {False: "sqrt, 50 epochs", True: "stages, 12 epochs, lr 3e-4"}  # train.py's
+# train.py's defaults: the head alone (--train_stages 0), and the trained stages
+DEFAULT_SETTINGS = {False: "sqrt, batch 128, lr 0.002, 40 epochs",
+                    True: "stages, 12 epochs, lr 3e-4"}
 
 
 def get_args_parser():
