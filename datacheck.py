@@ -13,6 +13,7 @@ cleaned_manifest() turns the findings into a split manifest without them.
     report = check_dataset(class_to_idx, splits, features, save_dir, cache_dir)
     print("\\n".join(summary_lines(report, save_dir)))
 """
+import contextlib
 import hashlib
 import io
 import json
@@ -49,7 +50,7 @@ SOFTMAX_SCALES = [2.0 ** k for k in range(12)]
 TINY_SIDE = 64         # shorter side in pixels below which an image is reported as tiny
 FOLDS = 5
 SHEET_LIMIT = 60       # thumbnails per contact sheet, worst first
-RULES_VERSION = 1      # part of the report's fingerprint: a change of the rules above bumps it
+RULES_VERSION = 1      # in the report's fingerprint: bump it when what the check finds changes
 
 
 def mirrored(mirror, split_name):
@@ -371,7 +372,7 @@ def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
                 "classifier on the features"}
     fingerprint = report_fingerprint(class_to_idx, splits, features, settings)
     if save_dir is not None and (kept := kept_report(save_dir, fingerprint)):
-        return kept
+        return {**kept, "kept": True}
     classes = list(class_to_idx)
     rows, matrix, pixels = catalogue(class_to_idx, splits, features, cache_dir)
     usable = torch.tensor([row["ok"] for row in rows], dtype=torch.bool)
@@ -408,7 +409,8 @@ def report_fingerprint(class_to_idx, splits, features, settings):
 
 
 def kept_report(save_dir, fingerprint):
-    """The report in save_dir if it has this fingerprint and its contact sheets are there."""
+    """The report in save_dir if it has this fingerprint and its contact sheets are there
+    (save_report removes the report before it writes the sheets: they are that report's)."""
     try:
         report = json.loads((Path(save_dir) / REPORT_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -416,14 +418,16 @@ def kept_report(save_dir, fingerprint):
     if not isinstance(report, dict) or report.get("fingerprint") != fingerprint:
         return None
     sheets = report.get("sheets")
-    sheets_there = isinstance(sheets, dict) and all(Path(sheet).is_file()
-                                                    for sheet in sheets.values())
+    sheets_there = isinstance(sheets, dict) and all(
+        (Path(save_dir) / SHEETS_FOLDER / f"{finding}.png").is_file() for finding in sheets)
     return report if sheets_there else None
 
 
 def save_report(report, save_dir):
     """data_report.json and one contact sheet per non-empty finding in save_dir/data_check/."""
     save_dir = Path(save_dir)
+    with contextlib.suppress(OSError):  # an earlier report never meets new sheets (unwritable:
+        (save_dir / REPORT_NAME).unlink(missing_ok=True)  # write_json below says so)
     report["sheets"] = {}
     for finding, items in sheet_items(report).items():
         if items:
@@ -475,7 +479,9 @@ def summary_lines(report, save_dir=None):
              f"{len(report['tiny'])}"]
     if save_dir is not None:
         lines.append(f"  full report and contact sheets: {Path(save_dir) / REPORT_NAME}, "
-                     f"{Path(save_dir) / SHEETS_FOLDER}/")
+                     f"{Path(save_dir) / SHEETS_FOLDER}/"
+                     + ("; kept from the last check of the same files (delete it to check again)"
+                        if report.get("kept") else ""))
     return lines
 
 

@@ -132,7 +132,10 @@ def test_a_rerun_in_the_same_folder_keeps_its_report_until_something_changes(
 
     with monkeypatch.context() as patched:
         patched.setattr(datacheck, "near_duplicates", must_not_run)
-        assert check() == first
+        kept = check()
+    assert kept.pop("kept") is True and kept == first
+    assert "kept from the last check" in datacheck.summary_lines(
+        {**kept, "kept": True}, tmp_path)[-1]
     assert (tmp_path / datacheck.REPORT_NAME).stat().st_mtime_ns == written
     (tmp_path / datacheck.SHEETS_FOLDER / "tiny.png").unlink()
     assert check()["tiny"] == first["tiny"]  # a contact sheet gone: checked and written again
