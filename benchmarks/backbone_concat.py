@@ -18,11 +18,11 @@ never read. The extraction's cost is timed in each run, apart from the cache: th
 --time_images images of valid/ through each backbone the settings use (decoding included), in
 the process's CPU seconds (one thread: what other jobs' load and pauses change least) and wall
 seconds. A setting is a list of backbones, whose features are concatenated in that order (the
-head's input grows), and a head setting of quality.py ("sqrt, 50 epochs", train.py's default,
-optionally with several heads of consecutive seeds whose logits are averaged). Each is scored
-with quality.py's functions on its folds (--folds stratified folds of train+valid, --seed):
-fit_and_score trains the head as train.py trains it and scores the last epoch on the held-out
-fold, mirror-averaged features. The CPU seconds count decoding only with --workers 0.
+head's input grows), and a head setting of quality.py ("sqrt, 50 epochs", train.py's head-alone
+default when measured, optionally with several heads of consecutive seeds whose logits are
+averaged). Each is scored with quality.py's functions on its folds (--folds stratified folds of
+train+valid, --seed): fit_and_score trains the head as train.py trains it and scores the last
+epoch on the held-out fold, mirror-averaged features. The CPU seconds count decoding only with --workers 0.
 """
 import argparse
 import hashlib

@@ -226,13 +226,14 @@ def main(args):
     print(f"built {folder}: {len(list_images(folder))} photos, {len(truth['exact_copies'])} exact "
           f"copies, {len(truth['near_copies'])} near-copies, {len(truth['moved'])} moved "
           f"({time.perf_counter() - started:.1f} s)")
+    # Each run its own --save_dir: in one folder a rerun would keep the earlier run's report.
     for run in ("cold", "warm", "warm again"):
-        report, *seconds = timed_check(check_args(folder, out / "check", args))
+        report, *seconds = timed_check(check_args(folder, out / f"check {run}", args))
         print_timing(f"messy folder, {run} cache", report, *seconds)
     print_scores(report, truth, folder)
     for run in ("first", "warm"):
         print_timing(f"the flowers' own layout, {run} run",
-                     *timed_check(check_args(args.flowers, out / "flowers_check", args)))
+                     *timed_check(check_args(args.flowers, out / f"flowers_check {run}", args)))
 
 
 if __name__ == "__main__":

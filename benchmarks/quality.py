@@ -67,7 +67,7 @@ CACHE_NAME = "quality_features"
 # with the training mean and std; mixup: mixup of feature pairs with that alpha. Settings that
 # leave out a flag take train.py's default for it.
 TODAY = {"dropout": 0.2, "label_smoothing": 0.0, "weight_decay": 1e-4, "epochs": 20,
-         "mirror": "off", "feature_transform": "none", "batch_size": 64}
+         "mirror": "off", "feature_transform": "none", "batch_size": 64, "learning_rate": 0.001}
 REGULARISED = {"dropout": 0.5, "label_smoothing": 0.1, "weight_decay": 0.05, "epochs": 30,
                "learning_rate": 0.001, "feature_transform": "none", "batch_size": 64}
 SQRT = {**REGULARISED, "feature_transform": "sqrt", "mirror": "predict"}
@@ -124,7 +124,7 @@ DEFAULT_SETTINGS = ("sqrt, batch 128, lr 0.002, 40 epochs", "sqrt, 50 epochs",
                     "sqrt, batch 128, lr 0.003, 40 epochs")
 BENCHMARK_KEYS = ("mirror", "heads", "standardise", "mixup")
 # --train_stages: the frozen head (trained on the pretrained stages' features of the cached
-# activations; train.py --train_stages 0) against training the last stages with it. The first
+# activations; train.py --train_stages 0 until issue 22's third session) against training the last stages with it. The first
 # stage setting is train.py's default since issue 22 (--mirror predict: training activation maps
 # flipped at random; the batch norms folded since its second session: "unfolded" is its first
 # session's default); "mirror all" trains on the mirror images' own activations instead. The

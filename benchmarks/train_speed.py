@@ -5,7 +5,8 @@
         --classes 3 --max_per_class 6                   # a quick check on a tiny subset
     python benchmarks/train_speed.py ../shared/data/flowers102 --skip_assignment --json speed.json
 
-In one process, on the same backbone, head hyperparameters (train.py's defaults), epochs and data:
+In one process, on the same backbone, head hyperparameters (train.py's head-alone defaults, as
+--train_stages 0 resolves them), epochs and data:
 
   floor        one forward pass of the backbone over every image train.py's default run needs,
                the fastest way the project has (FeatureExtractor.compute: traced, channels-last)
