@@ -88,9 +88,13 @@ def int8_export(workdir, checkpoint, data):
     output = workdir / "pte" / "int8.pte"
     quantised = []
     make_quantised = export.quantised_int8
+
+    def quantise_and_keep(*args):
+        quantised.append(make_quantised(*args))
+        return quantised[-1]
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export, "quantised_int8",
-                      lambda *args: quantised.append(make_quantised(*args)) or quantised[-1])
+        patch.setattr(export, "quantised_int8", quantise_and_keep)
         export.main(export.get_args_parser().parse_args(
             [str(checkpoint), "--format", "executorch", "--output", str(output), "--dtype",
              "int8", "--calibration", str(data / "train")]))

@@ -184,9 +184,9 @@ def test_training_views_flip_the_map_or_take_a_cached_view(mirror, cached_views)
 @pytest.mark.parametrize("flags, stages, epochs, batch_size, learning_rate", [
     ({}, 2, 12, 64, 0.001), ({"train_stages": 0}, 0, 40, 128, 0.002),
     ({"finetune": True}, 0, 50, 64, 0.001)])
-def test_the_default_trains_lite0s_last_two_stages(flags, stages, epochs, batch_size,
-                                                   learning_rate):
-    """Each family its own defaults: the trained stages, the head alone, --finetune."""
+def test_each_family_has_its_own_defaults(flags, stages, epochs, batch_size, learning_rate):
+    """The default trains Lite0's last two stages; the head alone and --finetune have their own
+    defaults."""
     config = TrainConfig("data", **flags).resolved(from_scratch=False,
                                                    default_stages=DEFAULT_TRAIN_STAGES[DEFAULT_ARCH])
     assert (config.train_stages, config.epochs, config.batch_size,
