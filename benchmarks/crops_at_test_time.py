@@ -2,8 +2,8 @@
 more crops of each photo than the image and its mirror image (predict.py's --mirror predict, 2
 backbone passes) score better, by more than the folds' noise, and at what cost per photo?
 
-    python benchmarks/test_time_crops.py ../shared/data/flowers102
-    python benchmarks/test_time_crops.py ../shared/data/flowers102 --seed 1 --json /tmp/crops.json
+    python benchmarks/crops_at_test_time.py ../shared/data/flowers102
+    python benchmarks/crops_at_test_time.py ../shared/data/flowers102 --seed 1 --json /tmp/crops.json
 
 Protocol. Each image of train/ and valid/ is decoded once and cut into VIEWS: the five 224 px
 crops (torchvision's FiveCrop: four corners and the centre) of the image resized to 256 px on
@@ -95,7 +95,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("data_dir", help="folder with train/ and valid/ (test/ is not read)")
-    parser.add_argument("--cache_dir", default="/tmp/test_time_crops_cache",
+    parser.add_argument("--cache_dir", default="/tmp/crops_at_test_time_cache",
                         help="where the views' features (or activations) are kept")
     parser.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and the heads")

@@ -1,4 +1,4 @@
-"""benchmarks/test_time_crops.py: the crop views it cuts, its scores per crop set (today's
+"""benchmarks/crops_at_test_time.py: the crop views it cuts, its scores per crop set (today's
 baseline scored as quality.py scores it), its error line for a missing folder."""
 import json
 import sys
@@ -9,7 +9,7 @@ from conftest import FLOWERS, PROJECT, make_subset, require_shared_data, run_scr
 
 sys.path.append(str(PROJECT / "benchmarks"))  # after the project: benchmarks/engines.py
 import quality  # noqa: E402
-import test_time_crops as crops  # noqa: E402
+import crops_at_test_time as crops  # noqa: E402
 from data_utils import eval_transform, load_image  # noqa: E402
 
 
@@ -92,6 +92,7 @@ def test_trained_stages_score_every_view_through_the_trained_stages(run, tmp_pat
     assert cached.shape[1:3] == (len(crops.VIEWS), 192)  # [N, views, C, H, W] activations
     assert list(results["crop_sets"]) == list(crops.CROP_SETS)
     assert results["train_stages"] == 2 and results["setting"]["backbone_lr"] == 3e-4
+
     def accuracies(figures):
         return [figures[name][method]["folds"] for name in crops.CROP_SETS
                 for method in crops.METHODS]
@@ -100,7 +101,7 @@ def test_trained_stages_score_every_view_through_the_trained_stages(run, tmp_pat
 
 
 def test_missing_folder_is_one_line_and_exit_2(tmp_path):
-    result = run_script("benchmarks/test_time_crops.py", tmp_path / "none",
+    result = run_script("benchmarks/crops_at_test_time.py", tmp_path / "none",
                         "--cache_dir", tmp_path / "cache")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
