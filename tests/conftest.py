@@ -15,6 +15,9 @@ sys.path.insert(0, str(PROJECT))
 # Folder names that sort differently as text and as numbers: "1" < "10" < "2".
 SUBSET_CLASSES = ("1", "10", "2")
 SUBSET_SIZES = {"train": 8, "valid": 3, "test": 3}
+# The export tests' subset (test_export.py, test_export_phone.py)
+EXPORT_CLASSES = ["1", "10", "11"]          # sorted as names: index order of the checkpoint
+EXPORT_SIZES = {"train": 4, "valid": 2, "test": 2}
 
 
 def require_shared_data(data=FLOWERS):
@@ -64,6 +67,22 @@ def train_args(data, save_dir, cache_dir, *extra):
 @pytest.fixture(scope="session")
 def subset(tmp_path_factory):
     return make_subset(tmp_path_factory.mktemp("flowers") / "data")
+
+
+@pytest.fixture(scope="session")
+def export_data(tmp_path_factory):
+    return make_subset(tmp_path_factory.mktemp("export") / "data", EXPORT_CLASSES, EXPORT_SIZES)
+
+
+@pytest.fixture(scope="session")
+def export_checkpoint(export_data, tmp_path_factory):
+    """A real checkpoint from train.py on export_data (2 epochs), for both export test files;
+    it has the unknown verdict, the mirror average and a temperature."""
+    import train
+
+    root = tmp_path_factory.mktemp("export_run")
+    train.main(train_args(export_data, root / "run", root / "cache", "--epochs", "2"))
+    return root / "run" / "checkpoint.pth"
 
 
 @pytest.fixture(scope="session")

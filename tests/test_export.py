@@ -16,14 +16,12 @@ import export
 import train
 from app_model import app_pixels
 from common import UserError
-from conftest import CIFAR, make_subset, train_args
+from conftest import CIFAR, EXPORT_CLASSES as CLASSES, make_subset, train_args
 from data_utils import load_image
 from model_utils import load_checkpoint, save_checkpoint
 from predictor import Predictor
 
 PROJECT_ROOT = Path(__file__).parents[1]
-CLASSES = ["1", "10", "11"]                 # sorted as names: index order of the checkpoint
-SIZES = {"train": 4, "valid": 2, "test": 2}
 TOLERANCE = 1e-4
 
 
@@ -47,16 +45,13 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(workdir):
-    return make_subset(workdir / "data", CLASSES, SIZES)
+def data(export_data):
+    return export_data
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir, data):
-    """A real checkpoint from train.py on a tiny subset (symlinks to the real images); it has
-    the unknown verdict, the mirror average and a temperature."""
-    train.main(train_args(data, workdir / "run", workdir / "cache", "--epochs", "2"))
-    return workdir / "run" / "checkpoint.pth"
+def checkpoint(export_checkpoint):
+    return export_checkpoint
 
 
 @pytest.fixture(scope="module")

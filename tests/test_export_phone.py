@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import export
-from conftest import make_subset, train_args
-from test_export import CLASSES, SIZES, TOLERANCE, run_export, train_cnn
+from test_export import CLASSES, TOLERANCE, run_export, train_cnn
 
 PROJECT_ROOT = Path(__file__).parents[1]
 
@@ -27,18 +26,15 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(workdir):
-    return make_subset(workdir / "data", CLASSES, SIZES)
+def data(export_data):
+    return export_data
 
 
 @pytest.fixture(scope="module")
-def checkpoint(workdir, data):
+def checkpoint(export_checkpoint):
     """EfficientNet-Lite0 with a head trained for 2 epochs on 3 classes: it has the unknown
     verdict, so the exports have the similarity output."""
-    import train
-
-    train.main(train_args(data, workdir / "run", workdir / "cache", "--epochs", "2"))
-    return workdir / "run" / "checkpoint.pth"
+    return export_checkpoint
 
 
 @pytest.fixture(scope="module")
