@@ -22,7 +22,8 @@ head's input grows), and a head setting of quality.py ("sqrt, 50 epochs", train.
 default when measured, optionally with several heads of consecutive seeds whose logits are
 averaged). Each is scored with quality.py's functions on its folds (--folds stratified folds of
 train+valid, --seed): fit_and_score trains the head as train.py trains it and scores the last
-epoch on the held-out fold, mirror-averaged features. The CPU seconds count decoding only with --workers 0.
+epoch on the held-out fold, mirror-averaged features. The CPU seconds count decoding only with
+--workers 0.
 """
 import argparse
 import hashlib
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 import quality  # noqa: E402
 from backbones import Backbone, Preprocess, child_stages, file_sha256, load_in_order  # noqa: E402
 from cli_utils import HelpFormatter, positive_int, run_cli  # noqa: E402
-from common import UserError, atomic_write  # noqa: E402
+from common import UserError  # noqa: E402
 from data_utils import eval_transform, find_splits  # noqa: E402
 from features import FeatureExtractor  # noqa: E402
 
@@ -120,21 +121,21 @@ def backbone_features(name, backbone, data_dir, cache_dir, workers):
     images = "\n".join(path for split in ("train", "valid") for path in splits[split].paths)
     made_by = (f"{backbone.name} {backbone.weights} {eval_transform(backbone.preprocess)!r} "
                f"{Path(data_dir).resolve()} {hashlib.sha256(images.encode()).hexdigest()}")
-    cache = Path(cache_dir) / f"{name}-{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.pt"
-    if cache.is_file():
-        return torch.load(cache, map_location="cpu", weights_only=True)
-    extractor = FeatureExtractor(backbone, quality.CPU, workers=workers, engine="torch")
-    data = {"class_count": len(class_to_idx)}
-    for split in ("train", "valid"):  # test/ is never read
-        plain, mirror, ok = quality.plain_and_mirror_features(
-            extractor, splits[split].paths, backbone.preprocess, workers)
-        data[split] = {"plain": plain, "mirror": mirror, "ok": ok,
-                       "labels": torch.tensor(splits[split].labels, dtype=torch.long)}
-    print(f"features of {name}: {sum(len(data[split]['ok']) for split in ('train', 'valid'))} "
-          "images and their mirror images", flush=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache, lambda temporary: torch.save(data, temporary))
-    return data
+
+    def extract():
+        extractor = FeatureExtractor(backbone, quality.CPU, workers=workers, engine="torch")
+        data = {"class_count": len(class_to_idx)}
+        for split in ("train", "valid"):  # test/ is never read
+            plain, mirror, ok = quality.plain_and_mirror_features(
+                extractor, splits[split].paths, backbone.preprocess, workers)
+            data[split] = {"plain": plain, "mirror": mirror, "ok": ok,
+                           "labels": torch.tensor(splits[split].labels, dtype=torch.long)}
+        print(f"features of {name}: "
+              f"{sum(len(data[split]['ok']) for split in ('train', 'valid'))} images and their "
+              "mirror images", flush=True)
+        return data
+
+    return quality.cached(cache_dir, name, made_by, extract)
 
 
 def extraction_seconds(backbones, data_dir, count, workers):

@@ -51,6 +51,7 @@ from calibration import (  # noqa: E402
     pass_threshold,
 )
 from backbones import DEFAULT_ARCH, build_backbone  # noqa: E402
+from common import atomic_write  # noqa: E402
 from data_utils import ImageFiles, eval_transform, find_splits, list_images  # noqa: E402
 from data_utils import default_workers, image_loader  # noqa: E402
 from datacheck import mirrored  # noqa: E402
@@ -124,11 +125,12 @@ DEFAULT_SETTINGS = ("sqrt, batch 128, lr 0.002, 40 epochs", "sqrt, 50 epochs",
                     "sqrt, batch 128, lr 0.003, 40 epochs")
 BENCHMARK_KEYS = ("mirror", "heads", "standardise", "mixup")
 # --train_stages: the frozen head (trained on the pretrained stages' features of the cached
-# activations; train.py --train_stages 0 until issue 22's third session) against training the last stages with it. The first
-# stage setting is train.py's default since issue 22 (--mirror predict: training activation maps
-# flipped at random; the batch norms folded since its second session: "unfolded" is its first
-# session's default); "mirror all" trains on the mirror images' own activations instead. The
-# other settings ran unfolded before the folding (benchmarks/README.md says which).
+# activations; train.py --train_stages 0 until issue 22's third session) against training the
+# last stages with it. The first stage setting is train.py's default since issue 22 (--mirror
+# predict: training activation maps flipped at random; the batch norms folded since its second
+# session: "unfolded" is its first session's default); "mirror all" trains on the mirror images'
+# own activations instead. The other settings ran unfolded before the folding
+# (benchmarks/README.md says which).
 STAGE_SETTINGS = {
     "frozen: sqrt, 50 epochs": SETTINGS["sqrt, 50 epochs"],
     "stages, 12 epochs, lr 3e-4": {**SQRT, "epochs": 12, "backbone_lr": 3e-4},
@@ -190,16 +192,29 @@ def plain_and_mirror_features(extractor, paths, preprocess, workers):
     return torch.cat(plain), torch.cat(mirror), torch.cat(ok)
 
 
+def cached(cache_dir, prefix, made_by, compute):
+    """compute()'s tensors, kept in cache_dir in a file named by prefix and a digest of made_by
+    (what makes them): computed once, then read (the benchmarks' feature caches)."""
+    path = Path(cache_dir) / f"{prefix}-{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    data = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda temporary: torch.save(data, temporary))
+    return data
+
+
 def load_features(args):
     """{split: {"plain", "mirror", "labels"}} for train, valid, test (and not_flowers), readable
     images only; extracted once, then read from --cache_dir."""
     backbone = feature_backbone()
     # Named by what makes the features: the weights and the exact transform (resize filter too).
     made_by = f"{backbone.name} {backbone.weights} {eval_transform(backbone.preprocess)!r}"
-    cache = Path(args.cache_dir) / (
-        f"{CACHE_NAME}-{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.pt")
-    if cache.is_file():
-        return torch.load(cache, weights_only=True)
+    return cached(args.cache_dir, CACHE_NAME, made_by, lambda: extract_features(args, backbone))
+
+
+def extract_features(args, backbone):
+    """load_features' figures, computed."""
     class_to_idx, splits = find_splits(args.data_dir)
     sources = {name: (split.paths, split.labels) for name, split in splits.items()}
     if args.not_flowers:
@@ -215,8 +230,6 @@ def load_features(args):
                       "labels": torch.tensor(labels, dtype=torch.long)[ok]}
         print(f"features of {name}: {len(paths)} images, {time.perf_counter() - started:.0f} s",
               flush=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({**data, "class_count": len(class_to_idx)}, cache)
     return {**data, "class_count": len(class_to_idx)}
 
 
