@@ -51,7 +51,7 @@ from torchvision.transforms import functional  # noqa: E402
 import quality  # noqa: E402
 import tasks  # noqa: E402
 from cli_utils import HelpFormatter, positive_int, run_cli  # noqa: E402
-from common import atomic_write, write_json  # noqa: E402
+from common import write_json  # noqa: E402
 from data_utils import ImageFiles, eval_transform, find_splits, image_loader  # noqa: E402
 from data_utils import is_readable  # noqa: E402
 from features import FeatureExtractor  # noqa: E402
@@ -147,21 +147,19 @@ class CropViews:
 
 @torch.inference_mode()
 def view_features(extractor, paths, views, workers, batch_size=16):
-    """[images, views, features] float16: each image decoded once, all its views through the
-    backbone in one batch. paths: readable images."""
+    """([images, views, features] float16, ok [images]): each image decoded once, all its views
+    through the backbone in one batch; ok is False for an unreadable file."""
     preprocess = extractor.spec.preprocess
     dataset = ImageFiles(paths, CropViews(preprocess, views), preprocess.crop,
                          draft=max(side for side, _, _ in views))
-    features = [extractor.engine(images.flatten(0, 1)).unflatten(0, images.shape[:2]).half()
-                for images, _, _ in image_loader(dataset, batch_size, workers, quality.CPU)]
-    return torch.cat(features)
+    features, ok = [], []
+    for images, _, good in image_loader(dataset, batch_size, workers, quality.CPU):
+        features.append(extractor.engine(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+                        .half())
+        ok.append(good)
+    return torch.cat(features), torch.cat(ok)
 
 
-def readable_images(split):
-    """(paths, labels) of the split's images that decode (an unreadable one would have no
-    views)."""
-    kept = [index for index, path in enumerate(split.paths) if is_readable(path)]
-    return [split.paths[index] for index in kept], [split.labels[index] for index in kept]
 
 
 def load_view_features(args, extractor):
@@ -175,20 +173,20 @@ def load_view_features(args, extractor):
                f"{engine.precision} "
                f"{CropViews(backbone.preprocess, VIEWS)!r} {Path(args.data_dir).resolve()} "
                f"{hashlib.sha256(images.encode()).hexdigest()}")
-    cache = Path(args.cache_dir) / f"crops-{hashlib.sha256(made_by.encode()).hexdigest()[:16]}.pt"
-    if cache.is_file():
-        return torch.load(cache, map_location="cpu", weights_only=True)
-    data = {"class_count": len(class_to_idx)}
-    for name in ("train", "valid"):  # test/ is never read
-        started = time.perf_counter()
-        paths, labels = readable_images(splits[name])
-        data[name] = {"views": view_features(extractor, paths, VIEWS, args.workers),
-                      "labels": torch.tensor(labels, dtype=torch.long)}
-        print(f"{len(VIEWS)} views of {name}: {len(paths)} images, "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache, lambda temporary: torch.save(data, temporary))
-    return data
+
+    def extract():
+        data = {"class_count": len(class_to_idx)}
+        for name in ("train", "valid"):  # test/ is never read
+            started = time.perf_counter()
+            split = splits[name]
+            views, ok = view_features(extractor, split.paths, VIEWS, args.workers)
+            data[name] = {"views": views[ok],
+                          "labels": torch.tensor(split.labels, dtype=torch.long)[ok]}
+            print(f"{len(VIEWS)} views of {name}: {int(ok.sum())} images, "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+        return data
+
+    return quality.cached(args.cache_dir, "crops", made_by, extract)
 
 
 def train_on_centre(setting, training, class_count, seed):
@@ -269,7 +267,7 @@ def summarise(accuracies):
 def extraction_seconds(extractor, data_dir, count, workers):
     """(images, {crop set: (CPU seconds, wall seconds) per image}) of extracting each crop
     set's views of the same valid/ images (count at most, spread over its classes)."""
-    paths = readable_images(find_splits(data_dir)[1]["valid"])[0]
+    paths = [path for path in find_splits(data_dir)[1]["valid"].paths if is_readable(path)]
     paths = paths[::max(1, len(paths) // count)][:count]
     view_features(extractor, paths[:2], VIEWS, workers)  # compiles the engine outside the timing
     seconds = {}
