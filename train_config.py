@@ -8,8 +8,9 @@
 Hyperparameters define the model and its training: they are saved in checkpoints and train
 states, and --resume takes them back. Where the families (a pretrained backbone with its last
 stages trained, the head alone, --finetune, a network trained from scratch) want different
-values, the field's default is None and their defaults stand in its metadata side by side; `earlier` is what runs saved before the hyperparameter existed trained
-with. Adding a hyperparameter is one field here and one flag in train.py.
+values, the field's default is None and their defaults stand in its metadata side by side;
+`earlier` is what runs saved before the hyperparameter existed trained with. Adding a
+hyperparameter is one field here and one flag in train.py.
 """
 from dataclasses import dataclass, field, fields, replace
 

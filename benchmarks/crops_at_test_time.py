@@ -3,7 +3,7 @@ more crops of each photo than the image and its mirror image (predict.py's --mir
 backbone passes) score better, by more than the folds' noise, and at what cost per photo?
 
     python benchmarks/crops_at_test_time.py ../shared/data/flowers102
-    python benchmarks/crops_at_test_time.py ../shared/data/flowers102 --seed 1 --json /tmp/crops.json
+    python benchmarks/crops_at_test_time.py ../shared/data/flowers102 --seed 1 --json crops.json
 
 Protocol. Each image of train/ and valid/ is decoded once and cut into VIEWS: the five 224 px
 crops (torchvision's FiveCrop: four corners and the centre) of the image resized to 256 px on
@@ -130,8 +130,8 @@ class CropViews:
         self.resizes = {side: transforms.Resize(side, interpolation=interpolation)
                         for side in sorted({side for side, _, _ in views})}
         self.five_crop = transforms.FiveCrop(preprocess.crop)
-        self.normalise = transforms.Compose([transforms.ToTensor(),
-                                             transforms.Normalize(preprocess.mean, preprocess.std)])
+        self.normalise = transforms.Compose([
+            transforms.ToTensor(), transforms.Normalize(preprocess.mean, preprocess.std)])
 
     def __call__(self, image):
         crops = {side: dict(zip(POSITIONS, self.five_crop(resize(image))))
