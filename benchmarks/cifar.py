@@ -26,9 +26,9 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from backbones import DEFAULT_ARCH  # noqa: E402
-from cli_utils import HelpFormatter  # noqa: E402
-from model_utils import load_checkpoint  # noqa: E402
+from flower_classifier.cli.options import HelpFormatter
+from flower_classifier.models.backbones import DEFAULT_ARCH
+from flower_classifier.models.checkpoint import load_checkpoint
 
 CNN_ARCH = "cnn"
 GOAL_ACCURACY = 0.88

@@ -28,13 +28,15 @@ sys.path.insert(0, str(PROJECT))
 
 import torch  # noqa: E402
 
-from cli_utils import HelpFormatter, positive_int, run_cli  # noqa: E402
-from data_utils import default_workers, eval_transform, find_splits  # noqa: E402
-from datacheck import split_features  # noqa: E402
-from features import FeatureExtractor, default_cache_dir  # noqa: E402
+from flower_classifier.cli.options import HelpFormatter, positive_int
+from flower_classifier.cli.runner import run_cli
+from flower_classifier.data.folders import find_splits
+from flower_classifier.data.loading import default_workers
+from flower_classifier.data.transforms import eval_transform
+from flower_classifier.models.features import FeatureExtractor, default_cache_dir, split_features
+from flower_classifier.training.config import family_default
+from flower_classifier.training.optim import CLASS_WEIGHT_POWERS
 from quality import feature_backbone, stratified_folds, train_heads  # noqa: E402
-from train_config import family_default  # noqa: E402
-from trainer import CLASS_WEIGHT_POWERS  # noqa: E402
 
 
 def get_args_parser():

@@ -49,13 +49,15 @@ from torchvision import transforms  # noqa: E402
 from torchvision.transforms import functional  # noqa: E402
 
 import quality  # noqa: E402
-import tasks  # noqa: E402
-from cli_utils import HelpFormatter, positive_int, run_cli  # noqa: E402
-from common import write_json  # noqa: E402
-from data_utils import ImageFiles, eval_transform, find_splits, image_loader  # noqa: E402
-from data_utils import is_readable  # noqa: E402
-from features import FeatureExtractor  # noqa: E402
-from stage_split import split_backbone  # noqa: E402
+from flower_classifier.cli.options import HelpFormatter, positive_int
+from flower_classifier.cli.runner import run_cli
+from flower_classifier.data.folders import find_splits
+from flower_classifier.data.images import is_readable
+from flower_classifier.data.loading import ImageFiles, image_loader
+from flower_classifier.models.features import FeatureExtractor
+from flower_classifier.models.stages import split_backbone
+from flower_classifier.training.tasks import cached
+from flower_classifier.utils.files import write_json
 
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "centre")  # FiveCrop's order
 CENTRE = (256, "centre", False)  # eval_transform's view: what the head trains on
@@ -206,7 +208,7 @@ def train_stages(setting, training, held_out, layers, class_count, seed):
     task = quality.train_stage_task(
         setting, {"train": {"activations": training["views"][:, centre],
                             "labels": training["labels"]}}, layers, class_count, seed)
-    features = torch.stack([tasks.stage_features(task.model, held_out["views"][:, [index]],
+    features = torch.stack([cached.stage_features(task.model, held_out["views"][:, [index]],
                                                  quality.CPU) for index in range(len(VIEWS))], 1)
     return [task.model.head], features
 

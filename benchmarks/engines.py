@@ -35,11 +35,13 @@ sys.path.insert(0, str(PROJECT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import engines  # noqa: E402
-from backbones import DEFAULT_ARCH, build_backbone  # noqa: E402
-from cli_utils import positive_int  # noqa: E402
-from data_utils import ImageFiles, eval_transform, find_splits, list_images, load_image  # noqa: E402
-from data_utils import image_loader  # noqa: E402
+from flower_classifier.cli.options import positive_int
+from flower_classifier.data.folders import find_splits, list_images
+from flower_classifier.data.images import load_image
+from flower_classifier.data.loading import ImageFiles, image_loader
+from flower_classifier.data.transforms import eval_transform
+from flower_classifier.models import engines
+from flower_classifier.models.backbones import DEFAULT_ARCH, build_backbone
 
 CPU = torch.device("cpu")
 PHONE_SHORT_SIDE = 3024  # 4032 x 3024 for a 4:3 photo: 12 MP

@@ -24,11 +24,17 @@ sys.path.insert(0, str(PROJECT))
 
 import numpy as np  # noqa: E402
 
-import export  # noqa: E402
-from app_model import app_pixels  # noqa: E402
-from cli_utils import positive_int  # noqa: E402
-from data_utils import list_images, load_image  # noqa: E402
-from model_utils import checkpoint_classes, checkpoint_preprocess, load_checkpoint  # noqa: E402
+from flower_classifier.cli.options import positive_int
+from flower_classifier.data.folders import list_images
+from flower_classifier.data.images import load_image
+from flower_classifier.export import check, formats
+from flower_classifier.export.app_model import app_pixels
+from flower_classifier.export.run import ExportRequest, export_checkpoint, size_mb
+from flower_classifier.models.checkpoint import (
+    checkpoint_classes,
+    checkpoint_preprocess,
+    load_checkpoint,
+)
 
 VARIANTS = {"onnx": ("onnx", "float32"), "executorch": ("executorch", "float32"),
             "executorch-int8": ("executorch", "int8"), "tflite": ("tflite", "float32"),
@@ -56,12 +62,11 @@ def test_photos(test_dir, limit):
 def exported(checkpoint, variant, data_dir, folder):
     """Export one variant; (path, seconds)."""
     export_format, dtype = VARIANTS[variant]
-    output = Path(folder) / f"{variant}{export.FORMATS[export_format]}"
-    argv = [checkpoint, "--format", export_format, "--dtype", dtype, "--output", str(output)]
-    if dtype == "int8":
-        argv += ["--calibration", str(Path(data_dir) / "train")]
+    output = Path(folder) / f"{variant}{formats.FORMATS[export_format]}"
+    calibration = str(Path(data_dir) / "train") if dtype == "int8" else None
     start = time.perf_counter()
-    export.main(export.get_args_parser().parse_args(argv))
+    export_checkpoint(ExportRequest(checkpoint, export_format, dtype, str(output),
+                                    calibration=calibration))
     return output, time.perf_counter() - start
 
 
@@ -71,7 +76,7 @@ def compare(checkpoint, path, export_format, photos, classes):
     agree = within = ours = theirs = verdicts = 0
     largest, has_verdict = 0.0, False
     for label, ((expected, known), (probabilities, exported_known)) in zip(
-            labels, export.compared_outputs(path, export_format, checkpoint, photos)):
+            labels, check.compared_outputs(path, export_format, checkpoint, photos)):
         difference = float(np.abs(probabilities - expected).max())
         largest, within = max(largest, difference), within + (difference <= 0.01)
         agree += int(probabilities.argmax() == expected.argmax())
@@ -86,7 +91,7 @@ def compare(checkpoint, path, export_format, photos, classes):
 
 
 def latency_ms(path, export_format, photo, preprocess):
-    run = export.exported_runner(path, export_format)
+    run = check.exported_runner(path, export_format)
     pixels = app_pixels(load_image(photo), preprocess)[None]
     for _ in range(WARMUP_RUNS):
         run(pixels)
@@ -130,7 +135,7 @@ def main(args):
         for variant in args.formats:
             path, seconds = exported(args.checkpoint, variant, args.data_dir, folder)
             export_format = VARIANTS[variant][0]
-            row = {"export_s": seconds, "mb": export.size_mb(path),
+            row = {"export_s": seconds, "mb": size_mb(path),
                    **compare(args.checkpoint, path, export_format, photos, classes),
                    "latency_ms": latency_ms(path, export_format, photos[0], preprocess)}
             rows[variant] = row

@@ -20,7 +20,6 @@ wall time also holds building the backbone and its engine, which training does a
 The near-duplicate thresholds were chosen with --seed 0; report the goal figures with another.
 """
 import argparse
-import json
 import random
 import shutil
 import sys
@@ -32,9 +31,10 @@ sys.path.insert(0, str(PROJECT))
 
 from PIL import Image  # noqa: E402
 
-from cli_utils import HelpFormatter, positive_int, run_cli  # noqa: E402
-from common import write_json  # noqa: E402
-from data_utils import list_images  # noqa: E402
+from flower_classifier.cli.options import HelpFormatter, positive_int
+from flower_classifier.cli.runner import run_cli
+from flower_classifier.data.folders import list_images
+from flower_classifier.utils.files import write_json
 
 
 def get_args_parser():
@@ -161,7 +161,7 @@ def mislabel_scores(suspects, moved, folder):
 
 def check_args(folder, save_dir, args):
     """check_data.py's arguments for the messy folder (its defaults otherwise)."""
-    import check_data
+    from flower_classifier.cli import check_data
 
     extra = ["--cache_dir", args.cache_dir] if args.cache_dir else []
     extra += ["--near_threshold", str(args.near_threshold)] if args.near_threshold else []
@@ -173,10 +173,10 @@ def check_args(folder, save_dir, args):
 def timed_check(check_args_):
     """(report, wall seconds of the whole check_data run: split, features, check; wall and CPU
     seconds of the check itself, what it adds to a training run that has the features)."""
-    import check_data
-    import datacheck
+    from flower_classifier.cli import check_data
+    from flower_classifier.datacheck import report
 
-    check_dataset = datacheck.check_dataset
+    check_dataset = report.check_dataset
     spent = {}
 
     def timed(*args, **kwargs):
@@ -185,13 +185,13 @@ def timed_check(check_args_):
         spent["cpu"] = time.process_time() - started
         return report
 
-    datacheck.check_dataset = timed  # run_check imports it when it runs
+    report.check_dataset = timed  # run_check imports it when it runs
     try:
         started = time.perf_counter()
         report, _ = check_data.run_check(check_args_)
         return report, time.perf_counter() - started, report["seconds"], spent["cpu"]
     finally:
-        datacheck.check_dataset = check_dataset
+        report.check_dataset = check_dataset
 
 
 def print_timing(name, report, seconds, check_seconds, check_cpu):

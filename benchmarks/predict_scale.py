@@ -10,7 +10,7 @@ two times is the images' share, so start-up (imports, the model) cancels out.
 
 Scale: a temporary folder of --files symlinks to the --images photos, all in one folder (the
 listing holds one folder's names at a time, so this is its worst case), and one of 1,000. The
-listing time is data_utils.iter_images over it in a fresh process. Resident memory: the peak
+listing time is data.folders.iter_images over it in a fresh process. Resident memory: the peak
 (VmHWM) of every process of a 2-process torchrun run (ranks and their decoding workers), read
 from /proc every 0.2 s; the 1,000-file run goes to the end, the large one is stopped with
 SIGTERM after --memory_seconds (memory does not grow with the images done: they go to the part
@@ -28,8 +28,8 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
-from cli_utils import positive_int  # noqa: E402
-from data_utils import list_images  # noqa: E402
+from flower_classifier.cli.options import positive_int
+from flower_classifier.data.folders import list_images
 
 DEFAULT_IMAGES = PROJECT.parent / "shared" / "data" / "flowers102" / "valid"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -140,9 +140,9 @@ def memory_run(command, seconds):
 
 
 def listing_seconds(folder):
-    """data_utils.iter_images over folder in a fresh process (no warm Python objects)."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from data_utils import "
-            "iter_images; start = time.perf_counter(); n = sum(1 for _ in iter_images("
+    """data.folders.iter_images over folder in a fresh process (no warm Python objects)."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from flower_classifier.data."
+            "folders import iter_images; start = time.perf_counter(); n = sum(1 for _ in iter_images("
             "sys.argv[1])); print(n, time.perf_counter() - start)")
     result = subprocess.run([sys.executable, "-c", code, str(folder), str(PROJECT)],
                             capture_output=True, text=True, check=True)

@@ -18,7 +18,7 @@ Trained stages (--train_stages N, issue 22): the activations that enter the back
 stages are extracted once (train.py's FeatureExtractor and cache; the image and its mirror
 image) and the same folds score the frozen head (on the pretrained stages' features of those
 activations) against STAGE_SETTINGS, which train the stages with the head as train.py does
-(tasks.StageTask, its optimiser and schedule); the chosen one is checked once on test/ and
+(StageTask, its optimiser and schedule); the chosen one is checked once on test/ and
 --not_flowers, its unknown verdict computed from the trained stages' features as train.py does.
 
 Unknown verdict: class means of the training features; an image is unknown when the cosine
@@ -41,24 +41,25 @@ sys.path.insert(0, str(PROJECT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import tasks  # noqa: E402
-import trainer  # noqa: E402
-from calibration import (  # noqa: E402
+from flower_classifier.data.folders import find_splits, list_images
+from flower_classifier.data.loading import ImageFiles, default_workers, image_loader
+from flower_classifier.data.transforms import eval_transform
+from flower_classifier.models.backbones import DEFAULT_ARCH, build_backbone
+from flower_classifier.models.calibration import (
     class_means,
     expected_calibration_error,
     fit_temperature,
     nearest_similarity,
     pass_threshold,
 )
-from backbones import DEFAULT_ARCH, build_backbone  # noqa: E402
-from common import atomic_write  # noqa: E402
-from data_utils import ImageFiles, eval_transform, find_splits, list_images  # noqa: E402
-from data_utils import default_workers, image_loader  # noqa: E402
-from datacheck import mirrored  # noqa: E402
-from features import FeatureExtractor  # noqa: E402
-from model_utils import ImageClassifier, build_head  # noqa: E402
-from stage_split import split_backbone  # noqa: E402
-from train_config import TrainConfig, family_default  # noqa: E402
+from flower_classifier.models.classifier import ImageClassifier, build_head
+from flower_classifier.models.features import FeatureExtractor, mirrored
+from flower_classifier.models.stages import split_backbone
+from flower_classifier.training import loop, optim
+from flower_classifier.training.config import TrainConfig, family_default
+from flower_classifier.training.tasks import base
+from flower_classifier.training.tasks.cached import CachedInputs, FeatureTask, StageTask
+from flower_classifier.utils.files import atomic_write
 
 CPU = torch.device("cpu")
 CACHE_NAME = "quality_features"
@@ -250,11 +251,11 @@ def eval_inputs(split, mirror):
 
 # --- training with train.py's own functions -----------------------------------------------------
 
-class MixupTask(tasks.FeatureTask):
+class MixupTask(FeatureTask):
     """train.py's batches, mixed pairwise (mixup on features) with soft targets."""
 
-    def __init__(self, data, batch_size, classifier, alpha, class_count):
-        super().__init__(data, batch_size, classifier, CPU)
+    def __init__(self, config, classifier, cached_inputs, alpha, class_count):
+        super().__init__(config, classifier, CPU, cached_inputs)
         self.beta = torch.distributions.Beta(alpha, alpha)
         self.class_count = class_count
 
@@ -291,17 +292,16 @@ def train_heads(setting, train_inputs, train_labels, class_count, seed):
     config = train_config(setting)
     if train_inputs.dim() == 2:
         train_inputs = train_inputs.unsqueeze(0)  # train.py's views dimension
-    data = {"train": (train_inputs, train_labels)}
+    inputs = CachedInputs({"train": (train_inputs, train_labels)})
     backbone = feature_backbone()
     heads = []
     for index in range(setting.get("heads", 1)):
         config = replace(config, seed=seed + index)
         torch.manual_seed(config.seed)
         classifier = ImageClassifier(backbone, build_head(
-            train_inputs.shape[-1], class_count, **trainer.head_spec(config)))
-        task = (MixupTask(data, config.batch_size, classifier, setting["mixup"], class_count)
-                if setting.get("mixup") else tasks.FeatureTask(data, config.batch_size,
-                                                              classifier, CPU))
+            train_inputs.shape[-1], class_count, **loop.head_spec(config)))
+        task = (MixupTask(config, classifier, inputs, setting["mixup"], class_count)
+                if setting.get("mixup") else FeatureTask(config, classifier, CPU, inputs))
         heads.append(run_epochs(config, task, classifier))
     return heads
 
@@ -499,7 +499,7 @@ def pretrained_features(data, layers):
     top.eval()
 
     def through(activations):
-        with tasks.training_autocast(CPU):
+        with base.training_autocast(CPU):
             return torch.cat([top(batch.float()).float() for batch in activations.split(256)])
 
     return {name: {"plain": through(split["activations"][:, 0]).half(),
@@ -509,14 +509,14 @@ def pretrained_features(data, layers):
 
 def run_epochs(config, task, classifier):
     """train.py's Trainer epochs (its optimiser, schedule, loss and seeding), the last kept."""
-    optimizer, scheduler = trainer.make_optimizer(config, classifier, task.steps_per_epoch())
-    criterion = trainer.make_criterion(config, task.train_labels(),
+    optimizer, scheduler = optim.make_optimizer(config, classifier, task.steps_per_epoch())
+    criterion = optim.make_criterion(config, task.train_labels(),
                                        classifier.head[-1].out_features, CPU)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for epoch in range(1, config.epochs + 1):
         torch.manual_seed(config.seed + epoch)
         task.model.train()
-        trainer.train_one_epoch(task.model, task.train_batches(epoch), optimizer, scheduler,
+        loop.train_one_epoch(task.model, task.train_batches(epoch), optimizer, scheduler,
                                 scaler, criterion, CPU)
     return task.model.eval()
 
@@ -531,19 +531,19 @@ def train_stage_task(setting, splits, layers, class_count, seed):
     backbone = build_backbone(DEFAULT_ARCH)
     _, top = split_backbone(backbone, layers)
     classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, class_count,
-                                                      **trainer.head_spec(config)))
+                                                      **loop.head_spec(config)))
     # The views train.py caches: the mirror image's where --mirror averages it in.
     data = {name: (split["activations"][:, :2 if mirrored(config.mirror, name) else 1],
                    split["labels"]) for name, split in splits.items()}
     data["train"] = (data["train"][0].unsqueeze(0), data["train"][1])
-    task = tasks.StageTask(data, config, top, classifier, CPU)
+    task = StageTask(config, classifier, CPU, CachedInputs(data), top)
     run_epochs(config, task, classifier)
     return task
 
 
 @torch.inference_mode()
 def task_logits(task, split):
-    with tasks.training_autocast(CPU):
+    with base.training_autocast(CPU):
         return torch.cat([task.model(inputs).float() for inputs, _ in task.eval_batches(split)])
 
 

@@ -36,9 +36,6 @@ sys.path.insert(0, str(PROJECT / "benchmarks"))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from cli_utils import positive_int  # noqa: E402
-from data_utils import MAX_PIXELS  # noqa: E402
 from serve_load import (  # noqa: E402
     DEFAULT_IMAGES,
     read_photos,
@@ -46,6 +43,9 @@ from serve_load import (  # noqa: E402
     start_server,
     verdict,
 )
+
+from flower_classifier.cli.options import positive_int
+from flower_classifier.data.images import MAX_PIXELS
 
 UPLOAD_BYTES = 19_500_000  # under serve.py's default 20 MB limit
 QUIET_SECONDS = 15

@@ -33,8 +33,8 @@ sys.path.insert(0, str(PROJECT))
 
 import httpx  # noqa: E402
 
-from cli_utils import positive_int  # noqa: E402
-from data_utils import list_images  # noqa: E402
+from flower_classifier.cli.options import positive_int
+from flower_classifier.data.folders import list_images
 
 DEFAULT_IMAGES = PROJECT.parent / "shared" / "data" / "flowers102" / "test"
 BAD_EVERY = 10  # one request in ten is a bad upload
@@ -170,7 +170,7 @@ def load_server(args, photos):
 
 def folder_rate(checkpoint, paths):
     """images/s of Predictor.predict_files on the photos, in this process (predict.py's way)."""
-    from predictor import Predictor
+    from flower_classifier.inference.predictor import Predictor
 
     predictor = Predictor(checkpoint)
     predictor.backbone_engine(len(paths))  # built before the clock starts, as serve.py does

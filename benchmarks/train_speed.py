@@ -41,23 +41,19 @@ sys.path.insert(0, str(PROJECT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import tasks  # noqa: E402
-from backbones import build_backbone  # noqa: E402
-from cli_utils import non_negative_int, positive_int  # noqa: E402
-from common import UserError  # noqa: E402
-from data_utils import (  # noqa: E402
-    ImageFiles,
-    augment_transform,
-    class_folders,
-    eval_transform,
-    find_splits,
-    is_image_file,
-)
-from data_utils import default_workers, image_loader  # noqa: E402
-from features import FeatureExtractor  # noqa: E402
-from model_utils import CHECKPOINT_NAME, ImageClassifier, build_head  # noqa: E402
-from predictor import BATCH_SIZE, Predictor  # noqa: E402
-from train_config import TrainConfig  # noqa: E402
+from flower_classifier.cli.options import non_negative_int, positive_int
+from flower_classifier.data.folders import class_folders, find_splits
+from flower_classifier.data.images import is_image_file
+from flower_classifier.data.loading import ImageFiles, default_workers, image_loader
+from flower_classifier.data.transforms import augment_transform, eval_transform
+from flower_classifier.inference.predictor import BATCH_SIZE, Predictor
+from flower_classifier.models.backbones import build_backbone
+from flower_classifier.models.checkpoint import CHECKPOINT_NAME
+from flower_classifier.models.classifier import ImageClassifier, build_head
+from flower_classifier.models.features import FeatureExtractor
+from flower_classifier.training.config import TrainConfig
+from flower_classifier.training.tasks import cached
+from flower_classifier.utils.errors import UserError
 
 CPU = torch.device("cpu")
 # Head hyperparameters of the warm run: other than the defaults, so only the cache is reused.
@@ -224,7 +220,7 @@ def floor_datasets(splits, backbone, defaults):
                 for name, split in splits.items()]
     training = splits["train"]
     for view in range(1, defaults.augment + 1):
-        seeds = [tasks.view_seed(defaults.seed, view, path, training.root)
+        seeds = [cached.view_seed(defaults.seed, view, path, training.root)
                  for path in training.paths]
         datasets.append((f"train view {view}", ImageFiles(training.paths,
                                                           augment_transform(preprocess), crop,

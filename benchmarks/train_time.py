@@ -29,8 +29,8 @@ engine_rows = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(engine_rows)
 engine_of, pass_over, row, run, seconds = (engine_rows.engine_of, engine_rows.pass_over,
                                            engine_rows.row, engine_rows.run, engine_rows.seconds)
-from backbones import DEFAULT_ARCH, build_backbone  # noqa: E402
-from data_utils import find_splits  # noqa: E402
+from flower_classifier.data.folders import find_splits
+from flower_classifier.models.backbones import DEFAULT_ARCH, build_backbone
 
 
 def train_run(data_dir, work, name, flags):

@@ -99,18 +99,18 @@ def trained(subset, tmp_path_factory):
 def stopped_at_epoch(epoch, error=KeyboardInterrupt):
     """The Trainer raising `error` (Ctrl-C by default) as epoch `epoch` begins; the block must
     end with it."""
-    import trainer
+    from flower_classifier.training import loop
 
-    run_epoch = trainer.Trainer.run_epoch
+    run_epoch = loop.Trainer.run_epoch
 
     def run_or_stop(self, number):
         if number == epoch:
             raise error
         return run_epoch(self, number)
 
-    trainer.Trainer.run_epoch = run_or_stop
+    loop.Trainer.run_epoch = run_or_stop
     try:
         with pytest.raises(error if isinstance(error, type) else type(error)):
             yield
     finally:
-        trainer.Trainer.run_epoch = run_epoch
+        loop.Trainer.run_epoch = run_epoch

@@ -5,9 +5,10 @@ import sys
 
 import pytest
 import torch
+
 from conftest import PROJECT, run_script
 
-sys.path.append(str(PROJECT / "benchmarks"))  # after the project: benchmarks/engines.py
+sys.path.append(str(PROJECT / "benchmarks"))
 from backbone_concat import concatenated  # noqa: E402
 
 

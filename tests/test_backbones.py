@@ -1,9 +1,9 @@
 """The registry's DINOv2 entry (timm's weights): built offline with random weights, and the
 clear error where its pretrained weights cannot be downloaded."""
 import torch
-from conftest import run_script
 
-from backbones import arch_choices, build_backbone, state_sha256
+from conftest import run_script
+from flower_classifier.models.backbones import arch_choices, build_backbone, state_sha256
 
 
 def test_dinov2_builds_with_its_preprocessing_and_class_token_features():

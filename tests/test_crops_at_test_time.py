@@ -5,12 +5,15 @@ import sys
 
 import pytest
 import torch
+
 from conftest import FLOWERS, PROJECT, make_subset, require_shared_data, run_script
 
-sys.path.append(str(PROJECT / "benchmarks"))  # after the project: benchmarks/engines.py
-import quality  # noqa: E402
+sys.path.append(str(PROJECT / "benchmarks"))
 import crops_at_test_time as crops  # noqa: E402
-from data_utils import eval_transform, load_image  # noqa: E402
+
+import quality  # noqa: E402
+from flower_classifier.data.images import load_image
+from flower_classifier.data.transforms import eval_transform
 
 
 def test_views_are_distinct_crops_and_the_centre_is_eval_transforms():

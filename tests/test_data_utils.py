@@ -8,18 +8,13 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torchvision import transforms
 
-from backbones import Preprocess
-from common import UserError
-from data_utils import (
-    ImageFiles,
-    centre_crop_to_aspect,
-    eval_transform,
-    find_splits,
-    list_images,
-    load_category_names,
-    load_image,
-    to_rgb,
-)
+from flower_classifier.data.class_names import load_category_names
+from flower_classifier.data.folders import find_splits, list_images
+from flower_classifier.data.images import centre_crop_to_aspect, load_image, to_rgb
+from flower_classifier.data.loading import ImageFiles
+from flower_classifier.data.transforms import eval_transform
+from flower_classifier.models.backbones import Preprocess
+from flower_classifier.utils.errors import UserError
 
 PREPROCESS = Preprocess(resize=256, crop=224, mean=(0.5,) * 3, std=(0.5,) * 3)
 

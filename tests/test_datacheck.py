@@ -1,4 +1,4 @@
-"""datacheck.py and check_data.py: a small real photo folder with planted problems (copies
+"""The data check (flower_classifier/datacheck) and check_data.py: a small real photo folder with planted problems (copies
 within and across classes, a near-copy, an unreadable file, a tiny image) is checked as a user
 would; the rules underneath on hand-made numbers."""
 import json
@@ -10,10 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-import datacheck
-import splits
-from common import UserError
 from conftest import link_class_folders, run_script
+from flower_classifier.data import folders
+from flower_classifier.data.split import manifest_splits, read_manifest
+from flower_classifier.datacheck import cleaning, facts, findings
+from flower_classifier.datacheck import report as check_report
+from flower_classifier.datacheck.report import (
+    REPORT_NAME,
+    SHEETS_FOLDER,
+    report_fingerprint,
+    summary_lines,
+)
+from flower_classifier.models.features import split_features
+from flower_classifier.utils.errors import UserError
 
 CLASSES = ("1", "10", "2")
 PHOTOS = 10
@@ -55,7 +64,7 @@ def test_check_data_finds_the_planted_problems(messy, checked):
     folder, planted = messy
     result, out, _ = checked
     assert result.returncode == 0, result.stderr
-    report = json.loads((out / datacheck.REPORT_NAME).read_text())
+    report = json.loads((out / REPORT_NAME).read_text())
 
     groups = [{relative(entry, folder) for entry in group["files"]}
               for group in report["exact_duplicates"]]
@@ -82,13 +91,13 @@ def test_check_data_finds_the_planted_problems(messy, checked):
 def test_fix_writes_a_cleaned_manifest_and_leaves_the_files(messy, checked):
     folder, planted = messy
     result, out, _ = checked
-    manifest = splits.read_manifest(out / "cleaned_manifest.json")
+    manifest = read_manifest(out / "cleaned_manifest.json")
     listed = {entry["path"] for entry in manifest["files"]}
     for name in ("original", "copy_in_class", "copy_in_other_class", "unreadable"):
         assert planted[name] not in listed            # class in doubt, or unreadable
         assert (folder / planted[name]).exists()      # never deleted
     assert planted["tiny"] in listed                  # tiny: reported, kept
-    class_to_idx, found = splits.manifest_splits(manifest, folder)
+    class_to_idx, found = manifest_splits(manifest, folder)
     assert list(class_to_idx) == sorted(CLASSES)
     assert sum(len(split.paths) for split in found.values()) == len(listed)
     assert "cleaned_manifest.json" in result.stdout
@@ -97,17 +106,17 @@ def test_fix_writes_a_cleaned_manifest_and_leaves_the_files(messy, checked):
 def test_warm_check_reads_no_image_and_gives_the_same_report(messy, checked, monkeypatch):
     folder, _ = messy
     _, out, cache = checked
-    import check_data
+    from flower_classifier.cli import check_data
 
     def must_not_run(path):
         raise AssertionError(f"{path} was read again")
 
-    monkeypatch.setattr(datacheck, "file_facts", must_not_run)
+    monkeypatch.setattr(facts, "file_facts", must_not_run)
     args = check_data.get_args_parser().parse_args(
         [str(folder), "--save_dir", str(out / "warm"), "--cache_dir", str(cache),
          "--workers", "0"])
     report, _ = check_data.run_check(args)
-    first = json.loads((out / datacheck.REPORT_NAME).read_text())
+    first = json.loads((out / REPORT_NAME).read_text())
     for finding in ("exact_duplicates", "near_duplicates", "unreadable", "tiny", "mislabelled"):
         assert report[finding] == first[finding]
 
@@ -116,7 +125,7 @@ def test_a_rerun_in_the_same_folder_keeps_its_report_until_something_changes(
         messy, checked, monkeypatch, tmp_path):
     folder, _ = messy
     _, _, cache = checked
-    import check_data
+    from flower_classifier.cli import check_data
 
     def check(*flags):
         args = check_data.get_args_parser().parse_args(
@@ -125,21 +134,21 @@ def test_a_rerun_in_the_same_folder_keeps_its_report_until_something_changes(
         return check_data.run_check(args)[0]
 
     first = check()
-    written = (tmp_path / datacheck.REPORT_NAME).stat().st_mtime_ns
+    written = (tmp_path / REPORT_NAME).stat().st_mtime_ns
 
     def must_not_run(*args):
         raise AssertionError("the unchanged data was checked again")
 
     with monkeypatch.context() as patched:
-        patched.setattr(datacheck, "near_duplicates", must_not_run)
+        patched.setattr(check_report, "near_duplicates", must_not_run)
         kept = check()
     assert kept.pop("kept") is True and kept == first
-    assert "kept from the last check" in datacheck.summary_lines(
+    assert "kept from the last check" in summary_lines(
         {**kept, "kept": True}, tmp_path)[-1]
-    assert (tmp_path / datacheck.REPORT_NAME).stat().st_mtime_ns == written
-    (tmp_path / datacheck.SHEETS_FOLDER / "tiny.png").unlink()
+    assert (tmp_path / REPORT_NAME).stat().st_mtime_ns == written
+    (tmp_path / SHEETS_FOLDER / "tiny.png").unlink()
     assert check()["tiny"] == first["tiny"]  # a contact sheet gone: checked and written again
-    assert (tmp_path / datacheck.SHEETS_FOLDER / "tiny.png").is_file()
+    assert (tmp_path / SHEETS_FOLDER / "tiny.png").is_file()
     other = check("--tiny_side", "20")  # other settings: another report
     assert other["settings"]["tiny_side"] == 20 and other["tiny"] == []
 
@@ -153,7 +162,7 @@ def test_the_fingerprint_changes_with_a_label_a_feature_or_a_file(tmp_path):
     classes = {"a": 0, "b": 1}
 
     def fingerprint(labels=(0, 1), rows=features["train"][0], ok=features["train"][1]):
-        return datacheck.report_fingerprint(
+        return report_fingerprint(
             classes, {"train": SimpleNamespace(paths=split.paths, labels=list(labels))},
             {"train": (rows, ok)}, {"seed": 0})
 
@@ -172,12 +181,12 @@ def test_check_data_user_errors(tmp_path):
     result = run_script("check_data.py", tmp_path / "missing", "--save_dir", tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    import check_data
+    from flower_classifier.cli import check_data
 
     args = check_data.get_args_parser().parse_args([str(tmp_path), "--split_from",
                                                     str(tmp_path / "none.json")])
     with pytest.raises(UserError, match="cannot read split manifest"):
-        check_data.load_splits(args)
+        check_data.run_check(args)
 
 
 class RecordingExtractor:
@@ -193,11 +202,11 @@ class RecordingExtractor:
 
 
 def test_split_features_makes_train_pys_calls_for_a_layout():
-    layout = {name: splits.Split(Path(f"/data/{name}"), [f"/data/{name}/a/{i}.jpg" for i in
+    layout = {name: folders.Split(Path(f"/data/{name}"), [f"/data/{name}/a/{i}.jpg" for i in
                                                           range(3)], [0, 0, 0])
               for name in ("train", "valid", "test")}
     extractor = RecordingExtractor()
-    features = datacheck.split_features(extractor, layout, None)
+    features = split_features(extractor, layout, None)
     assert extractor.calls == [("/data/train", layout["train"].paths, False),
                                ("/data/valid", layout["valid"].paths, True),
                                ("/data/test", layout["test"].paths, True)]
@@ -205,11 +214,11 @@ def test_split_features_makes_train_pys_calls_for_a_layout():
 
 
 def test_split_features_shares_one_call_per_folder_and_mirroring():
-    one_folder = {name: splits.Split(Path("/photos"), [f"/photos/a/{name}{i}.jpg" for i in
+    one_folder = {name: folders.Split(Path("/photos"), [f"/photos/a/{name}{i}.jpg" for i in
                                                        range(count)], [0] * count)
                   for name, count in (("train", 4), ("valid", 2), ("test", 3))}
     extractor = RecordingExtractor()
-    features = datacheck.split_features(extractor, one_folder, None)
+    features = split_features(extractor, one_folder, None)
     assert [(root, len(paths), mirror) for root, paths, mirror in extractor.calls] == [
         ("/photos", 4, False), ("/photos", 5, True)]
     assert features["valid"][0][:, 0].tolist() == [0, 1]
@@ -221,7 +230,7 @@ def test_confident_learning_rule():
                                   [0.1, 0.9], [0.6, 0.4]])
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     # thresholds: class 0 (0.9 + 0.8 + 0.2) / 3 = 0.633, class 1 (0.8 + 0.9 + 0.4) / 3 = 0.7
-    ranked, suggested = datacheck.confident_learning(probabilities, labels)
+    ranked, suggested = findings.confident_learning(probabilities, labels)
     assert ranked == [2]                  # 0.8 >= 0.7 for class 1; image 5: 0.6 < 0.633
     assert suggested.tolist() == [0, 0, 1, 1, 1, 0]
 
@@ -234,7 +243,7 @@ def test_likely_mislabelled_finds_a_flipped_label():
     rows = [{"path": f"{i}.jpg", "class": str(int(label)), "label": int(label),
              "split": "train", "sha256": str(i), "ok": True} for i, label in enumerate(labels)]
     rows[7]["label"], rows[7]["class"] = 2, "2"          # a class-0 photo filed under 2
-    suspects = datacheck.likely_mislabelled(rows, features, ["0", "1", "2"])
+    suspects = findings.likely_mislabelled(rows, features, ["0", "1", "2"])
     assert suspects[0]["path"] == "7.jpg"
     assert suspects[0]["suggested"] == "0" and suspects[0]["class"] == "2"
     assert len(suspects) <= 3
@@ -254,7 +263,7 @@ def test_cleaned_manifest_drops_leaks_and_keeps_one_copy(tmp_path):
                                     "files": [entry("valid", "x.jpg"), entry("train", "x.jpg")]}],
               "near_duplicates": [{"kinds": ["within_class", "across_splits"],
                                    "files": [entry("valid", "z.jpg"), entry("train", "y.jpg")]}]}
-    cleaned, dropped = datacheck.cleaned_manifest(manifest, tmp_path, report)
+    cleaned, dropped = cleaning.cleaned_manifest(manifest, tmp_path, report)
     assert [(e["split"], e["path"]) for e in cleaned["files"]] == [("train", "a/x.jpg"),
                                                                   ("train", "a/y.jpg")]
     assert set(dropped.values()) == {"exact duplicate",

@@ -7,6 +7,7 @@ import re
 import textwrap
 
 import pytest
+
 from conftest import PROJECT, run_script
 
 # Each script's page, with its one flag table (the table whose first header cell is "flag").

@@ -14,8 +14,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from common import UserError
-from download_flowers import arrange, get_args_parser, main
+from flower_classifier.cli.download_flowers import get_args_parser, main
+from flower_classifier.data.download import arrange
+from flower_classifier.utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).parents[1]
 LABELS = [1, 2, 3] * 4                      # image_00001 -> class 1, image_00002 -> class 2, ...

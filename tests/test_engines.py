@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-import engines
-import tasks
-from backbones import Backbone, Preprocess
-from common import UserError
-from data_utils import eval_transform
-from engines import choose_engine, compile_backbone
-from features import FeatureExtractor
-from predictor import Predictor
+from flower_classifier.data.transforms import eval_transform
+from flower_classifier.inference.predictor import Predictor
+from flower_classifier.models import engines
+from flower_classifier.models.backbones import Backbone, Preprocess
+from flower_classifier.models.engines import choose_engine, compile_backbone
+from flower_classifier.models.features import FeatureExtractor
+from flower_classifier.training.tasks import base
+from flower_classifier.utils.errors import UserError
 
 CPU = torch.device("cpu")
 
@@ -174,7 +174,7 @@ def test_training_autocasts_to_bf16_only_where_the_cpu_computes_it(monkeypatch):
     inputs = torch.randn(2, 8)
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda native=native: native)
-        with tasks.training_autocast(CPU):
+        with base.training_autocast(CPU):
             assert layer(inputs).dtype == dtype
         with engines.autocast(CPU):
             assert layer(inputs).dtype == torch.float32
@@ -182,7 +182,7 @@ def test_training_autocasts_to_bf16_only_where_the_cpu_computes_it(monkeypatch):
 
 def cpuinfo_has_native_bf16():
     """Whether /proc/cpuinfo lists a bf16 instruction set (AVX512-BF16 or AMX-BF16), read here
-    independently of engines.py; None off Linux."""
+    independently of models/engines.py; None off Linux."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         return None
@@ -199,5 +199,5 @@ def test_bf16_detection_matches_this_cpus_flags():
     native = native and torch.backends.mkldnn.is_available()  # bf16 kernels need oneDNN
     assert engines.cpu_has_native_bf16() is native
     layer, inputs = nn.Linear(8, 4), torch.randn(2, 8)
-    with tasks.training_autocast(CPU):
+    with base.training_autocast(CPU):
         assert layer(inputs).dtype == (torch.bfloat16 if native else torch.float32)

@@ -14,12 +14,16 @@ import torch
 
 import export
 import train
-from app_model import app_pixels
-from common import UserError
-from conftest import CIFAR, EXPORT_CLASSES as CLASSES, make_subset, train_args
-from data_utils import load_image
-from model_utils import load_checkpoint, save_checkpoint
-from predictor import Predictor
+from conftest import CIFAR, make_subset, train_args
+from conftest import EXPORT_CLASSES as CLASSES
+from flower_classifier.data.images import load_image
+from flower_classifier.export.app_model import app_pixels
+from flower_classifier.export.check import parity_check, verify
+from flower_classifier.export.metadata import export_metadata
+from flower_classifier.export.run import output_paths
+from flower_classifier.inference.predictor import Predictor
+from flower_classifier.models.checkpoint import load_checkpoint, save_checkpoint
+from flower_classifier.utils.errors import UserError
 
 PROJECT_ROOT = Path(__file__).parents[1]
 TOLERANCE = 1e-4
@@ -106,11 +110,10 @@ model = torch.jit.load(sys.argv[1], _extra_files=files)
 pixels = torch.from_numpy(numpy.load(sys.argv[2]))
 with torch.no_grad():
     probabilities, similarity = model(pixels)
-ours = {"export", "predict", "predictor", "model_utils", "backbones", "data_utils", "cli_utils",
-        "common", "features", "train", "timm", "app_model"}
+ours = {"flower_classifier", "export", "predict", "model_utils", "data_utils", "train", "timm"}
 print(json.dumps({"probabilities": probabilities.tolist(), "similarity": similarity.tolist(),
                   "dtype": str(probabilities.dtype), "metadata": json.loads(files["classifier.json"]),
-                  "imported": sorted(ours & set(sys.modules)), "path": sys.path}))
+                  "imported": sorted(name for name in sys.modules if name.split(".")[0] in ours), "path": sys.path}))
 """
 
 
@@ -164,7 +167,7 @@ def test_category_names_go_into_the_metadata(torchscript_export, checkpoint):
     metadata = json.loads(output.with_suffix(".json").read_text())
     assert metadata["classes"] == CLASSES
     assert metadata["names"] == ["pink primrose", "globe thistle", "11"]  # "11" has no name
-    plain = export.export_metadata(load_checkpoint(checkpoint), "onnx")
+    plain = export_metadata(load_checkpoint(checkpoint), "onnx")
     assert plain["names"] == CLASSES and plain["format"] == "onnx"
 
 
@@ -179,13 +182,13 @@ def test_check_detects_a_wrong_model(workdir, checkpoint, test_images):
     output = workdir / "wrong" / "wrong.pt"
     export.main(export.get_args_parser().parse_args([str(workdir / "wrong.pth"), "--output",
                                                      str(output)]))
-    result = export.parity_check(output, "torchscript", checkpoint, test_images)
+    result = parity_check(output, "torchscript", checkpoint, test_images)
     assert result.top1_agreement == 0.0
     with pytest.raises(UserError, match="disagrees with predict.py"):
-        export.verify(result, "float32")
-    right = export.parity_check(workdir / "exported" / "flowers.pt", "torchscript", checkpoint,
+        verify(result, "float32")
+    right = parity_check(workdir / "exported" / "flowers.pt", "torchscript", checkpoint,
                                 test_images)
-    export.verify(right, "float32")
+    verify(right, "float32")
 
 
 def test_onnx_runs_with_onnxruntime_and_matches_predict(workdir, checkpoint, pixels, expected,
@@ -275,8 +278,9 @@ import importlib.util, sys
 find_spec = importlib.util.find_spec
 importlib.util.find_spec = lambda name, *rest: None if name == "executorch" else find_spec(name, *rest)
 sys.path.insert(0, sys.argv[1])
-import export, cli_utils
-cli_utils.run_cli(export.main, export.get_args_parser(), sys.argv[2:])
+import export
+from flower_classifier.cli.runner import run_cli
+run_cli(export.main, export.get_args_parser(), sys.argv[2:])
 """
 
 
@@ -332,11 +336,11 @@ def test_user_errors_before_any_work(tmp_path, checkpoint):
 
 
 def test_default_output_is_beside_the_checkpoint():
-    assert export.output_paths("runs/checkpoint.pth", "onnx", None) == (
+    assert output_paths("runs/checkpoint.pth", "onnx", None) == (
         Path("runs/checkpoint.onnx"), Path("runs/checkpoint.json"))
-    assert export.output_paths("runs/checkpoint.pth", "executorch", None)[0] == Path(
+    assert output_paths("runs/checkpoint.pth", "executorch", None)[0] == Path(
         "runs/checkpoint.pte")
-    assert export.output_paths("runs/checkpoint.pth", "coreml", None)[0] == Path(
+    assert output_paths("runs/checkpoint.pth", "coreml", None)[0] == Path(
         "runs/checkpoint.mlpackage")
-    assert export.output_paths("c.pth", "torchscript", "out/model.v2.pt") == (
+    assert output_paths("c.pth", "torchscript", "out/model.v2.pt") == (
         Path("out/model.v2.pt"), Path("out/model.v2.json"))

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import export
+from flower_classifier.export import formats
+from flower_classifier.export.check import coreml_labels, parity_check
 from test_export import CLASSES, TOLERANCE, run_export, train_cnn
 
 PROJECT_ROOT = Path(__file__).parents[1]
@@ -80,17 +82,17 @@ def test_executorch_gives_predicts_answers_with_labels_inside(executorch_export)
 @pytest.fixture(scope="module")
 def int8_export(workdir, checkpoint, data):
     """export.py --dtype int8, calibrated on the training photos: the .pte, and the quantised
-    graph export.quantised_int8 made for it (one quantisation for the tests of both)."""
+    graph formats.quantised_int8 made for it (one quantisation for the tests of both)."""
     output = workdir / "pte" / "int8.pte"
     quantised = []
-    make_quantised = export.quantised_int8
+    make_quantised = formats.quantised_int8
 
     def quantise_and_keep(*args):
         quantised.append(make_quantised(*args))
         return quantised[-1]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export, "quantised_int8", quantise_and_keep)
+        patch.setattr(formats, "quantised_int8", quantise_and_keep)
         export.main(export.get_args_parser().parse_args(
             [str(checkpoint), "--format", "executorch", "--output", str(output), "--dtype",
              "int8", "--calibration", str(data / "train")]))
@@ -107,14 +109,14 @@ def test_int8_executorch_is_a_quarter_the_size_and_close(executorch_export, int8
     assert int8.stat().st_size < 0.35 * float32.stat().st_size
     assert json.loads(int8.with_suffix(".json").read_text())["dtype"] == "int8"
     photos = sorted(str(path) for path in (data / "test").rglob("*.jpg"))
-    result = export.parity_check(int8, "executorch", checkpoint, photos)
+    result = parity_check(int8, "executorch", checkpoint, photos)
     assert result.images == 6 and 0 < result.max_difference < 0.2
 
 
 def test_int8_fuses_each_relu6_into_its_convolution(int8_export):
-    """int8_quantizer.py: no int8 step between a convolution and its ReLU6, whose output range is
+    """export/int8_quantizer.py: no int8 step between a convolution and its ReLU6, whose output range is
     observed within [0, 6] (XNNPACK's quantiser alone observes the unclamped convolution's)."""
-    from int8_quantizer import is_relu6
+    from flower_classifier.export.int8_quantizer import is_relu6
 
     _, quantised = int8_export
     relu6s = [node for node in quantised.graph.nodes if is_relu6(node)]
@@ -143,7 +145,7 @@ def test_coreml_spec_has_image_input_labels_and_threshold(workdir, checkpoint, d
     assert "Core ML cannot predict on Linux" in run.stdout and "3 labels" in run.stdout
     assert output.is_dir() and not list(output.parent.glob(".*"))   # renamed into place
     spec = ct.utils.load_spec(str(output))
-    assert export.coreml_labels(spec) == ["pink primrose", "globe thistle", "sweet pea"]
+    assert coreml_labels(spec) == ["pink primrose", "globe thistle", "sweet pea"]
     assert [output.name for output in spec.description.output] == [
         "classLabel", "classLabel_probs", "similarity"]
     image = spec.description.input[0].type.imageType
@@ -164,12 +166,12 @@ LITERT_RUN = """
 import json, sys
 import numpy
 sys.path.insert(0, sys.argv[1])
-import export
 from ai_edge_litert.interpreter import Interpreter
+from flower_classifier.export.formats import tflite_metadata
 runner = Interpreter(model_path=sys.argv[2]).get_signature_runner()
 (name,) = runner.get_input_details()
 outputs = runner(**{name: numpy.zeros((1, 32, 32, 3), numpy.uint8)})
-print(json.dumps({"metadata": export.tflite_metadata(sys.argv[2]),
+print(json.dumps({"metadata": tflite_metadata(sys.argv[2]),
                   "input": runner.get_input_details()[name]["dtype"].__name__,
                   "outputs": {key: value.tolist() for key, value in outputs.items()}}))
 """

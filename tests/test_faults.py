@@ -7,14 +7,15 @@ import signal
 
 import pytest
 import torch
-from conftest import make_subset, train_args
 
-import download_flowers
 import train
-import trainer
-from cli_utils import run_cli
-from common import UserError, atomic_write
-from model_utils import load_checkpoint, save_checkpoint
+from conftest import make_subset, train_args
+from flower_classifier.cli.runner import run_cli
+from flower_classifier.data import download
+from flower_classifier.models.checkpoint import load_checkpoint, save_checkpoint
+from flower_classifier.training import loop
+from flower_classifier.utils.errors import UserError
+from flower_classifier.utils.files import atomic_write
 
 
 def test_new_run_keeps_the_earlier_runs_files(subset, tmp_path):
@@ -22,7 +23,7 @@ def test_new_run_keeps_the_earlier_runs_files(subset, tmp_path):
     train.main(train_args(subset, run, tmp_path / "cache", "--epochs", "2", "--no_data_check"))
     earlier = {path.name: path.read_bytes() for path in run.iterdir()}
     # mistakes.png only where a test photo was named wrongly
-    assert set(trainer.RUN_FILES) - {"mistakes.png"} <= set(earlier) <= set(trainer.RUN_FILES)
+    assert set(loop.RUN_FILES) - {"mistakes.png"} <= set(earlier) <= set(loop.RUN_FILES)
     with pytest.raises(UserError):  # fails before its first save: nothing is moved
         train.main(train_args(tmp_path / "no_data", run, tmp_path / "cache"))
     assert {path.name: path.read_bytes() for path in run.iterdir()} == earlier
@@ -144,4 +145,4 @@ def test_connection_lost_mid_download_is_a_network_error():
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
 
     with pytest.raises(http.client.HTTPException, match="connection broke off"):
-        list(download_flowers.read_chunks(DroppedResponse()))
+        list(download.read_chunks(DroppedResponse()))

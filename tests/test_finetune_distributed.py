@@ -1,12 +1,12 @@
 """Fine-tuning the backbone, and torchrun with several processes (gloo on the CPU)."""
 
 import torch
-from conftest import run_script, train_args
 
 import train
-from backbones import build_backbone
-from model_utils import load_checkpoint
-from predictor import Predictor
+from conftest import run_script, train_args
+from flower_classifier.inference.predictor import Predictor
+from flower_classifier.models.backbones import build_backbone
+from flower_classifier.models.checkpoint import load_checkpoint
 
 
 def test_finetune_trains_the_last_stage_and_predicts(subset, tmp_path):

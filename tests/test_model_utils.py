@@ -4,23 +4,21 @@ import pickle
 
 import pytest
 import torch
-from conftest import run_script
 from torch import nn
 
-from backbones import build_backbone
-from common import UserError
-from model_utils import (
+from conftest import run_script
+from flower_classifier.inference.predictor import Predictor
+from flower_classifier.models.backbones import build_backbone
+from flower_classifier.models.checkpoint import (
     CHECKPOINT_FORMAT,
-    ImageClassifier,
-    SignedSqrt,
-    build_head,
     checkpoint_preprocess,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from predictor import Predictor
+from flower_classifier.models.classifier import ImageClassifier, SignedSqrt, build_head
+from flower_classifier.utils.errors import UserError
 
 
 @pytest.mark.parametrize("arch, feature_dim", [
@@ -255,7 +253,7 @@ def test_checkpoint_keeps_the_resize_filter_and_older_ones_resize_bilinear():
 
 
 def test_nan_temperature_of_an_older_checkpoint_is_left_out_with_a_warning(capsys, tmp_path):
-    """Fine-tuning on a tiny valid split could store a NaN temperature (calibration.py's fit was
+    """Fine-tuning on a tiny valid split could store a NaN temperature (models/calibration.py's fit was
     unbounded then): its predictions must stay probabilities, not NaN."""
     checkpoint, _ = small_checkpoint(temperature=float("nan"))
     model = model_from_checkpoint(checkpoint)

@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import FLOWERS, link_class_folders, require_shared_data, train_args
 
 import train
-import trainer
-from model_utils import load_checkpoint
-from splits import MANIFEST_NAME, read_manifest
+from conftest import FLOWERS, link_class_folders, require_shared_data, train_args
+from flower_classifier.data.split import MANIFEST_NAME, read_manifest
+from flower_classifier.models.checkpoint import load_checkpoint
+from flower_classifier.reports.evaluation import write_evaluation
 
 CLASSES = ("1", "10", "2")
 
@@ -73,31 +73,22 @@ def test_split_from_trains_on_the_manifest_it_names(one_folder, tmp_path):
 
 
 def test_a_bad_split_is_one_clear_error(one_folder, tmp_path):
-    from common import UserError
+    from flower_classifier.utils.errors import UserError
     with pytest.raises(UserError, match="--split '0.8,0.3' must add up to 1"):
         train.main(train_args(one_folder, tmp_path / "run", tmp_path / "cache",
                               "--split", "0.8,0.3"))
 
 
-class KnownOrder:
-    """A task whose test images are known, in the order evaluate() gathers them."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def eval_paths(self, split):
-        return self.paths
-
-
 def test_mistakes_sheet_names_the_wrong_photos_worst_first(tmp_path):
     require_shared_data()
     paths = [str(p) for p in sorted((FLOWERS / "train" / "1").iterdir())[:3]]
-    logits = torch.tensor([[4.0, 0.0], [0.0, 1.0], [0.0, 5.0]])  # the 2nd and 3rd are wrong
-    test = {"labels": torch.tensor([0, 0, 0]), "logits": logits}
-    assert trainer.review_mistakes(KnownOrder(paths), test, 1.0,
-                                   ["pink primrose", "globe thistle"], tmp_path) == 2
+    probabilities = torch.tensor([[4.0, 0.0], [0.0, 1.0], [0.0, 5.0]]).softmax(1)  # 2 wrong
+    evaluation = write_evaluation(tmp_path, [0, 0, 0], probabilities,
+                                  ["pink primrose", "globe thistle"], paths)
+    assert evaluation.mistakes == 2
+    assert evaluation.report["accuracy"] == pytest.approx(1 / 3)
     assert (tmp_path / "mistakes.png").stat().st_size > 0
-    # A task that cannot tell the order (fine-tuning that skipped an image) writes nothing.
-    assert trainer.review_mistakes(KnownOrder(paths[:2]), test, 1.0, ["a", "b"],
-                                   tmp_path / "none") is None
-    assert not (tmp_path / "none").exists()
+    # Without the photos' order (fine-tuning that skipped an image) no sheet is drawn.
+    evaluation = write_evaluation(tmp_path / "none", [0, 0, 0], probabilities, ["a", "b"])
+    assert evaluation.mistakes is None
+    assert not (tmp_path / "none" / "mistakes.png").exists()

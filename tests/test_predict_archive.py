@@ -1,5 +1,5 @@
 """predict.py --output: a whole folder or file list into one JSON-lines file, written as it
-goes, resumed after kill -9, split across torchrun processes, merged and checked (archive.py);
+goes, resumed after kill -9, split across torchrun processes, merged and checked (inference/bulk.py);
 and predict.py --plot from the command line."""
 import json
 import os
@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import archive
-import distributed
-import predict
-from common import UserError
 from conftest import PROJECT, link_class_folders, run_script
-from data_utils import iter_images, list_images
+from flower_classifier.cli import predict
+from flower_classifier.data.folders import iter_images, list_images
+from flower_classifier.inference import bulk
+from flower_classifier.utils import distributed
+from flower_classifier.utils.errors import UserError
 
 CLASSES = ("1", "10", "2")
 
@@ -149,7 +149,7 @@ def test_torchrun_two_processes_resume_a_killed_run_and_match_one(photos, checkp
 
 def interrupted_run(args, after_batches=1):
     """predict.main stopped by Ctrl-C after some batches, as a crash leaves its parts."""
-    from predictor import Predictor
+    from flower_classifier.inference.predictor import Predictor
 
     predict_batches = Predictor.predict_batches
 
@@ -288,8 +288,8 @@ def test_part_lines_leave_out_an_incomplete_last_line(photos, checkpoint, tmp_pa
     complete = part.read_text()
     with open(part, "a") as handle:
         handle.write(complete.splitlines()[1][:40])  # a kill -9 in the middle of a write
-    source = archive.Archive(output, photos, "folder", json.loads(complete.split("\n")[0])["model"])
-    assert [index for index, _ in archive.part_lines(source, part, "torch")] == list(range(8))
+    source = bulk.Archive(output, photos, "folder", json.loads(complete.split("\n")[0])["model"])
+    assert [index for index, _ in bulk.part_lines(source, part, "torch")] == list(range(8))
     assert predict.main(parse(photos, checkpoint, "--output", output, "--resume")) == 37
 
 

@@ -5,12 +5,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import FLOWERS, require_shared_data, run_script
 from PIL import ImageOps
 
-from backbones import DEFAULT_ARCH, build_backbone
-
-from calibration import (
+from conftest import FLOWERS, require_shared_data, run_script
+from flower_classifier.data.folders import find_splits
+from flower_classifier.data.images import load_image
+from flower_classifier.data.transforms import eval_transform
+from flower_classifier.inference.predictor import Predictor
+from flower_classifier.models.backbones import DEFAULT_ARCH, build_backbone
+from flower_classifier.models.calibration import (
     TEMPERATURE_RANGE,
     class_means,
     expected_calibration_error,
@@ -18,12 +21,15 @@ from calibration import (
     nearest_similarity,
     pass_threshold,
 )
-from data_utils import eval_transform, find_splits, load_image
-from features import FeatureExtractor
-from model_utils import OPTIONAL_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
-from predictor import Predictor
-from stage_split import StageModel, split_backbone
-from tasks import training_autocast
+from flower_classifier.models.checkpoint import (
+    OPTIONAL_KEYS,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from flower_classifier.models.features import FeatureExtractor
+from flower_classifier.models.stages import StageModel, split_backbone
+from flower_classifier.training.tasks.base import training_autocast
 
 CPU = torch.device("cpu")
 JSON_KEYS = {"path", "classes", "names", "probabilities", "known"}

@@ -4,11 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import scratch_cnn
-from backbones import Preprocess
 from conftest import CIFAR, make_subset, stopped_at_epoch, train_args
-from data_utils import eval_transform, find_splits, load_image
-from train_config import family_default
+from flower_classifier.data import small_images
+from flower_classifier.data.folders import find_splits
+from flower_classifier.data.images import load_image
+from flower_classifier.data.transforms import eval_transform
+from flower_classifier.models import scratch_cnn
+from flower_classifier.models.backbones import Preprocess
+from flower_classifier.training.config import family_default
 
 CIFAR_CLASSES = ("airplane", "cat", "ship")
 CIFAR_SIZES = {"train": 12, "valid": 4, "test": 4}
@@ -34,7 +37,7 @@ def candidate_views(image, padding):
 def test_augment_batch_crops_and_mirrors_each_image():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 10, 12), dtype=torch.uint8)
-    augmented = scratch_cnn.augment_batch(images, padding=2)
+    augmented = small_images.augment_batch(images, padding=2)
     assert augmented.shape == images.shape and augmented.dtype == torch.uint8
     assert augmented.is_contiguous(memory_format=torch.channels_last)
     kinds = set()
@@ -49,7 +52,7 @@ def test_augment_batch_crops_and_mirrors_each_image():
 def test_augment_batch_without_padding_only_mirrors():
     torch.manual_seed(1)
     images = torch.randint(0, 256, (32, 3, 5, 5), dtype=torch.uint8)
-    augmented = scratch_cnn.augment_batch(images, padding=0)
+    augmented = small_images.augment_batch(images, padding=0)
     same = (augmented == images).flatten(1).all(1)
     mirrored = (augmented == images.flip(3)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and same.any() and mirrored.any()
@@ -60,13 +63,13 @@ def test_decoded_images_normalise_exactly_as_predict_reads_them(cifar, tmp_path)
     paths = splits["valid"].paths[:5]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
-    size = scratch_cnn.input_size(splits["train"].paths)
+    size = small_images.input_size(splits["train"].paths)
     assert size == 32
-    images, ok = scratch_cnn.decode_images(paths + [str(broken)], size)
+    images, ok = small_images.decode_images(paths + [str(broken)], size)
     assert ok.tolist() == [True] * 5 + [False]
     preprocess = Preprocess(size, size, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
     expected = torch.stack([eval_transform(preprocess)(load_image(path)) for path in paths])
-    normalised = scratch_cnn.normalize(images[:5], preprocess.mean, preprocess.std)
+    normalised = small_images.normalize(images[:5], preprocess.mean, preprocess.std)
     torch.testing.assert_close(normalised, expected)
 
 
@@ -83,8 +86,8 @@ def test_network_averages_each_image_with_its_mirror_in_eval_mode():
 
 def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
     import train
-    from model_utils import load_checkpoint
-    from predictor import Predictor
+    from flower_classifier.inference.predictor import Predictor
+    from flower_classifier.models.checkpoint import load_checkpoint
 
     whole = train.main(train_args(cifar, tmp_path / "whole", tmp_path / "cache", "--arch", "cnn",
                                   "--epochs", "2", "--batch_size", "16"))
@@ -121,7 +124,7 @@ def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
 
 def test_network_converts_for_openvino_with_any_batch_size(tmp_path):
     """predict.py runs large jobs through OpenVINO (torch.export with a free batch size)."""
-    import engines
+    from flower_classifier.models import engines
 
     torch.manual_seed(0)
     network = scratch_cnn.SmallCNN(widths=(8, 16, 16), stem_width=4).eval()
@@ -136,7 +139,7 @@ def test_network_converts_for_openvino_with_any_batch_size(tmp_path):
 
 def test_torchrun_trains_the_cnn_on_two_processes(cifar, tmp_path):
     from conftest import run_script
-    from model_utils import load_checkpoint
+    from flower_classifier.models.checkpoint import load_checkpoint
 
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", cifar,
                         "--arch", "cnn", "--save_dir", tmp_path / "run", "--cache_dir",

@@ -83,8 +83,8 @@ def photos(subset):
 
 @pytest.fixture(scope="module")
 def predictor(checkpoint):
-    from data_utils import load_category_names
-    from predictor import Predictor
+    from flower_classifier.data.class_names import load_category_names
+    from flower_classifier.inference.predictor import Predictor
 
     return Predictor(checkpoint, category_names=load_category_names(FLOWERS / "cat_to_name.json"))
 
@@ -259,7 +259,7 @@ def wait_until(condition, timeout=60):
 
 
 def test_all_interfaces_warns_prints_the_lan_address_and_ctrl_c_exits_130(checkpoint):
-    import serve
+    from flower_classifier.serve import guards
 
     process = subprocess.Popen(
         [sys.executable, "serve.py", str(checkpoint), "--host", "0.0.0.0", "--port", "0",
@@ -270,7 +270,7 @@ def test_all_interfaces_warns_prints_the_lan_address_and_ctrl_c_exits_130(checkp
         line = process.stdout.readline()
         port = int(re.search(r":(\d+)/ ", line)[1])
         assert warning.startswith("warning: listening on 0.0.0.0:") and "--token" in warning
-        assert f"http://{serve.lan_address()}:{port}/ " in line
+        assert f"http://{guards.lan_address()}:{port}/ " in line
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)
         assert health.status_code == 200
         process.send_signal(signal.SIGINT)
@@ -282,7 +282,7 @@ def test_all_interfaces_warns_prints_the_lan_address_and_ctrl_c_exits_130(checkp
 
 def test_negative_batch_wait_is_refused(capsys):
     import serve
-    from cli_utils import run_cli
+    from flower_classifier.cli.runner import run_cli
 
     with pytest.raises(SystemExit) as exit_info:
         run_cli(serve.main, serve.get_args_parser(), ["unused.pth", "--batch_wait_ms", "-1"])

@@ -13,8 +13,12 @@ import pytest
 import uvicorn
 from PIL import Image
 
-import serve
 from conftest import FLOWERS
+from flower_classifier.cli.serve import config_from_args, get_args_parser
+from flower_classifier.serve.answers import BadRequest
+from flower_classifier.serve.app import create_app
+from flower_classifier.serve.memory import MemoryBudget
+from flower_classifier.serve.server import listen, uvicorn_config
 
 GOOD_TIMEOUT = 60
 
@@ -44,12 +48,12 @@ class ThreadServer:
     """serve.py's app under uvicorn with serve.py's protocol, in a thread, on 127.0.0.1."""
 
     def __init__(self, predictor, *flags):
-        args = serve.get_args_parser().parse_args(["unused.pth", *map(str, flags)])
-        self.app = serve.app_from_args(predictor, args)
-        sock = serve.listen("127.0.0.1", 0)
+        config = config_from_args(get_args_parser().parse_args(["unused.pth", *map(str, flags)]))
+        self.app = create_app(predictor, config)
+        sock = listen("127.0.0.1", 0)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(serve.uvicorn_config(self.app, args, log_config=None))
+        self.server = uvicorn.Server(uvicorn_config(self.app, config, log_config=None))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
                                        daemon=True)
         self.thread.start()
@@ -87,8 +91,8 @@ class ThreadServer:
 
 @pytest.fixture(scope="module")
 def predictor(trained):
-    from data_utils import load_category_names
-    from predictor import Predictor
+    from flower_classifier.data.class_names import load_category_names
+    from flower_classifier.inference.predictor import Predictor
 
     return Predictor(trained[1] / "checkpoint.pth",
                      category_names=load_category_names(FLOWERS / "cat_to_name.json"),
@@ -433,11 +437,11 @@ def test_waiting_requests_share_batches_of_at_most_max_batch(start, held, predic
 
 def test_a_timed_out_requests_share_is_given_back_and_takes_no_more():
     """A decoding thread still running after its request timed out cannot leak memory shares."""
-    budget = serve.MemoryBudget(40e6)
+    budget = MemoryBudget(40e6)
     with budget.account() as share:
         share.take(10_000_000)
         assert budget.used == 10_000_000
     assert budget.used == 0
-    with pytest.raises(serve.BadRequest) as refused:
+    with pytest.raises(BadRequest) as refused:
         share.take(1000)
     assert refused.value.status == 503 and budget.used == 0

@@ -5,20 +5,27 @@ import re
 
 import pytest
 import torch
-from conftest import run_script, stopped_at_epoch, train_args
 
-import tasks
 import train
-from backbones import DEFAULT_ARCH, DEFAULT_TRAIN_STAGES, build_backbone
-from calibration import class_means
-from common import UserError
-from data_utils import ImageFiles, eval_transform
-from model_utils import (ImageClassifier, backbone_features, build_head, load_checkpoint,
-                         model_from_checkpoint)
-from predictor import Predictor
-from datacheck import REPORT_NAME
-from stage_split import FoldedBatchNormAct2d, check_train_stages, fold_batch_norms, split_backbone
-from train_config import TrainConfig, saved_hyperparameters
+from conftest import run_script, stopped_at_epoch, train_args
+from flower_classifier.data.loading import ImageFiles
+from flower_classifier.data.transforms import eval_transform
+from flower_classifier.datacheck.report import REPORT_NAME
+from flower_classifier.inference.predictor import Predictor
+from flower_classifier.models.backbones import DEFAULT_ARCH, DEFAULT_TRAIN_STAGES, build_backbone
+from flower_classifier.models.calibration import class_means
+from flower_classifier.models.checkpoint import load_checkpoint, model_from_checkpoint
+from flower_classifier.models.classifier import ImageClassifier, backbone_features, build_head
+from flower_classifier.models.stages import (
+    FoldedBatchNormAct2d,
+    check_train_stages,
+    fold_batch_norms,
+    split_backbone,
+)
+from flower_classifier.training import loop
+from flower_classifier.training.config import TrainConfig, saved_hyperparameters
+from flower_classifier.training.tasks import cached
+from flower_classifier.utils.errors import UserError
 
 STAGES = 2  # EfficientNet-Lite0's last block (192 -> 320 channels at 7x7) and conv_head + bn2
 
@@ -68,7 +75,7 @@ def test_the_stage_task_folds_the_batch_norms_unless_told_not_to(fold_norms):
     _, top = split_backbone(backbone, STAGES)
     classifier = ImageClassifier(backbone, build_head(backbone.feature_dim, 3, 16, 0.5, "sqrt"))
     config = TrainConfig("flowers", fold_norms=fold_norms).resolved(False, STAGES)
-    task = tasks.StageTask({}, config, top, classifier, torch.device("cpu"))
+    task = cached.StageTask(config, classifier, torch.device("cpu"), cached.CachedInputs({}), top)
     folded = [m for m in task.model.top.modules() if isinstance(m, FoldedBatchNormAct2d)]
     assert len(folded) == (4 if fold_norms else 0)
 
@@ -147,7 +154,7 @@ def test_the_data_check_runs_on_the_pretrained_stages_features(stage_run, subset
     assert report["images"] == sum(1 for _ in subset.glob("*/*/*"))
     # The features it compared: the pretrained stages' on the cached activations, which are
     # the whole pretrained backbone's features.
-    task_features = tasks.pretrained_top_features(
+    task_features = cached.pretrained_top_features(
         split_backbone(lite0, STAGES)[1], {"valid": (bottom_activations(lite0, subset), None)},
         torch.device("cpu"))["valid"][0]
     images, _ = image_batch(subset, "valid", lite0.preprocess)
@@ -168,7 +175,7 @@ def test_training_views_flip_the_map_or_take_a_cached_view(mirror, cached_views)
     here), --mirror off never; two (--mirror all): each row is one of its two cached views."""
     torch.manual_seed(0)
     rows = torch.randn(400, cached_views, 4, 3, 3)
-    task = tasks.StageTask.__new__(tasks.StageTask)
+    task = cached.StageTask.__new__(cached.StageTask)
     task.flip_maps = mirror != "off"
     inputs = task.training_inputs(rows)
     same = torch.tensor([torch.equal(a, b[0]) for a, b in zip(inputs, rows)])
@@ -203,10 +210,8 @@ def test_a_warm_rerun_extracts_nothing(stage_run, subset, tmp_path):
 
 
 def test_a_resumed_stage_run_ends_as_the_whole_run(stage_run, subset, tmp_path, monkeypatch):
-    import trainer
-
     _, whole_run, cache = stage_run
-    monkeypatch.setattr(trainer, "SAVE_INTERVAL", 3600)
+    monkeypatch.setattr(loop, "SAVE_INTERVAL", 3600)
     args = ("--train_stages", STAGES, "--epochs", "4", "--engine", "torch")
     with stopped_at_epoch(3):
         train.main(train_args(subset, tmp_path / "cut", cache, *args))

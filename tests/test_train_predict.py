@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROJECT, make_subset, run_script, stopped_at_epoch, train_args
 
-import engines
 import predict
-import tasks
 import train
-import trainer
-from common import UserError
-from model_utils import load_checkpoint
-from predictor import Predictor
+from conftest import PROJECT, make_subset, run_script, stopped_at_epoch, train_args
+from flower_classifier.inference.predictor import Predictor
+from flower_classifier.models import engines
+from flower_classifier.models.checkpoint import load_checkpoint
+from flower_classifier.training import loop, optim, tasks
+from flower_classifier.training.tasks import cached
+from flower_classifier.utils.errors import UserError
 
 
 def test_cli_as_typed_in_the_assignment(subset, tmp_path):
@@ -192,16 +192,17 @@ def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
                                    "--augment", "2"))
     counts = {split: len(list((subset / split).glob("*/*"))) for split in ("train", "valid", "test")}
     assert result["extracted_images"] == counts["train"] * 3 + counts["valid"] + counts["test"]
-    from data_utils import augment_transform, find_splits
-    from features import FeatureExtractor
-    from backbones import build_backbone
+    from flower_classifier.data.folders import find_splits
+    from flower_classifier.data.transforms import augment_transform
+    from flower_classifier.models.backbones import build_backbone
+    from flower_classifier.models.features import FeatureExtractor
 
     backbone = build_backbone("efficientnet_lite0")
     extractor = FeatureExtractor(backbone, torch.device("cpu"), workers=0)
     split = find_splits(subset)[1]["train"]
     views = []
     for view in (1, 2, 1):
-        seeds = [tasks.view_seed(0, view, path, split.root) for path in split.paths]
+        seeds = [cached.view_seed(0, view, path, split.root) for path in split.paths]
         views.append(extractor.features(split.root, split.paths[:4], augment_transform(
             backbone.preprocess), seeds=seeds[:4], view=str(view))[0])
     assert not torch.equal(views[0], views[1])
@@ -209,7 +210,7 @@ def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(subset, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "SAVE_INTERVAL", 3600)  # the interrupt writes the kept state
+    monkeypatch.setattr(loop, "SAVE_INTERVAL", 3600)  # the interrupt writes the kept state
     cache = tmp_path / "cache"
     train.main(train_args(subset, tmp_path / "whole", cache, "--epochs", "5"))
     with stopped_at_epoch(4):  # as Ctrl-C would, or a kill after epoch 3's save
@@ -240,9 +241,9 @@ def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypat
     """Fast epochs are written together (after the last one); slow ones each (interval 0).
     None: the default interval, under which epochs of a fraction of a second are written once."""
     if interval is not None:
-        monkeypatch.setattr(trainer, "SAVE_INTERVAL", interval)
+        monkeypatch.setattr(loop, "SAVE_INTERVAL", interval)
     written = []  # train_state.pth is written through either function
-    real_atomic_write, real_save_checkpoint = trainer.atomic_write, trainer.save_checkpoint
+    real_atomic_write, real_save_checkpoint = loop.atomic_write, loop.save_checkpoint
 
     def atomic_write(path, write):
         written.append(Path(path).name)
@@ -252,8 +253,8 @@ def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypat
         written.append(Path(path).name)
         return real_save_checkpoint(checkpoint, path)
 
-    monkeypatch.setattr(trainer, "atomic_write", atomic_write)
-    monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(loop, "atomic_write", atomic_write)
+    monkeypatch.setattr(loop, "save_checkpoint", save_checkpoint)
     train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "5"))
     assert [name for name in written if name == "train_state.pth"] == ["train_state.pth"] * writes
     assert load_checkpoint(tmp_path / "run" / "train_state.pth")["epoch_done"] == 5
@@ -261,7 +262,7 @@ def test_training_writes_at_most_every_save_interval(subset, tmp_path, monkeypat
 
 def test_an_error_during_training_still_writes_the_finished_epochs(subset, tmp_path,
                                                                     monkeypatch):
-    monkeypatch.setattr(trainer, "SAVE_INTERVAL", 3600)  # epochs 1-3 are held in memory
+    monkeypatch.setattr(loop, "SAVE_INTERVAL", 3600)  # epochs 1-3 are held in memory
     with stopped_at_epoch(4, RuntimeError("a crash in epoch 4")):
         train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "5"))
     assert load_checkpoint(tmp_path / "run" / "train_state.pth")["epoch_done"] == 3
@@ -305,7 +306,7 @@ def test_resume_of_a_run_begun_before_the_resize_filter_keeps_resizing_bilinear(
         subset, tmp_path, monkeypatch):
     """A train_state.pth written before checkpoints recorded the filter resumes with that run's
     bilinear resizing, not the backbone's bicubic of today (features of one kind throughout)."""
-    monkeypatch.setattr(trainer, "SAVE_INTERVAL", 3600)
+    monkeypatch.setattr(loop, "SAVE_INTERVAL", 3600)
     with stopped_at_epoch(2):
         train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "2"))
     state_path = tmp_path / "run" / "train_state.pth"
@@ -337,14 +338,14 @@ def test_training_steps_run_in_bf16_where_the_cpu_computes_it(monkeypatch):
     batches = [(torch.randn(2, 4), torch.tensor([0, 2]))]
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda native=native: native)
-        trainer.train_one_epoch(model, batches, optimizer, scheduler, scaler,
+        loop.train_one_epoch(model, batches, optimizer, scheduler, scaler,
                                 torch.nn.CrossEntropyLoss(), torch.device("cpu"))
         assert seen.pop() == dtype
 
 
 def test_caches_follow_xdg_cache_home(tmp_path, monkeypatch):
     """Feature and engine caches go under $XDG_CACHE_HOME when set, else ~/.cache."""
-    import features
+    from flower_classifier.models import features
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert features.default_cache_dir() == tmp_path / "flower_classifier" / "features"
@@ -380,14 +381,14 @@ def test_predict_report_scores_a_folder_of_class_folders(trained, subset, tmp_pa
 
 def test_class_weights():
     labels = [0, 0, 0, 1, 2, 2]
-    balanced = trainer.class_weights(labels, 4, "balanced")
+    balanced = optim.class_weights(labels, 4, "balanced")
     assert balanced.tolist() == pytest.approx([2 / 3, 2.0, 1.0, 0.0])
     assert (balanced[torch.tensor(labels)]).mean().item() == pytest.approx(1.0)
-    assert trainer.class_weights(labels, 3, "none").tolist() == [1.0, 1.0, 1.0]
-    sqrt = trainer.class_weights(labels, 3, "sqrt")
+    assert optim.class_weights(labels, 3, "none").tolist() == [1.0, 1.0, 1.0]
+    sqrt = optim.class_weights(labels, 3, "sqrt")
     assert sqrt[1] / sqrt[0] == pytest.approx(3 ** 0.5)
-    assert trainer.class_weights(labels, 3, "auto").tolist() == trainer.class_weights(
-        labels, 3, trainer.AUTO_CLASS_WEIGHTS).tolist()
+    assert optim.class_weights(labels, 3, "auto").tolist() == optim.class_weights(
+        labels, 3, optim.AUTO_CLASS_WEIGHTS).tolist()
 
 
 def test_predict_report_on_unreadable_images_is_one_clear_error(trained, tmp_path):

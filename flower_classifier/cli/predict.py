@@ -1,0 +1,229 @@
+"""predict.py's command line: a photo, a folder, a file list or a whole archive through the
+Predictor, printed, written resumably, or scored against its class folders.
+
+    python predict.py flower.jpg checkpoint.pth --top_k 5    # the usage: predict.py's docstring
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flower_classifier.cli.options import (
+    HelpFormatter,
+    add_gpu_argument,
+    category_names_from_flag,
+    non_negative_int,
+    positive_int,
+    select_device,
+    similarity,
+)
+from flower_classifier.cli.runner import run_cli
+from flower_classifier.data.folders import list_images
+from flower_classifier.data.images import load_image
+from flower_classifier.data.loading import default_workers
+from flower_classifier.inference.bulk import Archive, model_identity, predict_archive
+from flower_classifier.inference.predictor import BATCH_SIZE, Predictor
+from flower_classifier.inference.scoring import score_folder
+from flower_classifier.models.engines import ENGINE_CHOICES
+from flower_classifier.reports.evaluation import evaluation_lines
+from flower_classifier.reports.plots import plot_prediction
+from flower_classifier.utils import distributed
+from flower_classifier.utils.console import warn
+from flower_classifier.utils.errors import UserError
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Predict the class of an image (or of every image in a folder).",
+        formatter_class=HelpFormatter)
+    parser.add_argument("input", nargs="?", help="an image file, or a folder of images "
+                        "(searched recursively); left out with --file_list")
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint.pth written by train.py")
+    parser.add_argument("--top_k", type=positive_int, default=1,
+                        help="how many of the most likely classes to show")
+    parser.add_argument("--category_names", default=None,
+                        help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
+                        "(default: show the folder names)")
+    add_gpu_argument(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image "
+                        "(path, classes, names, probabilities, and known: false for an image of "
+                        "none of the classes; known is left out when the checkpoint has no "
+                        "unknown verdict or --no_unknown is given) and nothing else on stdout")
+    parser.add_argument("--unknown_threshold", type=similarity, default=None, metavar="S",
+                        help="cosine similarity to the nearest class's mean feature below which "
+                        "an image is none of the known classes, in [-1, 1] (default: the "
+                        "checkpoint's, chosen so that 95%% of its valid images pass)")
+    parser.add_argument("--no_unknown", action="store_true",
+                        help="no unknown verdict: always name the most likely classes")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="save the image above a bar "
+                        "chart of the top-k names and probabilities (single image only)")
+    parser.add_argument("--batch_size", type=positive_int, default=BATCH_SIZE,
+                        help="images per batch for a folder")
+    parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                        help="processes decoding a folder's images")
+    parser.add_argument("--output", default=None, metavar="JSONL",
+                        help="write predict.py --json's lines to this file, as it goes and "
+                        "resumably (a first line names the model and the input; an unreadable "
+                        "image gets a line with its error); the file appears, complete and "
+                        "checked, at the end, and JSONL.parts/ holds the work until then; "
+                        "under torchrun every process takes its share (default: print)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --output: predict only the images the interrupted run "
+                        "has not")
+    parser.add_argument("--file_list", default=None, metavar="TXT",
+                        help="a text file naming one image per line (relative paths from the "
+                        "current folder), instead of the input folder; needs --output")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="score a labelled folder, whose sub-folders are the checkpoint's "
+                        "class folders (a test set of your own): print the accuracy and the "
+                        "worst classes, and write test_report.json, confusion_matrix.png and "
+                        "mistakes.png (the wrongly named photos, worst first) to DIR")
+    parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                        help="what runs the backbone: auto takes OpenVINO on the CPU for folders "
+                        "of 128 images or more, else torch (fp32 on the CPU)")
+    return parser
+
+
+def print_result(prediction, as_json, show_path):
+    if as_json:
+        print(json.dumps(prediction.as_json()), flush=True)
+        return
+    path, names = prediction.path, prediction.names
+    unknown = prediction.known is False
+    if show_path or len(names) > 1:
+        print(path if show_path else f"{path}:")
+    if len(names) == 1 and not show_path:
+        print(f"not one of the known classes (closest: {names[0]} "
+              f"{prediction.probabilities[0]:.2%})" if unknown
+              else f"{names[0]}: {prediction.probabilities[0]:.2%}")
+        return
+    if unknown:
+        print("  not one of the known classes; the closest:")
+    for rank, (name, folder, probability) in enumerate(
+            zip(names, prediction.classes, prediction.probabilities), 1):
+        label = name if name == folder else f"{name} ({folder})"
+        print(f"  {rank}. {label}  {probability:.2%}")
+
+
+def set_unknown_threshold(predictor, checkpoint, no_unknown, threshold):
+    """--no_unknown turns the verdict off; --unknown_threshold replaces the checkpoint's."""
+    if no_unknown:
+        predictor.unknown_threshold = None
+    elif threshold is not None:
+        if predictor.class_means is None:
+            raise UserError(f"{checkpoint} has no unknown verdict (it was trained before "
+                            "train.py stored class means, or fine-tuned); leave out "
+                            "--unknown_threshold, or train again")
+        predictor.unknown_threshold = threshold
+
+
+def check_inputs(args):
+    """The input and checkpoint positionals (only the checkpoint with --file_list), and the
+    flags that go together; returns (source, its kind for archive.Archive, checkpoint)."""
+    given = [value for value in (args.input, args.checkpoint) if value is not None]
+    if args.file_list is not None:
+        if len(given) != 1:
+            raise UserError("with --file_list pass only the checkpoint: predict.py --file_list "
+                            "paths.txt checkpoint.pth --output preds.jsonl")
+        if args.output is None:
+            raise UserError("--file_list needs --output preds.jsonl")
+        if not Path(args.file_list).is_file():
+            raise UserError(f"file list {args.file_list} not found; pass a text file with one "
+                            "image path per line")
+        return Path(args.file_list), "file_list", given[0]
+    if len(given) != 2:
+        raise UserError("pass an image or a folder, and a checkpoint: predict.py photos/ "
+                        "checkpoint.pth")
+    source = Path(args.input)
+    if not source.exists():
+        raise UserError(f"{source} not found; pass an image file or a folder of images")
+    if args.plot and (source.is_dir() or args.output):
+        raise UserError("--plot draws one image; pass an image file, not a folder, and leave "
+                        "out --output")
+    if args.resume and args.output is None:
+        raise UserError("--resume finishes an --output file; add --output preds.jsonl")
+    if args.report and (not source.is_dir() or args.output):
+        raise UserError("--report scores a folder of class folders; pass a folder, and leave "
+                        "out --output")
+    return source, "folder" if source.is_dir() else "image", args.checkpoint
+
+
+def main(args):
+    """Print the predictions and return them, a list of Prediction; with --output, write them
+    there and return the number of images in it (None on torchrun's other ranks)."""
+    source, kind, checkpoint = check_inputs(args)
+    category_names = category_names_from_flag(args.category_names)
+    device = select_device(args.gpu)
+    distributed.end_with_launcher()
+    distributed.init_distributed(device)
+    try:
+        if args.output is None and distributed.world_size() > 1:
+            raise UserError("under torchrun every process takes a share of the images: add "
+                            "--output preds.jsonl")
+        predictor = Predictor(checkpoint, device, category_names, args.engine)
+        set_unknown_threshold(predictor, checkpoint, args.no_unknown, args.unknown_threshold)
+        if args.top_k > len(predictor.classes):
+            warn(f"--top_k {args.top_k} is more than the {len(predictor.classes)} classes; "
+                 f"showing all {len(predictor.classes)}")
+        if args.report:
+            return report_on_folder(predictor, source, Path(args.report), args.batch_size,
+                                    args.workers)
+        if args.output is None and source.is_file():
+            return [print_one(predictor, source, args.top_k, args.json, args.plot)]
+        if args.output is None:
+            return print_folder(predictor, source, args.top_k, args.json, args.batch_size,
+                                args.workers)
+        archive = Archive(Path(args.output), source, kind,
+                          model_identity(checkpoint, predictor, args.top_k))
+        return write_predictions(predictor, archive, args.resume, args.top_k, args.batch_size,
+                                 args.workers)
+    finally:
+        distributed.close_distributed()
+
+
+def write_predictions(predictor, archive, resume, top_k, batch_size, workers):
+    """--output: the archive run (inference/bulk.py); says on stderr what was written."""
+    images = predict_archive(archive, predictor, resume, top_k, batch_size, workers)
+    if images is not None:
+        print(f"{archive.output}: {images} images", file=sys.stderr)
+    return images
+
+
+def report_on_folder(predictor, source, folder, batch_size, workers):
+    """--report: predictions scored against the class folders they lie in; returns the report."""
+    evaluation = score_folder(predictor, source, folder, batch_size, workers)
+    print("\n".join(evaluation_lines(evaluation, folder)))
+    return evaluation.report
+
+
+def print_folder(predictor, source, top_k, as_json, batch_size, workers):
+    """Without --output: a folder's predictions on stdout, as they come."""
+    paths = list_images(source)
+    if not paths:
+        raise UserError(f"{source} holds no images; pass a folder with JPEG or PNG files")
+    results, unreadable = [], []
+    for prediction in predictor.predict_files(paths, top_k, batch_size, workers):
+        if not prediction.ok:
+            unreadable.append(prediction.path)
+            continue
+        print_result(prediction, as_json, show_path=True)
+        results.append(prediction)
+    if unreadable:
+        warn(f"skipped {len(unreadable)} unreadable images ({', '.join(unreadable[:3])}"
+             f"{' ...' if len(unreadable) > 3 else ''})")
+    return results
+
+
+def print_one(predictor, path, top_k, as_json, plot):
+    """One photo's prediction printed, and drawn into the PNG plot names (None: not drawn)."""
+    prediction = predictor.predict_image(path, top_k)
+    print_result(prediction, as_json, show_path=False)
+    if plot:
+        plot_prediction(load_image(path), prediction.names, prediction.probabilities, plot)
+        print(f"saved {plot}", file=sys.stderr if as_json else sys.stdout)
+    return prediction
+
+
+def run(argv=None):
+    """The console command (pyproject.toml), as `python predict.py`."""
+    run_cli(main, get_args_parser(), argv)

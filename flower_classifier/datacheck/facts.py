@@ -1,0 +1,113 @@
+"""What the data check reads of each file, once: its digest, its size and tiny thumbnails,
+kept in the feature cache's folder so a warm check reads no image.
+
+    facts, thumbnails, readable = split_facts(splits, cache_dir)
+"""
+import hashlib
+import io
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flower_classifier.data.images import UNREADABLE_IMAGE_ERRORS, open_image, to_rgb
+from flower_classifier.models.features import FeatureCache, file_stamps
+
+THUMB = 8              # side of the greyscale thumbnails that confirm a near-copy
+EDGES = 16             # side of the thumbnails whose pixel differences confirm it too
+THUMB_LENGTH = THUMB * THUMB + 2 * EDGES * (EDGES - 1)
+
+
+def file_facts(path):
+    """(facts row: int64 [sha256 as 4 words, width, height, has digest], thumbnail row, readable)
+    of one file, its bytes read once. The thumbnail row: THUMB x THUMB greyscale pixels, then the
+    vertical and horizontal differences of EDGES x EDGES greyscale pixels, each part zero-mean
+    and unit length (so a dot product is a correlation)."""
+    facts, pixels = torch.zeros(7, dtype=torch.int64), torch.zeros(THUMB_LENGTH)
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return facts, pixels.half(), False
+    digest = hashlib.sha256(data).digest()  # as data.split.file_digest
+    facts[:4] = torch.frombuffer(bytearray(digest), dtype=torch.int64)
+    facts[6] = 1
+    try:
+        with open_image(io.BytesIO(data)) as image:  # one open: the formats load_image takes
+            facts[4], facts[5] = image.size  # the stored size: before the draft decode
+            image.draft("RGB", (2 * EDGES, 2 * EDGES))
+            grey = to_rgb(image).convert("L")
+    except UNREADABLE_IMAGE_ERRORS:
+        return facts, pixels.half(), False
+    small = pixel_tensor(grey, THUMB)
+    edges = pixel_tensor(grey, EDGES)
+    parts = [small.reshape(-1), torch.cat([edges.diff(dim=0).reshape(-1),
+                                           edges.diff(dim=1).reshape(-1)])]
+    parts = [part - part.mean() for part in parts]
+    return facts, torch.cat([part / part.norm().clamp(min=1e-6) for part in parts]).half(), True
+
+
+def pixel_tensor(grey, side):
+    """A greyscale image as a side x side float tensor (box-filtered)."""
+    small = grey.resize((side, side), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(small, dtype=np.float32).copy())
+
+
+def cached_facts(paths, cache_dir, root):
+    """file_facts() of paths as (facts [N, 7], thumbnails [N, THUMB_LENGTH], readable [N]),
+    kept in the feature cache's folder (keyed by path, size and times, as features are), so a
+    warm check reads no image."""
+    cache = FeatureCache(cache_dir) if cache_dir else None
+    keys = [f"{name} {THUMB} {EDGES}|{Path(root).resolve()}"
+            for name in ("file facts", "thumbnails")]
+    stamps = file_stamps(paths)
+    cached = [cache.load(key) if cache else {} for key in keys]
+    rows = [[part.get((path, *stamp)) for path, stamp in zip(paths, stamps)] for part in cached]
+    missing = [index for index in range(len(paths))
+               if rows[0][index] is None or rows[1][index] is None]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # file reads and hashing release the GIL
+        for index, (facts, pixels, ok) in zip(missing, pool.map(file_facts,
+                                                                 [paths[i] for i in missing])):
+            rows[0][index], rows[1][index] = (facts, ok), (pixels, ok)
+    facts = torch.stack([row[0] for row in rows[0]]) if paths else torch.zeros(0, 7,
+                                                                               dtype=torch.int64)
+    pixels = torch.stack([row[0] for row in rows[1]]) if paths else torch.zeros(0, THUMB_LENGTH)
+    ok = torch.tensor([bool(row[1]) for row in rows[0]], dtype=torch.bool)
+    if cache and (missing or len(cached[0]) != len(paths) or len(cached[1]) != len(paths)):
+        cache.save(keys[0], paths, stamps, facts, ok)
+        cache.save(keys[1], paths, stamps, pixels, ok)
+    return facts, pixels.float(), ok
+
+
+def split_facts(splits, cache_dir):
+    """cached_facts() of every split's images in split order, one call (and cache file) per
+    folder, as split_features groups them."""
+    groups = defaultdict(list)
+    for name, split in splits.items():
+        groups[str(Path(split.root).resolve())].append(name)
+    by_split = {}
+    for names in groups.values():
+        paths = [path for name in names for path in splits[name].paths]
+        parts = cached_facts(paths, cache_dir, splits[names[0]].root)
+        sizes = [len(splits[name].paths) for name in names]
+        for name, *pieces in zip(names, *(part.split(sizes) for part in parts)):
+            by_split[name] = pieces
+    return [torch.cat([by_split[name][part] for name in splits]) for part in range(3)]
+
+
+def catalogue(class_to_idx, splits, features, cache_dir):
+    """(one row per image: path, class, label, split, readable, sha256, size; the features
+    [N, D] float32; the thumbnails [N, THUMB * THUMB]), in split order."""
+    classes = list(class_to_idx)
+    facts, pixels, readable = split_facts(splits, cache_dir)
+    ok = torch.cat([features[name][1] for name in splits]) & readable
+    rows = [{"path": str(path), "class": classes[label], "label": label, "split": name}
+            for name, split in splits.items() for path, label in zip(split.paths, split.labels)]
+    for row, fact, good in zip(rows, facts.tolist(), ok.tolist()):
+        row["ok"] = good
+        row["sha256"] = (torch.tensor(fact[:4]).numpy().tobytes().hex() if fact[6] else None)
+        row["size"] = (fact[4], fact[5]) if good else None
+    matrix = torch.cat([features[name][0] for name in splits]).float()
+    return rows, matrix, pixels

@@ -1,0 +1,1 @@
+"""What every layer shares: errors a user can fix, console lines, atomic files, torchrun."""
