@@ -11,6 +11,15 @@ PROJECT = Path(__file__).resolve().parents[1]
 FLOWERS = PROJECT.parent / "shared" / "data" / "flowers102"
 CIFAR = PROJECT.parent / "shared" / "data" / "cifar10"
 sys.path.insert(0, str(PROJECT))
+# One CPU thread per test process (scripts run by the tests inherit it): the tests run two or
+# more at a time (pytest.ini), and runs that compare weights need the same threads each time.
+os.environ.setdefault("FLOWER_CLASSIFIER_THREADS", "1")
+MAX_TEST_PROCESSES = 4  # each holds torch and a model or two: memory, not cores, is the limit
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: the cores, at most MAX_TEST_PROCESSES."""
+    return max(1, min(MAX_TEST_PROCESSES, os.cpu_count() or 1))
 
 # Folder names that sort differently as text and as numbers: "1" < "10" < "2".
 SUBSET_CLASSES = ("1", "10", "2")

@@ -201,3 +201,87 @@ def test_bf16_detection_matches_this_cpus_flags():
     layer, inputs = nn.Linear(8, 4), torch.randn(2, 8)
     with base.training_autocast(CPU):
         assert layer(inputs).dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_threads_follow_the_cores_other_processes_leave_free(monkeypatch):
+    """Another process busy on one of two cores leaves one thread; none busy, two; torchrun's
+    two processes on one machine take one each (the clocks are made up, the rule is real)."""
+    from flower_classifier.utils import threads
+
+    clock = {"busy": 0.0, "own": 0.0, "now": 0.0}
+    monkeypatch.setattr(threads, "machine_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(threads, "own_seconds", lambda: clock["own"])
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(threads, "cores_available", lambda: 2)
+
+    def free_after(others, own, seconds=10.0):
+        window = threads.Window()
+        clock["busy"] += others + own
+        clock["own"] += own
+        clock["now"] += seconds
+        return threads.free_cores(window)
+
+    assert free_after(others=0.0, own=20.0) == 2
+    assert free_after(others=10.0, own=10.0) == 1          # one core taken all along
+    assert free_after(others=20.0, own=0.0) == 1           # never fewer than one thread
+    monkeypatch.setattr(threads, "cores_available", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert free_after(others=10.0, own=10.0) == 1           # the other rank is expected
+
+
+def test_threads_flag_is_checked_like_every_flag(capsys, monkeypatch):
+    import os
+
+    import train
+    from flower_classifier.cli.options import use_threads
+
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            train.get_args_parser().parse_args(["data", "--threads", bad])
+        assert exit_info.value.code == 2
+        assert "argument --threads" in capsys.readouterr().err
+    before = torch.get_num_threads()
+    try:
+        assert use_threads(1) == 1 and torch.get_num_threads() == 1
+        use_threads(os.cpu_count() + 1)
+        assert "more than this machine's" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("FLOWER_CLASSIFIER_THREADS", "x")
+    from flower_classifier.utils.errors import UserError
+    from flower_classifier.utils.threads import default_threads
+    with pytest.raises(UserError, match="FLOWER_CLASSIFIER_THREADS"):
+        default_threads()
+
+
+def test_training_reads_the_free_cores_again_after_each_epoch(subset, tmp_path, monkeypatch):
+    """Without --threads, a core taken by another process during training leaves the next
+    epochs one thread (the other process's CPU time is made up; the trainer's rule is real)."""
+    import train
+    from conftest import train_args
+    from flower_classifier.utils import threads
+
+    monkeypatch.delenv("FLOWER_CLASSIFIER_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cores_available", lambda: 2)
+    busy = {"seconds": 0.0}
+
+    def machine_busy():  # another process busy on one core, this one's time on top
+        busy["seconds"] += 1.0
+        return threads.own_seconds() + busy["seconds"] * 1e3
+
+    monkeypatch.setattr(threads, "machine_busy_seconds", machine_busy)
+    seen = []
+    real_apply = threads.ThreadPolicy.apply
+
+    def recording_apply(self, window=None):
+        seen.append(real_apply(self, window))
+        return seen[-1]
+
+    monkeypatch.setattr(threads.ThreadPolicy, "apply", recording_apply)
+    before = torch.get_num_threads()
+    try:
+        train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "2",
+                              "--no_data_check"))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1, 1]  # the command's, before the first epoch, after each of 2

@@ -9,8 +9,10 @@ from pathlib import Path
 from flower_classifier.cli.options import (
     HelpFormatter,
     add_gpu_argument,
+    add_threads_argument,
     non_negative_int,
     select_device,
+    use_threads,
 )
 from flower_classifier.cli.runner import run_cli
 from flower_classifier.data.loading import default_workers
@@ -71,6 +73,7 @@ def get_args_parser():
     parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
                         help="processes decoding images")
     add_gpu_argument(parser)
+    add_threads_argument(parser)
     return parser
 
 
@@ -80,6 +83,7 @@ def run_check(args):
     dataset = load_dataset(args.data_dir, parse_fractions(args.split), args.split_from)
     if args.folds < 2:
         raise UserError(f"--folds {args.folds}: the out-of-fold predictions need at least 2")
+    use_threads(args.threads)
     backbone = build_backbone(args.arch)
     if not backbone.pretrained:
         raise UserError(f"--arch {args.arch} has no pretrained features to compare; use "

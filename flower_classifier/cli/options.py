@@ -12,6 +12,12 @@ from contextlib import contextmanager
 
 from flower_classifier.utils.console import warn
 from flower_classifier.utils.errors import UserError
+from flower_classifier.utils.threads import (
+    THREADS_VARIABLE,
+    ThreadPolicy,
+    check_threads,
+    default_threads,
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -56,6 +62,22 @@ def add_gpu_argument(parser):
     parser.add_argument(
         "--gpu", nargs="?", const="gpu", default=None, choices=["gpu", "cuda"],
         help="use the CUDA GPU when present (default: the CPU); `--gpu gpu` is accepted too")
+
+
+def add_threads_argument(parser):
+    """`--threads N`: the CPU threads of the model (default: the cores other processes leave
+    free, read again between training epochs)."""
+    parser.add_argument(
+        "--threads", type=positive_int, default=default_threads(), metavar="N",
+        help="CPU threads the model uses (default: the cores no other process is busy on, read "
+        "at the start and again after each training epoch, shared among torchrun's processes; "
+        f"${THREADS_VARIABLE} sets another default)")
+
+
+def use_threads(threads):
+    """The --threads value applied now (a fixed count, or the free cores); returns the count.
+    More threads than cores is a warning."""
+    return ThreadPolicy(check_threads(threads)).apply()
 
 
 def select_device(use_gpu):

@@ -11,10 +11,12 @@ from pathlib import Path
 from flower_classifier.cli.options import (
     HelpFormatter,
     add_gpu_argument,
+    add_threads_argument,
     category_names_from_flag,
     non_negative_int,
     positive_int,
     select_device,
+    use_threads,
     similarity,
 )
 from flower_classifier.cli.runner import run_cli
@@ -45,6 +47,7 @@ def get_args_parser():
                         help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
                         "(default: show the folder names)")
     add_gpu_argument(parser)
+    add_threads_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per image "
                         "(path, classes, names, probabilities, and known: false for an image of "
                         "none of the classes; known is left out when the checkpoint has no "
@@ -160,6 +163,7 @@ def main(args):
         if args.output is None and distributed.world_size() > 1:
             raise UserError("under torchrun every process takes a share of the images: add "
                             "--output preds.jsonl")
+        use_threads(args.threads)
         predictor = Predictor(checkpoint, device, category_names, args.engine)
         set_unknown_threshold(predictor, checkpoint, args.no_unknown, args.unknown_threshold)
         if args.top_k > len(predictor.classes):

@@ -9,10 +9,12 @@ import uvicorn
 from flower_classifier.cli.options import (
     HelpFormatter,
     add_gpu_argument,
+    add_threads_argument,
     category_names_from_flag,
     positive_float,
     positive_int,
     select_device,
+    use_threads,
 )
 from flower_classifier.cli.runner import run_cli
 from flower_classifier.inference.predictor import Predictor
@@ -46,6 +48,7 @@ def get_args_parser():
                         help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
                         "(default: show the folder names)")
     add_gpu_argument(parser)
+    add_threads_argument(parser)
     parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
                         help="what runs the backbone: auto takes OpenVINO on the CPU where it is "
                         "installed (the server is one long job), else torch")
@@ -93,6 +96,7 @@ def config_from_args(args):
 def main(args):
     config = config_from_args(args)
     limit_malloc_arenas()
+    use_threads(args.threads)
     predictor = Predictor(args.checkpoint, select_device(args.gpu),
                           category_names_from_flag(args.category_names), args.engine)
     app = create_app(warm_up(predictor, config.max_batch), config)

@@ -9,12 +9,14 @@ from pathlib import Path
 from flower_classifier.cli.options import (
     HelpFormatter,
     add_gpu_argument,
+    add_threads_argument,
     category_names_from_flag,
     non_negative_int,
     positive_float,
     positive_int,
     probability,
     select_device,
+    use_threads,
 )
 from flower_classifier.cli.runner import run_cli
 from flower_classifier.data.loading import default_workers
@@ -92,8 +94,10 @@ def get_args_parser():
                         help="images per training step (per process under torchrun; "
                         f"{arch_default('batch_size')})")
     add_gpu_argument(parser)
-    parser.add_argument("--seed", type=int, default=family_default("seed"), help="random seed: the same seed on the "
-                        "CPU gives the same weights")
+    add_threads_argument(parser)
+    parser.add_argument("--seed", type=int, default=family_default("seed"),
+                        help="random seed: the same seed and --threads on the CPU give the same "
+                        "weights")
     parser.add_argument("--mirror", choices=MIRROR_CHOICES, default=family_default("mirror"),
                         help="average each image's features with those of its mirror image: "
                         "'predict' for valid/, test/ and predictions, 'all' for train/ too "
@@ -211,6 +215,7 @@ def main(args):
     distributed.init_distributed(device)
     try:
         config, resumed = config_from_args(args)
+        use_threads(config.threads)
         return train(config, device, resumed)
     finally:
         distributed.close_distributed()

@@ -82,6 +82,7 @@ class TrainConfig:
     engine: str = "auto"
     strict: bool = False
     compile: bool = False
+    threads: int | None = None  # CPU threads; None: the free cores, read again each epoch
 
     def resolved(self, from_scratch, default_stages=0):
         """This config with the defaults left at None filled in: train_stages with

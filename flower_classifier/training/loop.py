@@ -29,6 +29,7 @@ from flower_classifier.utils import distributed
 from flower_classifier.utils.console import log, warn
 from flower_classifier.utils.errors import UserError, error_reason
 from flower_classifier.utils.files import atomic_write
+from flower_classifier.utils.threads import ThreadPolicy
 
 CURVES_NAME = "training_curves.png"
 # Everything a run writes in its save folder.
@@ -158,6 +159,9 @@ class Trainer:
         self.unsaved_state = None  # a train state dict, or its bytes, not yet written
         self.saved_at = time.monotonic()
         self.earlier_run_kept = False  # a resumed run continues its own files
+        # On the CPU the threads follow the free cores, read again after each epoch.
+        self.threads = (ThreadPolicy(task.threads or config.threads) if device.type == "cpu"
+                        else None)
 
     def checkpoint(self, best, calibration=None):
         """The checkpoint of the weights `best` (ImageClassifier.trained_weights() with epoch
@@ -178,8 +182,12 @@ class Trainer:
         """All epochs. On Ctrl-C or SIGTERM, save what the finished epochs left unsaved, say
         where the best head so far is, then re-raise; on any other error, save it too."""
         try:
+            if self.threads:
+                self.threads.apply()
             for epoch in range(self.start_epoch, self.config.epochs + 1):
                 self.run_epoch(epoch)
+                if self.threads:
+                    self.threads.after()
         except Exception:
             if distributed.is_main():
                 with contextlib.suppress(Exception):  # the first error is the one to report

@@ -23,11 +23,7 @@ def init_distributed(device):
         return dist.is_initialized()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=(
         device if device.type == "cuda" else None))
-    if device.type == "cpu":
-        # The processes on one machine share its cores instead of each taking all of them.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return True
+    return True  # the processes on one machine share its cores: utils.threads
 
 
 def end_with_launcher():
@@ -39,6 +35,12 @@ def end_with_launcher():
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() == 1:  # the launcher died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def per_process(batch_size):
+    """Each process's share of a batch: --batch_size is the global batch, so N processes take
+    the steps one process takes, each step averaging N shares' gradients (DDP)."""
+    return max(1, batch_size // world_size())
 
 
 def rank():

@@ -28,10 +28,12 @@ class Task:
     extracted: how many images went through the backbone to build the task (for the log).
     split_features: {split: (features, ok)} of every image, what the data check compares;
         None where the backbone trains and features are not fixed.
+    threads: the CPU threads its training steps take whatever --threads says, or None.
     """
     model: torch.nn.Module
     extracted: int = 0
     split_features = None
+    threads: int | None = None  # the CPU threads its steps want, None: the free cores
 
     def train_batches(self, epoch):
         """This rank's training batches for one epoch: (inputs on the device, labels on the

@@ -89,7 +89,8 @@ class FeatureTask(Task):
     eval_batch_size = 1024
 
     def __init__(self, config, classifier, device, cached):
-        self.data, self.batch_size, self.device = cached.data, config.batch_size, device
+        self.data, self.device = cached.data, device
+        self.batch_size = distributed.per_process(config.batch_size)
         self.extracted, self.kept_paths = cached.extracted, cached.kept_paths
         self.split_features = cached.split_features
         self.model = classifier.head
@@ -97,7 +98,7 @@ class FeatureTask(Task):
             # The head's small matrix products gain nothing from a second thread, and lose
             # much when another process holds a core: one epoch took 2.3 s on one thread and
             # 7-46 s on two, on the 2-core machine with other work running.
-            torch.set_num_threads(1)
+            self.threads = 1
             # Epochs slowed from 0.30 to 0.36 s as training went on, on values decaying into
             # denormal floats; flushed to zero, all 50 stay at 0.30 s, with the same losses.
             # (Process-wide from here on, in this thread: calibration and reports too.)
@@ -154,7 +155,7 @@ class StageTask(FeatureTask):
         self.kept_paths = cached.kept_paths
         self.split_features = cached.split_features
         self.flip_maps = config.mirror != "off"
-        self.batch_size, self.device = config.batch_size, device
+        self.batch_size, self.device = distributed.per_process(config.batch_size), device
         classifier.train_stages(config.train_stages)
         self.model = StageModel(fold_batch_norms(top) if config.fold_norms else top,
                                 classifier.head)

@@ -43,7 +43,7 @@ class ImageTask(Task):
     def __init__(self, config, classifier, device, splits):
         backbone = classifier.backbone_spec
         self.device, self.splits = device, splits
-        self.batch_size, self.workers = config.batch_size, config.workers
+        self.batch_size, self.workers = distributed.per_process(config.batch_size), config.workers
         self.model = classifier
         classifier.unfreeze(config.finetune_layers)
         self.crop = backbone.preprocess.crop
@@ -112,7 +112,8 @@ class ScratchTask(Task):
         size = small_images.input_size(splits["train"].paths)
         backbone = classifier.backbone_spec
         backbone.preprocess = Preprocess(size, size, scratch_cnn.MEAN, scratch_cnn.STD)
-        self.preprocess, self.batch_size, self.device = backbone.preprocess, config.batch_size, device
+        self.preprocess, self.device = backbone.preprocess, device
+        self.batch_size = distributed.per_process(config.batch_size)
         self.data, ok_masks, self.kept_paths = {}, {}, {}
         for name, split in splits.items():
             images, ok_masks[name] = small_images.decode_images(split.paths, size)
