@@ -5,8 +5,9 @@ fixed at every core (what train.py did before).
     python benchmarks/cpu_conditions.py ../shared/data/flowers102
     python benchmarks/cpu_conditions.py ../shared/data/flowers102 --cpus avx2 --epochs 3
 
-Each row is one warm train.py run (the activations come from a cache the first run fills), its
-epochs' seconds read from the log, the first epoch left out (it warms oneDNN up). CPU classes
+Each figure is one warm train.py run (the activations come from a cache that a first run of each
+CPU class fills: bf16 and f32 activations are cached apart), its epochs' seconds read from the
+log, the first epoch left out (it warms oneDNN up). CPU classes
 are simulated on this machine before torch is imported (benchmarks/as_cpu.py):
   native   as the machine is (bf16 where it has AVX512-BF16 or AMX)
   avx512   AVX-512 without bf16: oneDNN capped at AVX512_CORE_VNNI, training in float32
@@ -71,10 +72,11 @@ class BusyCore:
 def main(args):
     with tempfile.TemporaryDirectory() as scratch:
         cache = Path(args.cache_dir or Path(scratch) / "cache")
-        epoch_seconds(args.cpus[0], args.data_dir, cache, 1, None)  # fills the cache
         print(f"{'CPU':8} {'idle':>8} {'busy, all cores':>16} {'busy, free cores':>17}"
               f"  ratios to idle")
         for cpu in args.cpus:
+            # The cache is keyed by the engine's precision: each CPU class fills its own once.
+            epoch_seconds(cpu, args.data_dir, cache, 1, None)
             idle = epoch_seconds(cpu, args.data_dir, cache, args.epochs, None)
             with BusyCore():
                 fixed = epoch_seconds(cpu, args.data_dir, cache, args.epochs, 2)
