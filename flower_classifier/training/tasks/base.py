@@ -25,12 +25,14 @@ class Task:
 
     model: the module that trains and is evaluated (the head, or the whole classifier); the
         batches feed it.
-    extracted: how many images went through the backbone to build the task (for the log).
+    extracted: how many images went through the backbone to build the task (for the log);
+    requested: how many were asked for, from the cache or the backbone.
     split_features: {split: (features, ok)} of every image, what the data check compares;
         None where the backbone trains and features are not fixed.
     """
     model: torch.nn.Module
     extracted: int = 0
+    requested: int = 0
     split_features = None
 
     def train_batches(self, epoch):
