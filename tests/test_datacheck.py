@@ -93,10 +93,21 @@ def test_fix_writes_a_cleaned_manifest_and_leaves_the_files(messy, checked):
     result, out, _ = checked
     manifest = read_manifest(out / "cleaned_manifest.json")
     listed = {entry["path"] for entry in manifest["files"]}
-    for name in ("original", "copy_in_class", "copy_in_other_class", "unreadable"):
-        assert planted[name] not in listed            # class in doubt, or unreadable
+    for name in planted:
         assert (folder / planted[name]).exists()      # never deleted
+    # One copy of the photo filed three times stays: one filed under class 1, as 2 of its 3
+    # copies are; the copy filed under 2 and the unreadable file are left out.
+    assert len(listed & {planted["original"], planted["copy_in_class"]}) == 1
+    for name in ("copy_in_other_class", "unreadable"):
+        assert planted[name] not in listed
     assert planted["tiny"] in listed                  # tiny: reported, kept
+    dropped = {relative(entry, folder): entry["reason"]
+               for entry in json.loads((out / "fix_dropped.json").read_text())}
+    assert dropped[planted["copy_in_other_class"]].endswith(
+        "filed under 1 (2 of 3 copies)")
+    assert dropped[planted["unreadable"]] == "unreadable"
+    assert "left out of the cleaned manifest" in result.stdout
+    assert f"{folder / planted['copy_in_other_class']}: copy of " in result.stdout
     class_to_idx, found = manifest_splits(manifest, folder)
     assert list(class_to_idx) == sorted(CLASSES)
     assert sum(len(split.paths) for split in found.values()) == len(listed)
@@ -175,6 +186,25 @@ def test_the_fingerprint_changes_with_a_label_a_feature_or_a_file(tmp_path):
     assert fingerprint(ok=torch.tensor([True, False])) != first
     paths[1].write_bytes(b"another photo")
     assert fingerprint() != first
+
+
+def test_fix_keeps_one_copy_of_a_duplicate_in_the_class_most_copies_agree_with():
+    def entry(path, name, split="train"):
+        return {"path": path, "class": name, "split": split}
+
+    report = {"unreadable": [], "near_duplicates": [], "mislabelled": [], "exact_duplicates": [
+        {"kinds": ["across_classes"],  # 2 of 3 copies in b: one of them stays, in train/
+         "files": [entry("d/a/1.jpg", "a"), entry("d/b/2.jpg", "b", "valid"),
+                   entry("d/b/3.jpg", "b")]},
+        {"kinds": ["across_classes"],  # a tie: the first copy by path stays
+         "files": [entry("d/y/5.jpg", "y"), entry("d/x/4.jpg", "x")]},
+        {"kinds": ["within_class"],
+         "files": [entry("d/a/7.jpg", "a", "test"), entry("d/a/6.jpg", "a", "valid")]}]}
+    dropped = cleaning.files_to_drop(report)
+    assert set(dropped) == {"d/a/1.jpg", "d/b/2.jpg", "d/y/5.jpg", "d/a/7.jpg"}
+    assert dropped["d/a/1.jpg"] == ("copy of d/b/3.jpg filed under class a; the copy kept is "
+                                    "filed under b (2 of 3 copies)")
+    assert dropped["d/b/2.jpg"] == "exact duplicate of d/b/3.jpg, which is kept"
 
 
 def test_check_data_user_errors(tmp_path):
@@ -266,5 +296,5 @@ def test_cleaned_manifest_drops_leaks_and_keeps_one_copy(tmp_path):
     cleaned, dropped = cleaning.cleaned_manifest(manifest, tmp_path, report)
     assert [(e["split"], e["path"]) for e in cleaned["files"]] == [("train", "a/x.jpg"),
                                                                   ("train", "a/y.jpg")]
-    assert set(dropped.values()) == {"exact duplicate",
+    assert set(dropped.values()) == {f"exact duplicate of {tmp_path}/train/a/x.jpg, which is kept",
                                      "near-duplicate of a photo in another split"}

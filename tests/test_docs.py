@@ -163,3 +163,38 @@ def test_links_between_pages_lead_somewhere(page):
         if anchor:
             assert anchor in anchors(linked), (f"{page} links to {target}, but {file_part or page}"
                                                " has no such heading")
+
+
+def bold_mean(text, row_start):
+    """The bold mean ("**97.61 ± 0.42%**" or "**96.35%**", the row's last bold figure) of the
+    benchmarks table row that starts with row_start, as a Decimal."""
+    from decimal import Decimal
+
+    rows = [line for line in text.splitlines() if line.startswith(row_start)]
+    assert rows, f"benchmarks/README.md has no row starting {row_start!r}"
+    return [Decimal(figure) for figure in re.findall(r"\*\*(\d+\.\d+)(?: ± [\d.]+)?%\*\*",
+                                                     rows[-1])][-1]
+
+
+def test_quoted_figures_agree_with_benchmarks_readme():
+    """The head alone's accuracy gap and the checkpoint's size, wherever the pages quote them,
+    are the figures benchmarks/README.md measured: the gap from its tables (the default's mean
+    over both seeds' folds against the head alone's default), the size from its sentence."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    benchmarks = (PROJECT / "benchmarks/README.md").read_text()
+    default = "| **stages, 12 epochs, lr 3e-4, batch norms folded: the default** |"
+    seeds = [bold_mean(table, default) for table in benchmarks.split("| `--seed 1` folds |")]
+    head_alone = bold_mean(benchmarks, "| **40 epochs, batch 128, lr 0.002: the head alone's")
+    gap = ((sum(seeds) / 2) - head_alone).quantize(Decimal("0.01"), ROUND_HALF_UP)
+    assert gap == Decimal("1.25")
+    quotes = {}
+    for page in PAGES:
+        text = (PROJECT / page).read_text()
+        for figure in re.findall(r"(\d+\.\d+)\s+points\s+(?:less accurate|above the head "
+                                 r"alone)", text):
+            quotes.setdefault(figure, []).append(page)
+    assert set(quotes) == {str(gap)}, quotes
+    assert {"README.md", "docs/train.md"} <= set(quotes[str(gap)])
+    size = re.search(r"The checkpoint is (\d+\.\d+) MB", benchmarks).group(1)
+    assert f"it is {size} MB" in (PROJECT / "docs/data.md").read_text()

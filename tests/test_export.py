@@ -344,3 +344,19 @@ def test_default_output_is_beside_the_checkpoint():
         "runs/checkpoint.mlpackage")
     assert output_paths("c.pth", "torchscript", "out/model.v2.pt") == (
         Path("out/model.v2.pt"), Path("out/model.v2.json"))
+
+
+def test_quiet_stderr_drops_executorchs_noise_and_keeps_real_errors(capfd):
+    """ExecuTorch's XNNPACK CPU probe writes five lines from C++ (file descriptor 2) and torch
+    logs a register_constant() deprecation on importing its backend: dropped; anything else
+    written there, from C or Python, is kept."""
+    from flower_classifier.export.formats import quiet_stderr
+
+    with quiet_stderr():
+        os.write(2, b"[cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version\n")
+        os.write(2, b"E00:00:00.000 a real error from the runtime\n")
+        print("W1206 _pytree.py:630] <enum 'KernelPreference'> is an Enum subclass ... "
+              "Calling register_constant() on Enum subclasses is deprecated", file=sys.stderr)
+        print("a Python warning that matters", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert err == "E00:00:00.000 a real error from the runtime\na Python warning that matters\n"

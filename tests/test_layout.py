@@ -4,7 +4,6 @@ imports inside functions count too); benchmarks import no command script; no mod
 another; modules and functions stay small."""
 import ast
 import tomllib
-from pathlib import Path
 
 import pytest
 from conftest import PROJECT

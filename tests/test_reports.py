@@ -198,3 +198,77 @@ def test_plot_mistakes(tmp_path):
     assert not (tmp_path / "none.png").exists()
     with pytest.raises(ValueError, match="do not match"):
         contact_sheets.plot_mistakes(photos, [0, 0], probabilities, ["rose", "tulip"], path)
+
+
+def test_training_curves_mark_the_checkpoints_best_epoch_on_a_tie(tmp_path, monkeypatch):
+    """Epochs 2 and 3 tie on accuracy; 3 has the lower loss, so the Trainer keeps epoch 3
+    (plots.epoch_rank) and the plot marks epoch 3, not the earliest maximum. The accuracy axis
+    ends at 100%."""
+    rows = [{"epoch": epoch, "train_loss": 1.0, "valid_loss": loss, "valid_accuracy": accuracy,
+             "seconds": 1.0} for epoch, loss, accuracy in [(1, 0.9, 0.9), (2, 0.5, 1.0),
+                                                           (3, 0.4, 1.0)]]
+    assert plots.best_epoch(rows) == 3
+    assert plots.best_epoch(rows[:2] + [{**rows[2], "valid_loss": 0.5}]) == 2   # full tie
+    figures = []
+    monkeypatch.setattr(plots, "_save_figure", lambda figure, path, dpi=None: figures.append(
+        figure))
+    plots.plot_training_curves(rows, tmp_path / "curves.png")
+    accuracy_axes = figures[0].axes[1]
+    labels = [text.get_text() for text in accuracy_axes.texts]
+    assert labels == ["best: 100.0% (epoch 3)"]
+    assert accuracy_axes.get_ylim()[1] == 100.0
+
+
+def drawn_texts(monkeypatch):
+    """Every text a contact sheet draws, in order (PIL's ImageDraw.text, recorded)."""
+    from PIL import ImageDraw
+
+    texts, draw_text = [], ImageDraw.ImageDraw.text
+
+    def record(self, xy, text, *args, **kwargs):
+        texts.append(text)
+        return draw_text(self, xy, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", record)
+    return texts
+
+
+def test_contact_sheet_cuts_the_path_not_the_label_and_explains_the_numbers(tmp_path,
+                                                                           monkeypatch):
+    photo = tmp_path / "a_very_long_folder_name_for_photos" / "image_06734_of_the_flowers.jpg"
+    photo.parent.mkdir()
+    Image.new("RGB", (200, 150), "red").save(photo)
+    texts = drawn_texts(monkeypatch)
+    contact_sheets.contact_sheet(
+        [(photo, ["filed: 96 (0.00)", "suggested: canterbury bells (1.00)", str(photo)])],
+        tmp_path / "sheet.png", "likely mislabelled", legend="filed: the folder's class")
+    title, legend, filed, suggested, path = texts
+    assert (title, legend, filed) == ("likely mislabelled", "filed: the folder's class",
+                                      "filed: 96 (0.00)")
+    assert suggested == "suggested: canterbury bells (1.00)"   # the cell widens: whole
+    assert path.startswith("...") and path.endswith("_of_the_flowers.jpg")
+    from PIL import ImageDraw, ImageFont
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (10, 10))), ImageFont.load_default(size=11)
+    long_label = "suggested: giant white arum lily and more words (0.97)"
+    cut = contact_sheets.fit_text(draw, long_label, font, 158, cut="right")
+    assert cut.startswith("suggested: giant") and cut.endswith("... (0.97)")
+    assert draw.textlength(cut, font=font) <= 158
+
+
+def test_the_mistakes_and_data_check_sheets_have_a_legend_and_names(tmp_path, monkeypatch):
+    from flower_classifier.datacheck.report import SHEET_LEGENDS, sheet_items
+
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (200, 150), "red").save(photo)
+    texts = drawn_texts(monkeypatch)
+    contact_sheets.plot_mistakes([photo], [0], np.array([[0.2, 0.8]]), ["rose", "tulip"],
+                                 tmp_path / "mistakes.png")
+    assert texts[1] == contact_sheets.MISTAKES_LEGEND and "probability" in texts[1]
+    report = {"exact_duplicates": [], "near_duplicates": [], "tiny": [], "unreadable": [],
+              "mislabelled": [{"path": str(photo), "class": "96", "self_confidence": 0.0,
+                               "suggested": "97", "suggested_probability": 1.0}]}
+    assert sheet_items(report, {"96": "camellia", "97": "clematis"})["mislabelled"][0][1][:2] \
+        == ["filed: camellia (0.00)", "suggested: clematis (1.00)"]
+    assert sheet_items(report)["mislabelled"][0][1][0] == "filed: 96 (0.00)"
+    assert "r: the correlation" in SHEET_LEGENDS["near_duplicates"]

@@ -445,3 +445,32 @@ def test_a_timed_out_requests_share_is_given_back_and_takes_no_more():
     with pytest.raises(BadRequest) as refused:
         share.take(1000)
     assert refused.value.status == 503 and budget.used == 0
+
+
+@pytest.mark.parametrize("size_mb", [30, 3])
+def test_urllib_posting_over_the_limit_reads_the_413(start, size_mb):
+    """urllib.request sends the whole body before it reads: over --max_upload_mb (by the
+    Content-Length alone, or by a body a bit over) it must read the JSON 413, not a reset."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    server = start("--max_upload_mb", 2)
+    request = urllib.request.Request(f"{server.url}/predict", data=b"\xff" * size_mb * 1_000_000,
+                                     headers={"Content-Type": "image/jpeg"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=GOOD_TIMEOUT)
+    assert refused.value.code == 413
+    assert "2 MB limit" in json.loads(refused.value.read())["error"]
+
+
+def test_a_boundary_over_70_characters_is_a_400_naming_it(start, photo):
+    server = start()
+    boundary = "b" * 300
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\""
+            f"\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+    answer = server.client.post("/predict", content=body, headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert answer.status_code == 400
+    assert "boundary is 300 characters long" in answer.json()["error"]
+    assert "70" in answer.json()["error"]

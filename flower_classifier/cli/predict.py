@@ -45,7 +45,8 @@ def get_args_parser():
                         help="how many of the most likely classes to show")
     parser.add_argument("--category_names", default=None,
                         help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
-                        "(default: show the folder names)")
+                        "(default: the names the checkpoint kept from training, else the folder "
+                        "names)")
     add_gpu_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per image "

@@ -46,7 +46,8 @@ def get_args_parser():
                         help="classes per answer when a request does not say (?top_k=)")
     parser.add_argument("--category_names", default=None,
                         help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
-                        "(default: show the folder names)")
+                        "(default: the names the checkpoint kept from training, else the folder "
+                        "names)")
     add_gpu_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,

@@ -43,6 +43,7 @@ from flower_classifier.training.run import train
 from flower_classifier.utils import distributed
 from flower_classifier.utils.console import log, warn
 from flower_classifier.utils.errors import UserError
+from flower_classifier.utils.files import new_run_folder
 
 
 def arch_default(name):
@@ -57,6 +58,9 @@ def arch_default(name):
     return f"{default}, with --arch {SCRATCH_ARCH} {family_default(name, 'scratch')}"
 
 
+DEFAULT_SAVE_DIR = "runs/train"  # then runs/train2, runs/train3, ...
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Train an image classifier: a head on a frozen pretrained backbone, or with "
@@ -66,8 +70,9 @@ def get_args_parser():
                         "each holding one folder of images per class; or one folder of class "
                         "folders, split automatically (--split)")
     parser.add_argument("--save_dir", default=None, help="where checkpoint.pth and the reports go "
-                        "(created if missing; default: the current folder, or with --resume the "
-                        "resumed run's folder)")
+                        f"(created if missing; default: a new {DEFAULT_SAVE_DIR}, "
+                        f"{DEFAULT_SAVE_DIR}2, ... per run, or with --resume the resumed run's "
+                        "folder)")
     parser.add_argument("--arch", default=DEFAULT_ARCH, choices=list(BACKBONES), metavar="ARCH",
                         help=f"backbone: {DEFAULT_ARCH} is bundled and works offline; "
                         f"{SCRATCH_ARCH} is a small CNN for small images (such as CIFAR-10), "
@@ -112,8 +117,8 @@ def get_args_parser():
                         help="randomly augmented views of each training image, extracted once; "
                         "each epoch trains on one of them or the original")
     parser.add_argument("--category_names", default=None, help="JSON file mapping class folder "
-                        "names to names for the test report (default: data_dir/cat_to_name.json "
-                        "when present)")
+                        "names to names, kept in the checkpoint and shown in the reports (default: "
+                        "data_dir/cat_to_name.json when present)")
     parser.add_argument("--cache_dir", default=str(default_cache_dir()),
                         help="where backbone features are cached between runs")
     parser.add_argument("--no_cache", action="store_true", help="neither read nor write the "
@@ -202,9 +207,12 @@ def config_from_args(args):
     values = {item.name: getattr(args, item.name) for item in fields(TrainConfig)}
     values["cache_dir"] = None if args.no_cache else args.cache_dir
     values["split"] = tuple(parse_fractions(args.split).values())
-    if args.save_dir is None:
-        resumed_dir = Path(args.resume) if args.resume else Path(".")
+    if args.save_dir is None and args.resume:
+        resumed_dir = Path(args.resume)
         values["save_dir"] = resumed_dir if resumed_dir.is_dir() else resumed_dir.parent
+    elif args.save_dir is None:  # every rank saves in the folder rank 0 picked
+        values["save_dir"] = distributed.gather_objects(
+            new_run_folder(DEFAULT_SAVE_DIR) if distributed.is_main() else None)[0]
     category_names_from_flag(args.category_names)  # a bad file fails now, naming the fix
     resumed = resumed_run(args, values) if args.resume else None
     return TrainConfig(**values), resumed

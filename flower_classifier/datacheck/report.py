@@ -34,6 +34,16 @@ SHEETS_FOLDER = "data_check"
 TINY_SIDE = 64         # shorter side in pixels below which an image is reported as tiny
 SHEET_LIMIT = 60       # thumbnails per contact sheet, worst first
 RULES_VERSION = 1      # in the report's fingerprint: bump it when what the check finds changes
+SHEET_LEGENDS = {      # under each contact sheet's title: what its captions' numbers mean
+    "exact_duplicates": "#n: the group (its copies follow each other), then the split each "
+                        "copy is in",
+    "near_duplicates": "#n: the pair; r: the correlation of the two small greyscale thumbnails "
+                       "(1.000 = the same picture), then the split",
+    "mislabelled": "filed: the class folder it is in (the probability the check gives that "
+                   "class); suggested: the class it looks like (its probability)",
+    "tiny": "width x height in pixels",
+    "unreadable": "files that cannot be decoded as images",
+}
 
 
 def class_counts(rows, classes):
@@ -48,19 +58,22 @@ def class_counts(rows, classes):
 
 
 def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
-                  near_threshold=NEAR_THRESHOLD, tiny_side=TINY_SIDE, folds=FOLDS, seed=0):
+                  near_threshold=NEAR_THRESHOLD, tiny_side=TINY_SIDE, folds=FOLDS, seed=0,
+                  class_names=None):
     """The data check of splits ({name: data.folders.Split}) with features ({name: (features, ok)},
     as split_features returns). cache_dir: the feature cache's folder, where the thumbnails are
     kept too (None: computed each time). With save_dir, data_report.json and the contact sheets
     are written there; a report already there from the same files, features and settings is
-    returned as it is (a rerun on unchanged data checks nothing again). Returns the report (a
-    JSON-ready dict)."""
+    returned as it is (a rerun on unchanged data checks nothing again). class_names: {folder
+    name: display name} for the contact sheets' captions (in the fingerprint: sheets drawn with
+    other names are drawn again). Returns the report (a JSON-ready dict)."""
     started = time.perf_counter()
     settings = {"near_threshold": near_threshold, "edge_threshold": EDGE_THRESHOLD,
                 "tiny_side": tiny_side, "folds": folds, "seed": seed,
                 "mislabel_rule": "confident learning on out-of-fold predictions of a ridge "
                 "classifier on the features"}
-    fingerprint = report_fingerprint(class_to_idx, splits, features, settings)
+    fingerprint = report_fingerprint(class_to_idx, splits, features, {
+        **settings, **({"class_names": class_names} if class_names else {})})
     if save_dir is not None and (kept := kept_report(save_dir, fingerprint)):
         return {**kept, "kept": True}
     classes = list(class_to_idx)
@@ -81,7 +94,7 @@ def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
     }
     report["seconds"] = round(time.perf_counter() - started, 2)
     if save_dir is not None:
-        save_report(report, save_dir)
+        save_report(report, save_dir, class_names)
     return report
 
 
@@ -113,26 +126,30 @@ def kept_report(save_dir, fingerprint):
     return report if sheets_there else None
 
 
-def save_report(report, save_dir):
-    """data_report.json and one contact sheet per non-empty finding in save_dir/data_check/."""
+def save_report(report, save_dir, class_names=None):
+    """data_report.json and one contact sheet per non-empty finding in save_dir/data_check/;
+    class_names ({folder name: display name}) names the classes on the sheets."""
     save_dir = Path(save_dir)
     with contextlib.suppress(OSError):  # an earlier report never meets new sheets (unwritable:
         (save_dir / REPORT_NAME).unlink(missing_ok=True)  # write_json below says so)
     report["sheets"] = {}
-    for finding, items in sheet_items(report).items():
+    for finding, items in sheet_items(report, class_names).items():
         if items:
             path = save_dir / SHEETS_FOLDER / f"{finding}.png"
             contact_sheet(items[:SHEET_LIMIT], path,
                           f"{finding.replace('_', ' ')}: {len(report[finding])} found"
                           + (f"; the first {SHEET_LIMIT} of their {len(items)} images shown"
-                             if len(items) > SHEET_LIMIT else ""))
+                             if len(items) > SHEET_LIMIT else ""),
+                          legend=SHEET_LEGENDS[finding])
             report["sheets"][finding] = str(path)
     write_json(report, save_dir / REPORT_NAME)
 
 
-def sheet_items(report):
+def sheet_items(report, class_names=None):
     """{finding: [(image path, caption lines)]}: the images a person should look at, worst first;
-    members of a group follow each other, numbered by group."""
+    members of a group follow each other, numbered by group. Classes show their display names
+    where class_names ({folder name: display name}) has one."""
+    name = (class_names or {}).get
     items = {"exact_duplicates": [], "near_duplicates": []}
     for finding in items:
         for number, group in enumerate(report[finding], 1):
@@ -142,8 +159,10 @@ def sheet_items(report):
                                                 short_path(entry["path"])])
                                for entry in group["files"]]
     items["mislabelled"] = [
-        (entry["path"], [f"filed: {entry['class']} ({entry['self_confidence']:.2f})",
-                         f"suggested: {entry['suggested']} ({entry['suggested_probability']:.2f})",
+        (entry["path"], [f"filed: {name(entry['class'], entry['class'])} "
+                         f"({entry['self_confidence']:.2f})",
+                         f"suggested: {name(entry['suggested'], entry['suggested'])} "
+                         f"({entry['suggested_probability']:.2f})",
                          short_path(entry["path"])])
         for entry in report["mislabelled"]]
     items["tiny"] = [(entry["path"], [f"{entry['width']}x{entry['height']} px",

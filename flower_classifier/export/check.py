@@ -14,7 +14,12 @@ import torch
 from flower_classifier.data.folders import list_images
 from flower_classifier.data.images import UNREADABLE_IMAGE_ERRORS, load_image
 from flower_classifier.export.app_model import app_pixels
-from flower_classifier.export.formats import EXPORT_INSTALL, INPUT_NAME, LITERT_INSTALL
+from flower_classifier.export.formats import (
+    EXPORT_INSTALL,
+    INPUT_NAME,
+    LITERT_INSTALL,
+    quiet_stderr,
+)
 from flower_classifier.inference.predictor import Predictor
 from flower_classifier.utils.errors import UserError
 
@@ -58,9 +63,10 @@ def exported_runner(path, export_format):
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda pixels: as_pair(session.run(None, {INPUT_NAME: pixels}))
     if export_format == "executorch":
-        from executorch.runtime import Runtime
+        with quiet_stderr():  # XNNPACK's CPU probe prints five lines on loading a method
+            from executorch.runtime import Runtime
 
-        forward = Runtime.get().load_program(str(path)).load_method("forward")
+            forward = Runtime.get().load_program(str(path)).load_method("forward")
         return lambda pixels: as_pair([output.numpy() for output in
                                        forward.execute([torch.from_numpy(pixels)])])
     if export_format == "tflite":

@@ -6,9 +6,13 @@ with the metadata inside where the format allows.
 Every exporter but TorchScript's is an optional install (requirements-export.txt, LiteRT in an
 environment of its own: docs/export.md).
 """
+import contextlib
 import importlib.util
 import json
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -140,18 +144,51 @@ def quantised_int8(model, pixels, calibration):
     return convert_pt2e(prepared)
 
 
+# Lines ExecuTorch writes to stderr that say nothing to a user: XNNPACK's CPU probe (C++, on
+# loading a method) and torch's deprecation of register_constant() on the Enum executorch
+# registers when its XNNPACK backend is imported.
+EXECUTORCH_NOISE = ("[cpuinfo_utils.cpp:", "register_constant() on Enum subclasses")
+
+
+@contextlib.contextmanager
+def quiet_stderr(noise=EXECUTORCH_NOISE):
+    """Around a call into an exporter's native code: what it writes to stderr (the C-level file
+    descriptor 2, Python's sys.stderr too) is held, and written after the call without the
+    lines that contain one of `noise`: real errors and warnings still show."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held, open(held.fileno(), "w", buffering=1,
+                                                 encoding="utf-8", closefd=False) as python_stderr:
+        os.dup2(held.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(python_stderr):
+                yield
+        finally:
+            python_stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines
+                                     if not any(text in line for text in noise)))
+            sys.stderr.flush()
+
+
 def export_executorch(model, pixels, path, metadata, calibration=None):
     """A .pte lowered to XNNPACK, with the metadata as constant methods (class_names,
     display_names, unknown_threshold when there is a verdict, and the whole metadata as JSON)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    with quiet_stderr():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackPartitioner,
+        )
+        from executorch.exir import to_edge_transform_and_lower
 
     constants = {"class_names": metadata["classes"], "display_names": metadata["names"],
                  "metadata_json": json.dumps(metadata)}
     if metadata["unknown_threshold"] is not None:
         constants["unknown_threshold"] = metadata["unknown_threshold"]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_stderr():
             if calibration is not None:
                 model = quantised_int8(model, pixels, calibration)
             program = to_edge_transform_and_lower(

@@ -9,6 +9,7 @@ from flower_classifier.export.formats import BATCHED, INPUT_NAME
 from flower_classifier.models.checkpoint import (
     checkpoint_arch,
     checkpoint_classes,
+    checkpoint_names,
     checkpoint_preprocess,
     checkpoint_temperature,
     optional,
@@ -30,7 +31,8 @@ def input_metadata(export_format, preprocess):
 
 def export_metadata(checkpoint, export_format, category_names=None, dtype="float32"):
     """What an app needs: classes in index order, their display names, the input it feeds, the
-    outputs' meaning and the unknown verdict's threshold."""
+    outputs' meaning and the unknown verdict's threshold. Names: category_names where given,
+    else the checkpoint's own (models.checkpoint.checkpoint_names)."""
     classes = checkpoint_classes(checkpoint)
     verdict = unknown_verdict(checkpoint)
     outputs = {PROBABILITIES: f"[N, {len(classes)}] calibrated class probabilities, classes in "
@@ -44,7 +46,7 @@ def export_metadata(checkpoint, export_format, category_names=None, dtype="float
                    **({SIMILARITY: outputs[SIMILARITY]} if verdict else {})}
     return {
         "classes": classes,
-        "names": display_names(classes, category_names or {}),
+        "names": display_names(classes, checkpoint_names(checkpoint, category_names)),
         "input": input_metadata(export_format, checkpoint_preprocess(checkpoint)),
         "outputs": outputs,
         "output_names": list(outputs) if export_format == "coreml" else output_names(checkpoint),

@@ -25,6 +25,7 @@ from flower_classifier.models.calibration import nearest_similarity
 from flower_classifier.models.checkpoint import (
     backbone_weights,
     checkpoint_classes,
+    checkpoint_names,
     checkpoint_preprocess,
     checkpoint_temperature,
     head_from_checkpoint,
@@ -105,7 +106,8 @@ class Predictor:
         self.head = head_from_checkpoint(self.checkpoint).to(device)
         self.classes = checkpoint_classes(self.checkpoint)
         check_category_names(category_names or {}, self.classes)
-        self.names = display_names(self.classes, category_names or {})
+        self.names = display_names(self.classes, checkpoint_names(self.checkpoint,
+                                                                  category_names))
         self.preprocess = checkpoint_preprocess(self.checkpoint)
         self.transform = eval_transform(self.preprocess)
         self.weights = weights_key(*backbone_weights(self.checkpoint))

@@ -32,9 +32,11 @@ CHECKPOINT_KEYS = ("format_version", "arch", "backbone", "head", "head_state", "
 # averaged with the mirror image's, logits divided by a temperature, and the unknown verdict's
 # class means (float16 [C, D]) and cosine-similarity threshold (None: no verdict); (issue 20)
 # the record of an automatic split of one folder (None: a train/valid/test layout); and with
-# --train_stages (issue 22) the trained stages' weights, on top of the pretrained backbone's.
+# --train_stages (issue 22) the trained stages' weights, on top of the pretrained backbone's;
+# (issue 32) the display names given at training, {folder name: name} (None: none were given).
 OPTIONAL_KEYS = {"mirror": False, "temperature": 1.0, "class_means": None,
-                 "unknown_threshold": None, "split": None, "stages_state": None}
+                 "unknown_threshold": None, "split": None, "stages_state": None,
+                 "class_names": None}
 
 
 def make_checkpoint(backbone, class_to_idx, head_spec, weights, **extra):
@@ -164,6 +166,12 @@ def checkpoint_classes(checkpoint):
     """The class folder names in output index order."""
     class_to_idx = checkpoint["class_to_idx"]
     return sorted(class_to_idx, key=class_to_idx.get)
+
+
+def checkpoint_names(checkpoint, category_names=None):
+    """{class folder name: display name}: category_names where given (a --category_names file
+    overrides), else the names the checkpoint keeps from training, else {} (folder names)."""
+    return dict(category_names or optional(checkpoint, "class_names") or {})
 
 
 def optional(checkpoint, key):

@@ -96,7 +96,8 @@ class FeatureExtractor:
     """Features of image files through a frozen backbone, from the cache where possible.
 
     Under torchrun each rank computes its share of the missing images and all ranks get all
-    features. `computed` counts the images that all ranks together ran through the backbone.
+    features. `computed` counts the images that all ranks together ran through the backbone,
+    `requested` the images asked for (from the cache or computed).
     engine and images (the job's size) pick the engine: see engines.compile_backbone.
     bottom: models.stages' bottom of the backbone, to keep the activations that enter its last
     `trained_stages` stages instead of the features; with mirror, the image's and its mirror
@@ -116,7 +117,7 @@ class FeatureExtractor:
         self.spec, self.device, self.batch_size = backbone, device, batch_size
         self.workers = default_workers() if workers is None else workers
         self.cache = FeatureCache(cache_dir) if cache_dir else None
-        self.computed = 0
+        self.computed = self.requested = 0
 
     def features(self, root, paths, transform, seeds=None, view="eval", description="features",
                  mirror=False):
@@ -129,6 +130,7 @@ class FeatureExtractor:
                        + (["mirror-averaged"] if mirror else [])
                        + ([self.output] if self.output != "features" else []))
         stamps = file_stamps(paths)
+        self.requested += len(paths)
         cached = self.cache.load(key) if self.cache else {}
         rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
         missing = [index for index, row in enumerate(rows) if row is None]
@@ -183,6 +185,17 @@ class FeatureExtractor:
             return backbone_features(self.engine, images, mirror)
         views = [images, images.flip(3)] if mirror else [images]
         return torch.stack([self.engine(view).contiguous() for view in views], 1)
+
+
+def extraction_summary(computed, requested):
+    """What a run says of its features: how many images went through the backbone and how many
+    came from the cache, only what is true ("12 images through the backbone, none cached")."""
+    from_cache = requested - computed
+    if not from_cache:
+        return f"{computed} images through the backbone, none from the cache"
+    if not computed:
+        return f"0 images through the backbone, all {from_cache} from the cache"
+    return f"{computed} images through the backbone, {from_cache} from the cache"
 
 
 def mirrored(mirror, split_name):

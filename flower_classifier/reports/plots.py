@@ -1,7 +1,7 @@
 """Pictures: training curves, the confusion matrix and one prediction's sanity-check plot.
 
     from flower_classifier.reports.plots import plot_training_curves, plot_confusion_matrix
-    plot_training_curves(history, "runs/x/training_curves.png", best_epoch=9)
+    plot_training_curves(history, "runs/x/training_curves.png")
     plot_confusion_matrix(labels, predictions, class_names, "runs/x/confusion_matrix.png")
     plot_prediction(image, top_names, top_probabilities, "prediction.png")
 
@@ -41,8 +41,21 @@ def _save_figure(figure, path, dpi=DPI):
 
 # --- training curves ------------------------------------------------------------------------
 
+def epoch_rank(metrics):
+    """What makes an epoch better than another: higher validation accuracy, then lower
+    validation loss (a history row, or a checkpoint's metrics)."""
+    return metrics["valid_accuracy"], -metrics["valid_loss"]
+
+
+def best_epoch(history):
+    """The best epoch's number by epoch_rank, the earliest on a full tie: the one the Trainer
+    keeps in the checkpoint and the training curves mark."""
+    return max(history, key=epoch_rank)["epoch"]
+
+
 def plot_training_curves(history, path):
-    """Loss (left) and validation accuracy (right) per epoch, the best epoch marked."""
+    """Loss (left) and validation accuracy (right) per epoch, the best epoch (best_epoch, the
+    checkpoint's) marked."""
     if not history:
         raise ValueError("no epochs to plot")
     plt = _pyplot()
@@ -54,7 +67,8 @@ def plot_training_curves(history, path):
     loss_axes.plot(epochs, [row["valid_loss"] for row in history], "o-", label="validation")
     loss_axes.set(title="loss", xlabel="epoch", ylabel="cross-entropy loss")
     loss_axes.legend()
-    _plot_accuracy(accuracy_axes, epochs, [100 * row["valid_accuracy"] for row in history])
+    _plot_accuracy(accuracy_axes, epochs, [100 * row["valid_accuracy"] for row in history],
+                   epochs.index(best_epoch(history)))
     for axes in (loss_axes, accuracy_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         axes.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
@@ -66,12 +80,12 @@ def plot_training_curves(history, path):
     _save_figure(figure, path)
 
 
-def _plot_accuracy(axes, epochs, percents):
-    """Validation accuracy in percent, with a dot and a label on the best (earliest on ties) epoch.
+def _plot_accuracy(axes, epochs, percents, best):
+    """Validation accuracy in percent, with a dot and a label on epochs[best], the best epoch.
 
-    The label goes above the dot, where the curve never is (the dot is its maximum).
+    The label goes above the dot, where the curve never is (the dot is its maximum). The axis
+    ends at 100%, with the headroom for the label inside it.
     """
-    best = int(np.argmax(percents))
     axes.plot(epochs, percents, "o-", color="tab:green", label="validation")
     axes.plot(epochs[best], percents[best], "o", color="tab:red", markersize=10, zorder=3,
               label="best epoch")
@@ -83,7 +97,7 @@ def _plot_accuracy(axes, epochs, percents):
                   bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "tab:red"})
     low, high = min(percents), max(percents)
     span = max(high - low, 4.0)
-    axes.set_ylim(max(0.0, low - 0.1 * span), high + 0.3 * span)     # headroom for the label
+    axes.set_ylim(max(0.0, low - 0.1 * span), min(100.0, high + 0.3 * span))  # room for the label
     axes.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
     axes.legend(loc="best")
 

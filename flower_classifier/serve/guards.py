@@ -14,6 +14,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from flower_classifier.serve.answers import RETRY_AFTER_S, error_response
@@ -25,6 +26,10 @@ SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; "
      b"frame-ancestors 'none'; base-uri 'none'; form-action 'self'"),
 ]
+# Set in a request's scope by Gatekeeper on a 413: a body the client is still sending is read and
+# dropped before the connection closes (GuardedProtocol), at most DRAIN_BYTES and header_timeout.
+DRAIN_KEY = "flower_classifier.drain_unread_body"
+DRAIN_BYTES = 64_000_000
 BUSY_CONNECTION_TEXT = b"The server has too many connections.\n"
 BUSY_CONNECTION_ANSWER = (
     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %s\r\nContent-Type: text/plain\r\n"
@@ -117,6 +122,8 @@ class Gatekeeper:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if message["status"] == 413:  # refused unread: drain the rest, then close
+                    scope[DRAIN_KEY] = True
                 message = {**message, "headers": [*message.get("headers", []),
                                                   *SECURITY_HEADERS]}
             await send(message)
@@ -139,36 +146,82 @@ class Gatekeeper:
             await answer(scope, receive, send_with_headers)
 
 
+class DrainingTransport:
+    """The connection's transport as uvicorn's request cycles see it: close() after a 413 whose
+    body is still arriving starts the protocol's drain instead of closing at once (a close with
+    unread bytes makes the kernel answer the sender with a reset, which a client still sending
+    gets instead of the answer); while draining it counts as closing. The rest is the real
+    transport's."""
+
+    def __init__(self, transport, protocol):
+        self.transport, self.protocol = transport, protocol
+
+    def close(self):
+        if not self.protocol.drain_instead_of_close():
+            self.transport.close()
+
+    def is_closing(self):
+        return self.protocol.draining or self.transport.is_closing()
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
+
+
 class GuardedProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol plus what it lacks against slow and idle clients: a connection
     must send a request's headers within header_timeout of opening or of its last answer, and
     past max_connections the oldest idle connection is closed for a new one (503 when none is
-    idle). A body left unread after an early answer (413) is drained until that timeout, so a
-    client that sends everything before reading still gets the answer, not a reset."""
+    idle). A body left unread after an early answer (413) is drained, read and dropped, for up
+    to header_timeout and DRAIN_BYTES, before the connection closes (on a kept-alive connection
+    uvicorn drops it until the next request), so a client that sends everything before reading
+    (urllib, requests) still gets the answer, not a reset."""
 
     def __init__(self, *args, header_timeout, max_connections, **kwargs):
         super().__init__(*args, **kwargs)
         self.header_timeout, self.max_connections = header_timeout, max_connections
         self.header_timer = None
         self.idle_since = time.monotonic()
+        self.draining, self.drained, self.drain_timer = False, 0, None
 
     def is_idle(self):
         return self.cycle is None or self.cycle.response_complete
 
     def connection_made(self, transport):
         super().connection_made(transport)
+        self.transport = DrainingTransport(transport, self)
         if len(self.connections) > self.max_connections and not self._close_oldest_idle():
             transport.write(BUSY_CONNECTION_ANSWER)
             transport.close()
             return
         self._await_headers()
 
+    def drain_instead_of_close(self):
+        """On a close after a 413 while the client still sends the body: read and drop it until
+        the client closes, DRAIN_BYTES are read or header_timeout passes; True if draining."""
+        if self.draining:
+            return True
+        cycle = self.cycle
+        if (self.transport.transport.is_closing() or cycle is None or not cycle.response_complete or not cycle.scope.get(DRAIN_KEY)
+                or self.conn.their_state is not h11.SEND_BODY):
+            return False
+        self.draining = True
+        self.drain_timer = self.loop.call_later(self.header_timeout, self.transport.transport.close)
+        self.flow.resume_reading()
+        return True
+
+    def data_received(self, data):
+        if not self.draining:
+            return super().data_received(data)
+        self.drained += len(data)
+        if self.drained > DRAIN_BYTES:
+            self.transport.transport.close()
+
     def _close_oldest_idle(self):
         idle = [connection for connection in self.connections if connection is not self
                 and isinstance(connection, GuardedProtocol) and connection.is_idle()]
         if not idle:
             return False
-        min(idle, key=lambda connection: connection.idle_since).transport.close()
+        min(idle, key=lambda connection: connection.idle_since).transport.transport.close()
         return True
 
     def _await_headers(self):
@@ -188,6 +241,7 @@ class GuardedProtocol(H11Protocol):
             self._await_headers()
 
     def connection_lost(self, exc):
-        if self.header_timer is not None:
-            self.header_timer.cancel()
+        for timer in (self.header_timer, self.drain_timer):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)

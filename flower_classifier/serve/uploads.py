@@ -22,6 +22,7 @@ from flower_classifier.serve.answers import BadRequest
 
 UPLOAD_FIELD = "file"
 MAX_FORM_PARTS = 8  # a phone's form has one; more is not a photo upload
+MAX_BOUNDARY = 70   # characters of a multipart boundary at most (RFC 2046, section 5.1.1)
 MAX_TOP_K_DIGITS = 6
 # Bytes held per upload byte: the body, then the copy the multipart parser or the decoder reads.
 BODY_COPIES = 2
@@ -32,13 +33,17 @@ DECODED_BYTES_PER_PIXEL = 8
 
 def form_file(body, content_type):
     """(bytes, file name) of the multipart field `file`, parsed with python-multipart in the
-    calling (decoding) thread. Bodies with more delimiters than MAX_FORM_PARTS are refused
-    before parsing: that many delimiters only slow the parser down."""
+    calling (decoding) thread. Bodies with more delimiters than MAX_FORM_PARTS, or a boundary
+    longer than RFC 2046's MAX_BOUNDARY, are refused before parsing."""
     content_type, options = parse_options_header(content_type)
     boundary = options.get(b"boundary", b"")
     fix = f"send the photo as the form field '{UPLOAD_FIELD}'."
     if not boundary:
         raise BadRequest(400, f"The multipart form has no boundary in its Content-Type; {fix}")
+    if len(boundary) > MAX_BOUNDARY:
+        raise BadRequest(400, f"The multipart form's boundary is {len(boundary)} characters long, "
+                         f"more than the {MAX_BOUNDARY} RFC 2046 allows; send the form with a "
+                         "shorter boundary, as browsers and curl do.")
     if body.count(b"\r\n--" + boundary) > MAX_FORM_PARTS:
         raise BadRequest(400, f"The multipart form has more than {MAX_FORM_PARTS} parts; {fix}")
     fields, files = [], []

@@ -23,6 +23,7 @@ from flower_classifier.models.checkpoint import (
 )
 from flower_classifier.models.engines import autocast
 from flower_classifier.reports.evaluation import CONFUSION_NAME, MISTAKES_NAME, REPORT_NAME
+from flower_classifier.reports.plots import epoch_rank
 from flower_classifier.training.optim import make_criterion, make_optimizer
 from flower_classifier.training.tasks.base import training_autocast
 from flower_classifier.utils import distributed
@@ -141,13 +142,15 @@ class Trainer:
     Checkpoints written during training carry no calibration: predictions from one are
     uncalibrated and have no unknown verdict until train() writes the final checkpoint."""
 
-    def __init__(self, config, classifier, task, device, class_to_idx, split_record=None):
+    def __init__(self, config, classifier, task, device, class_to_idx, split_record=None,
+                 class_names=None):
         """task.model is what trains (on device); self.model wraps it for torchrun and
         compile, and task.model itself is what is evaluated, saved and restored. split_record:
         the automatic split's record for the checkpoint (data.split.manifest_record), None for
-        a layout."""
+        a layout. class_names: {folder name: display name} for the checkpoint (None: none)."""
         self.config, self.classifier, self.task, self.device = config, classifier, task, device
         self.class_to_idx, self.split_record = class_to_idx, split_record
+        self.class_names = class_names
         self.save_dir = Path(config.save_dir)
         self.model = wrap_for_training(task.model.to(device), config, device)
         self.optimizer, self.scheduler = make_optimizer(config, classifier, task.steps_per_epoch())
@@ -166,11 +169,13 @@ class Trainer:
     def checkpoint(self, best, calibration=None):
         """The checkpoint of the weights `best` (ImageClassifier.trained_weights() with epoch
         and metrics); calibration: what calibrate() returns, for the final checkpoint."""
-        split = {"split": self.split_record} if self.split_record else {}
+        extra = {"split": self.split_record} if self.split_record else {}
+        if self.class_names:
+            extra["class_names"] = self.class_names
         return make_checkpoint(self.classifier.backbone_spec, self.class_to_idx,
                                head_spec(self.config), best,
                                hyperparameters=self.config.hyperparameters(), epoch=best["epoch"],
-                               metrics=best["metrics"], **split, **(calibration or {}))
+                               metrics=best["metrics"], **extra, **(calibration or {}))
 
     def resume(self, state):
         self.best, self.history, epochs_done = restore_train_state(
@@ -223,8 +228,7 @@ class Trainer:
         if not len(valid["labels"]):  # gathered: every rank stops alike
             raise UserError("no readable images in valid/; check its files")
         best = self.best
-        if best is None or (valid["accuracy"], -valid["loss"]) > (
-                best["metrics"]["valid_accuracy"], -best["metrics"]["valid_loss"]):
+        if best is None or epoch_rank(record) > epoch_rank(best["metrics"]):
             self.best = {**self.classifier.trained_weights(), "epoch": epoch,
                          "metrics": {k: v for k, v in record.items() if k != "epoch"}}
             self.best_saved = False

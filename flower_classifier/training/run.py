@@ -44,6 +44,7 @@ from flower_classifier.models.checkpoint import (
     save_checkpoint,
 )
 from flower_classifier.models.classifier import ImageClassifier, build_head
+from flower_classifier.models.features import extraction_summary
 from flower_classifier.reports.evaluation import evaluation_lines, write_evaluation
 from flower_classifier.reports.plots import plot_training_curves
 from flower_classifier.reports.test_report import calibration_section
@@ -90,11 +91,13 @@ def load_backbone(arch):
                         "offline") from None
 
 
-def class_display_names(config, class_to_idx):
-    """Flower names for the report where a category names file has them, else folder names."""
-    path = config.category_names or Path(config.data_dir) / "cat_to_name.json"
-    names = load_category_names(path) if config.category_names or Path(path).is_file() else {}
-    return display_names(class_to_idx, names)
+def class_names_given(data_dir, category_names, class_to_idx):
+    """{class folder name: display name} of the classes a category names file names
+    (category_names, else data_dir/cat_to_name.json when present; {} without one): kept in
+    the checkpoint and shown in the reports and the data check's contact sheets."""
+    path = category_names or Path(data_dir) / "cat_to_name.json"
+    names = load_category_names(path) if category_names or Path(path).is_file() else {}
+    return {folder: names[folder] for folder in class_to_idx if folder in names}
 
 
 def load_run_dataset(config, save_dir):
@@ -132,13 +135,13 @@ def build_classifier(config, resumed, save_dir):
     return Setup(config, classifier, dataset)
 
 
-def run_data_check(config, dataset, task, save_dir):
+def run_data_check(config, dataset, task, save_dir, class_names=None):
     """The data check on the features training computed anyway (nothing to do where the
     backbone trains); its summary in the log, the full report in save_dir."""
     if not config.data_check or task.split_features is None or not distributed.is_main():
         return
     report = check_dataset(dataset.class_to_idx, dataset.splits, task.split_features, save_dir,
-                           config.cache_dir)
+                           config.cache_dir, class_names=class_names)
     log("\n".join(summary_lines(report, save_dir)))
 
 
@@ -197,16 +200,19 @@ def train(config, device, resumed=None):
     continue, whose hyperparameters config already holds. Returns the run's figures."""
     started = time.perf_counter()
     save_dir = prepare_save_dir(config.save_dir)
+    log(f"this run's files go to {save_dir}/")
     setup = build_classifier(config, resumed, save_dir)
     config, classifier, dataset = setup.config, setup.classifier, setup.dataset
-    names = class_display_names(config, dataset.class_to_idx)
+    class_names = class_names_given(config.data_dir, config.category_names,
+                                    dataset.class_to_idx)
+    names = display_names(dataset.class_to_idx, class_names)
     task = make_task(config, classifier, dataset.splits, device)
     if setup.backbone.pretrained and not config.finetune:
-        log(f"features ready: {task.extracted} images through the backbone, the rest from the "
-            f"cache ({time.perf_counter() - started:.1f} s)")
-    run_data_check(config, dataset, task, save_dir)
+        log(f"features ready: {extraction_summary(task.extracted, task.requested)} "
+            f"({time.perf_counter() - started:.1f} s)")
+    run_data_check(config, dataset, task, save_dir, class_names)
     trainer = Trainer(config, classifier, task, device, dataset.class_to_idx,
-                      setup.split_record)
+                      setup.split_record, class_names)
     if resumed:
         trainer.resume(resumed)
     best, history = trainer.fit()
@@ -222,7 +228,8 @@ def train(config, device, resumed=None):
     if "test" in dataset.splits:
         test_accuracy = test_and_report(classifier, task, best, names, save_dir, device,
                                         calibration)
-    log(f"done in {time.perf_counter() - started:.1f} s")
+    log(f"done in {time.perf_counter() - started:.1f} s; the checkpoint, curves and reports are "
+        f"in {save_dir}/")
     return {"checkpoint": checkpoint_path, "best_epoch": best["epoch"],
             "valid_accuracy": best["metrics"]["valid_accuracy"], "test_accuracy": test_accuracy,
             "extracted_images": task.extracted, "history": history}

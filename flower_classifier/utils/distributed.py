@@ -11,7 +11,6 @@ import sys
 from collections.abc import Iterator
 from itertools import islice
 
-import torch
 import torch.distributed as dist
 
 PR_SET_PDEATHSIG = 1  # prctl(2)

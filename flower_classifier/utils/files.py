@@ -3,6 +3,7 @@
     from flower_classifier.utils.files import atomic_write, write_json
     atomic_write("out/model.pth", lambda temporary: torch.save(state, temporary))
     write_json({"accuracy": 0.97}, "out/report.json")
+    save_dir = new_run_folder("runs/train")     # runs/train, else runs/train2, runs/train3, ...
 """
 import errno
 import json
@@ -11,6 +12,16 @@ import shutil
 from pathlib import Path
 
 from flower_classifier.utils.errors import UserError, error_reason
+
+
+def new_run_folder(base):
+    """The first of base, base2, base3, ... that does not exist yet (not created here): each
+    run gets a folder of its own, as Ultralytics' runs/train, runs/train2, ..."""
+    base = Path(base)
+    number = 1
+    while (folder := base if number == 1 else base.with_name(f"{base.name}{number}")).exists():
+        number += 1
+    return folder
 
 
 def write_failure(path, error):

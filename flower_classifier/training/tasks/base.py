@@ -25,13 +25,15 @@ class Task:
 
     model: the module that trains and is evaluated (the head, or the whole classifier); the
         batches feed it.
-    extracted: how many images went through the backbone to build the task (for the log).
+    extracted: how many images went through the backbone to build the task (for the log);
+    requested: how many were asked for, from the cache or the backbone.
     split_features: {split: (features, ok)} of every image, what the data check compares;
         None where the backbone trains and features are not fixed.
     threads: the CPU threads its training steps take whatever --threads says, or None.
     """
     model: torch.nn.Module
     extracted: int = 0
+    requested: int = 0
     split_features = None
     threads: int | None = None  # the CPU threads its steps want, None: the free cores
 

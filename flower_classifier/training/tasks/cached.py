@@ -13,7 +13,7 @@ import torch
 
 from flower_classifier.data.transforms import augment_transform, eval_transform
 from flower_classifier.models.features import FeatureExtractor, split_features
-from flower_classifier.models.stages import StageModel, fold_batch_norms
+from flower_classifier.models.stages import StageModel, fold_batch_norms, split_backbone
 from flower_classifier.training.tasks.base import (
     Task,
     gathered_order,
@@ -29,12 +29,14 @@ class CachedInputs:
     """What a task on cached features or activations trains on.
 
     data: {split: (inputs, labels)}, train's inputs [views, N, ...], unreadable images dropped;
-    extracted: images that went through the backbone to build them;
+    extracted: images that went through the backbone to build them; requested: images asked
+    for (the rest came from the cache);
     kept_paths: {split: the readable images' paths}, None where not known (no mistakes sheet);
     split_features: {split: (features, ok)} of every image, what the data check compares.
     """
     data: dict
     extracted: int = 0
+    requested: int = 0
     kept_paths: dict | None = None
     split_features: dict | None = None
 
@@ -79,7 +81,7 @@ def extract_features(config, backbone, device, splits, bottom=None):
         data[name] = (inputs, labels)
         kept_paths[name] = [path for path, ok in zip(split.paths, keep.tolist()) if ok]
     require_train_images(len(data["train"][1]), train)
-    return CachedInputs(data, extractor.computed, kept_paths, by_split)
+    return CachedInputs(data, extractor.computed, extractor.requested, kept_paths, by_split)
 
 
 class FeatureTask(Task):
@@ -91,7 +93,8 @@ class FeatureTask(Task):
     def __init__(self, config, classifier, device, cached):
         self.data, self.device = cached.data, device
         self.batch_size = distributed.per_process(config.batch_size)
-        self.extracted, self.kept_paths = cached.extracted, cached.kept_paths
+        self.extracted, self.requested = cached.extracted, cached.requested
+        self.kept_paths = cached.kept_paths
         self.split_features = cached.split_features
         self.model = classifier.head
         if device.type == "cpu":
@@ -152,7 +155,7 @@ class StageTask(FeatureTask):
 
     def __init__(self, config, classifier, device, cached, top):
         self.data, self.extracted = cached.data, cached.extracted
-        self.kept_paths = cached.kept_paths
+        self.requested, self.kept_paths = cached.requested, cached.kept_paths
         self.split_features = cached.split_features
         self.flip_maps = config.mirror != "off"
         self.batch_size, self.device = distributed.per_process(config.batch_size), device
@@ -190,6 +193,25 @@ def stage_features(model, activations, device):
         rows = [model.features(batch.float().to(device)).float().cpu()
                 for batch in activations.split(StageTask.eval_batch_size)]
     return torch.cat(rows) if rows else torch.empty(0, 0)
+
+
+def data_check_features(backbone, device, splits, settings):
+    """(the data check's {split: (features, ok)}, the FeatureExtractor that read them), computed
+    as train.py computes them with the same settings ({"train_stages", "mirror", "cache_dir",
+    "workers"}), so that one feature cache serves both: with train_stages, the activations
+    entering the last stages (train.py's cache) through the pretrained top
+    (pretrained_top_features); else the backbone's features."""
+    stages = settings["train_stages"]
+    bottom, top = split_backbone(backbone, stages) if stages else (None, None)
+    extractor = FeatureExtractor(backbone, device, cache_dir=settings["cache_dir"],
+                                 workers=settings["workers"], bottom=bottom,
+                                 trained_stages=stages,
+                                 images=sum(len(split.paths) for split in splits.values()))
+    by_split = split_features(extractor, splits, eval_transform(backbone.preprocess),
+                              settings["mirror"])
+    if top is not None:
+        by_split = pretrained_top_features(top, by_split, device)
+    return by_split, extractor
 
 
 def pretrained_top_features(top, by_split, device):
