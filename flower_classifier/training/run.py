@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flower_classifier.data.class_names import display_names, load_category_names
+from flower_classifier.data.class_names import (
+    check_class_names,
+    display_names,
+    load_category_names,
+)
 from flower_classifier.data.split import (
     MANIFEST_NAME,
     SPLIT_NAMES,
@@ -94,7 +98,9 @@ def class_display_names(config, class_to_idx):
     """Flower names for the report where a category names file has them, else folder names."""
     path = config.category_names or Path(config.data_dir) / "cat_to_name.json"
     names = load_category_names(path) if config.category_names or Path(path).is_file() else {}
-    return display_names(class_to_idx, names)
+    shown = display_names(class_to_idx, names)
+    check_class_names(list(class_to_idx), shown, path)
+    return shown
 
 
 def load_run_dataset(config, save_dir):
