@@ -71,8 +71,8 @@ def get_args_parser():
                         "checked, at the end, and JSONL.parts/ holds the work until then; "
                         "under torchrun every process takes its share (default: print)")
     parser.add_argument("--resume", action="store_true",
-                        help="with --output: predict only the images the interrupted run "
-                        "has not")
+                        help="with --output or --sort_into: predict only the images the "
+                        "interrupted run has not")
     parser.add_argument("--file_list", default=None, metavar="TXT",
                         help="a text file naming one image per line (relative paths from the "
                         "current folder), instead of the input folder; needs --output")
