@@ -26,12 +26,15 @@ from flower_classifier.data.loading import default_workers
 from flower_classifier.inference.bulk import Archive, model_identity, predict_archive
 from flower_classifier.inference.predictor import BATCH_SIZE, Predictor
 from flower_classifier.inference.scoring import score_folder
+from flower_classifier.inference.sort_into import MANIFEST, sort_into
+from flower_classifier.inference.suggest import BY, MAX_SIMILARITY, Tally, suggest_photos
 from flower_classifier.models.engines import ENGINE_CHOICES
 from flower_classifier.reports.evaluation import evaluation_lines
 from flower_classifier.reports.plots import plot_prediction
 from flower_classifier.utils import distributed
 from flower_classifier.utils.console import warn
 from flower_classifier.utils.errors import UserError
+from flower_classifier.utils.files import atomic_write
 
 
 def get_args_parser():
@@ -72,8 +75,8 @@ def get_args_parser():
                         "checked, at the end, and JSONL.parts/ holds the work until then; "
                         "under torchrun every process takes its share (default: print)")
     parser.add_argument("--resume", action="store_true",
-                        help="with --output: predict only the images the interrupted run "
-                        "has not")
+                        help="with --output or --sort_into: predict only the images the "
+                        "interrupted run has not")
     parser.add_argument("--file_list", default=None, metavar="TXT",
                         help="a text file naming one image per line (relative paths from the "
                         "current folder), instead of the input folder; needs --output")
@@ -85,6 +88,24 @@ def get_args_parser():
     parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
                         help="what runs the backbone: auto takes OpenVINO on the CPU for folders "
                         "of 128 images or more, else torch (fp32 on the CPU)")
+    parser.add_argument("--sort_into", default=None, metavar="DIR",
+                        help="pre-labelling: link each photo of the input folder into "
+                        "DIR/<predicted class name>/ (DIR/unknown/ for what the unknown verdict "
+                        "rejects; a hard link or a copy where links fail; the originals stay), "
+                        f"and write DIR/{MANIFEST}: each photo's top max(K, 2) classes, "
+                        "probability and margin, or its error; DIR must be empty, or the run "
+                        "to continue with --resume")
+    parser.add_argument("--suggest", type=positive_int, default=None, metavar="N",
+                        help="list the N photos of the input folder a label would teach most: "
+                        "the least sure, never two near-copies, grouped by predicted class "
+                        "(path, name, certainty per line; --json: objects; --output: a JSON-"
+                        "lines file)")
+    parser.add_argument("--suggest_by", choices=BY, default="margin",
+                        help="with --suggest: the certainty, the top two classes' margin or "
+                        "one less the normalised entropy")
+    parser.add_argument("--suggest_similarity", type=similarity, default=MAX_SIMILARITY,
+                        metavar="S", help="with --suggest: the cosine similarity of backbone "
+                        "features above which a photo is a near-copy of one already chosen")
     return parser
 
 
@@ -144,32 +165,56 @@ def check_inputs(args):
     if args.plot and (source.is_dir() or args.output):
         raise UserError("--plot draws one image; pass an image file, not a folder, and leave "
                         "out --output")
-    if args.resume and args.output is None:
-        raise UserError("--resume finishes an --output file; add --output preds.jsonl")
+    if args.resume and args.output is None and args.sort_into is None:
+        raise UserError("--resume finishes an --output file or a --sort_into folder; add "
+                        "--output preds.jsonl")
     if args.report and (not source.is_dir() or args.output):
         raise UserError("--report scores a folder of class folders; pass a folder, and leave "
                         "out --output")
     return source, "folder" if source.is_dir() else "image", args.checkpoint
 
 
+def check_modes(args, source):
+    """--sort_into and --suggest: a folder, and none of the flags of the other modes."""
+    mode = "--sort_into" if args.sort_into else "--suggest" if args.suggest else None
+    if mode is None:
+        return
+    if args.sort_into and args.suggest:
+        raise UserError("--sort_into and --suggest are two runs; pass one of them")
+    if not source.is_dir():
+        raise UserError(f"{mode} takes a folder of photos; pass a folder, not {source}")
+    clashes = [flag for flag, given in (("--plot", args.plot), ("--report", args.report),
+                                        ("--output", args.output and args.sort_into),
+                                        ("--resume", args.resume and args.suggest))
+               if given]
+    if clashes:
+        raise UserError(f"{mode} does not go with {clashes[0]}; leave it out")
+
+
 def main(args):
     """Print the predictions and return them, a list of Prediction; with --output, write them
-    there and return the number of images in it (None on torchrun's other ranks)."""
+    there and return the number of images in it (None on torchrun's other ranks); --sort_into
+    returns its photos per folder, --suggest its list of Suggestion."""
     source, kind, checkpoint = check_inputs(args)
+    check_modes(args, source)
     category_names = category_names_from_flag(args.category_names)
     device = select_device(args.gpu)
     distributed.end_with_launcher()
     distributed.init_distributed(device)
     try:
-        if args.output is None and distributed.world_size() > 1:
+        if (args.output is None or args.suggest) and distributed.world_size() > 1:
             raise UserError("under torchrun every process takes a share of the images: add "
-                            "--output preds.jsonl")
+                            "--output preds.jsonl or --sort_into DIR")
         use_threads(args.threads)
         predictor = Predictor(checkpoint, device, category_names, args.engine)
         set_unknown_threshold(predictor, checkpoint, args.no_unknown, args.unknown_threshold)
         if args.top_k > len(predictor.classes):
             warn(f"--top_k {args.top_k} is more than the {len(predictor.classes)} classes; "
                  f"showing all {len(predictor.classes)}")
+        if args.sort_into:
+            return sort_photos(predictor, checkpoint, source, args)
+        if args.suggest:
+            return print_suggestions(predictor, source, args)
         if args.report:
             return report_on_folder(predictor, source, Path(args.report), args.batch_size,
                                     args.workers)
@@ -192,6 +237,41 @@ def write_predictions(predictor, archive, resume, top_k, batch_size, workers):
     if images is not None:
         print(f"{archive.output}: {images} images", file=sys.stderr)
     return images
+
+
+def sort_photos(predictor, checkpoint, source, args):
+    """--sort_into: the photos linked into folders by predicted class (inference/sort_into.py);
+    says on stderr how many went where."""
+    model = model_identity(checkpoint, predictor, max(args.top_k, 2))
+    counts = sort_into(predictor, source, args.sort_into, model, args.resume, args.batch_size,
+                       args.workers)
+    if counts is not None:
+        folders = {folder: photos for folder, photos in counts.items() if folder}
+        note = f", {counts['']} unreadable (see {MANIFEST})" if counts[""] else ""
+        print(f"{args.sort_into}: {sum(folders.values())} photos in {len(folders)} folders"
+              f"{note}", file=sys.stderr)
+    return counts
+
+
+def print_suggestions(predictor, source, args):
+    """--suggest: the photos worth labelling, printed grouped by class (or written to
+    --output as JSON lines); returns the list of Suggestion."""
+    tally = Tally()
+    suggestions = suggest_photos(predictor, source, args.suggest, args.suggest_by,
+                                 args.suggest_similarity, top_k=max(args.top_k, 2),
+                                 batch_size=args.batch_size, workers=args.workers, tally=tally)
+    lines = [json.dumps(suggestion.as_json()) if args.json or args.output
+             else f"{suggestion.path}\t{suggestion.name}\t{suggestion.certainty:.3f}"
+             for suggestion in suggestions]
+    if args.output:
+        atomic_write(args.output, lambda temporary: Path(temporary).write_text(
+            "".join(line + "\n" for line in lines), encoding="utf-8"))
+    elif lines:
+        print("\n".join(lines), flush=True)
+    print(f"{len(suggestions)} of {tally.photos} photos suggested ({args.suggest_by}; "
+          f"{tally.unknown} of none of the classes and {tally.unreadable} unreadable left out)",
+          file=sys.stderr)
+    return suggestions
 
 
 def report_on_folder(predictor, source, folder, batch_size, workers):

@@ -38,3 +38,19 @@ def check_category_names(category_names, classes):
     if category_names and missing:
         warn(f"the category names file has no name for {len(missing)} of {len(classes)} classes "
              f"({', '.join(missing[:5])}); showing their folder names")
+
+
+def check_class_names(classes, names, source="the category names file"):
+    """A UserError for a class whose name is empty, or the same as another class's (ignoring
+    case and spaces at the ends): a new class folder named like an old class, or a name given
+    twice, would make two classes that no one can tell apart. names: the display names."""
+    seen = {}
+    for folder, name in zip(classes, names):
+        if not folder.strip() or not name.strip():
+            where = f"its folder {folder!r}" if not folder.strip() else source
+            raise UserError(f"class {folder!r} has an empty name (in {where}); give the class a "
+                            "name")
+        other = seen.setdefault(name.strip().casefold(), folder)
+        if other != folder:
+            raise UserError(f"classes {other!r} and {folder!r} are both named {name.strip()!r}; "
+                            f"rename one of the folders, or give it another name in {source}")

@@ -137,11 +137,17 @@ class Predictor:
                 (known for known in self.engines.values() if known.name == engine.name), engine)
         return self.engines[images]
 
-    @torch.inference_mode()
     def outputs(self, images, job_size=None):
         """(class probabilities [N, C] in index order, known [N] bool or None without a
         verdict) of a preprocessed float batch [N, 3, H, W]; job_size: the images of the whole
         job this batch is part of (default: the batch's), for the engine's choice."""
+        probabilities, known, _ = self.outputs_and_features(images, job_size)
+        return probabilities, known
+
+    @torch.inference_mode()
+    def outputs_and_features(self, images, job_size=None):
+        """outputs(), and the backbone features [N, D] (float, on the CPU) they came from:
+        what --suggest compares photos by, at no extra cost."""
         engine = self.backbone_engine(job_size or len(images))
         features = backbone_features(engine, images, self.mirror).to(self.device)
         with autocast(self.device):
@@ -150,7 +156,7 @@ class Predictor:
         if self.unknown_threshold is not None:
             similarity = nearest_similarity(features.float().cpu(), self.class_means)
             known = similarity >= self.unknown_threshold
-        return logits.float().softmax(dim=1).cpu(), known
+        return logits.float().softmax(dim=1).cpu(), known, features.float().cpu()
 
     def top(self, outputs, top_k, paths):
         """A Prediction per image of outputs(); top_k, one for all images or one per image, is
@@ -190,16 +196,24 @@ class Predictor:
         """For an iterable of (key, path), read lazily, yield per batch a list of (key,
         Prediction) in order, decoded by worker processes; an unreadable file's Prediction
         has ok=False and the error. job_size: the images of the whole job, for the engine."""
+        for batch, errors, outputs in self.output_batches(items, batch_size, workers, job_size):
+            readable = [path for (_, path), error in zip(batch, errors) if error is None]
+            predictions = iter(self.top(outputs[:2], top_k, readable) if readable else [])
+            yield [(key, next(predictions) if error is None
+                    else Prediction(str(path), ok=False, error=error))
+                   for (key, path), error in zip(batch, errors)]
+
+    def output_batches(self, items, batch_size=BATCH_SIZE, workers=None, job_size=None):
+        """predict_batches' stream before the top-k: per batch (the (key, path) list, per path
+        None or why it is unreadable, outputs_and_features() of the readable images or None
+        where none is)."""
         workers = default_workers() if workers is None else workers
         loader = image_loader(FileBatches(self.transform, self.preprocess), None, workers,
                               self.device, sampler=batched(items, batch_size))
         for batch, images, errors in loader:
-            readable = [path for (_, path), error in zip(batch, errors) if error is None]
-            predictions = iter(self.top(self.outputs(images, job_size), top_k, readable)
-                               if readable else [])
-            yield [(key, next(predictions) if error is None
-                    else Prediction(str(path), ok=False, error=error))
-                   for (key, path), error in zip(batch, errors)]
+            readable = any(error is None for error in errors)
+            yield batch, errors, (self.outputs_and_features(images, job_size) if readable
+                                  else None)
 
     def predict_files(self, paths, top_k=5, batch_size=BATCH_SIZE, workers=None):
         """Yield a Prediction per file, in order (predict_batches with a progress bar)."""

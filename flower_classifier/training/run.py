@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flower_classifier.data.class_names import display_names, load_category_names
+from flower_classifier.data.class_names import (
+    check_class_names,
+    display_names,
+    load_category_names,
+)
 from flower_classifier.data.split import (
     MANIFEST_NAME,
     SPLIT_NAMES,
@@ -94,9 +98,11 @@ def load_backbone(arch):
 def class_names_given(data_dir, category_names, class_to_idx):
     """{class folder name: display name} of the classes a category names file names
     (category_names, else data_dir/cat_to_name.json when present; {} without one): kept in
-    the checkpoint and shown in the reports and the data check's contact sheets."""
+    the checkpoint and shown in the reports and the data check's contact sheets. Two classes
+    shown alike, or an empty name, is a UserError."""
     path = category_names or Path(data_dir) / "cat_to_name.json"
     names = load_category_names(path) if category_names or Path(path).is_file() else {}
+    check_class_names(list(class_to_idx), display_names(class_to_idx, names), path)
     return {folder: names[folder] for folder in class_to_idx if folder in names}
 
 

@@ -1,0 +1,207 @@
+"""Issue 34's labelling loop, simulated: does predict.py --suggest's rule need fewer labels than
+labelling photos at random?
+
+    python benchmarks/active_learning.py ../shared/data/flowers102 --plot active_learning.png
+
+The known labels of train/ are the oracle. The backbone features of train/ (as train.py trains
+on them) and valid/ (mirror-averaged, as predict.py scores) come from train.py's
+FeatureExtractor and feature cache (--cache_dir). Each seed starts from --start labelled photos
+per class, chosen at random; each round trains train.py's head alone (its defaults, as
+benchmarks/quality.py train_heads does: train.py's task, optimiser, schedule and loss) on the
+labelled features, scores it on valid/, and labels --batch more photos of the rest, chosen by
+each rule:
+  random    at random
+  margin    predict.py --suggest's rule (inference/suggest.py): the least sure by the top two
+            classes' margin, from a pool of 10 x batch, skipping near-copies (cosine of the
+            features above --similarity)
+  entropy   the same by normalised entropy
+Printed: the mean valid accuracy (and spread over --seeds) per rule per round, and the ratio:
+the labels the rule needs to reach random's last-round accuracy (linear between rounds) over
+random's labels at its last round (the goal: at most 60%).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+import torch  # noqa: E402
+
+import quality  # noqa: E402
+from flower_classifier.data.folders import find_splits  # noqa: E402
+from flower_classifier.data.transforms import eval_transform  # noqa: E402
+from flower_classifier.inference.suggest import (  # noqa: E402
+    MAX_SIMILARITY,
+    POOL_FACTOR,
+    certainties,
+    diverse,
+)
+from flower_classifier.models.features import FeatureExtractor, split_features  # noqa: E402
+
+RULES = ("random", "margin", "entropy")
+
+
+def load_features(data_dir, cache_dir):
+    """(train features, train labels, valid features, valid labels, class count), readable
+    images only, through train.py's extractor and cache."""
+    class_to_idx, splits = find_splits(data_dir)
+    splits = {name: splits[name] for name in ("train", "valid")}
+    backbone = quality.feature_backbone()
+    extractor = FeatureExtractor(backbone, quality.CPU, cache_dir=cache_dir,
+                                 images=sum(len(split.paths) for split in splits.values()))
+    features = split_features(extractor, splits, eval_transform(backbone.preprocess))
+    data = []
+    for name in ("train", "valid"):
+        rows, ok = features[name]
+        data += [rows[ok].float(), torch.tensor(splits[name].labels)[ok]]
+    return (*data, len(class_to_idx))
+
+
+def first_labels(labels, per_class, generator):
+    """per_class random indices of each class."""
+    chosen = []
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        chosen += members[torch.randperm(len(members), generator=generator)[:per_class]].tolist()
+    return chosen
+
+
+def choose(rule, heads, features, unit, unlabelled, batch, similarity, generator):
+    """batch indices of unlabelled (a list) to label next, by the rule."""
+    if rule == "random":
+        order = torch.randperm(len(unlabelled), generator=generator)[:batch]
+        return [unlabelled[i] for i in order.tolist()]
+    candidates = torch.tensor(unlabelled)
+    probabilities = quality.mean_logits(heads, features[candidates]).softmax(1)
+    scores = certainties(probabilities, rule)
+    pool = scores.argsort()[:POOL_FACTOR * batch].tolist()  # least sure first
+    entries = [(scores[i].item(), i, None, None, unit[candidates[i]]) for i in pool]
+    return [unlabelled[entry[1]] for entry in diverse(entries, batch, similarity)]
+
+
+def run_rule(rule, data, args, seed):
+    """[(labels, valid accuracy)] per round of one rule and seed."""
+    features, labels, valid_features, valid_labels, class_count = data
+    unit = torch.nn.functional.normalize(features, dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    labelled = first_labels(labels, args.start, generator)
+    curve = []
+    for round_number in range(args.rounds + 1):
+        heads = quality.train_heads({}, features[labelled].half(), labels[labelled],
+                                    class_count, seed)
+        predicted = quality.mean_logits(heads, valid_features).argmax(1)
+        curve.append((len(labelled), (predicted == valid_labels).float().mean().item()))
+        if round_number < args.rounds:
+            taken = set(labelled)
+            unlabelled = [i for i in range(len(labels)) if i not in taken]
+            labelled += choose(rule, heads, features, unit, unlabelled, args.batch,
+                               args.similarity, generator)
+    return curve
+
+
+def labels_to_reach(curve, target):
+    """The labels at which the (labels, accuracy) curve first reaches target, linear between
+    rounds; None if it never does."""
+    for (before, low), (after, high) in zip(curve, curve[1:]):
+        if high >= target:
+            return before if low >= target else before + (after - before) * (
+                (target - low) / (high - low))
+    return curve[0][0] if curve and curve[0][1] >= target else None
+
+
+def mean_curve(curves):
+    return [(points[0][0], sum(accuracy for _, accuracy in points) / len(points))
+            for points in zip(*curves)]
+
+
+def summary(results):
+    """{rule: [[labels, mean, min, max accuracy in %], ...]} over the seeds."""
+    table = {}
+    for rule, curves in results.items():
+        accuracy = torch.tensor([[point[1] for point in curve] for curve in curves]) * 100
+        table[rule] = [[curves[0][index][0], *(round(value, 2) for value in (
+            column.mean().item(), column.min().item(), column.max().item()))]
+            for index, column in enumerate(accuracy.T)]
+    return table
+
+
+def plot(table, path):
+    """The summary's mean accuracy per rule against labels, with its min-max band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for rule, rows in table.items():
+        labels, mean, low, high = zip(*rows)
+        axes.plot(labels, mean, marker="o", label=rule)
+        axes.fill_between(labels, low, high, alpha=0.2)
+    axes.set_xlabel("labelled photos")
+    axes.set_ylabel("valid accuracy (%)")
+    axes.set_title("Labels chosen by rule or at random (band: min-max of seeds)", fontsize=10)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("data_dir", help="flowers folder with train/ and valid/")
+    parser.add_argument("--cache_dir", default="/tmp/active_learning_cache",
+                        help="train.py's feature cache for train/ and valid/")
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
+    parser.add_argument("--start", type=int, default=5, help="labelled photos per class at first")
+    parser.add_argument("--batch", type=int, default=102, help="photos labelled per round")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--similarity", type=float, default=MAX_SIMILARITY,
+                        help="the rules' near-copy cosine (predict.py --suggest_similarity)")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="accuracy vs labels")
+    parser.add_argument("--results", default=None, metavar="JSON",
+                        help="write the table (labels, mean, min, max per rule) there; with "
+                        "--plot_only, draw --plot from it instead of running")
+    parser.add_argument("--plot_only", action="store_true")
+    return parser
+
+
+def main(args):
+    if args.plot_only:
+        plot(json.loads(Path(args.results).read_text()), args.plot)
+        print(f"saved {args.plot}")
+        return
+    started = time.perf_counter()
+    data = load_features(args.data_dir, args.cache_dir)
+    print(f"features: train {len(data[1])}, valid {len(data[3])} "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    results = {rule: [] for rule in args.rules}
+    for rule in args.rules:
+        for seed in range(args.seeds):
+            results[rule].append(run_rule(rule, data, args, seed))
+        print(f"{rule}: {[f'{a:.2%}' for _, a in mean_curve(results[rule])]} "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    table = summary(results)
+    print("\n| labels | " + " | ".join(args.rules) + " |")
+    print("|---" * (len(args.rules) + 1) + "|")
+    for index, (labels, *_) in enumerate(table[args.rules[0]]):
+        cells = [f"{mean:.2f} (min {low:.2f}, max {high:.2f})"
+                 for _, mean, low, high in (table[rule][index] for rule in args.rules)]
+        print(f"| {labels} | " + " | ".join(cells) + " |")
+    if args.results:
+        Path(args.results).write_text(json.dumps(table))
+    if "random" in results:
+        last_labels, target = mean_curve(results["random"])[-1]
+        for rule in (rule for rule in args.rules if rule != "random"):
+            needed = labels_to_reach(mean_curve(results[rule]), target)
+            print(f"{rule}: random's last accuracy {target:.2%} at {last_labels} labels; " + (
+                f"{rule} reaches it at {needed:.0f} labels: {needed / last_labels:.0%} "
+                f"(goal <= 60%)" if needed is not None else f"{rule} never reaches it"))
+    if args.plot:
+        plot(table, args.plot)
+        print(f"saved {args.plot}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
