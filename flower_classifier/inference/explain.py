@@ -10,7 +10,9 @@ the last stage's activation maps, averaged over each map, weighs the maps; their
 scaled to the crop, is the heatmap. The classifier's features are the image's alone here (no
 mirror average), as the maps are the image's.
 """
+import copy
 import io
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,9 +61,17 @@ def tensor_to_crop(tensor, preprocess):
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
 
 
+def autograd_ready(classifier):
+    """classifier, or a copy of it with ordinary tensors where it was built in inference mode
+    (as Predictor builds its model on first use), whose tensors autograd cannot use."""
+    tensors = itertools.chain(classifier.parameters(), classifier.buffers())
+    return copy.deepcopy(classifier) if any(t.is_inference() for t in tensors) else classifier
+
+
 def grad_cam(classifier, tensor, class_index=None):
     """(heatmap [H, W] in [0, 1], class index, its probability) of a normalised image tensor
     [3, H, W] through an ImageClassifier: Grad-CAM on its backbone's last stage."""
+    classifier = autograd_ready(classifier)
     stage = classifier.backbone_spec.stages()[-1][-1]  # a stage is a ModuleList: its last layer
     kept = {}
 
