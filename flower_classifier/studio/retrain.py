@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from flower_classifier.data.corrections import apply_corrections, load_corrections
-from flower_classifier.models.classifier import ImageClassifier, build_head
+from flower_classifier.models.classifier import ImageClassifier, SignedSqrt, build_head
 from flower_classifier.serve.answers import BadRequest
 from flower_classifier.training.config import TrainConfig
 from flower_classifier.training.loop import evaluate, head_spec, train_one_epoch
@@ -29,9 +29,9 @@ QUICK = {"epochs": 20, "batch_size": 512, "learning_rate": 0.008}
 MISTAKES_SHOWN = 60
 
 
-def quick_config(studio, **overrides):
-    """train.py --train_stages 0's config for the studio's folder, with QUICK's schedule."""
-    config = TrainConfig(str(studio.options.data_dir), cache_dir=None, workers=0,
+def quick_config(data_dir, **overrides):
+    """train.py --train_stages 0's config for data_dir, with QUICK's schedule."""
+    config = TrainConfig(str(data_dir), cache_dir=None, workers=0,
                          train_stages=0, **{**QUICK, **overrides})
     return config.resolved(from_scratch=False, default_stages=0)
 
@@ -67,6 +67,54 @@ def mistakes_of(result, ids, shown=MISTAKES_SHOWN):
     return sorted(rows, key=lambda row: -row["probability"])[:shown]
 
 
+def progress(run):
+    """fit_head's on_epoch for a run record the page polls."""
+    def on_epoch(epoch, loss, accuracy, best):
+        run["history"].append({"epoch": epoch, "train_loss": round(loss, 4),
+                               "valid_accuracy": accuracy})
+        run["epoch"], run["valid_accuracy"] = epoch, best
+    return on_epoch
+
+
+def rooted(cached):
+    """cached with float32 inputs, their signed square root taken once (the head's first layer,
+    left out of the training): each epoch no longer converts nor roots every batch."""
+    root = SignedSqrt()
+    data = {name: (root(inputs.float()), labels) for name, (inputs, labels) in cached.data.items()}
+    return CachedInputs(data, cached.extracted, cached.kept_paths, cached.split_features)
+
+
+def fit_head(config, backbone, class_count, cached, device, on_epoch=None):
+    """Train a new head (train.py's, for config) on cached features as train.py --train_stages 0
+    does (FeatureTask, make_optimizer, make_criterion, train_one_epoch, evaluate), keeping the
+    epoch of best valid accuracy. on_epoch(epoch, train loss, valid accuracy, best so far) after
+    each. Returns (the ImageClassifier with that head, its evaluation on valid)."""
+    torch.manual_seed(config.seed)
+    head = build_head(backbone.feature_dim, class_count, **head_spec(config))
+    classifier = ImageClassifier(backbone, head)
+    sqrt_first = isinstance(head[0], SignedSqrt)
+    trained = head[1:] if sqrt_first else head  # the same modules, the root left out
+    task = FeatureTask(config, classifier, device, rooted(cached) if sqrt_first else cached)
+    task.model = trained.to(device)
+    optimizer, scheduler = make_optimizer(config, classifier, task.steps_per_epoch())
+    criterion = make_criterion(config, task.train_labels(), class_count, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    best = None
+    for epoch in range(1, config.epochs + 1):
+        torch.manual_seed(config.seed + epoch)
+        trained.train()
+        loss = train_one_epoch(trained, task.train_batches(epoch), optimizer, scheduler, scaler,
+                               criterion, device)
+        valid = evaluate(trained, task.eval_batches("valid"), nn.CrossEntropyLoss(), device)
+        if best is None or valid["accuracy"] > best[0]:
+            best = (valid["accuracy"], {k: v.clone() for k, v in head.state_dict().items()})
+        if on_epoch:
+            on_epoch(epoch, loss, valid["accuracy"], best[0])
+    head.load_state_dict(best[1])
+    return classifier, evaluate(trained, task.eval_batches("valid"), nn.CrossEntropyLoss(),
+                                device)
+
+
 class QuickTrainer:
     """One retrain at a time, in a thread; runs are kept in memory, newest last."""
 
@@ -79,7 +127,7 @@ class QuickTrainer:
         with self.lock:
             if self.runs and self.runs[-1]["status"] == "running":
                 raise BadRequest(409, "A retrain is already running; wait for its accuracy.")
-            config = quick_config(self.studio, **self.overrides)
+            config = quick_config(self.studio.options.data_dir, **self.overrides)
             run = {"id": len(self.runs) + 1, "status": "running", "epoch": 0,
                    "epochs": config.epochs, "valid_accuracy": None, "history": [],
                    "changes": None, "mistakes": [], "error": None, "seconds": None,
@@ -99,7 +147,8 @@ class QuickTrainer:
             decisions = load_corrections(self.studio.corrections_path)
             cached, ids, counts = corrected_inputs(self.studio, decisions)
             run["changes"] = {**counts, "train": len(ids["train"]), "valid": len(ids["valid"])}
-            classifier, valid = self.fit(run, config, cached)
+            classifier, valid = fit_head(config, self.studio.backbone, len(self.studio.classes),
+                                         cached, self.device, progress(run))
             run["mistakes"] = mistakes_of(valid, ids["valid"])
             self.classifier = classifier
             run["status"] = "done"
@@ -111,35 +160,6 @@ class QuickTrainer:
             run["status"], run["error"] = "failed", f"The retrain failed ({type(error).__name__})."
         finally:
             run["seconds"] = round(time.perf_counter() - started, 2)
-
-    def fit(self, run, config, cached):
-        """Train the head epoch by epoch (run's progress updated), keep the best valid epoch;
-        returns (the classifier with it, its evaluation on valid)."""
-        torch.manual_seed(config.seed)
-        classes = len(self.studio.classes)
-        head = build_head(self.studio.feature_dim, classes, **head_spec(config))
-        classifier = ImageClassifier(self.studio.backbone, head)
-        task = FeatureTask(config, classifier, self.device, cached)
-        model = task.model.to(self.device)
-        optimizer, scheduler = make_optimizer(config, classifier, task.steps_per_epoch())
-        criterion = make_criterion(config, task.train_labels(), classes, self.device)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=False)
-        best = None
-        for epoch in range(1, config.epochs + 1):
-            torch.manual_seed(config.seed + epoch)
-            model.train()
-            loss = train_one_epoch(model, task.train_batches(epoch), optimizer, scheduler, scaler,
-                                   criterion, self.device)
-            valid = evaluate(model, task.eval_batches("valid"), nn.CrossEntropyLoss(),
-                             self.device)
-            if best is None or valid["accuracy"] > best[0]:
-                best = (valid["accuracy"], {k: v.clone() for k, v in model.state_dict().items()})
-            run["history"].append({"epoch": epoch, "train_loss": round(loss, 4),
-                                   "valid_accuracy": valid["accuracy"]})
-            run["epoch"], run["valid_accuracy"] = epoch, best[0]
-        model.load_state_dict(best[1])
-        return classifier, evaluate(model, task.eval_batches("valid"), nn.CrossEntropyLoss(),
-                                    self.device)
 
     def heatmap_png(self, photo_id):
         """The Grad-CAM heatmap of the latest retrain's prediction for a photo, as PNG."""
