@@ -300,19 +300,21 @@ async function openViewer(id, withHeatmap) {
   }
 }
 
-function describeChanges(changes) {
+function describeChanges(changes, before) {
   if (!changes) return "";
-  return changes.dropped + " dropped, " + changes.relabelled + " relabelled (train " + changes.train + ", valid " + changes.valid + ")";
+  const delta = (key) => (before && before[key] !== changes[key] ? " (" + (changes[key] > before[key] ? "+" : "") + (changes[key] - before[key]) + ")" : "");
+  return changes.dropped + delta("dropped") + " dropped, " + changes.relabelled + delta("relabelled") + " relabelled; train " + changes.train + ", valid " + changes.valid;
 }
 
 function renderRuns(runs) {
   const body = $("runs").tBodies[0];
   body.replaceChildren();
-  for (const run of runs) {
+  runs.forEach((run, index) => {
     const row = body.insertRow();
+    const before = index > 0 ? runs[index - 1].changes : null;
     const accuracy = run.status === "failed" ? run.error : run.valid_accuracy === null ? "…" : percent(run.valid_accuracy) + (run.status === "running" ? " (epoch " + run.epoch + "/" + run.epochs + ")" : "");
-    for (const value of ["#" + run.id, accuracy, describeChanges(run.changes), run.seconds ?? "…"]) row.insertCell().textContent = value;
-  }
+    for (const value of ["#" + run.id, accuracy, describeChanges(run.changes, before), run.seconds ?? "…"]) row.insertCell().textContent = value;
+  });
 }
 
 function renderMistakes(run) {
