@@ -6,8 +6,10 @@ corrections.json applied, in a thread of the server; progress is polled through 
     trainer.runs_json()        # every run: epochs, valid accuracy, what changed, mistakes
 
 It trains what train.py --train_stages 0 trains (training.config's head, optimiser, loss and
-loop) with QUICK's schedule: larger batches at a higher rate for fewer epochs, chosen so one
-retrain of the shared flowers takes a few seconds on 2 cores (benchmarks/README.md).
+loop), on features made float32 and rooted once. SCHEDULES: "train" is train.py's own (its
+cross-validated accuracy), "fast" larger batches at a higher rate for half the epochs (about
+3x faster, 1.2 points less accurate cross-validated on the shared flowers:
+benchmarks/README.md, "The studio's quick retrain").
 """
 import threading
 import time
@@ -24,15 +26,14 @@ from flower_classifier.training.optim import make_criterion, make_optimizer
 from flower_classifier.training.tasks.cached import CachedInputs, FeatureTask
 from flower_classifier.utils.errors import UserError
 
-# The quick schedule (hyperparameters of TrainConfig): measured in benchmarks/README.md.
-QUICK = {"epochs": 20, "batch_size": 512, "learning_rate": 0.008}
+# The retrain's schedules (hyperparameters of TrainConfig over train.py's): studio.py --retrain.
+SCHEDULES = {"train": {}, "fast": {"epochs": 20, "batch_size": 512, "learning_rate": 0.008}}
 MISTAKES_SHOWN = 60
 
 
 def quick_config(data_dir, **overrides):
-    """train.py --train_stages 0's config for data_dir, with QUICK's schedule."""
-    config = TrainConfig(str(data_dir), cache_dir=None, workers=0,
-                         train_stages=0, **{**QUICK, **overrides})
+    """train.py --train_stages 0's config for data_dir, with overrides of its hyperparameters."""
+    config = TrainConfig(str(data_dir), cache_dir=None, workers=0, train_stages=0, **overrides)
     return config.resolved(from_scratch=False, default_stages=0)
 
 
@@ -84,11 +85,12 @@ def rooted(cached):
     return CachedInputs(data, cached.extracted, cached.kept_paths, cached.split_features)
 
 
-def fit_head(config, backbone, class_count, cached, device, on_epoch=None):
+def fit_head(config, backbone, class_count, cached, device, on_epoch=None, keep_best=True):
     """Train a new head (train.py's, for config) on cached features as train.py --train_stages 0
     does (FeatureTask, make_optimizer, make_criterion, train_one_epoch, evaluate), keeping the
     epoch of best valid accuracy. on_epoch(epoch, train loss, valid accuracy, best so far) after
-    each. Returns (the ImageClassifier with that head, its evaluation on valid)."""
+    each; keep_best=False keeps the last epoch instead (cross-validation scores it). Returns
+    (the ImageClassifier with that head, its evaluation on valid)."""
     torch.manual_seed(config.seed)
     head = build_head(backbone.feature_dim, class_count, **head_spec(config))
     classifier = ImageClassifier(backbone, head)
@@ -106,7 +108,7 @@ def fit_head(config, backbone, class_count, cached, device, on_epoch=None):
         loss = train_one_epoch(trained, task.train_batches(epoch), optimizer, scheduler, scaler,
                                criterion, device)
         valid = evaluate(trained, task.eval_batches("valid"), nn.CrossEntropyLoss(), device)
-        if best is None or valid["accuracy"] > best[0]:
+        if best is None or valid["accuracy"] > best[0] or not keep_best:
             best = (valid["accuracy"], {k: v.clone() for k, v in head.state_dict().items()})
         if on_epoch:
             on_epoch(epoch, loss, valid["accuracy"], best[0])
