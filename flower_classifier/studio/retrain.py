@@ -11,6 +11,7 @@ cross-validated accuracy), "fast" larger batches at a higher rate for half the e
 3x faster, 1.2 points less accurate cross-validated on the shared flowers:
 benchmarks/README.md, "The studio's quick retrain").
 """
+import logging
 import threading
 import time
 
@@ -157,7 +158,6 @@ class QuickTrainer:
         except UserError as error:
             run["status"], run["error"] = "failed", f"{error}."
         except Exception as error:  # a bug: said in one sentence, logged with its traceback
-            import logging
             logging.getLogger("uvicorn.error").exception("retrain %s failed", run["id"])
             run["status"], run["error"] = "failed", f"The retrain failed ({type(error).__name__})."
         finally:
