@@ -221,8 +221,12 @@ def test_decisions_survive_a_restart_and_kill_9_between_two_clicks(folder, cache
     second.kill()  # straight after the click's answer
     third = Studio(folder, save_dir, cache_dir)
     decisions = third.client.get("/api/decisions").json()["decisions"]
+    download = third.client.get("/api/corrections")
     third.stop()
     assert decisions["3"]["label"] is None and decisions["5"]["label"] == "10"
+    assert download.headers["content-disposition"] == 'attachment; filename="corrections.json"'
+    assert download.json()["format"] == 1 and all(
+        key.startswith("/") for key in download.json()["decisions"])
     written = json.loads((save_dir / "corrections.json").read_text())
     assert written["format"] == 1 and len(written["decisions"]) == 2
     assert not list(save_dir.glob(".corrections.json.*.tmp"))
@@ -251,7 +255,8 @@ def test_off_loopback_the_token_is_required(folder, cache_dir, tmp_path):
                     url_host="127.0.0.1")
     try:
         assert server.client.get("/").status_code == 200  # the page, which asks for the token
-        for path in ["/api/state", "/api/decisions", "/api/photos/0/thumb", "/api/runs"]:
+        for path in ["/api/state", "/api/decisions", "/api/photos/0/thumb", "/api/runs",
+                     "/api/corrections"]:
             assert server.client.get(path).status_code == 401, path
             wrong = server.client.get(path, headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401

@@ -6,6 +6,7 @@
     GET  /api/state                   classes, photos, the data check's findings
     GET  /api/decisions               {"decisions": {id: {"label", "at"}}, "elsewhere": N}
     POST /api/decisions               {"decisions": [{"id": N, "label": CLASS or null}, ...]}
+    GET  /api/corrections             corrections.json as a download
     GET  /api/photos/{id}/thumb       a re-encoded JPEG (also /image: larger)
     POST /api/retrain, GET /api/runs  the quick retrain of the head (studio/retrain.py)
 """
@@ -18,6 +19,11 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from flower_classifier.data.corrections import (
+    CORRECTIONS_FORMAT,
+    CORRECTIONS_NAME,
+    load_corrections,
+)
 from flower_classifier.serve.answers import BadRequest
 from flower_classifier.serve.app import EXCEPTION_HANDLERS, check_token, gatekeeper
 from flower_classifier.studio.thumbnails import (
@@ -76,6 +82,13 @@ class StudioRoutes:
         return JSONResponse({"decisions": {str(key): value for key, value in mine.items()},
                              "elsewhere": elsewhere})
 
+    async def corrections(self, request):
+        """corrections.json as a download: what train.py --corrections takes."""
+        check_token(request, self.config.token)
+        decisions = await run_in_threadpool(load_corrections, self.studio.corrections_path)
+        return JSONResponse({"format": CORRECTIONS_FORMAT, "decisions": decisions}, headers={
+            "Content-Disposition": f'attachment; filename="{CORRECTIONS_NAME}"'})
+
     async def view(self, request, side):
         check_token(request, self.config.token)
         path = self.studio.image_path(request.path_params["photo_id"])
@@ -127,6 +140,7 @@ def create_app(studio, config, trainer=None):
         Route("/api/state", routes.state),
         Route("/api/decisions", routes.decisions, methods=["GET"]),
         Route("/api/decisions", routes.decide, methods=["POST"]),
+        Route("/api/corrections", routes.corrections),
         Route("/api/photos/{photo_id:int}/thumb", routes.thumb),
         Route("/api/photos/{photo_id:int}/image", routes.image),
         Route("/api/photos/{photo_id:int}/heatmap", routes.heatmap),

@@ -392,6 +392,18 @@ $("token-form").addEventListener("submit", (event) => {
   load();
 });
 $("retrain-button").addEventListener("click", retrain);
+$("download").addEventListener("click", async () => {
+  try {
+    const answer = await fetch("api/corrections", { headers: authHeaders() });
+    if (!answer.ok) throw new Error((await answer.json()).error);
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(await answer.blob());
+    link.download = "corrections.json";
+    link.click();
+  } catch (error) {
+    failed(error);
+  }
+});
 $("bulk-relabel").addEventListener("click", () => bulk("relabel"));
 $("bulk-keep").addEventListener("click", () => bulk("keep"));
 $("bulk-drop").addEventListener("click", () => bulk("drop"));
