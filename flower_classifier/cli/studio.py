@@ -61,8 +61,8 @@ def get_args_parser():
                         help="processes decoding images")
     parser.add_argument("--retrain", choices=list(SCHEDULES), default="train",
                         help="the quick retrain's schedule: 'train' is train.py --train_stages "
-                        "0's (its accuracy; about 13 s on the shared flowers on one core), "
-                        "'fast' batches of 512 at lr 0.008 for 20 epochs (about 4 s, 1.2 points "
+                        "0's (its accuracy; 11-13 s on the shared flowers on one core), "
+                        "'fast' batches of 512 at lr 0.008 for 20 epochs (3.4-4.5 s, 1.2 points "
                         "less accurate cross-validated)")
     add_gpu_argument(parser)
     return parser
