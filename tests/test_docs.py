@@ -13,7 +13,7 @@ from conftest import PROJECT, run_script
 # Each script's page, with its one flag table (the table whose first header cell is "flag").
 FLAG_PAGES = {"train": "docs/train.md", "predict": "docs/predict.md", "serve": "docs/serve.md",
               "export": "docs/export.md", "download_flowers": "docs/download.md",
-              "check_data": "docs/check_data.md"}
+              "check_data": "docs/check_data.md", "studio": "docs/studio.md"}
 PAGES = ["README.md", "benchmarks/README.md", *sorted(set(FLAG_PAGES.values())), "docs/data.md"]
 FENCE = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
 

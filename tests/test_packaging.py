@@ -45,7 +45,8 @@ def test_the_wheel_holds_the_package_its_files_and_the_commands(tmp_path):
     assert not {name for name in names if not name.startswith("flower_classifier")}
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for command in ("train", "predict", "serve", "export", "check_data", "download_flowers"):
+    for command in ("train", "predict", "serve", "export", "check_data", "download_flowers",
+                    "studio"):
         assert f"flower_classifier.cli.{command}:run" in text
 
 

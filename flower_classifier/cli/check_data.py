@@ -16,6 +16,11 @@ from flower_classifier.cli.options import (
     use_threads,
 )
 from flower_classifier.cli.runner import run_cli
+from flower_classifier.data.corrections import (
+    apply_corrections,
+    corrections_line,
+    load_corrections,
+)
 from flower_classifier.data.loading import default_workers
 from flower_classifier.data.split import (
     DEFAULT_FRACTIONS,
@@ -60,6 +65,9 @@ def get_args_parser():
                         help="train,valid[,test] fractions of a one-folder data_dir, as train.py")
     parser.add_argument("--split_from", default=None, metavar="MANIFEST",
                         help="check the split this manifest records instead of splitting anew")
+    parser.add_argument("--corrections", default=None, metavar="FILE",
+                        help="check the folder with a corrections.json's decisions (studio.py) "
+                        "applied: dropped photos left out, relabelled ones under their class")
     parser.add_argument("--fix", action="store_true", help="write cleaned_manifest.json: the "
                         "split without the duplicates, leaks, unreadable and likely "
                         "mislabelled files (the files themselves stay)")
@@ -96,6 +104,10 @@ def run_check(args):
     """The report of the check (written to --save_dir) and the manifest it checked (None for a
     train/valid/test layout)."""
     dataset = load_dataset(args.data_dir, parse_fractions(args.split), args.split_from)
+    if args.corrections:
+        counts = {}
+        dataset = apply_corrections(dataset, load_corrections(args.corrections), counts)
+        print(corrections_line(args.corrections, counts))
     if args.folds < 2:
         raise UserError(f"--folds {args.folds}: the out-of-fold predictions need at least 2")
     use_threads(args.threads)

@@ -24,6 +24,7 @@ from flower_classifier.data.folders import list_images
 from flower_classifier.data.images import load_image
 from flower_classifier.data.loading import default_workers
 from flower_classifier.inference.bulk import Archive, model_identity, predict_archive
+from flower_classifier.inference.explain import explain_image
 from flower_classifier.inference.predictor import BATCH_SIZE, Predictor
 from flower_classifier.inference.scoring import score_folder
 from flower_classifier.inference.sort_into import MANIFEST, sort_into
@@ -64,6 +65,9 @@ def get_args_parser():
                         help="no unknown verdict: always name the most likely classes")
     parser.add_argument("--plot", default=None, metavar="PNG", help="save the image above a bar "
                         "chart of the top-k names and probabilities (single image only)")
+    parser.add_argument("--heatmap", action="store_true", help="with --plot: draw the image's "
+                        "centre crop with the Grad-CAM heatmap of the top class over it (where "
+                        "the model looked; red most)")
     parser.add_argument("--batch_size", type=positive_int, default=BATCH_SIZE,
                         help="images per batch for a folder")
     parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
@@ -165,6 +169,8 @@ def check_inputs(args):
     if args.plot and (source.is_dir() or args.output):
         raise UserError("--plot draws one image; pass an image file, not a folder, and leave "
                         "out --output")
+    if args.heatmap and not args.plot:
+        raise UserError("--heatmap draws on --plot's image; add --plot out.png")
     if args.resume and args.output is None and args.sort_into is None:
         raise UserError("--resume finishes an --output file or a --sort_into folder; add "
                         "--output preds.jsonl")
@@ -219,7 +225,7 @@ def main(args):
             return report_on_folder(predictor, source, Path(args.report), args.batch_size,
                                     args.workers)
         if args.output is None and source.is_file():
-            return [print_one(predictor, source, args.top_k, args.json, args.plot)]
+            return [print_one(predictor, source, args.top_k, args.json, args.plot, args.heatmap)]
         if args.output is None:
             return print_folder(predictor, source, args.top_k, args.json, args.batch_size,
                                 args.workers)
@@ -299,12 +305,17 @@ def print_folder(predictor, source, top_k, as_json, batch_size, workers):
     return results
 
 
-def print_one(predictor, path, top_k, as_json, plot):
-    """One photo's prediction printed, and drawn into the PNG plot names (None: not drawn)."""
+def print_one(predictor, path, top_k, as_json, plot, heatmap=False):
+    """One photo's prediction printed, and drawn into the PNG plot names (None: not drawn);
+    heatmap: the image drawn is the centre crop with the top class's Grad-CAM over it."""
     prediction = predictor.predict_image(path, top_k)
     print_result(prediction, as_json, show_path=False)
     if plot:
-        plot_prediction(load_image(path), prediction.names, prediction.probabilities, plot)
+        image = load_image(path)
+        if heatmap:
+            image = explain_image(predictor.model, predictor.transform, image,
+                                  list(predictor.classes).index(prediction.classes[0])).overlay()
+        plot_prediction(image, prediction.names, prediction.probabilities, plot)
         print(f"saved {plot}", file=sys.stderr if as_json else sys.stdout)
     return prediction
 

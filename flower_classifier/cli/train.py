@@ -143,6 +143,10 @@ def get_args_parser():
     parser.add_argument("--split_from", default=None, metavar="MANIFEST",
                         help="use the split a manifest records (a run's split_manifest.json, or "
                         "check_data.py --fix's cleaned_manifest.json) instead of splitting anew")
+    parser.add_argument("--corrections", default=None, metavar="FILE",
+                        help="apply the decisions of a corrections.json (studio.py): dropped "
+                        "photos are left out, relabelled ones train under their new class, in "
+                        "the split they are in")
     parser.add_argument("--no_data_check", dest="data_check", action="store_false",
                         help="skip the data check (duplicates, leaks between splits, likely "
                         "mislabelled photos) that runs on the features before training")

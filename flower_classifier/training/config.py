@@ -75,6 +75,7 @@ class TrainConfig:
     save_dir: str = "."
     split: tuple = tuple(DEFAULT_FRACTIONS.values())  # train, valid[, test] of one folder
     split_from: str | None = None  # a split manifest to read instead
+    corrections: str | None = None  # a studio's corrections.json, applied to the split
     data_check: bool = True
     category_names: str | None = None  # None: data_dir/cat_to_name.json when present
     cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))  # None: none

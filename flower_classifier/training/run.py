@@ -21,6 +21,11 @@ from flower_classifier.data.class_names import (
     display_names,
     load_category_names,
 )
+from flower_classifier.data.corrections import (
+    apply_corrections,
+    corrections_line,
+    load_corrections,
+)
 from flower_classifier.data.split import (
     MANIFEST_NAME,
     SPLIT_NAMES,
@@ -109,7 +114,8 @@ def class_names_given(data_dir, category_names, class_to_idx):
 def load_run_dataset(config, save_dir):
     """The run's Dataset: a train/valid/test layout as it is; a folder of class folders split
     automatically (the manifest kept in save_dir, where an earlier one keeps its photos where
-    they were), or as config.split_from records."""
+    they were), or as config.split_from records; then config.corrections applied (the
+    manifest keeps every photo's placement)."""
     manifest_path = Path(save_dir) / MANIFEST_NAME
     dataset = load_dataset(config.data_dir, dict(zip(SPLIT_NAMES, config.split)),
                            config.split_from, manifest_path)
@@ -117,6 +123,10 @@ def load_run_dataset(config, save_dir):
         log(f"{config.data_dir} split automatically ({', '.join(dataset.splits)}); the split is "
             f"kept in {manifest_path}" if not config.split_from
             else f"split as {config.split_from} records")
+    if config.corrections:
+        counts = {}
+        dataset = apply_corrections(dataset, load_corrections(config.corrections), counts)
+        log(corrections_line(config.corrections, counts))
     return dataset
 
 

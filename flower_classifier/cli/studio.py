@@ -1,0 +1,109 @@
+"""studio.py's command line: open a photo folder in the studio, a local web app.
+
+    python studio.py photos/            # the usage: studio.py's docstring
+"""
+import argparse
+
+import uvicorn
+
+from flower_classifier.cli.options import (
+    HelpFormatter,
+    add_gpu_argument,
+    non_negative_int,
+    select_device,
+)
+from flower_classifier.cli.runner import run_cli
+from flower_classifier.data.loading import default_workers
+from flower_classifier.data.split import DEFAULT_FRACTIONS, parse_fractions
+from flower_classifier.models.backbones import DEFAULT_ARCH, arch_choices
+from flower_classifier.models.features import default_cache_dir
+from flower_classifier.serve.config import ServeConfig
+from flower_classifier.serve.guards import lan_address
+from flower_classifier.serve.server import is_loopback, listen, uvicorn_config
+from flower_classifier.studio.app import create_app
+from flower_classifier.studio.retrain import SCHEDULES, QuickTrainer
+from flower_classifier.studio.state import StudioOptions, open_studio
+from flower_classifier.utils.console import warn
+from flower_classifier.utils.errors import UserError
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Look through a photo folder in the browser: the data check's findings as "
+        "galleries, one-click decisions\n(kept, dropped, relabelled) saved to corrections.json, "
+        "and a quick retrain of the head.", formatter_class=HelpFormatter)
+    parser.add_argument("data_dir", help="one folder per class, or train/ and valid/ (and "
+                        "optionally test/) each with one folder per class")
+    parser.add_argument("--save_dir", default="studio", help="where corrections.json, the "
+                        "thumbnails, the split manifest and the data report go")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; any other "
+                        "than this machine's loopback needs --token")
+    parser.add_argument("--port", type=int, default=8100, help="port to listen on (0: any free "
+                        "one)")
+    parser.add_argument("--token", default=None, help="require `Authorization: Bearer TOKEN` on "
+                        "the API (the page asks for it; required off loopback)")
+    parser.add_argument("--allow_origin", action="append", default=[], metavar="ORIGIN",
+                        help="also serve pages from ORIGIN and requests naming its host, as "
+                        "serve.py")
+    parser.add_argument("--category_names", default=None, help="JSON file mapping class folder "
+                        "names to names (default: data_dir/cat_to_name.json when present)")
+    parser.add_argument("--split", default=",".join(map(str, DEFAULT_FRACTIONS.values())),
+                        metavar="FRACTIONS", help="train,valid[,test] fractions of a one-folder "
+                        "data_dir, as train.py")
+    parser.add_argument("--split_from", default=None, metavar="MANIFEST",
+                        help="use the split this manifest records instead of splitting anew")
+    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=arch_choices(), metavar="ARCH",
+                        help="backbone whose features are checked and retrained on (as "
+                        "train.py's, so its cache is shared)")
+    parser.add_argument("--cache_dir", default=str(default_cache_dir()),
+                        help="the feature cache train.py uses")
+    parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                        help="processes decoding images")
+    parser.add_argument("--retrain", choices=list(SCHEDULES), default="train",
+                        help="the quick retrain's schedule: 'train' is train.py --train_stages "
+                        "0's (its accuracy; 11-13 s on the shared flowers on one core), "
+                        "'fast' batches of 512 at lr 0.008 for 20 epochs (3.4-4.5 s, 1.2 points "
+                        "less accurate cross-validated)")
+    add_gpu_argument(parser)
+    return parser
+
+
+def serve_config(args):
+    """The guards' settings; off loopback a token is required."""
+    if not is_loopback(args.host) and not args.token:
+        raise UserError(f"--host {args.host} lets anyone on the network change your decisions; "
+                        "add --token SECRET (the page asks for it), or leave --host out")
+    return ServeConfig(token=args.token, host=args.host, allowed_origins=tuple(args.allow_origin))
+
+
+def options_from_args(args):
+    return StudioOptions(args.data_dir, save_dir=args.save_dir, arch=args.arch,
+                         cache_dir=args.cache_dir, workers=args.workers,
+                         split=parse_fractions(args.split), split_from=args.split_from,
+                         category_names=args.category_names)
+
+
+def main(args):
+    config = serve_config(args)
+    options = options_from_args(args)
+    sock = listen(args.host, args.port)  # a busy port fails before the folder is read
+    device = select_device(args.gpu)
+    studio = open_studio(options, device)
+    app = create_app(studio, config, QuickTrainer(studio, device, **SCHEDULES[args.retrain]))
+    port = sock.getsockname()[1]
+    if not is_loopback(args.host):
+        warn(f"listening on {args.host}:{port}: anyone on this network with the token can "
+             "change the decisions")
+    fragment = f"#token={args.token}" if args.token else ""
+    shown_host = lan_address() if args.host in ("0.0.0.0", "::") else args.host
+    print(f"studio: {len(studio.photos)} photos of {len(studio.classes)} classes at "
+          f"http://{shown_host}:{port}/{fragment} (Ctrl-C to stop)", flush=True)
+    try:
+        uvicorn.Server(uvicorn_config(app, config)).run(sockets=[sock])
+    finally:
+        print("stopped", flush=True)
+
+
+def run(argv=None):
+    """The console command (pyproject.toml), as `python studio.py`."""
+    run_cli(main, get_args_parser(), argv)

@@ -1,0 +1,152 @@
+"""The studio's web app: one static page and a JSON API over a Studio, behind serve's guards
+(Host and Origin checks, security headers, the token, errors as one sentence).
+
+    app = create_app(studio, ServeConfig(host="127.0.0.1"))
+
+    GET  /api/state                   classes, photos, the data check's findings
+    GET  /api/decisions               {"decisions": {id: {"label", "at"}}, "elsewhere": N}
+    POST /api/decisions               {"decisions": [{"id": N, "label": CLASS or null}, ...]}
+    GET  /api/corrections             corrections.json as a download
+    GET  /api/photos/{id}/thumb       a re-encoded JPEG (also /image: larger)
+    POST /api/retrain, GET /api/runs  the quick retrain of the head (studio/retrain.py)
+"""
+import json
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from flower_classifier.data.corrections import (
+    CORRECTIONS_FORMAT,
+    CORRECTIONS_NAME,
+    load_corrections,
+)
+from flower_classifier.serve.answers import BadRequest
+from flower_classifier.serve.app import EXCEPTION_HANDLERS, check_token, gatekeeper
+from flower_classifier.studio.thumbnails import (
+    LARGE_SIDE,
+    THUMB_SIDE,
+    THUMBNAILS_FOLDER,
+    cached_view,
+)
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_BODY = 2_000_000  # bytes of a JSON request
+IMAGE_CACHE = "private, max-age=3600"
+
+
+async def read_json(request):
+    """The request's JSON object, 413 past MAX_BODY, 400 when it is not JSON."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise BadRequest(413, f"The request is larger than {MAX_BODY // 1_000_000} MB; send "
+                         "fewer decisions at once.")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise BadRequest(413, f"The request is larger than {MAX_BODY // 1_000_000} MB; send "
+                             "fewer decisions at once.")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest(400, "The request body is not JSON; send a JSON object.") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, "The request body must be a JSON object.")
+    return data
+
+
+class StudioRoutes:
+    """The API's handlers around one Studio; every route but the page needs the token."""
+
+    def __init__(self, studio, config, trainer=None):
+        self.studio, self.config, self.trainer = studio, config, trainer
+        self.thumbnails = studio.save_dir / THUMBNAILS_FOLDER
+
+    async def state(self, request):
+        check_token(request, self.config.token)
+        return JSONResponse(await run_in_threadpool(self.studio.state))
+
+    async def decisions(self, request):
+        check_token(request, self.config.token)
+        mine, elsewhere = await run_in_threadpool(self.studio.decisions)
+        return JSONResponse({"decisions": {str(key): value for key, value in mine.items()},
+                             "elsewhere": elsewhere})
+
+    async def decide(self, request):
+        check_token(request, self.config.token)
+        data = await read_json(request)
+        mine, elsewhere = await run_in_threadpool(self.studio.decide, data.get("decisions"))
+        return JSONResponse({"decisions": {str(key): value for key, value in mine.items()},
+                             "elsewhere": elsewhere})
+
+    async def corrections(self, request):
+        """corrections.json as a download: what train.py --corrections takes."""
+        check_token(request, self.config.token)
+        decisions = await run_in_threadpool(load_corrections, self.studio.corrections_path)
+        return JSONResponse({"format": CORRECTIONS_FORMAT, "decisions": decisions}, headers={
+            "Content-Disposition": f'attachment; filename="{CORRECTIONS_NAME}"'})
+
+    async def view(self, request, side):
+        check_token(request, self.config.token)
+        path = self.studio.image_path(request.path_params["photo_id"])
+        cached = await run_in_threadpool(cached_view, path, self.thumbnails, side)
+        return FileResponse(cached, media_type="image/jpeg",
+                            headers={"Cache-Control": IMAGE_CACHE})
+
+    async def thumb(self, request):
+        return await self.view(request, THUMB_SIDE)
+
+    async def image(self, request):
+        return await self.view(request, LARGE_SIDE)
+
+    async def retrain(self, request):
+        check_token(request, self.config.token)
+        if self.trainer is None:
+            raise BadRequest(404, "This studio has no quick retrain.")
+        return JSONResponse(self.trainer.start(), status_code=202)
+
+    async def runs(self, request):
+        check_token(request, self.config.token)
+        if self.trainer is None:
+            return JSONResponse({"runs": []})
+        return JSONResponse({"runs": self.trainer.runs_json()})
+
+    async def heatmap(self, request):
+        check_token(request, self.config.token)
+        if self.trainer is None:
+            raise BadRequest(404, "This studio has no trained head to explain.")
+        photo_id = request.path_params["photo_id"]
+        self.studio.image_path(photo_id)
+        png = await run_in_threadpool(self.trainer.heatmap_png, photo_id)
+        return Response(png, media_type="image/png")
+
+
+async def page(request):
+    return FileResponse(STATIC / "index.html")
+
+
+async def health(request):
+    return JSONResponse({"status": "ok"})
+
+
+def create_app(studio, config, trainer=None):
+    """The Starlette app of studio; config: a serve.config.ServeConfig (host, token, origins)."""
+    routes = StudioRoutes(studio, config, trainer)
+    table = [
+        Route("/", page), Route("/health", health),
+        Route("/api/state", routes.state),
+        Route("/api/decisions", routes.decisions, methods=["GET"]),
+        Route("/api/decisions", routes.decide, methods=["POST"]),
+        Route("/api/corrections", routes.corrections),
+        Route("/api/photos/{photo_id:int}/thumb", routes.thumb),
+        Route("/api/photos/{photo_id:int}/image", routes.image),
+        Route("/api/photos/{photo_id:int}/heatmap", routes.heatmap),
+        Route("/api/retrain", routes.retrain, methods=["POST"]),
+        Route("/api/runs", routes.runs),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    return Starlette(routes=table, middleware=[gatekeeper(config)],
+                     exception_handlers=EXCEPTION_HANDLERS)

@@ -1,0 +1,412 @@
+// The studio page: galleries of the data check's findings, one-click decisions saved at once
+// (POST api/decisions), bulk relabelling, the quick retrain and its mistakes with heatmaps.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SHOWN = 120;            // photos per gallery before "show more"
+const EXAMPLES = 4;           // photos of the suggested class beside a suspect
+let S = null;                 // GET api/state
+let decisions = {};           // {id: {label, at}}
+const selected = new Set();
+const cards = new Map();      // id -> [card elements showing it]
+
+const fromAddress = new URLSearchParams(location.hash.slice(1)).get("token");
+if (fromAddress) {
+  localStorage.setItem("studio-token", fromAddress);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+const token = () => localStorage.getItem("studio-token");
+const authHeaders = () => (token() ? { Authorization: "Bearer " + token() } : {});
+
+function setStatus(state, text) {
+  document.body.dataset.state = state;
+  $("status").textContent = text;
+}
+
+class NeedsToken extends Error {}
+
+async function api(path, options = {}) {
+  const answer = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  if (answer.status === 401) throw new NeedsToken("This studio needs its token.");
+  const body = answer.headers.get("content-type")?.includes("json") ? await answer.json() : null;
+  if (!answer.ok) throw new Error((body && body.error) || "The studio answered " + answer.status + ".");
+  return body;
+}
+
+function post(path, data) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(data || {}) });
+}
+
+// Images: plain URLs without a token; with one, fetched with the header into blob URLs.
+async function showImage(img, url) {
+  if (!token()) { img.src = url; return; }
+  try {
+    const answer = await fetch(url, { headers: authHeaders() });
+    if (answer.ok) img.src = URL.createObjectURL(await answer.blob());
+  } catch (error) { /* the card keeps its alt text */ }
+}
+
+const className = (index) => S.classes[index].name;
+const folderOf = (index) => S.classes[index].folder;
+const indexOfFolder = (folder) => S.classes.findIndex((c) => c.folder === folder);
+const percent = (p) => (100 * p).toFixed(1) + "%";
+
+function stateOf(id) {
+  const decision = decisions[id];
+  if (!decision) return ["", ""];
+  if (decision.label === null) return ["dropped", "dropped"];
+  const index = indexOfFolder(decision.label);
+  if (index === S.photos[id][0]) return ["kept", "kept"];
+  return ["relabelled", "→ " + className(index)];
+}
+
+function paint(id) {
+  const [kind, text] = stateOf(id);
+  for (const card of cards.get(id) || []) {
+    card.classList.remove("dropped", "kept", "relabelled");
+    if (kind) card.classList.add(kind);
+    card.classList.toggle("selected", selected.has(id));
+    card.querySelector(".state").textContent = text;
+  }
+}
+
+function classOptions(select, placeholder) {
+  select.replaceChildren();
+  if (placeholder) select.append(new Option(placeholder, ""));
+  S.classes.forEach((c) => select.append(new Option(c.name, c.folder)));
+}
+
+function card(id, note, open) {
+  const [label, split, name] = S.photos[id];
+  const figure = document.createElement("figure");
+  figure.className = "card";
+  figure.tabIndex = 0;
+  figure.dataset.id = id;
+  const img = document.createElement("img");
+  img.loading = "lazy";
+  img.alt = name;
+  showImage(img, "api/photos/" + id + "/thumb");
+  img.addEventListener("click", open || (() => openViewer(id, false)));
+  const caption = document.createElement("figcaption");
+  caption.textContent = className(label) + " · " + split + (note ? " · " + note : "") + " ";
+  caption.title = name + " (folder " + folderOf(label) + ")";
+  const state = document.createElement("span");
+  state.className = "state";
+  caption.append(state);
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  const button = (text, action) => {
+    const b = document.createElement("button");
+    b.textContent = text;
+    b.dataset.action = action;
+    b.addEventListener("click", () => act(id, action));
+    return b;
+  };
+  const relabel = document.createElement("select");
+  relabel.className = "relabel";
+  relabel.setAttribute("aria-label", "relabel as");
+  classOptions(relabel, "relabel…");
+  relabel.addEventListener("change", () => { if (relabel.value) decide([{ id, label: relabel.value }]); relabel.value = ""; });
+  actions.append(button("Keep", "keep"), button("Drop", "drop"), relabel, button("Undo", "undo"));
+  figure.append(img, caption, actions);
+  figure.addEventListener("keydown", (event) => onKey(event, id, figure));
+  if (!cards.has(id)) cards.set(id, []);
+  cards.get(id).push(figure);
+  paint(id);
+  return figure;
+}
+
+function onKey(event, id, figure) {
+  if (event.target !== figure) return;
+  const actions = { k: "keep", d: "drop", u: "undo", x: "select" };
+  if (event.key === "r") { figure.querySelector("select.relabel").focus(); event.preventDefault(); }
+  else if (actions[event.key]) { act(id, actions[event.key]); event.preventDefault(); }
+  else if (event.key === "ArrowRight" || event.key === "ArrowLeft") {
+    const next = event.key === "ArrowRight" ? figure.nextElementSibling : figure.previousElementSibling;
+    if (next && next.classList.contains("card")) next.focus();
+  }
+}
+
+function act(id, action) {
+  if (action === "select") {
+    selected.has(id) ? selected.delete(id) : selected.add(id);
+    paint(id);
+    updateBulk();
+    return;
+  }
+  const change = { keep: { id, label: folderOf(S.photos[id][0]) }, drop: { id, label: null }, undo: { id, forget: true } }[action];
+  decide([change]);
+}
+
+async function decide(changes) {
+  try {
+    const answer = await post("api/decisions", { decisions: changes });
+    decisions = answer.decisions;
+    changes.forEach((c) => paint(c.id));
+    renderClasses();
+    setStatus("ready", "Saved " + changes.length + " decision(s); " + Object.keys(decisions).length + " in " + S.corrections + ".");
+  } catch (error) {
+    failed(error);
+  }
+}
+
+function updateBulk() {
+  $("bulk").hidden = selected.size === 0;
+  $("bulk-count").textContent = selected.size + " selected";
+}
+
+async function bulk(action) {
+  const ids = [...selected];
+  if (action === "relabel" && !$("bulk-class").value) { setStatus("error", "Choose the class for the selected photos first."); return; }
+  const changes = ids.map((id) => action === "relabel" ? { id, label: $("bulk-class").value }
+    : action === "keep" ? { id, label: folderOf(S.photos[id][0]) } : { id, label: null });
+  await decide(changes);
+  selected.clear();
+  ids.forEach(paint);
+  updateBulk();
+}
+
+function gallery(container, ids, note) {
+  const shown = ids.slice(0, SHOWN);
+  shown.forEach((id) => container.append(card(id, note && note(id))));
+  if (ids.length > SHOWN) {
+    const more = document.createElement("button");
+    more.textContent = "Show " + (ids.length - SHOWN) + " more";
+    more.addEventListener("click", () => { more.remove(); gallery(container, ids.slice(SHOWN), note); });
+    container.append(more);
+  }
+}
+
+function heading(section, text) {
+  const h = document.createElement("h2");
+  h.textContent = text;
+  section.append(h);
+}
+
+function renderDuplicates() {
+  const section = $("duplicates");
+  const { exact_duplicates: exact, near_duplicates: near } = S.findings;
+  heading(section, exact.length + " groups of identical files, " + near.length + " pairs of near-copies");
+  for (const [group, kind] of [...exact.map((g) => [g, "identical"]), ...near.map((g) => [g, "near-copy"])]) {
+    const row = document.createElement("div");
+    row.className = "group" + (group.kinds.includes("across_splits") ? " cross" : "");
+    const label = document.createElement("span");
+    label.className = group.kinds.includes("across_splits") ? "badge" : "";
+    label.textContent = kind + (group.kinds.includes("across_splits") ? ": crosses splits" : "")
+      + (group.kinds.includes("across_classes") ? ", filed under different classes" : "");
+    row.append(label);
+    group.ids.forEach((id) => row.append(card(id)));
+    section.append(row);
+  }
+  $("n-duplicates").textContent = exact.length + near.length;
+}
+
+function examplesOf(classIndex, except) {
+  const ids = [];
+  for (let id = 0; id < S.photos.length && ids.length < EXAMPLES; id++) {
+    if (S.photos[id][0] === classIndex && id !== except) ids.push(id);
+  }
+  return ids;
+}
+
+function renderSuspects() {
+  const section = $("suspects");
+  const suspects = S.findings.mislabelled;
+  heading(section, suspects.length + " photos likely filed under the wrong class, least likely first");
+  for (const suspect of suspects.slice(0, 300)) {
+    const row = document.createElement("div");
+    row.className = "group suspect";
+    row.append(card(suspect.id));
+    const side = document.createElement("div");
+    side.className = "suggest";
+    const text = document.createElement("p");
+    text.textContent = "Looks like " + className(suspect.suggested) + " (" + percent(suspect.probability) + ")";
+    const accept = document.createElement("button");
+    accept.className = "accept";
+    accept.textContent = "Relabel as " + className(suspect.suggested);
+    accept.addEventListener("click", () => decide([{ id: suspect.id, label: folderOf(suspect.suggested) }]));
+    const examples = document.createElement("div");
+    examples.className = "examples";
+    for (const id of examplesOf(suspect.suggested, suspect.id)) {
+      const img = document.createElement("img");
+      img.alt = className(suspect.suggested);
+      img.loading = "lazy";
+      showImage(img, "api/photos/" + id + "/thumb");
+      examples.append(img);
+    }
+    side.append(text, accept, examples);
+    row.append(side);
+    section.append(row);
+  }
+  $("n-suspects").textContent = suspects.length;
+}
+
+function renderBroken() {
+  const section = $("broken");
+  const { unreadable, tiny } = S.findings;
+  heading(section, unreadable.length + " unreadable");
+  const a = document.createElement("div");
+  a.className = "gallery";
+  gallery(a, unreadable);
+  heading(section, tiny.length + " tiny");
+  const b = document.createElement("div");
+  b.className = "gallery";
+  gallery(b, tiny);
+  section.append(a, b);
+  $("n-broken").textContent = unreadable.length + tiny.length;
+}
+
+function renderClasses() {
+  const after = S.classes.map((c) => c.total);
+  for (const [id, decision] of Object.entries(decisions)) {
+    const from = S.photos[id][0];
+    after[from] -= 1;
+    if (decision.label !== null) after[indexOfFolder(decision.label)] += 1;
+  }
+  const body = $("class-table").tBodies[0];
+  body.replaceChildren();
+  S.classes.forEach((c, i) => {
+    const row = body.insertRow();
+    for (const value of [c.name, c.train || 0, c.valid || 0, c.test || 0, c.total, after[i]]) row.insertCell().textContent = value;
+    row.cells[0].title = "folder " + c.folder;
+  });
+}
+
+function renderBrowse() {
+  classOptions($("browse-class"));
+  const show = () => {
+    const index = indexOfFolder($("browse-class").value);
+    const ids = [];
+    S.photos.forEach((p, id) => { if (p[0] === index) ids.push(id); });
+    $("browse-gallery").replaceChildren();
+    gallery($("browse-gallery"), ids);
+  };
+  $("browse-class").addEventListener("change", show);
+  show();
+}
+
+async function openViewer(id, withHeatmap) {
+  const [label, split, name] = S.photos[id];
+  $("viewer-caption").textContent = name + " · filed as " + className(label) + " · " + split;
+  $("viewer-heatmap").hidden = !withHeatmap;
+  $("viewer-photo").removeAttribute("src");
+  $("viewer-heatmap").removeAttribute("src");
+  $("viewer").showModal();
+  showImage($("viewer-photo"), "api/photos/" + id + "/image");
+  if (withHeatmap) {
+    $("viewer-heatmap").dataset.loaded = "false";
+    $("viewer-heatmap").onload = () => { $("viewer-heatmap").dataset.loaded = "true"; };
+    showImage($("viewer-heatmap"), "api/photos/" + id + "/heatmap");
+  }
+}
+
+function describeChanges(changes, before) {
+  if (!changes) return "";
+  const delta = (key) => (before && before[key] !== changes[key] ? " (" + (changes[key] > before[key] ? "+" : "") + (changes[key] - before[key]) + ")" : "");
+  return changes.dropped + delta("dropped") + " dropped, " + changes.relabelled + delta("relabelled") + " relabelled; train " + changes.train + ", valid " + changes.valid;
+}
+
+function renderRuns(runs) {
+  const body = $("runs").tBodies[0];
+  body.replaceChildren();
+  runs.forEach((run, index) => {
+    const row = body.insertRow();
+    const before = index > 0 ? runs[index - 1].changes : null;
+    const accuracy = run.status === "failed" ? run.error : run.valid_accuracy === null ? "…" : percent(run.valid_accuracy) + (run.status === "running" ? " (epoch " + run.epoch + "/" + run.epochs + ")" : "");
+    for (const value of ["#" + run.id, accuracy, describeChanges(run.changes, before), run.seconds ?? "…"]) row.insertCell().textContent = value;
+  });
+}
+
+function renderMistakes(run) {
+  const box = $("mistakes");
+  box.replaceChildren();
+  for (const mistake of run.mistakes) {
+    const element = card(mistake.id, "named " + className(mistake.predicted) + " " + percent(mistake.probability),
+      () => openViewer(mistake.id, true));
+    element.classList.add("mistake");
+    box.append(element);
+  }
+}
+
+async function retrain() {
+  $("retrain-button").disabled = true;
+  try {
+    await post("api/retrain");
+    for (;;) {
+      const { runs } = await api("api/runs");
+      renderRuns(runs);
+      const run = runs[runs.length - 1];
+      $("retrain-progress").textContent = run.status === "running"
+        ? "Training… epoch " + run.epoch + "/" + run.epochs + (run.valid_accuracy !== null ? ", valid accuracy " + percent(run.valid_accuracy) : "")
+        : run.status === "done" ? "New valid accuracy: " + percent(run.valid_accuracy) + " (" + run.seconds + " s)" : run.error;
+      $("retrain-progress").dataset.status = run.status;
+      if (run.status !== "running") { if (run.status === "done") renderMistakes(run); break; }
+      await new Promise((resolve) => setTimeout(resolve, 250));
+    }
+  } catch (error) {
+    failed(error);
+  } finally {
+    $("retrain-button").disabled = false;
+  }
+}
+
+function showTab(name) {
+  document.querySelectorAll(".tab").forEach((tab) => { tab.hidden = tab.id !== name; });
+  document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+}
+
+function failed(error) {
+  if (error instanceof NeedsToken) {
+    $("token-form").hidden = false;
+    setStatus("error", error.message);
+  } else {
+    setStatus("error", error.message || "The studio cannot be reached; check that studio.py is running.");
+  }
+}
+
+async function load() {
+  try {
+    S = await api("api/state");
+    decisions = (await api("api/decisions")).decisions;
+  } catch (error) {
+    failed(error);
+    return;
+  }
+  $("token-form").hidden = true;
+  $("folder").textContent = S.folder + " · " + S.photos.length + " photos, " + S.classes.length + " classes";
+  classOptions($("bulk-class"), "class…");
+  renderClasses();
+  renderDuplicates();
+  renderSuspects();
+  renderBroken();
+  renderBrowse();
+  const { runs } = await api("api/runs");
+  renderRuns(runs);
+  setStatus("ready", Object.keys(decisions).length + " decisions so far, saved in " + S.corrections + ".");
+}
+
+document.querySelectorAll("#tabs button").forEach((b) => b.addEventListener("click", () => showTab(b.dataset.tab)));
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  localStorage.setItem("studio-token", $("token").value);
+  load();
+});
+$("retrain-button").addEventListener("click", retrain);
+$("download").addEventListener("click", async () => {
+  try {
+    const answer = await fetch("api/corrections", { headers: authHeaders() });
+    if (!answer.ok) throw new Error((await answer.json()).error);
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(await answer.blob());
+    link.download = "corrections.json";
+    link.click();
+  } catch (error) {
+    failed(error);
+  }
+});
+$("bulk-relabel").addEventListener("click", () => bulk("relabel"));
+$("bulk-keep").addEventListener("click", () => bulk("keep"));
+$("bulk-drop").addEventListener("click", () => bulk("drop"));
+$("bulk-clear").addEventListener("click", () => { const ids = [...selected]; selected.clear(); ids.forEach(paint); updateBulk(); });
+showTab("classes");
+load();

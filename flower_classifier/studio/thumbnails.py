@@ -1,0 +1,48 @@
+"""Photos shown by the studio: never the file's own bytes, always a JPEG re-encoded from the
+safe decoder (data.images.load_image), cached on disk in the save folder.
+
+    path = cached_view("photos/1/a.jpg", Path("studio/thumbnails"), THUMB_SIDE)
+"""
+import hashlib
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from flower_classifier.data.images import UNREADABLE_IMAGE_ERRORS, load_image
+from flower_classifier.serve.answers import BadRequest
+from flower_classifier.utils.errors import UserError, error_reason
+from flower_classifier.utils.files import atomic_write
+
+THUMB_SIDE = 256     # gallery thumbnails: the longer side, in pixels
+LARGE_SIDE = 1024    # a photo opened on its own
+THUMBNAILS_FOLDER = "thumbnails"
+
+
+def view_name(path, side):
+    """The cache file's name: a digest of the photo's resolved path, size, time and the side."""
+    stat = os.stat(path)
+    text = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{side}"
+    return hashlib.sha256(text.encode()).hexdigest()[:40] + ".jpg"
+
+
+def cached_view(path, folder, side):
+    """The JPEG of the photo at path scaled to fit side x side, from folder when made before.
+    An unreadable photo is a 422 that says why."""
+    try:
+        target = Path(folder) / view_name(path, side)
+    except OSError as error:
+        raise BadRequest(404, f"The photo is gone ({error_reason(error)}).") from None
+    if target.is_file():
+        return target
+    try:
+        image = load_image(path, side)
+    except UNREADABLE_IMAGE_ERRORS as error:
+        raise BadRequest(422, f"This photo cannot be decoded ({error_reason(error)}); drop it "
+                         "or replace the file.") from None
+    image.thumbnail((side, side), Image.Resampling.BILINEAR)
+    try:
+        atomic_write(target, lambda temporary: image.save(temporary, "JPEG", quality=85))
+    except UserError as error:
+        raise BadRequest(500, f"The thumbnail could not be cached: {error}.") from None
+    return target

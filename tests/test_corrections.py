@@ -1,0 +1,125 @@
+"""corrections.json, the studio's decisions as train.py and check_data.py apply them: loaded,
+recorded at once and merged across writers, and applied in the split each photo is in."""
+import json
+import multiprocessing
+import threading
+
+import pytest
+from conftest import link_class_folders, train_args
+
+from flower_classifier.data.corrections import (
+    FORGET,
+    apply_corrections,
+    load_corrections,
+    photo_key,
+    record_decisions,
+)
+from flower_classifier.data.split import load_dataset
+from flower_classifier.training.config import TrainConfig
+from flower_classifier.training.run import load_run_dataset
+from flower_classifier.utils.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """One folder of 3 class folders of 10 real photos each (symlinks)."""
+    return link_class_folders(tmp_path_factory.mktemp("corrections") / "photos", 10)
+
+
+def test_a_missing_file_is_no_decision_and_a_damaged_one_names_itself(tmp_path):
+    assert load_corrections(tmp_path / "corrections.json") == {}
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text('{"format": 1, "decisions": {')
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_corrections(damaged)
+    damaged.write_text(json.dumps({"format": 1, "decisions": {"/a.jpg": {"at": "x"}}}))
+    with pytest.raises(UserError, match="is not a corrections file"):
+        load_corrections(damaged)
+
+
+def test_each_decision_is_written_at_once_in_the_contracts_format(tmp_path):
+    path = tmp_path / "studio" / "corrections.json"
+    record_decisions(path, {tmp_path / "a.jpg": None})
+    record_decisions(path, {tmp_path / "b.jpg": "2"})
+    data = json.loads(path.read_text())
+    assert data["format"] == 1
+    assert {key: entry["label"] for key, entry in data["decisions"].items()} == {
+        str((tmp_path / "a.jpg").resolve()): None, str((tmp_path / "b.jpg").resolve()): "2"}
+    assert all(entry["at"].startswith("20") for entry in data["decisions"].values())
+    record_decisions(path, {tmp_path / "a.jpg": FORGET})
+    assert list(load_corrections(path)) == [str((tmp_path / "b.jpg").resolve())]
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_threads_deciding_about_different_photos_all_keep_their_decisions(tmp_path):
+    path = tmp_path / "corrections.json"
+    threads = [threading.Thread(target=record_decisions, args=(path, {tmp_path / f"{i}.jpg": "1"}))
+               for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(load_corrections(path)) == 20
+
+
+def _record_many(path, prefix):
+    for index in range(15):
+        record_decisions(path, {f"/photos/{prefix}{index}.jpg": None})
+
+
+def test_processes_deciding_about_different_photos_all_keep_their_decisions(tmp_path):
+    path = tmp_path / "corrections.json"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_record_many, args=(path, prefix)) for prefix in "ab"]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert len(load_corrections(path)) == 30
+
+
+def test_apply_drops_and_relabels_in_the_split_each_photo_is_in(folder, tmp_path):
+    dataset = load_dataset(folder)
+    train, valid = dataset.splits["train"], dataset.splits["valid"]
+    dropped, relabelled, confirmed = train.paths[0], valid.paths[0], train.paths[1]
+    new_class = next(name for name, index in dataset.class_to_idx.items()
+                     if index != valid.labels[0])
+    path = tmp_path / "corrections.json"
+    record_decisions(path, {dropped: None, relabelled: new_class,
+                            confirmed: list(dataset.class_to_idx)[train.labels[1]],
+                            "/elsewhere/photo.jpg": None})
+    counts = {}
+    corrected = apply_corrections(dataset, load_corrections(path), counts)
+    assert counts == {"dropped": 1, "relabelled": 1, "kept": 1, "unmatched": 1}
+    assert dropped not in corrected.splits["train"].paths
+    assert len(corrected.splits["train"].paths) == len(train.paths) - 1
+    assert corrected.splits["valid"].paths == valid.paths
+    assert corrected.splits["valid"].labels[0] == dataset.class_to_idx[new_class]
+    assert corrected.splits["valid"].labels[1:] == valid.labels[1:]
+    assert corrected.manifest is dataset.manifest  # every placement kept
+    assert dataset.splits["train"].paths[0] == dropped  # the original is unchanged
+    assert (folder / "1").is_dir() and len(list((folder / "1").iterdir())) == 10  # no file moved
+
+
+def test_a_class_the_folder_lacks_is_a_user_error(folder, tmp_path):
+    dataset = load_dataset(folder)
+    with pytest.raises(UserError, match="'nope'"):
+        apply_corrections(dataset, {photo_key(dataset.splits["train"].paths[0]):
+                                    {"label": "nope", "at": ""}})
+
+
+def test_train_and_check_data_take_corrections(folder, tmp_path):
+    import check_data
+
+    path = tmp_path / "corrections.json"
+    first = sorted((folder / "1").iterdir())[0]
+    record_decisions(path, {first: None})
+    args = train_args(folder, tmp_path / "run", tmp_path / "cache", "--corrections", path)
+    assert args.corrections == str(path)
+    config = TrainConfig(str(folder), corrections=str(path), save_dir=str(tmp_path / "run"))
+    dataset = load_run_dataset(config, tmp_path / "run")
+    every = [p for split in dataset.splits.values() for p in split.paths]
+    assert str(first) not in every and len(every) == 29
+    check_args = check_data.get_args_parser().parse_args([str(folder), "--corrections", str(path)])
+    assert check_args.corrections == str(path)
+
