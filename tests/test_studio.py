@@ -266,3 +266,25 @@ def test_off_loopback_the_token_is_required(folder, cache_dir, tmp_path):
             {"id": 1, "label": None}]}).status_code == 401
     finally:
         server.stop()
+
+
+def test_apply_to_folders_moves_only_when_asked_and_undo_puts_back(cache_dir, tmp_path):
+    folder = make_folder(tmp_path / "photos")
+    before = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.jpg"))
+    server = Studio(folder, tmp_path / "save", cache_dir)
+    try:
+        state = server.client.get("/api/state").json()
+        copy = ids(state, "copy_of_primrose.jpg")[0]
+        first = next(i for i, photo in enumerate(state["photos"]) if photo[0] == 0)
+        server.client.post("/api/decisions", json={"decisions": [
+            {"id": copy, "label": None}, {"id": first, "label": "10"}]})
+        assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg")) == before
+        applied = server.client.post("/api/apply-to-folders").json()
+        assert applied["moved"] == 2 and "Restart" in applied["message"]
+        assert (tmp_path / "save" / "set_aside" / "2" / "copy_of_primrose.jpg").is_file()
+        assert (folder / "10" / state["photos"][first][2]).is_symlink()
+        assert server.client.post("/api/apply-to-folders").status_code == 409
+        assert server.client.post("/api/undo-folders").json()["moved_back"] == 2
+    finally:
+        server.stop()
+    assert sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*.jpg")) == before

@@ -7,6 +7,7 @@
     GET  /api/decisions               {"decisions": {id: {"label", "at"}}, "elsewhere": N}
     POST /api/decisions               {"decisions": [{"id": N, "label": CLASS or null}, ...]}
     GET  /api/corrections             corrections.json as a download
+    POST /api/apply-to-folders        move the decided photos (undo: POST /api/undo-folders)
     GET  /api/photos/{id}/thumb       a re-encoded JPEG (also /image: larger)
     POST /api/retrain, GET /api/runs  the quick retrain of the head (studio/retrain.py)
 """
@@ -89,6 +90,20 @@ class StudioRoutes:
         return JSONResponse({"format": CORRECTIONS_FORMAT, "decisions": decisions}, headers={
             "Content-Disposition": f'attachment; filename="{CORRECTIONS_NAME}"'})
 
+    async def apply_to_folders(self, request):
+        """Move the decided photos in the folders (logged; undo puts them back)."""
+        check_token(request, self.config.token)
+        moved = await run_in_threadpool(self.studio.apply_to_folders)
+        return JSONResponse({"moved": moved, "log": str(self.studio.moves_log),
+                             "message": f"Moved {moved} photo(s); nothing was deleted. Restart "
+                             "studio.py to see the folders as they are now."})
+
+    async def undo_folders(self, request):
+        check_token(request, self.config.token)
+        back = await run_in_threadpool(self.studio.undo_folders)
+        return JSONResponse({"moved_back": back, "message": f"Put {back} photo(s) back. "
+                             "Restart studio.py to see the folders as they are now."})
+
     async def view(self, request, side):
         check_token(request, self.config.token)
         path = self.studio.image_path(request.path_params["photo_id"])
@@ -141,6 +156,8 @@ def create_app(studio, config, trainer=None):
         Route("/api/decisions", routes.decisions, methods=["GET"]),
         Route("/api/decisions", routes.decide, methods=["POST"]),
         Route("/api/corrections", routes.corrections),
+        Route("/api/apply-to-folders", routes.apply_to_folders, methods=["POST"]),
+        Route("/api/undo-folders", routes.undo_folders, methods=["POST"]),
         Route("/api/photos/{photo_id:int}/thumb", routes.thumb),
         Route("/api/photos/{photo_id:int}/image", routes.image),
         Route("/api/photos/{photo_id:int}/heatmap", routes.heatmap),

@@ -17,6 +17,7 @@ from flower_classifier.data.corrections import (
     record_decisions,
 )
 from flower_classifier.data.images import is_image_file
+from flower_classifier.data.reorganise import apply_moves, plan_moves, undo_moves
 from flower_classifier.data.split import DEFAULT_FRACTIONS, MANIFEST_NAME, load_dataset
 from flower_classifier.data.transforms import eval_transform
 from flower_classifier.datacheck.report import check_dataset
@@ -31,6 +32,8 @@ from flower_classifier.utils.console import log
 from flower_classifier.utils.errors import UserError
 
 MAX_CHANGES = 10_000  # decisions in one request
+SET_ASIDE_FOLDER = "set_aside"  # where applying to the folders moves dropped photos
+MOVES_LOG = "moves.jsonl"
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,8 @@ class Studio:
                 self.photos.append(Photo(len(self.photos), str(path), label, name, row))
         self.by_path = {photo.path: photo.id for photo in self.photos}
         self.by_key = {photo_key(photo.path): photo.id for photo in self.photos}
-        self.root = Path(options.data_dir).resolve()
-        self.runs = []
+        self.moves_log = self.save_dir / MOVES_LOG
+        self.applied = False
 
     def photo(self, photo_id):
         """The Photo of an id, 404 when there is none."""
@@ -133,6 +136,30 @@ class Studio:
         except UserError as error:
             raise BadRequest(500, f"The decision was not saved: {error}.") from None
         return self.decisions()
+
+    def apply_to_folders(self):
+        """Move the decided photos in the folders (data.reorganise), once per studio start: the
+        photo list is the folder as it was; returns how many moved."""
+        if self.applied:
+            raise BadRequest(409, "The folders were changed already; restart studio.py to see "
+                             "them as they are now.")
+        moves = plan_moves(self.dataset, load_corrections(self.corrections_path),
+                           self.options.data_dir, self.save_dir / SET_ASIDE_FOLDER)
+        try:
+            moved = apply_moves(moves, self.moves_log)
+        except UserError as error:
+            raise BadRequest(500, f"{error}.") from None
+        self.applied = True
+        return moved
+
+    def undo_folders(self):
+        """Put back every photo apply_to_folders moved."""
+        try:
+            back = undo_moves(self.moves_log)
+        except UserError as error:
+            raise BadRequest(500, f"{error}.") from None
+        self.applied = True
+        return back
 
     def class_rows(self):
         """[{folder, name, per-split counts, total}] of the classes as filed."""

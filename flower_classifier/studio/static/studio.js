@@ -392,6 +392,17 @@ $("token-form").addEventListener("submit", (event) => {
   load();
 });
 $("retrain-button").addEventListener("click", retrain);
+async function folders(path, question) {
+  if (question && !window.confirm(question)) return;
+  try {
+    setStatus("ready", (await post(path)).message);
+  } catch (error) {
+    failed(error);
+  }
+}
+$("apply-folders").addEventListener("click", () => folders("api/apply-to-folders",
+  "Move the relabelled photos into their class folders and the dropped ones into the studio's set_aside folder? Nothing is deleted, and Undo puts them back."));
+$("undo-folders").addEventListener("click", () => folders("api/undo-folders"));
 $("download").addEventListener("click", async () => {
   try {
     const answer = await fetch("api/corrections", { headers: authHeaders() });
