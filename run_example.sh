@@ -10,8 +10,8 @@ data=${1:-flowers}
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt
 [ -d "$data" ] || .venv/bin/python download_flowers.py --output "$data"
-.venv/bin/python train.py "$data" --save_dir checkpoints
+.venv/bin/python train.py "$data" --save_dir runs/example
 photo=$({ find "$data/test" "$data/valid" "$data" -type f -iname '*.jpg' 2>/dev/null || true; } \
     | sort | sed -n 1p)
-.venv/bin/python predict.py "$photo" checkpoints/checkpoint.pth --top_k 5 \
-    --category_names cat_to_name.json --plot checkpoints/prediction.png
+.venv/bin/python predict.py "$photo" runs/example/checkpoint.pth --top_k 5 \
+    --category_names cat_to_name.json --plot runs/example/prediction.png
