@@ -4,8 +4,6 @@
 """
 import argparse
 
-import uvicorn
-
 from flower_classifier.cli.options import (
     HelpFormatter,
     add_gpu_argument,
@@ -21,15 +19,12 @@ from flower_classifier.inference.predictor import Predictor
 from flower_classifier.models.engines import ENGINE_CHOICES
 from flower_classifier.serve.app import create_app
 from flower_classifier.serve.config import ServeConfig
-from flower_classifier.serve.guards import lan_address
 from flower_classifier.serve.server import (
-    is_loopback,
     limit_malloc_arenas,
     listen,
-    uvicorn_config,
+    serve_until_stopped,
     warm_up,
 )
-from flower_classifier.utils.console import warn
 
 DEFAULTS = ServeConfig()
 
@@ -102,18 +97,9 @@ def main(args):
                           category_names_from_flag(args.category_names), args.engine)
     app = create_app(warm_up(predictor, config.max_batch), config)
     sock = listen(args.host, args.port)
-    port = sock.getsockname()[1]
-    if not is_loopback(args.host):
-        warn(f"listening on {args.host}:{port}: anyone on this network can use the classifier"
-             f"{'' if args.token else ' (--token requires a password)'}")
-    fragment = f"#token={args.token}" if args.token else ""
-    shown_host = lan_address() if args.host in ("0.0.0.0", "::") else args.host
-    print(f"serving {len(predictor.classes)} classes at http://{shown_host}:{port}/{fragment} "
-          "(Ctrl-C to stop)", flush=True)
-    try:
-        uvicorn.Server(uvicorn_config(app, config)).run(sockets=[sock])
-    finally:
-        print("stopped", flush=True)
+    exposed = ("anyone on this network can use the classifier"
+               + ("" if args.token else " (--token requires a password)"))
+    serve_until_stopped(app, config, sock, f"serving {len(predictor.classes)} classes", exposed)
 
 
 def run(argv=None):

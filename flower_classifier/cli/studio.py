@@ -4,8 +4,6 @@
 """
 import argparse
 
-import uvicorn
-
 from flower_classifier.cli.options import (
     HelpFormatter,
     add_gpu_argument,
@@ -18,12 +16,10 @@ from flower_classifier.data.split import DEFAULT_FRACTIONS, parse_fractions
 from flower_classifier.models.backbones import DEFAULT_ARCH, arch_choices
 from flower_classifier.models.features import default_cache_dir
 from flower_classifier.serve.config import ServeConfig
-from flower_classifier.serve.guards import lan_address
-from flower_classifier.serve.server import is_loopback, listen, uvicorn_config
+from flower_classifier.serve.server import is_loopback, listen, serve_until_stopped
 from flower_classifier.studio.app import create_app
 from flower_classifier.studio.retrain import SCHEDULES, QuickTrainer
 from flower_classifier.studio.state import StudioOptions, open_studio
-from flower_classifier.utils.console import warn
 from flower_classifier.utils.errors import UserError
 
 
@@ -90,18 +86,9 @@ def main(args):
     device = select_device(args.gpu)
     studio = open_studio(options, device)
     app = create_app(studio, config, QuickTrainer(studio, device, **SCHEDULES[args.retrain]))
-    port = sock.getsockname()[1]
-    if not is_loopback(args.host):
-        warn(f"listening on {args.host}:{port}: anyone on this network with the token can "
-             "change the decisions")
-    fragment = f"#token={args.token}" if args.token else ""
-    shown_host = lan_address() if args.host in ("0.0.0.0", "::") else args.host
-    print(f"studio: {len(studio.photos)} photos of {len(studio.classes)} classes at "
-          f"http://{shown_host}:{port}/{fragment} (Ctrl-C to stop)", flush=True)
-    try:
-        uvicorn.Server(uvicorn_config(app, config)).run(sockets=[sock])
-    finally:
-        print("stopped", flush=True)
+    serve_until_stopped(app, config, sock, f"studio: {len(studio.photos)} photos of "
+                        f"{len(studio.classes)} classes", "anyone on this network with the token "
+                        "can change the decisions")
 
 
 def run(argv=None):

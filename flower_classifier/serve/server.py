@@ -14,7 +14,8 @@ import uvicorn
 from PIL import Image
 
 from flower_classifier.serve.batcher import SERVER_JOB_SIZE
-from flower_classifier.serve.guards import GuardedProtocol
+from flower_classifier.serve.guards import GuardedProtocol, lan_address
+from flower_classifier.utils.console import warn
 from flower_classifier.utils.errors import UserError, error_reason
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
@@ -71,3 +72,19 @@ def uvicorn_config(app, config, **options):
     return uvicorn.Config(app, http=protocol, log_level="warning", timeout_graceful_shutdown=10,
                           server_header=False, timeout_keep_alive=min(5, config.header_timeout),
                           **options)
+
+
+def serve_until_stopped(app, config, sock, what, exposed):
+    """Say where the app is (this machine's network address when bound to every interface,
+    the token in the fragment), warn when the network can reach it, then serve until Ctrl-C.
+    what: the first words of the line ("serving 102 classes"); exposed: the warning's end."""
+    port = sock.getsockname()[1]
+    if not is_loopback(config.host):
+        warn(f"listening on {config.host}:{port}: {exposed}")
+    fragment = f"#token={config.token}" if config.token else ""
+    shown_host = lan_address() if config.host in ("0.0.0.0", "::") else config.host
+    print(f"{what} at http://{shown_host}:{port}/{fragment} (Ctrl-C to stop)", flush=True)
+    try:
+        uvicorn.Server(uvicorn_config(app, config)).run(sockets=[sock])
+    finally:
+        print("stopped", flush=True)
