@@ -207,6 +207,18 @@ def test_fix_keeps_one_copy_of_a_duplicate_in_the_class_most_copies_agree_with()
     assert dropped["d/b/2.jpg"] == "exact duplicate of d/b/3.jpg, which is kept"
 
 
+def test_fix_names_the_suggested_class_as_the_sheets_do():
+    report = {"unreadable": [], "near_duplicates": [], "exact_duplicates": [],
+              "settings": {"class_names": {"97": "mallow"}},
+              "mislabelled": [{"path": "d/96/1.jpg", "class": "96", "split": "train",
+                               "suggested": "97"},
+                              {"path": "d/97/2.jpg", "class": "97", "split": "train",
+                               "suggested": "12"}]}
+    dropped = cleaning.files_to_drop(report)
+    assert dropped["d/96/1.jpg"] == "likely mislabelled (suggested mallow)"
+    assert dropped["d/97/2.jpg"] == "likely mislabelled (suggested 12)"  # no name given
+
+
 def test_check_data_user_errors(tmp_path):
     result = run_script("check_data.py", tmp_path / "missing", "--save_dir", tmp_path)
     assert result.returncode == 2

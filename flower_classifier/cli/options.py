@@ -64,6 +64,14 @@ def add_gpu_argument(parser):
         help="use the CUDA GPU when present (default: the CPU); `--gpu gpu` is accepted too")
 
 
+def add_category_names_argument(parser):
+    """`--category_names` of the commands that use a checkpoint (predict.py, serve.py)."""
+    parser.add_argument("--category_names", default=None,
+                        help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
+                        "(default: the names the checkpoint kept from training, else the folder "
+                        "names)")
+
+
 def add_threads_argument(parser):
     """`--threads N`: the CPU threads of the model (default: the cores other processes leave
     free, read again between training epochs)."""

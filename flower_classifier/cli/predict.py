@@ -10,14 +10,15 @@ from pathlib import Path
 
 from flower_classifier.cli.options import (
     HelpFormatter,
+    add_category_names_argument,
     add_gpu_argument,
     add_threads_argument,
     category_names_from_flag,
     non_negative_int,
     positive_int,
     select_device,
-    use_threads,
     similarity,
+    use_threads,
 )
 from flower_classifier.cli.runner import run_cli
 from flower_classifier.data.folders import list_images
@@ -47,10 +48,7 @@ def get_args_parser():
     parser.add_argument("checkpoint", nargs="?", help="checkpoint.pth written by train.py")
     parser.add_argument("--top_k", type=positive_int, default=1,
                         help="how many of the most likely classes to show")
-    parser.add_argument("--category_names", default=None,
-                        help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
-                        "(default: the names the checkpoint kept from training, else the folder "
-                        "names)")
+    add_category_names_argument(parser)
     add_gpu_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object per image "

@@ -6,6 +6,7 @@ import argparse
 
 from flower_classifier.cli.options import (
     HelpFormatter,
+    add_category_names_argument,
     add_gpu_argument,
     add_threads_argument,
     category_names_from_flag,
@@ -39,10 +40,7 @@ def get_args_parser():
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     parser.add_argument("--top_k", type=positive_int, default=DEFAULTS.top_k,
                         help="classes per answer when a request does not say (?top_k=)")
-    parser.add_argument("--category_names", default=None,
-                        help="JSON file mapping class folder names to names, e.g. cat_to_name.json "
-                        "(default: the names the checkpoint kept from training, else the folder "
-                        "names)")
+    add_category_names_argument(parser)
     add_gpu_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,

@@ -46,8 +46,10 @@ def files_to_drop(report):
         if "across_splits" in pair["kinds"]:
             leak = max(pair["files"], key=lambda e: ("train", "valid", "test").index(e["split"]))
             drop.setdefault(leak["path"], "near-duplicate of a photo in another split")
+    names = report.get("settings", {}).get("class_names") or {}  # as the sheets show them
     for entry in report["mislabelled"]:
-        drop.setdefault(entry["path"], f"likely mislabelled (suggested {entry['suggested']})")
+        suggested = names.get(entry["suggested"], entry["suggested"])
+        drop.setdefault(entry["path"], f"likely mislabelled (suggested {suggested})")
     return drop
 
 
