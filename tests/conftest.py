@@ -1,8 +1,13 @@
 """Shared fixtures: small real subsets of ../shared/data/flowers102 and one trained run."""
 import contextlib
+import importlib
+import io
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,17 @@ sys.path.insert(0, str(PROJECT))
 # One CPU thread per test process (scripts run by the tests inherit it): the tests run two or
 # more at a time (pytest.ini), and runs that compare weights need the same threads each time.
 os.environ.setdefault("FLOWER_CLASSIFIER_THREADS", "1")
+# Feature caches and converted models of runs without --cache_dir go to a folder of this session
+# (the test processes and the scripts they run inherit it), not the user's ~/.cache: every run of
+# the suite starts from nothing, as in CI.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="flower-classifier-tests-")
 MAX_TEST_PROCESSES = 4  # each holds torch and a model or two: memory, not cores, is the limit
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):  # the controller: the workers are done with it
+        shutil.rmtree(os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -63,6 +78,34 @@ def run_script(*args, timeout=300, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=PROJECT, capture_output=True,
                           text=True, timeout=timeout, env=env, **kwargs)
+
+
+def run_command(command, *args, cwd=PROJECT):
+    """Run a command (its script's name, or a benchmark's module) in this process as its script
+    runs it (run_cli: the one-line errors, the exit codes), without a new Python importing torch
+    again; returns what run_script returns. Signals, kills, servers and torchrun need
+    run_script's real process."""
+    from flower_classifier.cli.runner import run_cli
+
+    if isinstance(command, str):
+        command = importlib.import_module(f"flower_classifier.cli.{Path(command).stem}")
+    script = Path(command.__file__).name
+    parser = command.get_args_parser()
+    parser.prog = script
+    argv = list(map(str, args))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
+            run_cli(command.main, parser, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return subprocess.CompletedProcess([script, *argv], code, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 def train_args(data, save_dir, cache_dir, *extra):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from conftest import FLOWERS, link_class_folders, make_subset, run_script, train_args
+from conftest import FLOWERS, link_class_folders, make_subset, run_command, train_args
 from flower_classifier.data.class_names import check_class_names
 from flower_classifier.utils.errors import UserError
 
@@ -53,8 +53,8 @@ def test_a_new_class_named_like_another_is_refused_before_any_extraction(tmp_pat
     (data / "cat_to_name.json").write_text(json.dumps(
         {"1": "pink primrose", "10": "globe thistle", "2": "hard-leaved pocket orchid"}))
     add_class(data, "Globe Thistle ")
-    result = run_script("train.py", data, "--save_dir", tmp_path / "run", "--cache_dir",
-                        tmp_path / "cache", "--epochs", "1", "--workers", "0")
+    result = run_command("train.py", data, "--save_dir", tmp_path / "run", "--cache_dir",
+                         tmp_path / "cache", "--epochs", "1", "--workers", "0")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == (
         "error: classes '10' and 'Globe Thistle ' are both named 'Globe Thistle'; rename one "

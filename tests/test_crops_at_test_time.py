@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FLOWERS, PROJECT, make_subset, require_shared_data, run_script
+from conftest import FLOWERS, PROJECT, make_subset, require_shared_data, run_command
 
 sys.path.append(str(PROJECT / "benchmarks"))
 import crops_at_test_time as crops  # noqa: E402
@@ -104,8 +104,7 @@ def test_trained_stages_score_every_view_through_the_trained_stages(run, tmp_pat
 
 
 def test_missing_folder_is_one_line_and_exit_2(tmp_path):
-    result = run_script("benchmarks/crops_at_test_time.py", tmp_path / "none",
-                        "--cache_dir", tmp_path / "cache")
+    result = run_command(crops, tmp_path / "none", "--cache_dir", tmp_path / "cache")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1

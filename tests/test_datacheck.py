@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import link_class_folders, run_script
+from conftest import link_class_folders, run_command
 from flower_classifier.data import folders
 from flower_classifier.data.split import manifest_splits, read_manifest
 from flower_classifier.datacheck import cleaning, facts, findings
@@ -51,8 +51,8 @@ def checked(messy, tmp_path_factory):
     """check_data.py run on the folder: (completed process, save_dir, cache_dir)."""
     folder, _ = messy
     root = tmp_path_factory.mktemp("check")
-    result = run_script("check_data.py", folder, "--save_dir", root / "out", "--cache_dir",
-                        root / "cache", "--workers", "0", "--fix")
+    result = run_command("check_data.py", folder, "--save_dir", root / "out", "--cache_dir",
+                         root / "cache", "--workers", "0", "--fix")
     return result, root / "out", root / "cache"
 
 
@@ -220,7 +220,7 @@ def test_fix_names_the_suggested_class_as_the_sheets_do():
 
 
 def test_check_data_user_errors(tmp_path):
-    result = run_script("check_data.py", tmp_path / "missing", "--save_dir", tmp_path)
+    result = run_command("check_data.py", tmp_path / "missing", "--save_dir", tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     from flower_classifier.cli import check_data

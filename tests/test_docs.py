@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import PROJECT, run_script
+from conftest import PROJECT, run_command
 
 # Each script's page, with its one flag table (the table whose first header cell is "flag").
 FLAG_PAGES = {"train": "docs/train.md", "predict": "docs/predict.md", "serve": "docs/serve.md",
@@ -132,8 +132,8 @@ def test_documented_predictor_snippet_runs_and_returns_what_it_says(page, docume
         assert list(namespace["result"].as_json()) == ["path", "classes", "names",
                                                        "probabilities", "known"]
         # predict.py's answer for the same photo: the documented call is predict.py's own.
-        cli = run_script("predict.py", documented_files, trained[1] / "checkpoint.pth",
-                         "--top_k", "5", "--json")
+        cli = run_command("predict.py", documented_files, trained[1] / "checkpoint.pth",
+                          "--top_k", "5", "--json")
         assert cli.returncode == 0, cli.stderr
         answer = json.loads(cli.stdout)
         assert answer["classes"] == prediction.classes

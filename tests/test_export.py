@@ -14,7 +14,7 @@ import torch
 
 import export
 import train
-from conftest import CIFAR, make_subset, train_args
+from conftest import CIFAR, make_subset, run_command, train_args
 from conftest import EXPORT_CLASSES as CLASSES
 from flower_classifier.data.images import load_image
 from flower_classifier.export.app_model import app_pixels
@@ -253,22 +253,24 @@ def test_cnn_checkpoint_exports_and_matches_predict(cnn_checkpoint, tmp_path):
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
-    line = one_line_exit_2(run_export("missing.pth", cwd=tmp_path))
+    line = one_line_exit_2(run_command("export.py", "missing.pth", cwd=tmp_path))
     assert "missing.pth" in line
     assert not list(tmp_path.iterdir())                       # nothing written
 
 
 def test_unknown_format_is_one_clear_line(tmp_path, checkpoint):
-    line = one_line_exit_2(run_export(checkpoint, "--format", "tensorflow", cwd=tmp_path))
+    line = one_line_exit_2(run_command("export.py", checkpoint, "--format", "tensorflow",
+                                         cwd=tmp_path))
     assert "tensorflow" in line and "executorch" in line      # names the choices
-    usage = run_export("--help")
+    usage = run_command("export.py", "--help")
     assert usage.returncode == 0 and "99.5% of photos" in usage.stdout
 
 
 def test_damaged_checkpoint_is_one_clear_line_and_writes_nothing(tmp_path, checkpoint):
     damaged = tmp_path / "damaged.pth"
     damaged.write_bytes(checkpoint.read_bytes()[:100_000])    # cut short, as by a full disk
-    line = one_line_exit_2(run_export(damaged, "--format", "executorch", cwd=tmp_path))
+    line = one_line_exit_2(run_command("export.py", damaged, "--format", "executorch",
+                                         cwd=tmp_path))
     assert "damaged" in line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["damaged.pth"]
 

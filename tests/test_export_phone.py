@@ -1,5 +1,5 @@
-"""export.py's phone formats, each run by its own runtime: ExecuTorch (float32 and int8), LiteRT
-and Core ML (its spec: Core ML cannot predict on Linux). Fed uint8 photos as an app feeds them,
+"""export.py's phone formats, each run by its own runtime: ExecuTorch (float32 on the small CNN,
+int8 on EfficientNet-Lite0), LiteRT and Core ML (its spec: Core ML cannot predict on Linux). Fed uint8 photos as an app feeds them,
 each gives predict.py's answers; the labels and the threshold are inside the file.
 
 ExecuTorch and Core ML come from requirements-export.txt (which requirements-test.txt includes:
@@ -15,8 +15,11 @@ import pytest
 import torch
 
 import export
+from conftest import run_command
 from flower_classifier.export import formats
+from flower_classifier.export.app_model import app_model
 from flower_classifier.export.check import coreml_labels, parity_check
+from flower_classifier.models.checkpoint import load_checkpoint
 from test_export import CLASSES, TOLERANCE, run_export, train_cnn
 
 PROJECT_ROOT = Path(__file__).parents[1]
@@ -47,12 +50,23 @@ def names_file(workdir):
 
 
 @pytest.fixture(scope="module")
-def executorch_export(workdir, checkpoint, data, names_file):
-    """export.py --format executorch with --check on the test photos and display names."""
-    output = workdir / "pte" / "flowers.pte"
+def cnn_run(tmp_path_factory):
+    """The small CNN trained from scratch on a few CIFAR-10 photos: quick to export."""
+    return train_cnn(tmp_path_factory.mktemp("cnn"))
+
+
+@pytest.fixture(scope="module")
+def executorch_export(workdir, cnn_run):
+    """export.py --format executorch of the small CNN (EfficientNet-Lite0's float32 lowering
+    takes about as long as its int8 one below), with --check on its test photos and display
+    names."""
+    checkpoint, data = cnn_run
+    names = workdir / "cnn_names.json"
+    names.write_text(json.dumps({"airplane": "aeroplane", "cat": "house cat", "ship": "boat"}))
+    output = workdir / "pte" / "cnn.pte"
     result = export.main(export.get_args_parser().parse_args(
         [str(checkpoint), "--format", "executorch", "--output", str(output), "--check",
-         str(data / "test"), "--category_names", str(names_file)]))
+         str(data / "test"), "--category_names", str(names)]))
     return output, result
 
 
@@ -61,26 +75,27 @@ def test_executorch_gives_predicts_answers_with_labels_inside(executorch_export)
 
     output, result = executorch_export
     check = result["check"]
-    assert check["images"] == 6 and check["top1_agreement"] == 1.0
-    assert check["known_agreement"] == 1.0 and check["max_difference"] < TOLERANCE
+    assert check["images"] == 12 and check["top1_agreement"] == 1.0
+    assert check["max_difference"] < TOLERANCE
+    assert check["known_agreement"] is None                 # the CNN has no unknown verdict
 
     metadata = json.loads(output.with_suffix(".json").read_text())
-    assert metadata["input"]["shape"] == [1, 224, 224, 3] and metadata["input"]["dtype"] == "uint8"
+    assert metadata["input"]["shape"] == [1, 32, 32, 3] and metadata["input"]["dtype"] == "uint8"
     program = Runtime.get().load_program(str(output))
+    assert program.method_names == {"forward", "class_names", "display_names", "metadata_json"}
     constant = {name: program.load_method(name).execute([])
-                for name in ("class_names", "display_names", "unknown_threshold")}
-    assert constant["class_names"] == CLASSES
-    assert constant["display_names"] == ["pink primrose", "globe thistle", "sweet pea"]
-    assert constant["unknown_threshold"] == [pytest.approx(metadata["unknown_threshold"])]
+                for name in ("class_names", "display_names")}
+    assert constant["class_names"] == ["airplane", "cat", "ship"]
+    assert constant["display_names"] == ["aeroplane", "house cat", "boat"]
     assert json.loads(program.load_method("metadata_json").execute([])[0]) == metadata
-    probabilities, similarity = program.load_method("forward").execute(
-        [torch.zeros(1, 224, 224, 3, dtype=torch.uint8)])
-    assert probabilities.shape == (1, 3) and similarity.shape == (1,)
+    (probabilities,) = program.load_method("forward").execute(
+        [torch.zeros(1, 32, 32, 3, dtype=torch.uint8)])
+    assert probabilities.shape == (1, 3)
     assert probabilities.sum().item() == pytest.approx(1, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
-def int8_export(workdir, checkpoint, data):
+def int8_export(workdir, checkpoint, data, names_file):
     """export.py --dtype int8, calibrated on the training photos: the .pte, and the quantised
     graph formats.quantised_int8 made for it (one quantisation for the tests of both)."""
     output = workdir / "pte" / "int8.pte"
@@ -95,22 +110,37 @@ def int8_export(workdir, checkpoint, data):
         patch.setattr(formats, "quantised_int8", quantise_and_keep)
         export.main(export.get_args_parser().parse_args(
             [str(checkpoint), "--format", "executorch", "--output", str(output), "--dtype",
-             "int8", "--calibration", str(data / "train")]))
+             "int8", "--calibration", str(data / "train"), "--category_names",
+             str(names_file)]))
     (graph,) = quantised
     return output, graph
 
 
-def test_int8_executorch_is_a_quarter_the_size_and_close(executorch_export, int8_export,
-                                                         checkpoint, data):
+def test_int8_executorch_is_a_quarter_the_size_and_close(int8_export, checkpoint, data):
     """--dtype int8: XNNPACK's quantiser, calibrated on the training photos; the file is about a
-    quarter of float32's and its probabilities stay near predict.py's."""
-    float32, _ = executorch_export
+    quarter of the float32 weights and its probabilities stay near predict.py's. The labels,
+    the threshold and the similarity output are inside, as in a float32 .pte."""
+    from executorch.runtime import Runtime
+
     int8, _ = int8_export
-    assert int8.stat().st_size < 0.35 * float32.stat().st_size
-    assert json.loads(int8.with_suffix(".json").read_text())["dtype"] == "int8"
+    weights = app_model(load_checkpoint(checkpoint)).state_dict().values()
+    float32_bytes = 4 * sum(tensor.numel() for tensor in weights)
+    assert int8.stat().st_size < 0.35 * float32_bytes
+    metadata = json.loads(int8.with_suffix(".json").read_text())
+    assert metadata["dtype"] == "int8"
     photos = sorted(str(path) for path in (data / "test").rglob("*.jpg"))
     result = parity_check(int8, "executorch", checkpoint, photos)
     assert result.images == 6 and 0 < result.max_difference < 0.2
+
+    program = Runtime.get().load_program(str(int8))
+    constant = {name: program.load_method(name).execute([])
+                for name in ("class_names", "display_names", "unknown_threshold")}
+    assert constant["class_names"] == CLASSES
+    assert constant["display_names"] == ["pink primrose", "globe thistle", "sweet pea"]
+    assert constant["unknown_threshold"] == [pytest.approx(metadata["unknown_threshold"])]
+    probabilities, similarity = program.load_method("forward").execute(
+        [torch.zeros(1, 224, 224, 3, dtype=torch.uint8)])
+    assert probabilities.shape == (1, 3) and similarity.shape == (1,)
 
 
 def test_int8_fuses_each_relu6_into_its_convolution(int8_export):
@@ -129,18 +159,12 @@ def test_int8_fuses_each_relu6_into_its_convolution(int8_export):
         assert (lowest - zero_point) * scale == 0 and 0 < (highest - zero_point) * scale <= 6.01
 
 
-@pytest.fixture(scope="module")
-def cnn_run(tmp_path_factory):
-    """The small CNN trained from scratch on a few CIFAR-10 photos: quick to export."""
-    return train_cnn(tmp_path_factory.mktemp("cnn"))
-
-
 def test_coreml_spec_has_image_input_labels_and_threshold(workdir, checkpoint, data, names_file):
     import coremltools as ct
 
     output = workdir / "coreml" / "flowers.mlpackage"
-    run = run_export(checkpoint, "--format", "coreml", "--output", output, "--check",
-                     data / "test", "--category_names", names_file)
+    run = run_command("export.py", checkpoint, "--format", "coreml", "--output", output,
+                      "--check", data / "test", "--category_names", names_file)
     assert run.returncode == 0, run.stderr
     assert "Core ML cannot predict on Linux" in run.stdout and "3 labels" in run.stdout
     assert output.is_dir() and not list(output.parent.glob(".*"))   # renamed into place

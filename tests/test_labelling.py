@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FLOWERS, link_class_folders, run_script
+from conftest import FLOWERS, link_class_folders, run_command
 from flower_classifier.cli import predict
 from flower_classifier.inference import sort_into as sorting
 from flower_classifier.inference.predictor import Predictor
@@ -108,7 +108,7 @@ def test_sort_into_resumed_after_it_finished_checks_and_changes_nothing(photos, 
 def test_sort_into_refuses_a_folder_that_holds_other_files(photos, checkpoint, sorted_run,
                                                            tmp_path):
     review, _ = sorted_run
-    result = run_script("predict.py", photos, checkpoint, "--sort_into", review)
+    result = run_command("predict.py", photos, checkpoint, "--sort_into", review)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"error: --sort_into {review} already holds files; pass --resume "
                              "to continue the run begun there, or choose an empty folder\n")
@@ -236,7 +236,7 @@ def test_suggest_never_picks_two_near_copies_and_groups_by_class(predictor, phot
 
 
 def test_suggest_from_the_command_line(photos, checkpoint, tmp_path):
-    result = run_script("predict.py", photos, checkpoint, "--suggest", "3", "--workers", "0")
+    result = run_command("predict.py", photos, checkpoint, "--suggest", "3", "--workers", "0")
     assert result.returncode == 0, result.stderr
     lines = [line.split("\t") for line in result.stdout.splitlines()]
     assert len(lines) == 3 and all(len(line) == 3 for line in lines)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_script
+from conftest import run_command
 from flower_classifier.inference.predictor import Predictor
 from flower_classifier.models.backbones import build_backbone
 from flower_classifier.models.checkpoint import (
@@ -202,7 +202,7 @@ def test_malicious_pickle_does_not_run(tmp_path, protocol):
     with pytest.raises(UserError, match="could run code"):
         load_checkpoint(path)
     assert not marker.exists()
-    result = run_script("predict.py", path, path)  # the CLI: one line, no traceback
+    result = run_command("predict.py", path, path)  # the CLI: one line, no traceback
     assert result.returncode != 0 and not marker.exists()
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import PROJECT, run_script
+from conftest import PROJECT, run_command
 
 NAMES = json.loads((PROJECT / "cat_to_name.json").read_text())
 
@@ -38,8 +38,8 @@ def test_runs_without_save_dir_go_to_numbered_folders_under_runs(workdir):
 
 
 def test_train_py_prints_where_the_run_goes(subset, tmp_path):
-    result = run_script("train.py", subset, "--epochs", "1", "--cache_dir", tmp_path / "cache",
-                        "--workers", "0", "--save_dir", tmp_path / "run")
+    result = run_command("train.py", subset, "--epochs", "1", "--cache_dir", tmp_path / "cache",
+                         "--workers", "0", "--save_dir", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert f"this run's files go to {tmp_path / 'run'}/" in result.stdout
     assert result.stdout.rstrip().endswith(f"in {tmp_path / 'run'}/")
@@ -80,7 +80,7 @@ def test_the_checkpoint_keeps_the_names_and_every_user_of_it_shows_them(workdir,
     assert Predictor(path, category_names={"1": "mine"}).names == ["mine", "10", "2"]
     assert export_metadata(checkpoint, "onnx")["names"] == predictor.names
     photo = sorted((subset / "test" / "2").iterdir())[0]
-    printed = run_script("predict.py", photo, path, "--top_k", "3")
+    printed = run_command("predict.py", photo, path, "--top_k", "3")
     assert printed.returncode == 0, printed.stderr
     assert NAMES["2"] in printed.stdout and "2: " not in printed.stdout
 

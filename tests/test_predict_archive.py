@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PROJECT, link_class_folders, run_script
+from conftest import PROJECT, link_class_folders, run_command, run_script
 from flower_classifier.cli import predict
 from flower_classifier.data.folders import iter_images, list_images
 from flower_classifier.inference import bulk
@@ -41,8 +41,8 @@ def checkpoint(trained):
 def reference(photos, checkpoint, tmp_path_factory):
     """An uninterrupted run's output lines."""
     output = tmp_path_factory.mktemp("reference") / "preds.jsonl"
-    result = run_script("predict.py", photos, checkpoint, "--output", output, "--top_k", "2",
-                        "--engine", "torch")
+    result = run_command("predict.py", photos, checkpoint, "--output", output, "--top_k", "2",
+                         "--engine", "torch")
     assert result.returncode == 0, result.stderr
     return output.read_text().splitlines()
 
@@ -71,8 +71,8 @@ def assert_same_predictions(lines, reference_lines):
 
 def test_output_has_the_json_lines_of_stdout_and_the_unreadable_file(photos, checkpoint,
                                                                       reference):
-    printed = run_script("predict.py", photos, checkpoint, "--json", "--top_k", "2",
-                         "--engine", "torch")
+    printed = run_command("predict.py", photos, checkpoint, "--json", "--top_k", "2",
+                          "--engine", "torch")
     assert printed.returncode == 0, printed.stderr
     header = json.loads(reference[0])
     assert header["input"] == {"folder": str(photos)} and header["engine"] == "torch"
@@ -195,8 +195,8 @@ def test_resume_refuses_another_checkpoint_or_file_list(photos, checkpoint, tmp_
     second = write_list(tmp_path / "second.txt", images[:20])
     reordered = write_list(tmp_path / "first.txt", images[1:21])
     sha256 = json.loads(first_part(output))["model"]["sha256"]
-    refused = run_script("predict.py", other, "--file_list", first, "--output", output,
-                         "--resume")
+    refused = run_command("predict.py", other, "--file_list", first, "--output", output,
+                          "--resume")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr == (f"error: {output}.parts holds predictions of another checkpoint "
                               f"({checkpoint}, sha256 {sha256[:12]}); "
@@ -296,8 +296,8 @@ def test_part_lines_leave_out_an_incomplete_last_line(photos, checkpoint, tmp_pa
 def test_plot_from_the_command_line(photos, checkpoint, tmp_path):
     """issue 19: predict.py --plot writes the PNG the help promises."""
     image = sorted((photos / "2").iterdir())[0]
-    result = run_script("predict.py", image, checkpoint, "--top_k", "3", "--plot",
-                        tmp_path / "plot.png")
+    result = run_command("predict.py", image, checkpoint, "--top_k", "3", "--plot",
+                         tmp_path / "plot.png")
     assert result.returncode == 0, result.stderr
     assert f"saved {tmp_path / 'plot.png'}" in result.stdout
     with Image.open(tmp_path / "plot.png") as plot:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import ImageOps
 
-from conftest import FLOWERS, require_shared_data, run_script
+from conftest import FLOWERS, require_shared_data, run_command
 from flower_classifier.data.folders import find_splits
 from flower_classifier.data.images import load_image
 from flower_classifier.data.transforms import eval_transform
@@ -99,7 +99,7 @@ def not_flowers(tmp_path_factory):
 
 
 def json_rows(*args):
-    result = run_script("predict.py", *args, "--json")
+    result = run_command("predict.py", *args, "--json")
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -120,7 +120,7 @@ def test_unknown_verdict_flags_non_flowers_and_passes_flowers(trained, subset, n
     assert sum(row["known"] for row in flowers) >= 0.75 * len(flowers)
     # The text output says so, and names the closest class.
     stranger = sorted(not_flowers.iterdir())[0]
-    verdict = run_script("predict.py", stranger, run / "checkpoint.pth")
+    verdict = run_command("predict.py", stranger, run / "checkpoint.pth")
     assert re.fullmatch(r"not one of the known classes \(closest: \S+ [\d.]+%\)\n",
                         verdict.stdout), verdict.stdout
 
@@ -131,7 +131,7 @@ def test_unknown_threshold_flag_and_switching_it_off(trained, not_flowers):
     assert all(row["known"] for row in everything_known)
     off = json_rows(not_flowers, run / "checkpoint.pth", "--no_unknown")
     assert all(list(row) == ["path", "classes", "names", "probabilities"] for row in off)
-    bad = run_script("predict.py", not_flowers, run / "checkpoint.pth", "--unknown_threshold", "2")
+    bad = run_command("predict.py", not_flowers, run / "checkpoint.pth", "--unknown_threshold", "2")
     assert bad.returncode == 2 and "[-1, 1]" in bad.stderr
 
 
@@ -146,7 +146,7 @@ def test_checkpoint_without_the_new_keys_still_predicts(trained, subset, tmp_pat
     assert old.known is None and list(old.as_json()) == ["path", "classes", "names",
                                                          "probabilities"]
     assert old.classes[0] == "2"
-    given = run_script("predict.py", image, tmp_path / "old.pth", "--unknown_threshold", "0.5")
+    given = run_command("predict.py", image, tmp_path / "old.pth", "--unknown_threshold", "0.5")
     assert given.returncode == 2 and "no unknown verdict" in given.stderr
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from conftest import run_script, stopped_at_epoch, train_args
+from conftest import run_command, stopped_at_epoch, train_args
 from flower_classifier.data.loading import ImageFiles
 from flower_classifier.data.transforms import eval_transform
 from flower_classifier.datacheck.report import REPORT_NAME
@@ -225,8 +225,8 @@ def test_a_resumed_stage_run_ends_as_the_whole_run(stage_run, subset, tmp_path, 
 
 
 def test_finetune_and_train_stages_together_are_one_clear_error(subset, tmp_path):
-    run = run_script("train.py", subset, "--save_dir", tmp_path, "--finetune", "--train_stages",
-                     "2", "--cache_dir", tmp_path / "cache")
+    run = run_command("train.py", subset, "--save_dir", tmp_path, "--finetune", "--train_stages",
+                      "2", "--cache_dir", tmp_path / "cache")
     assert run.returncode == 2
     assert run.stderr.splitlines() == [
         "error: --finetune trains on images, --train_stages on cached activations; choose one "
@@ -235,8 +235,8 @@ def test_finetune_and_train_stages_together_are_one_clear_error(subset, tmp_path
 
 def test_export_of_a_stage_checkpoint_matches_predict(stage_run, subset, tmp_path):
     _, run, _ = stage_run
-    exported = run_script("export.py", run / "checkpoint.pth", "--output", tmp_path / "model.pt",
-                          "--check", subset / "valid")
+    exported = run_command("export.py", run / "checkpoint.pth", "--output", tmp_path / "model.pt",
+                           "--check", subset / "valid")
     assert exported.returncode == 0, exported.stderr
     check = re.search(r"top-1 class agrees with predict.py on ([\d.]+)%, largest probability "
                       r"difference ([\d.e+-]+)", exported.stdout)

@@ -13,7 +13,7 @@ import torch
 
 import predict
 import train
-from conftest import PROJECT, make_subset, run_script, stopped_at_epoch, train_args
+from conftest import PROJECT, make_subset, run_command, run_script, stopped_at_epoch, train_args
 from flower_classifier.inference.predictor import Predictor
 from flower_classifier.models import engines
 from flower_classifier.models.checkpoint import load_checkpoint
@@ -80,8 +80,8 @@ def test_predict_folder_json(trained, subset, tmp_path):
     (tmp_path / "names.json").write_text(json.dumps({"1": "pink primrose"}))
     shutil.copytree(subset / "test", tmp_path / "photos", symlinks=True)
     (tmp_path / "photos" / "broken.jpg").write_text("not an image")
-    result = run_script("predict.py", tmp_path / "photos", run / "checkpoint.pth", "--json",
-                        "--top_k", "2", "--category_names", tmp_path / "names.json")
+    result = run_command("predict.py", tmp_path / "photos", run / "checkpoint.pth", "--json",
+                         "--top_k", "2", "--category_names", tmp_path / "names.json")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == len(list((subset / "test").glob("*/*")))
@@ -96,7 +96,7 @@ def test_predict_folder_json(trained, subset, tmp_path):
 def test_predict_single_image_json_and_errors(trained, subset, tmp_path):
     _, run = trained
     image = next((subset / "test" / "2").iterdir())
-    result = run_script("predict.py", image, run / "checkpoint.pth", "--json")
+    result = run_command("predict.py", image, run / "checkpoint.pth", "--json")
     assert json.loads(result.stdout)["classes"] == ["2"] and result.stderr == ""
     (tmp_path / "text.jpg").write_text("hello")
     for args, message in [((tmp_path / "nope.jpg", run / "checkpoint.pth"), "not found"),
@@ -104,7 +104,7 @@ def test_predict_single_image_json_and_errors(trained, subset, tmp_path):
                           ((image, tmp_path / "missing.pth"), "checkpoint"),
                           ((image, run / "checkpoint.pth", "--category_names", image),
                            "not valid JSON")]:
-        result = run_script("predict.py", *args)
+        result = run_command("predict.py", *args)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("error: ") and message in result.stderr
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
@@ -187,7 +187,8 @@ def test_cache_gives_identical_results_and_same_seed_same_weights(subset, tmp_pa
     assert not torch.equal(other_seed[first_weight], warm[first_weight])
 
 
-def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
+def test_augmented_views_are_distinct_and_reproducible(tmp_path):
+    subset = make_subset(tmp_path / "data", sizes={"train": 3, "valid": 1, "test": 1})
     result = train.main(train_args(subset, tmp_path / "run", tmp_path / "cache", "--epochs", "2",
                                    "--augment", "2"))
     counts = {split: len(list((subset / split).glob("*/*"))) for split in ("train", "valid", "test")}
@@ -198,7 +199,7 @@ def test_augmented_views_are_distinct_and_reproducible(subset, tmp_path):
     from flower_classifier.models.features import FeatureExtractor
 
     backbone = build_backbone("efficientnet_lite0")
-    extractor = FeatureExtractor(backbone, torch.device("cpu"), workers=0)
+    extractor = FeatureExtractor(backbone, torch.device("cpu"), workers=0, engine="torch")
     split = find_splits(subset)[1]["train"]
     views = []
     for view in (1, 2, 1):
@@ -292,12 +293,12 @@ def test_unreadable_training_images_are_skipped_or_strict(tmp_path):
     data = make_subset(tmp_path / "data", sizes={"train": 3, "valid": 1})
     (data / "train" / "1" / "zero.jpg").write_bytes(b"")
     (data / "train" / "2" / "text.jpg").write_text("not a jpeg")
-    result = run_script("train.py", data, "--save_dir", tmp_path / "run", "--epochs", "1",
-                        "--cache_dir", tmp_path / "cache")
+    result = run_command("train.py", data, "--save_dir", tmp_path / "run", "--epochs", "1",
+                         "--cache_dir", tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert "skipped 2 unreadable images" in result.stderr
-    strict = run_script("train.py", data, "--save_dir", tmp_path / "strict", "--epochs", "1",
-                        "--cache_dir", tmp_path / "cache", "--strict")
+    strict = run_command("train.py", data, "--save_dir", tmp_path / "strict", "--epochs", "1",
+                         "--cache_dir", tmp_path / "cache", "--strict")
     assert strict.returncode == 2 and "2 unreadable images" in strict.stderr
     assert not (tmp_path / "strict" / "checkpoint.pth").exists()
 
