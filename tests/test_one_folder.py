@@ -88,7 +88,9 @@ def test_mistakes_sheet_names_the_wrong_photos_worst_first(tmp_path):
     assert evaluation.mistakes == 2
     assert evaluation.report["accuracy"] == pytest.approx(1 / 3)
     assert (tmp_path / "mistakes.png").stat().st_size > 0
+    assert (tmp_path / "mistakes.html").read_text().count("<figure>") == 2
     # Without the photos' order (fine-tuning that skipped an image) no sheet is drawn.
     evaluation = write_evaluation(tmp_path / "none", [0, 0, 0], probabilities, ["a", "b"])
     assert evaluation.mistakes is None
     assert not (tmp_path / "none" / "mistakes.png").exists()
+    assert not (tmp_path / "none" / "mistakes.html").exists()

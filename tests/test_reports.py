@@ -1,8 +1,11 @@
 """flower_classifier/reports: the test report's numbers on hand-made predictions, and that every plot writes a
 readable PNG atomically (no temporary file left behind)."""
+import base64
+import io
 import json
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flower_classifier.reports import contact_sheets, plots, test_report
+from flower_classifier.reports import contact_sheets, mistakes_page, plots, test_report
 
 PROJECT_ROOT = Path(__file__).parents[1]
 NAMES = ["alpha", "beta", "gamma", "delta"]            # delta never occurs in the labels
@@ -254,6 +257,66 @@ def test_contact_sheet_cuts_the_path_not_the_label_and_explains_the_numbers(tmp_
     cut = contact_sheets.fit_text(draw, long_label, font, 158, cut="right")
     assert cut.startswith("suggested: giant") and cut.endswith("... (0.97)")
     assert draw.textlength(cut, font=font) <= 158
+
+
+class PageParts(HTMLParser):
+    """The figures of mistakes.html: each one's image sources, caption text and link."""
+
+    def __init__(self):
+        super().__init__()
+        self.figures = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "figure":
+            self.figures.append({"images": [], "text": "", "link": None})
+        elif tag == "img" and self.figures:
+            self.figures[-1]["images"].append(attrs["src"])
+        elif tag == "a" and self.figures:
+            self.figures[-1]["link"] = attrs["href"]
+
+    def handle_data(self, data):
+        if self.figures:
+            self.figures[-1]["text"] += data
+
+
+def test_mistakes_page_shows_the_wrong_photos_worst_first_with_heatmaps(tmp_path):
+    photos = []
+    for index, colour in enumerate(["red", "green", "blue", "white"]):
+        photos.append(tmp_path / f"photo {index}.jpg")
+        Image.new("RGB", (300, 200), colour).save(photos[-1])
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    photos.append(tmp_path / "broken.jpg")
+    probabilities = np.array([[0.7, 0.3], [0.2, 0.8], [0.9, 0.1], [0.45, 0.55], [0.05, 0.95]])
+    asked = []
+
+    def heatmap(path):
+        asked.append(path)
+        return b"\x89PNG heatmap of " + Path(path).name.encode()
+
+    page = tmp_path / "out" / "mistakes.html"
+    page.parent.mkdir()
+    wrong = mistakes_page.write_mistakes_page(photos, [0, 0, 1, 0, 0], probabilities,
+                                              ["<rose>", "tulip & co"], page, heatmap)
+    assert wrong == 4 and list(page.parent.iterdir()) == [page]   # written whole, no temporary
+    parser = PageParts()
+    parser.feed(page.read_text(encoding="utf-8"))
+    # worst first: the lowest probability of the true class (broken 0.05, photo 2 0.1, ...)
+    order = [photos[index] for index in (4, 2, 1, 3)]
+    assert [figure["link"] for figure in parser.figures] == [p.as_uri() for p in order]
+    assert asked == order[1:]                     # a photo that cannot be read has no heatmap
+    assert [len(figure["images"]) for figure in parser.figures] == [0, 2, 2, 2]
+    assert "cannot be read" in parser.figures[0]["text"]
+    second = parser.figures[1]
+    assert second["images"][0].startswith("data:image/jpeg;base64,")
+    assert base64.b64decode(second["images"][1].split(",")[1]) == b"\x89PNG heatmap of photo 2.jpg"
+    assert "true: tulip & co (10%)" in second["text"] and "predicted: <rose> (90%)" in second["text"]
+    with Image.open(io.BytesIO(base64.b64decode(second["images"][0].split(",")[1]))) as thumb:
+        assert thumb.format == "JPEG" and max(thumb.size) == mistakes_page.THUMBNAIL
+    assert "<rose>" not in page.read_text()                       # names are escaped
+    assert mistakes_page.write_mistakes_page(photos[:1], [0], probabilities[:1], ["a", "b"],
+                                             tmp_path / "none.html") == 0
+    assert not (tmp_path / "none.html").exists()
 
 
 def test_the_mistakes_and_data_check_sheets_have_a_legend_and_names(tmp_path, monkeypatch):

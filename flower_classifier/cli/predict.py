@@ -25,12 +25,12 @@ from flower_classifier.data.folders import list_images
 from flower_classifier.data.images import load_image
 from flower_classifier.data.loading import default_workers
 from flower_classifier.inference.bulk import Archive, model_identity, predict_archive
-from flower_classifier.inference.explain import explain_image
 from flower_classifier.inference.predictor import BATCH_SIZE, Predictor
 from flower_classifier.inference.scoring import score_folder
 from flower_classifier.inference.sort_into import MANIFEST, sort_into
 from flower_classifier.inference.suggest import BY, MAX_SIMILARITY, Tally, suggest_photos
 from flower_classifier.models.engines import ENGINE_CHOICES
+from flower_classifier.models.explain import explain_image
 from flower_classifier.reports.evaluation import evaluation_lines
 from flower_classifier.reports.plots import plot_prediction
 from flower_classifier.utils import distributed
@@ -85,8 +85,9 @@ def get_args_parser():
     parser.add_argument("--report", default=None, metavar="DIR",
                         help="score a labelled folder, whose sub-folders are the checkpoint's "
                         "class folders (a test set of your own): print the accuracy and the "
-                        "worst classes, and write test_report.json, confusion_matrix.png and "
-                        "mistakes.png (the wrongly named photos, worst first) to DIR")
+                        "worst classes, and write test_report.json, confusion_matrix.png, "
+                        "mistakes.png and mistakes.html (the wrongly named photos, worst first; "
+                        "the page with heatmaps of where the model looked) to DIR")
     parser.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
                         help="what runs the backbone: auto takes OpenVINO on the CPU for folders "
                         "of 128 images or more, else torch (fp32 on the CPU)")

@@ -6,6 +6,7 @@ are the checkpoint's class folders.
 import numpy as np
 
 from flower_classifier.data.folders import class_folders, list_split
+from flower_classifier.models.explain import autograd_ready, heatmap_overlay_png
 from flower_classifier.reports.evaluation import write_evaluation
 from flower_classifier.utils.console import warn
 from flower_classifier.utils.errors import UserError
@@ -47,4 +48,7 @@ def score_folder(predictor, source, folder, batch_size, workers=None):
     skipped = len(split.paths) - len(paths)
     if skipped:
         warn(f"skipped {skipped} unreadable images")
-    return write_evaluation(folder, labels, np.stack(probabilities), predictor.names, paths)
+    model = autograd_ready(predictor.model)  # once, not for each heatmap
+    return write_evaluation(folder, labels, np.stack(probabilities), predictor.names, paths,
+                            heatmap=lambda path: heatmap_overlay_png(model, path,
+                                                                     predictor.names))

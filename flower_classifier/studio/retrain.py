@@ -167,7 +167,7 @@ class QuickTrainer:
         """The Grad-CAM heatmap of the latest retrain's prediction for a photo, as PNG."""
         if self.classifier is None:
             raise BadRequest(409, "Retrain first: the heatmap explains the retrained head.")
-        from flower_classifier.inference.explain import heatmap_overlay_png
+        from flower_classifier.models.explain import heatmap_overlay_png
 
         return heatmap_overlay_png(self.classifier, self.studio.image_path(photo_id),
                                    self.studio.names)

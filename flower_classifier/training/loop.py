@@ -22,7 +22,12 @@ from flower_classifier.models.checkpoint import (
     save_checkpoint,
 )
 from flower_classifier.models.engines import autocast
-from flower_classifier.reports.evaluation import CONFUSION_NAME, MISTAKES_NAME, REPORT_NAME
+from flower_classifier.reports.evaluation import (
+    CONFUSION_NAME,
+    MISTAKES_NAME,
+    MISTAKES_PAGE_NAME,
+    REPORT_NAME,
+)
 from flower_classifier.reports.plots import epoch_rank
 from flower_classifier.training.optim import make_criterion, make_optimizer
 from flower_classifier.training.tasks.base import training_autocast
@@ -35,7 +40,7 @@ from flower_classifier.utils.threads import ThreadPolicy
 CURVES_NAME = "training_curves.png"
 # Everything a run writes in its save folder.
 RUN_FILES = (CHECKPOINT_NAME, TRAIN_STATE_NAME, CURVES_NAME, REPORT_NAME, CONFUSION_NAME,
-             MISTAKES_NAME)
+             MISTAKES_NAME, MISTAKES_PAGE_NAME)
 # Seconds between writes of the checkpoint and train_state.pth during training on cached
 # features (see Trainer.keep_train_state): a kill -9 loses at most this much training plus the
 # epoch under way, Ctrl-C nothing.

@@ -53,6 +53,7 @@ from flower_classifier.models.checkpoint import (
     save_checkpoint,
 )
 from flower_classifier.models.classifier import ImageClassifier, build_head
+from flower_classifier.models.explain import heatmap_overlay_png
 from flower_classifier.models.features import extraction_summary
 from flower_classifier.reports.evaluation import evaluation_lines, write_evaluation
 from flower_classifier.reports.plots import plot_training_curves
@@ -192,7 +193,8 @@ def unknown_share(task, calibration):
 
 def test_and_report(classifier, task, best, names, save_dir, device, calibration):
     """Test accuracy of the best epoch; on rank 0 the report, the confusion matrix and the
-    wrongly named test photos (reports/evaluation.py) in save_dir."""
+    wrongly named test photos, with where the model looked (reports/evaluation.py) in
+    save_dir."""
     classifier.load_trained_weights(best)
     test = evaluate(task.model, task.eval_batches("test"), nn.CrossEntropyLoss(), device)
     if not len(test["labels"]):
@@ -206,7 +208,8 @@ def test_and_report(classifier, task, best, names, save_dir, device, calibration
         evaluation = write_evaluation(
             save_dir, test["labels"], (test["logits"] / temperature).softmax(1), names, paths,
             calibration_section(test["logits"], test["labels"], temperature,
-                                unknown_share(task, calibration)))
+                                unknown_share(task, calibration)),
+            heatmap=lambda path: heatmap_overlay_png(classifier, path, names))
         log("\n".join(evaluation_lines(evaluation, save_dir)))
     return test["accuracy"]
 

@@ -1,6 +1,6 @@
 """Where the model looked: Grad-CAM on the last convolutional stage of the backbone.
 
-    from flower_classifier.inference.explain import explain_image
+    from flower_classifier.models.explain import explain_image
     explanation = explain_image(predictor.model, predictor.transform, load_image("rose.jpg"))
     explanation.heatmap        # [H, W] in [0, 1] over the centre crop the model saw
     explanation.overlay()      # that crop with the heatmap laid over it (a PIL image)
