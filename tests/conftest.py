@@ -24,6 +24,10 @@ os.environ.setdefault("FLOWER_CLASSIFIER_THREADS", "1")
 # the suite starts from nothing, as in CI.
 if "PYTEST_XDIST_WORKER" not in os.environ:
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="flower-classifier-tests-")
+# Scripts the tests interrupt with SIGINT must get it: a suite started in the background by a
+# shell that ignores SIGINT there would pass the ignoring on to every script it starts.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 MAX_TEST_PROCESSES = 4  # each holds torch and a model or two: memory, not cores, is the limit
 
 
@@ -94,15 +98,16 @@ def run_command(command, *args, cwd=PROJECT):
     parser.prog = script
     argv = list(map(str, args))
     stdout, stderr = io.StringIO(), io.StringIO()
-    sigterm = signal.getsignal(signal.SIGTERM)
+    sigterm, folder = signal.getsignal(signal.SIGTERM), os.getcwd()
+    os.chdir(cwd)  # not contextlib.chdir: Python 3.10 lacks it
     try:
-        with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), \
-                contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             run_cli(command.main, parser, argv)
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     finally:
+        os.chdir(folder)
         signal.signal(signal.SIGTERM, sigterm)
     return subprocess.CompletedProcess([script, *argv], code, stdout.getvalue(),
                                        stderr.getvalue())

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CIFAR, make_subset, stopped_at_epoch, train_args
+from conftest import CIFAR, make_subset, run_command, stopped_at_epoch, train_args
 from flower_classifier.data import small_images
 from flower_classifier.data.folders import find_splits
 from flower_classifier.data.images import load_image
@@ -100,6 +100,9 @@ def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
     assert checkpoint["hyperparameters"]["learning_rate"] == family_default(
         "learning_rate", "scratch")
     assert (tmp_path / "whole" / "test_report.json").is_file()
+    # two epochs on 12 photos a class: mistakes, on a page without heatmaps (no maps to weigh)
+    page = (tmp_path / "whole" / "mistakes.html").read_text()
+    assert "<figure>" in page and "data:image/png" not in page
 
     with stopped_at_epoch(2):
         train.main(train_args(cifar, tmp_path / "cut", tmp_path / "cache", "--arch", "cnn",
@@ -120,6 +123,11 @@ def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
         assert len(single.classes) == 3 and batched.classes == single.classes
         torch.testing.assert_close(torch.tensor(batched.probabilities),
                                    torch.tensor(single.probabilities), atol=1e-4, rtol=0)
+    refused = run_command("predict.py", images[0], checkpoint_path, "--plot",
+                          tmp_path / "plot.png", "--heatmap")
+    assert refused.returncode == 2 and refused.stdout == "" and refused.stderr == (
+        "error: --heatmap needs a pretrained backbone; the network trained from scratch (--arch "
+        "cnn) has no maps to weigh: leave out --heatmap\n")
 
 
 def test_network_converts_for_openvino_with_any_batch_size(tmp_path):

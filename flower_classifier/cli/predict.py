@@ -30,7 +30,7 @@ from flower_classifier.inference.scoring import score_folder
 from flower_classifier.inference.sort_into import MANIFEST, sort_into
 from flower_classifier.inference.suggest import BY, MAX_SIMILARITY, Tally, suggest_photos
 from flower_classifier.models.engines import ENGINE_CHOICES
-from flower_classifier.models.explain import explain_image
+from flower_classifier.models.explain import explain_image, explainable
 from flower_classifier.reports.evaluation import evaluation_lines
 from flower_classifier.reports.plots import plot_prediction
 from flower_classifier.utils import distributed
@@ -307,6 +307,9 @@ def print_folder(predictor, source, top_k, as_json, batch_size, workers):
 def print_one(predictor, path, top_k, as_json, plot, heatmap=False):
     """One photo's prediction printed, and drawn into the PNG plot names (None: not drawn);
     heatmap: the image drawn is the centre crop with the top class's Grad-CAM over it."""
+    if heatmap and not explainable(predictor.model):
+        raise UserError("--heatmap needs a pretrained backbone; the network trained from "
+                        "scratch (--arch cnn) has no maps to weigh: leave out --heatmap")
     prediction = predictor.predict_image(path, top_k)
     print_result(prediction, as_json, show_path=False)
     if plot:

@@ -68,6 +68,13 @@ def autograd_ready(classifier):
     return copy.deepcopy(classifier) if any(t.is_inference() for t in tensors) else classifier
 
 
+def explainable(classifier):
+    """Whether Grad-CAM can weigh the maps of the backbone's last stage: a pretrained backbone's
+    stages are lists of layers; the CNN trained from scratch is one stage, the whole network,
+    whose output is its pooled features, not maps."""
+    return isinstance(classifier.backbone_spec.stages()[-1], torch.nn.ModuleList)
+
+
 def grad_cam(classifier, tensor, class_index=None):
     """(heatmap [H, W] in [0, 1], class index, its probability) of a normalised image tensor
     [3, H, W] through an ImageClassifier: Grad-CAM on its backbone's last stage."""
