@@ -278,11 +278,15 @@ def test_signal_during_training_keeps_the_best_head(subset, tmp_path, signum, co
             [sys.executable, "train.py", str(subset), "--save_dir", str(tmp_path / "run"),
              "--cache_dir", str(tmp_path / "cache"), "--epochs", "100000", "--workers", "0"],
             cwd=PROJECT, stdout=output, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while not re.search(r"^epoch +2/", log.read_text(), re.M) and time.time() < deadline:
-            time.sleep(0.2)
-        process.send_signal(signum)
-        _, stderr = process.communicate(timeout=60)
+        try:
+            deadline = time.time() + 120
+            while not re.search(r"^epoch +2/", log.read_text(), re.M) and time.time() < deadline:
+                time.sleep(0.2)
+            process.send_signal(signum)
+            _, stderr = process.communicate(timeout=60)
+        finally:  # a run that ignored the signal must not train on after the test
+            process.kill()
+            process.wait()
     assert process.returncode == code
     assert "interrupted: the best head so far" in stderr and "--resume" in stderr
     assert "Traceback" not in stderr
