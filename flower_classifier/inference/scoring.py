@@ -6,7 +6,7 @@ are the checkpoint's class folders.
 import numpy as np
 
 from flower_classifier.data.folders import class_folders, list_split
-from flower_classifier.models.explain import autograd_ready, explainable, heatmap_overlay_png
+from flower_classifier.models.explain import heatmap_drawer
 from flower_classifier.reports.evaluation import write_evaluation
 from flower_classifier.utils.console import warn
 from flower_classifier.utils.errors import UserError
@@ -48,8 +48,5 @@ def score_folder(predictor, source, folder, batch_size, workers=None):
     skipped = len(split.paths) - len(paths)
     if skipped:
         warn(f"skipped {skipped} unreadable images")
-    model = autograd_ready(predictor.model)  # once, not for each heatmap
-    heatmap = ((lambda path: heatmap_overlay_png(model, path, predictor.names))
-               if explainable(model) else None)
     return write_evaluation(folder, labels, np.stack(probabilities), predictor.names, paths,
-                            heatmap=heatmap)
+                            heatmap=heatmap_drawer(predictor.model, predictor.names))

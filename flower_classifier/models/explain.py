@@ -132,5 +132,14 @@ def heatmap_overlay_png(classifier, path, names):
     return buffer.getvalue()
 
 
+def heatmap_drawer(classifier, names):
+    """heatmap(path) -> heatmap_overlay_png's PNG, for the mistakes page; None where the
+    classifier has no maps to weigh. The classifier is made autograd-ready once, not per photo."""
+    if not explainable(classifier):
+        return None
+    classifier = autograd_ready(classifier)
+    return lambda path: heatmap_overlay_png(classifier, path, names)
+
+
 def transform_side(classifier):
     return classifier.backbone_spec.preprocess.resize

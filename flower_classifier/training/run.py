@@ -53,7 +53,7 @@ from flower_classifier.models.checkpoint import (
     save_checkpoint,
 )
 from flower_classifier.models.classifier import ImageClassifier, build_head
-from flower_classifier.models.explain import explainable, heatmap_overlay_png
+from flower_classifier.models.explain import heatmap_drawer
 from flower_classifier.models.features import extraction_summary
 from flower_classifier.reports.evaluation import evaluation_lines, write_evaluation
 from flower_classifier.reports.plots import plot_training_curves
@@ -209,8 +209,7 @@ def test_and_report(classifier, task, best, names, save_dir, device, calibration
             save_dir, test["labels"], (test["logits"] / temperature).softmax(1), names, paths,
             calibration_section(test["logits"], test["labels"], temperature,
                                 unknown_share(task, calibration)),
-            heatmap=(lambda path: heatmap_overlay_png(classifier, path, names))
-            if explainable(classifier) else None)
+            heatmap=heatmap_drawer(classifier, names))
         log("\n".join(evaluation_lines(evaluation, save_dir)))
     return test["accuracy"]
 
