@@ -1,15 +1,17 @@
 """The studio's quick retrain on the shared flowers: seconds per epoch of the head's loop as
-train.py runs it and as the studio runs it, and the time from the click to the new valid
-accuracy (QuickTrainer in-process, 100 decisions applied).
+train.py runs it and as a warm retrain runs it, the time from the click to the new valid accuracy
+(QuickTrainer in-process, 100 decisions applied), and the cross-validated accuracy of a warm
+retrain against train.py's head trained from scratch, after label fixes.
 
     python benchmarks/studio_retrain.py ../shared/data/flowers102
 
 Features as train.py computes them (its FeatureExtractor, engine and cache: train/ the image's
-features, valid/ and test/ averaged with the mirror image's). Then the schedules are
-cross-validated as benchmarks/quality.py does (train/ + valid/ pooled, stratified folds, the
-last epoch scored on the held-out fold), on these features: valid/'s rows mirror-averaged,
-train/'s not (quality.py averages both for its held-out folds, so its figures differ a little;
-the comparison between schedules is on the same folds and features).
+features, valid/ and test/ averaged with the mirror image's). Cross-validation pools train/ and
+valid/ (stratified folds, the last epoch scored on the held-out fold, as benchmarks/quality.py
+does). In each fold a share of the training labels is first made wrong (--noise): the first run
+trains on them, as the studio's first run trains on the folder as filed; then the labels are
+fixed, as a person fixes them in the studio, and the warm retrain continues the first run's head
+on the fixed labels, while the reference trains train.py's head from scratch on them.
 """
 import argparse
 import sys
@@ -51,23 +53,42 @@ def features(args):
     return by_split, Dataset(class_to_idx, splits), backbone
 
 
-def cross_validate(config, backbone, by_split, dataset, folds, seed):
-    """Accuracy (mean, standard deviation over folds) of config's head, the last epoch scored on
-    each held-out fold of train/ + valid/ pooled (train/'s plain features, valid/'s
-    mirror-averaged ones, as train.py has them), as benchmarks/quality.py does."""
+def made_wrong(labels, share, class_count, seed):
+    """labels with a share of them moved to another class at random, and the mask of those."""
+    generator = torch.Generator().manual_seed(seed)
+    wrong = torch.rand(len(labels), generator=generator) < share
+    shifts = torch.randint(1, class_count, (int(wrong.sum()),), generator=generator)
+    noisy = labels.clone()
+    noisy[wrong] = (labels[wrong] + shifts) % class_count
+    return noisy, wrong
+
+
+def cross_validate(args, backbone, by_split, dataset, share):
+    """Per fold: the accuracy of train.py's head on the labels with `share` made wrong (the
+    first run), of a warm retrain from it on the fixed labels, and of train.py's head trained
+    from scratch on the fixed labels (the reference); last epochs scored on the held-out fold."""
     inputs = torch.cat([by_split[name][0] for name in ("train", "valid")])
     labels = torch.tensor([*dataset.splits["train"].labels, *dataset.splits["valid"].labels])
-    fold_of = quality.stratified_folds(labels, folds, seed)
-    scores = []
-    for fold in range(folds):
-        held = fold_of == fold
-        cached = CachedInputs({"train": (inputs[~held][None], labels[~held]),
+    class_count = len(dataset.class_to_idx)
+    fold_of = quality.stratified_folds(labels, args.folds, args.seed)
+    full = quick_config(args.data_dir, **RETRAIN_SCHEDULES["full"])
+    warm = quick_config(args.data_dir, **RETRAIN_SCHEDULES["warm"])
+    scores = {"first run": [], "warm retrain": [], "from scratch": []}
+
+    def score(config, train_labels, held, init=None):
+        cached = CachedInputs({"train": (inputs[~held][None], train_labels),
                                "valid": (inputs[held], labels[held])})
-        _, valid = fit_head(config, backbone, len(dataset.class_to_idx), cached, CPU,
-                            keep_best=False)
-        scores.append(valid["accuracy"])
-    scores = torch.tensor(scores)
-    return scores.mean().item(), scores.std().item(), scores.tolist()
+        return fit_head(config, backbone, class_count, cached, CPU, keep_best=False, init=init)
+
+    for fold in range(args.folds):
+        held = fold_of == fold
+        noisy, _ = made_wrong(labels[~held], share, class_count, args.seed + 100 + fold)
+        first, valid = score(full, noisy, held)
+        scores["first run"].append(valid["accuracy"])
+        init = {key: value.clone() for key, value in first.head.state_dict().items()}
+        scores["warm retrain"].append(score(warm, labels[~held], held, init)[1]["accuracy"])
+        scores["from scratch"].append(score(full, labels[~held], held)[1]["accuracy"])
+    return {name: torch.tensor(values) for name, values in scores.items()}
 
 
 def train_py_loop(config, backbone, cached, class_count):
@@ -92,6 +113,7 @@ def train_py_loop(config, backbone, cached, class_count):
 
 
 def studio_loop(config, backbone, cached, class_count):
+    """A studio run's seconds per epoch (a warm one from a new head: the same work)."""
     started = time.perf_counter()
     _, valid = fit_head(config, backbone, class_count, cached, CPU)
     return (time.perf_counter() - started) / config.epochs, valid["accuracy"]
@@ -99,33 +121,48 @@ def studio_loop(config, backbone, cached, class_count):
 
 def click_to_accuracy(args, backbone, by_split, dataset, tmp, schedule):
     """Seconds from QuickTrainer.start() (what POST /api/retrain calls) to its accuracy, with
-    50 photos dropped and 50 relabelled in corrections.json."""
+    50 photos dropped and 50 relabelled in corrections.json, after the first run (the folder
+    as filed, which the studio trains when it opens)."""
     options = StudioOptions(args.data_dir, save_dir=str(tmp), cache_dir=None)
     studio = Studio(options, dataset, by_split, report={}, backbone=backbone)
+    Path(studio.corrections_path).unlink(missing_ok=True)
+    trainer = QuickTrainer(studio, CPU, schedule)
+    first = wait_for(trainer, trainer.start_first())
     paths = dataset.splits["train"].paths
     record_decisions(studio.corrections_path, {**{path: None for path in paths[:50]},
                                                **{path: "1" for path in paths[50:100]}})
-    trainer = QuickTrainer(studio, CPU, **RETRAIN_SCHEDULES[schedule])
     started = time.perf_counter()
-    trainer.start()
-    while trainer.runs[-1]["status"] == "running":
+    run = wait_for(trainer, trainer.start())
+    return time.perf_counter() - started, first, run
+
+
+def wait_for(trainer, run):
+    """The run's record once it has ended (done, else an AssertionError)."""
+    while trainer.runs[run["id"] - 1]["status"] == "running":
         time.sleep(0.01)
-    run = trainer.runs[-1]
+    run = trainer.runs[run["id"] - 1]
     assert run["status"] == "done", run
-    return time.perf_counter() - started, run
+    return run
 
 
-SCHEDULES = {"train.py --train_stages 0": {},
-             "batch 512, lr 0.008, 20 epochs (--retrain fast)": {
-                 "epochs": 20, "batch_size": 512, "learning_rate": 0.008},
-             "batch 512, lr 0.006, 15 epochs": {"epochs": 15, "batch_size": 512,
-                                                "learning_rate": 0.006},
-             "batch 256, lr 0.004, 30 epochs": {"epochs": 30, "batch_size": 256,
-                                                "learning_rate": 0.004},
-             "batch 256, lr 0.004, 24 epochs": {"epochs": 24, "batch_size": 256,
-                                                "learning_rate": 0.004},
-             "batch 128, lr 0.003, 24 epochs": {"epochs": 24, "batch_size": 128,
-                                                "learning_rate": 0.003}}
+def timing(args, backbone, by_split, dataset, cached, class_count):
+    """Seconds per epoch of train.py's loop and of a warm retrain's, and click to accuracy."""
+    for name, loop in (("train.py --train_stages 0, train.py's loop", train_py_loop),
+                       ("the studio's full retrain", studio_loop),
+                       ("the studio's warm retrain", studio_loop)):
+        schedule = "warm" if "warm" in name else "full"
+        config = quick_config(args.data_dir, **RETRAIN_SCHEDULES[schedule])
+        runs = [loop(config, backbone, cached, class_count) for _ in range(args.repeats)]
+        per_epoch = min(seconds for seconds, _ in runs)
+        print(f"{name}: batch {config.batch_size}, {config.epochs} epochs, {per_epoch:.3f} s per "
+              f"epoch (best of {args.repeats}), {per_epoch * config.epochs:.1f} s", flush=True)
+    for schedule in RETRAIN_SCHEDULES:
+        for _ in range(args.repeats):
+            seconds, first, run = click_to_accuracy(args, backbone, by_split, dataset,
+                                                    Path(args.save_dir), schedule)
+            print(f"click to accuracy (--retrain {schedule}): {seconds:.2f} s, valid "
+                  f"{run['valid_accuracy']:.2%} (as filed {first['valid_accuracy']:.2%}, "
+                  f"{first['seconds']} s; {run['changes']})", flush=True)
 
 
 def main():
@@ -136,44 +173,32 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, nargs="*", default=[0.0, 0.01, 0.03],
+                        help="shares of the training labels made wrong before the first run")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save_dir", default="/tmp/studio_retrain_benchmark")
-    parser.add_argument("--schedules", nargs="*", default=list(SCHEDULES), choices=SCHEDULES,
-                        metavar="NAME", help=f"schedules to cross-validate: {list(SCHEDULES)}")
     parser.add_argument("--skip_timing", action="store_true")
+    parser.add_argument("--skip_cv", action="store_true")
     args = parser.parse_args()
     by_split, dataset, backbone = features(args)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     class_count = len(dataset.class_to_idx)
     labels = {name: torch.tensor(split.labels) for name, split in dataset.splits.items()}
     cached = CachedInputs({"train": (by_split["train"][0][None], labels["train"]),
                            "valid": (by_split["valid"][0], labels["valid"])})
-    print(f"train {len(labels['train'])}, valid {len(labels['valid'])} features; one thread",
-          flush=True)
-    configs = {name: quick_config(args.data_dir, **overrides)
-               for name, overrides in SCHEDULES.items()}
-    timed = ("train.py --train_stages 0", "batch 512, lr 0.008, 20 epochs (--retrain fast)")
-    for name in timed if not args.skip_timing else ():
-        for loop_name, loop in (("train.py's loop", train_py_loop),
-                                ("the studio's loop", studio_loop)):
-            runs = [loop(configs[name], backbone, cached, class_count)
-                    for _ in range(args.repeats)]
-            per_epoch = min(seconds for seconds, _ in runs)
-            print(f"{name}, {loop_name}: {configs[name].epochs} epochs, {per_epoch:.3f} s per "
-                  f"epoch (best of {args.repeats}), {per_epoch * configs[name].epochs:.1f} s, "
-                  f"valid {runs[0][1]:.2%}", flush=True)
-    for schedule in RETRAIN_SCHEDULES if not args.skip_timing else ():
-        for _ in range(args.repeats):
-            seconds, run = click_to_accuracy(args, backbone, by_split, dataset,
-                                             Path(args.save_dir), schedule)
-            print(f"click to accuracy (--retrain {schedule}): {seconds:.2f} s, valid "
-                  f"{run['valid_accuracy']:.2%} ({run['changes']})", flush=True)
-    for name in args.schedules:
-        config = configs[name]
-        mean, std, scores = cross_validate(config, backbone, by_split, dataset, args.folds,
-                                           args.seed)
-        print(f"cross-validated ({args.folds} folds, seed {args.seed}) {name} "
-              f"(batch {config.batch_size}, lr {config.learning_rate}, {config.epochs} epochs): "
-              f"{mean:.2%} +- {std:.2%} {[round(s, 4) for s in scores]}", flush=True)
+    print(f"train {len(labels['train'])}, valid {len(labels['valid'])} features; "
+          f"{args.threads} thread(s)", flush=True)
+    if not args.skip_timing:
+        timing(args, backbone, by_split, dataset, cached, class_count)
+    for share in () if args.skip_cv else args.noise:
+        scores = cross_validate(args, backbone, by_split, dataset, share)
+        gap = scores["warm retrain"] - scores["from scratch"]
+        print(f"cross-validated ({args.folds} folds, seed {args.seed}), {share:.0%} of the "
+              "labels wrong then fixed: " + ", ".join(
+                  f"{name} {values.mean():.2%} +- {values.std():.2%}"
+                  for name, values in scores.items())
+              + f"; warm - scratch {100 * gap.mean():+.2f} +- {100 * gap.std():.2f} points "
+              f"(per fold {[round(100 * g, 2) for g in gap.tolist()]})", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """studio.py as a client sees it: the real server in a subprocess on a loopback port, real HTTP
 (httpx, and raw sockets where a client must not tidy the path), on a small folder of real
-photos with a planted duplicate and a planted link to a file that is no photo."""
+photos with a planted duplicate, three planted mislabelled photos and a planted link to a file
+that is no photo; and the model download's refusals in this process, on runs made up."""
 import json
 import os
 import queue
@@ -13,22 +14,31 @@ import sys
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import PROJECT, link_class_folders, run_script
+from conftest import FLOWERS, PROJECT, link_class_folders, run_script
 
 CLASSES = ("1", "10", "2")
 NAMES = {"1": "pink primrose", "10": "globe thistle", "2": "hard-leaved pocket orchid"}
 TOKEN = "studio-secret"
+# Photos of one class filed under another (source class, the class it is filed under): the
+# data check names each a likely mislabelled photo.
+MISFILED = (("10", "1"), ("2", "10"), ("1", "2"))
+PHOTOS = 29  # make_folder's: 24 in the classes, the copy, the three misfiled and the link
 
 
 def make_folder(root):
     """3 classes x 8 real photos (links), a copy of class 1's first photo filed under class 2,
-    a link named like a photo that leads to /etc/passwd, and cat_to_name.json."""
+    links to a photo of each class filed under another (misfiled_from_<class>.jpg), a link
+    named like a photo that leads to /etc/passwd, and cat_to_name.json."""
     folder = link_class_folders(root, 8, CLASSES)
-    first = sorted((folder / "1").iterdir())[0]
+    first = min((folder / "1").iterdir())
     shutil.copyfile(first.resolve(), folder / "2" / "copy_of_primrose.jpg")
+    for source, filed in MISFILED:
+        ninth = sorted((FLOWERS / "train" / source).iterdir())[8]
+        (folder / filed / f"misfiled_from_{source}.jpg").symlink_to(ninth)
     (folder / "10" / "secret.jpg").symlink_to("/etc/passwd")
     (folder / "cat_to_name.json").write_text(json.dumps(NAMES))
     return folder
@@ -126,11 +136,14 @@ def ids(state, name):
 def test_the_state_names_classes_and_finds_the_planted_problems(studio):
     state = studio.client.get("/api/state").json()
     assert [row["name"] for row in state["classes"]] == [NAMES[c] for c in CLASSES]
-    assert sum(row["total"] for row in state["classes"]) == len(state["photos"]) == 26
+    assert sum(row["total"] for row in state["classes"]) == len(state["photos"]) == PHOTOS
     copy, secret = ids(state, "copy_of_primrose.jpg")[0], ids(state, "secret.jpg")[0]
     groups = state["findings"]["exact_duplicates"]
     assert any(copy in group["ids"] and len(group["ids"]) == 2 for group in groups)
     assert secret in state["findings"]["unreadable"]
+    suspects = {item["id"]: item["suggested"] for item in state["findings"]["mislabelled"]}
+    for source, _ in MISFILED:
+        assert suspects[ids(state, f"misfiled_from_{source}.jpg")[0]] == CLASSES.index(source)
     page = studio.client.get("/")
     assert page.status_code == 200 and "studio.js" in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]
@@ -143,7 +156,7 @@ def test_thumbnails_are_re_encoded_and_cached_in_the_save_folder(studio, folder)
     state = studio.client.get("/api/state").json()
     save_dir = re.sub(r"/corrections\.json$", "", state["corrections"])
     assert list((PROJECT / save_dir / "thumbnails").glob("*.jpg"))
-    assert len(list((folder / "1").iterdir())) == 8  # nothing moved
+    assert len(list((folder / "1").iterdir())) == 9  # nothing moved: 8 and the misfiled
 
 
 @pytest.mark.parametrize("route", ["thumb", "image", "heatmap"])
@@ -151,7 +164,7 @@ def test_every_file_serving_route_answers_a_path_with_404(studio, route):
     state = studio.client.get("/api/state").json()
     secret = ids(state, "secret.jpg")[0]
     for photo in ["../../../../etc/passwd", "..%2f..%2f..%2fetc%2fpasswd", "%2fetc%2fpasswd",
-                  "/etc/passwd", "-1", "26", "999999", "0x1", str(secret)]:
+                  "/etc/passwd", "-1", str(PHOTOS), "999999", "0x1", str(secret)]:
         status, body = raw_status(studio.port, f"/api/photos/{photo}/{route}")
         assert status == 404, (photo, status, body)
         assert json.loads(body)["error"].endswith("."), body
@@ -191,7 +204,7 @@ def test_a_bad_decision_is_one_sentence(studio, body, status, words):
 def test_two_clients_deciding_about_different_photos_both_keep_their_decisions(studio):
     def decide(first):
         with httpx.Client(base_url=studio.url, timeout=60) as client:
-            for photo in range(first, 26, 2):
+            for photo in range(first, PHOTOS, 2):
                 answer = client.post("/api/decisions",
                                      json={"decisions": [{"id": photo, "label": "2"}]})
                 assert answer.status_code == 200
@@ -202,8 +215,8 @@ def test_two_clients_deciding_about_different_photos_both_keep_their_decisions(s
     for client in clients:
         client.join()
     decisions = studio.client.get("/api/decisions").json()["decisions"]
-    assert set(decisions) >= {str(photo) for photo in range(26)}
-    forget = [{"id": photo, "forget": True} for photo in range(26)]
+    assert set(decisions) >= {str(photo) for photo in range(PHOTOS)}
+    forget = [{"id": photo, "forget": True} for photo in range(PHOTOS)]
     assert studio.client.post("/api/decisions", json={"decisions": forget}).json()[
         "decisions"] == {}
 
@@ -232,19 +245,139 @@ def test_decisions_survive_a_restart_and_kill_9_between_two_clicks(folder, cache
     assert not list(save_dir.glob(".corrections.json.*.tmp"))
 
 
+def retrained(client, timeout=120):
+    """Start a quick retrain and wait for its end; returns its run."""
+    assert client.post("/api/retrain").status_code == 202
+    deadline = time.monotonic() + timeout
+    while (run := client.get("/api/runs").json()["runs"][-1])["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    return run
+
+
 def test_the_quick_retrain_applies_the_decisions_and_reports_valid_accuracy(studio):
     assert studio.client.post("/api/decisions", json={"decisions": [
         {"id": 0, "label": None}]}).status_code == 200
-    assert studio.client.post("/api/retrain").status_code == 202
-    deadline = time.monotonic() + 120
-    while (run := studio.client.get("/api/runs").json()["runs"][-1])["status"] == "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    run = retrained(studio.client)
     assert run["status"] == "done", run
     assert 0 <= run["valid_accuracy"] <= 1 and len(run["history"]) == run["epochs"]
     assert run["changes"]["dropped"] == 1
     heatmap = studio.client.get("/api/photos/20/heatmap")
     assert heatmap.status_code == 200 and heatmap.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def head_predictions(state, decisions, run):
+    """{photo id: class index} the run's head gives each valid photo it was scored on: the
+    class a mistake names, else the photo's class after the decisions (none for the run on the
+    folder as filed)."""
+    decisions = {} if run["kind"] == "as filed" else decisions
+    mistakes = {mistake["id"]: mistake["predicted"] for mistake in run["mistakes"]}
+    folders = [row["folder"] for row in state["classes"]]
+    predictions = {}
+    for photo_id, (label, split, _) in enumerate(state["photos"]):
+        decided = decisions.get(str(photo_id), {"label": folders[label]})["label"]
+        if split == "valid" and decided is not None \
+                and photo_id not in state["findings"]["unreadable"]:
+            predictions[photo_id] = mistakes.get(photo_id, folders.index(decided))
+    return predictions
+
+
+def relative_path(state, photo_id):
+    """A photo's path below the folder: its class folder and its name."""
+    label, _, name = state["photos"][photo_id]
+    return f"{state['classes'][label]['folder']}/{name}"
+
+
+def model_path(state, run_id):
+    """Where the studio keeps run_id's ONNX export (studio/ship.py)."""
+    save_dir = PROJECT / re.sub(r"/corrections\.json$", "", state["corrections"])
+    return save_dir / "runs" / str(run_id) / "onnx" / f"photos-run-{run_id}.onnx"
+
+
+def onnx_metadata(path):
+    import onnx
+
+    props = {prop.key: prop.value for prop in onnx.load(str(path)).metadata_props}
+    return json.loads(props["classifier.json"])
+
+
+def test_the_latest_run_downloads_as_onnx_with_its_names_and_its_predictions(studio, folder,
+                                                                              tmp_path):
+    from flower_classifier.export.check import compared_outputs
+
+    state = studio.client.get("/api/state").json()
+    run = studio.client.get("/api/runs").json()["runs"][-1]  # the retrain test's
+    answer = studio.client.get(f"/api/runs/{run['id']}/model", params={"format": "onnx"})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-disposition"] == (
+        f'attachment; filename="photos-run-{run["id"]}.onnx"')
+    downloaded = tmp_path / "model.onnx"
+    downloaded.write_bytes(answer.content)
+    metadata = onnx_metadata(downloaded)
+    assert metadata["classes"] == list(CLASSES)
+    assert metadata["names"] == [NAMES[name] for name in CLASSES]
+    expected = head_predictions(state, studio.client.get("/api/decisions").json()["decisions"],
+                                run)
+    photos = [str(folder / relative_path(state, photo_id)) for photo_id in expected]
+    assert photos  # valid/'s photos
+    exported = model_path(state, run["id"])
+    checkpoint = exported.parents[1] / "checkpoint.pth"  # loaded as predict.py loads it
+    for head, ((predicted, _), (probabilities, _)) in zip(
+            expected.values(), compared_outputs(downloaded, "onnx", checkpoint, photos)):
+        assert probabilities.argmax() == predicted.argmax() == head
+    written = exported.stat().st_mtime_ns
+    again = studio.client.get(f"/api/runs/{run['id']}/model")
+    assert again.content == answer.content and exported.stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize("path, status, words", [
+    ("/api/runs/1/model?format=coreml", 400, "no 'coreml' download"),
+    ("/api/runs/1/model?format=../../x", 400, "ask for format onnx"),
+    ("/api/runs/99/model", 404, "no run 99"),
+])
+def test_a_bad_model_download_is_one_sentence(studio, path, status, words):
+    answer = studio.client.get(path)
+    assert answer.status_code == status and words in answer.json()["error"], answer.text
+
+
+def test_after_a_new_retrain_only_what_was_exported_of_an_older_run_downloads(studio):
+    exported = studio.client.get("/api/runs").json()["runs"][-1]["id"]  # downloaded above
+    assert retrained(studio.client)["status"] == "done"
+    assert studio.client.get(f"/api/runs/{exported}/model").status_code == 200
+    refused = studio.client.get(f"/api/runs/{exported}/model", params={"format": "torchscript"})
+    assert refused.status_code == 409 and "Only the latest run" in refused.json()["error"]
+
+
+@pytest.mark.parametrize("runs, words", [
+    ([], "No retrain has run yet"),
+    ([{"id": 1, "status": "running"}], "still training"),
+    ([{"id": 1, "status": "failed"}], "failed, so it has no model"),
+    ([{"id": 1, "status": "done", "earlier": True}], "before the studio last started"),
+    ([{"id": 1, "status": "done"}, {"id": 2, "status": "running"}], "not the latest"),
+])
+def test_a_run_whose_model_is_not_in_memory_is_refused_in_one_sentence(runs, words):
+    from flower_classifier.serve.answers import BadRequest
+    from flower_classifier.studio.ship import Shipper
+
+    trainer = SimpleNamespace(studio=None, runs_json=lambda: runs, classifier=None,
+                              config=None)
+    with pytest.raises(BadRequest) as refused:
+        Shipper(trainer).model_file(1, "onnx")
+    assert refused.value.status == 409 and words in str(refused.value)
+
+
+def test_a_missing_exporter_is_one_sentence_naming_its_install(monkeypatch):
+    from flower_classifier.export.formats import EXPORTERS
+    from flower_classifier.serve.answers import BadRequest
+    from flower_classifier.studio.ship import Shipper
+
+    monkeypatch.setitem(EXPORTERS, "onnx", ("onnx_not_installed", "pip install onnx"))
+    trainer = SimpleNamespace(studio=None, runs_json=list)
+    with pytest.raises(BadRequest) as refused:
+        Shipper(trainer).model_file(1, "onnx")
+    assert refused.value.status == 501 and str(refused.value) == (
+        "The .onnx download needs the onnx_not_installed package, which is not installed; pip "
+        "install onnx.")
 
 
 def test_off_loopback_the_token_is_required(folder, cache_dir, tmp_path):
@@ -256,7 +389,7 @@ def test_off_loopback_the_token_is_required(folder, cache_dir, tmp_path):
     try:
         assert server.client.get("/").status_code == 200  # the page, which asks for the token
         for path in ["/api/state", "/api/decisions", "/api/photos/0/thumb", "/api/runs",
-                     "/api/corrections"]:
+                     "/api/corrections", "/api/runs/1/model"]:
             assert server.client.get(path).status_code == 401, path
             wrong = server.client.get(path, headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401

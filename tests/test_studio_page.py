@@ -1,13 +1,15 @@
 """The studio's page in headless Chromium on a phone's screen, driving the whole loop on a small
-folder of real photos with a planted duplicate: open, drop the duplicate, relabel a primrose of valid/ as a globe thistle (the retrained head's mistake), keep
-one with a key, retrain, read the new accuracy, open a mistake's heatmap; the decisions are in
-corrections.json as the page showed them."""
+folder of real photos with a planted duplicate and three misfiled photos: open (the studio
+trains on the folder as filed), relabel the three suspects, drop the duplicate, relabel a
+primrose of valid/ as a globe thistle (the retrained head's mistake), keep one with a key,
+retrain, see the valid accuracy change, open a mistake's heatmap, download the model and load
+it; the decisions are in corrections.json as the page showed them."""
 import json
 import os
 
 import pytest
 from test_serve import CHROMIUM, CHROMIUM_ARGS, browser_missing
-from test_studio import Studio, ids, make_folder
+from test_studio import CLASSES, NAMES, Studio, ids, make_folder, onnx_metadata
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +26,32 @@ def open_browser(playwright, profile):
         viewport={"width": 390, "height": 844}, has_touch=True)
 
 
-def drive(page, url, copy, relabelled, kept):
-    """The loop on the page; returns (the accuracy line, the heatmap's natural width)."""
+def retrain(page, run):
+    """Click the quick retrain and wait for run number `run` to be done."""
+    page.click("button[data-tab=retrain]")
+    page.click("#retrain-button")
+    page.wait_for_selector(f"#runs tbody tr:nth-child({run})", timeout=30000)
+    page.wait_for_selector("#retrain-progress[data-status=done]", timeout=120000)
+
+
+def drive(page, url, suspects, copy, relabelled, kept, downloads):
+    """The loop on the page; returns (the accuracy line, the runs table's text, the heatmap's
+    natural width, the downloaded model file)."""
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(url)
     page.wait_for_selector("body[data-state=ready]", timeout=30000)
     assert page.locator("#class-table tbody tr").first.inner_text().startswith("pink primrose")
+    page.click("button[data-tab=retrain]")  # the folder as filed: trained as the studio opens
+    page.wait_for_selector("#retrain-progress[data-status=done]", timeout=120000)
+    page.click("button[data-tab=suspects]")
+    accept = page.locator("#suspects button.accept")
+    assert accept.count() == len(suspects)
+    for button in accept.all():
+        assert button.inner_text().startswith("Relabel as ")
+        button.click()
+    for suspect in suspects:
+        page.wait_for_selector(f"#suspects .card[data-id='{suspect}'].relabelled", timeout=30000)
     page.click("button[data-tab=duplicates]")
     page.locator(f"#duplicates .card[data-id='{copy}'] button[data-action=drop]").click()
     page.wait_for_selector(f"#duplicates .card[data-id='{copy}'].dropped", timeout=30000)
@@ -43,17 +64,19 @@ def drive(page, url, copy, relabelled, kept):
     page.locator(f"#browse-gallery .card[data-id='{kept}']").focus()
     page.keyboard.press("k")
     page.wait_for_selector(f"#browse-gallery .card[data-id='{kept}'].kept", timeout=30000)
-    page.click("button[data-tab=retrain]")
-    page.click("#retrain-button")
-    page.wait_for_selector("#retrain-progress[data-status=done]", timeout=120000)
-    accuracy = page.inner_text("#retrain-progress")
-    page.wait_for_selector("#mistakes .card", timeout=30000)
+    retrain(page, 2)  # with the decisions
+    accuracy, runs = page.inner_text("#retrain-progress"), page.inner_text("#runs")
     mistake = page.locator(f"#mistakes .card[data-id='{relabelled}'] img")
     mistake.click()
     page.wait_for_selector("#viewer-heatmap[data-loaded=true]", timeout=60000)
     width = page.evaluate("document.getElementById('viewer-heatmap').naturalWidth")
+    page.keyboard.press("Escape")
+    with page.expect_download(timeout=120000) as started:
+        page.click("#download-model")
+    model = downloads / started.value.suggested_filename
+    started.value.save_as(model)
     assert not errors, errors
-    return accuracy, width
+    return accuracy, runs, width, model
 
 
 def test_the_whole_loop_in_headless_chromium_on_a_phone(studio, tmp_path):
@@ -63,17 +86,23 @@ def test_the_whole_loop_in_headless_chromium_on_a_phone(studio, tmp_path):
         browser_missing(f"playwright is not installed ({error})")
     if not os.access(CHROMIUM, os.X_OK):
         browser_missing(f"{CHROMIUM} is missing (Debian package chromium)")
+    import numpy as np
+    import onnxruntime
+
     server, save_dir = studio
     state = server.client.get("/api/state").json()
     copy = ids(state, "copy_of_primrose.jpg")[0]
-    primroses = [i for i, photo in enumerate(state["photos"]) if photo[0] == 0]
+    suspects = [item["id"] for item in state["findings"]["mislabelled"]]
+    primroses = [i for i, photo in enumerate(state["photos"]) if photo[0] == 0
+                 and i not in suspects]
     relabelled = next(i for i in primroses if state["photos"][i][1] == "valid")
     kept = next(i for i in primroses if state["photos"][i][1] == "train")
     with sync_playwright() as playwright:
         browser = open_browser(playwright, tmp_path / "profile")
         try:
             page = browser.new_page()
-            accuracy, width = drive(page, server.url, copy, relabelled, kept)
+            accuracy, runs_text, width, model = drive(page, server.url, suspects, copy,
+                                                      relabelled, kept, tmp_path)
             page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
         finally:
             browser.close()
@@ -81,7 +110,16 @@ def test_the_whole_loop_in_headless_chromium_on_a_phone(studio, tmp_path):
     assert width == 224  # the heatmap over the centre crop
     decisions = json.loads((save_dir / "corrections.json").read_text())["decisions"]
     labels = sorted((entry["label"] or "") for entry in decisions.values())
-    assert labels == ["", "1", "10"]  # dropped, kept as filed, relabelled
+    # dropped, kept as filed and relabelled; the suspects relabelled to the classes they show
+    assert labels == ["", "1", "1", "10", "10", "2"]
     runs = server.client.get("/api/runs").json()["runs"]
-    assert runs[-1]["changes"]["dropped"] == 1 and runs[-1]["changes"]["relabelled"] == 1
+    assert runs[-1]["changes"]["dropped"] == 1 and runs[-1]["changes"]["relabelled"] == 4
     assert any(m["id"] == relabelled for m in runs[-1]["mistakes"])
+    shown = [f"{100 * run['valid_accuracy']:.1f}%" for run in runs]
+    assert shown[0] != shown[1] and all(value in runs_text for value in shown)
+    assert model.name == "photos-run-2.onnx"
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    metadata = onnx_metadata(model)
+    assert metadata["names"] == [NAMES[name] for name in CLASSES]
+    (probabilities, *_) = session.run(None, {"pixels": np.zeros((1, 224, 224, 3), np.uint8)})
+    assert probabilities.shape == (1, len(CLASSES))

@@ -55,11 +55,11 @@ def get_args_parser():
                         help="the feature cache train.py uses")
     parser.add_argument("--workers", type=non_negative_int, default=default_workers(),
                         help="processes decoding images")
-    parser.add_argument("--retrain", choices=list(SCHEDULES), default="train",
-                        help="the quick retrain's schedule: 'train' is train.py --train_stages "
-                        "0's (its accuracy; 11-13 s on the shared flowers on one core), "
-                        "'fast' batches of 512 at lr 0.008 for 20 epochs (3.4-4.5 s, 1.2 points "
-                        "less accurate cross-validated)")
+    parser.add_argument("--retrain", choices=list(SCHEDULES), default="warm",
+                        help="how a retrain trains: 'warm' continues the head the studio "
+                        "trained on the folder as filed when it opened, for a few epochs on the "
+                        "corrected photos; 'full' trains train.py --train_stages 0's head from "
+                        "scratch each time (about five times longer)")
     add_gpu_argument(parser)
     return parser
 
@@ -85,10 +85,15 @@ def main(args):
     sock = listen(args.host, args.port)  # a busy port fails before the folder is read
     device = select_device(args.gpu)
     studio = open_studio(options, device)
-    app = create_app(studio, config, QuickTrainer(studio, device, **SCHEDULES[args.retrain]))
-    serve_until_stopped(app, config, sock, f"studio: {len(studio.photos)} photos of "
-                        f"{len(studio.classes)} classes", "anyone on this network with the token "
-                        "can change the decisions")
+    trainer = QuickTrainer(studio, device, args.retrain)
+    trainer.start_first()
+    try:
+        serve_until_stopped(create_app(studio, config, trainer), config, sock,
+                            f"studio: {len(studio.photos)} photos of {len(studio.classes)} "
+                            "classes", "anyone on this network with the token can change the "
+                            "decisions")
+    finally:
+        trainer.stop()
 
 
 def run(argv=None):

@@ -21,6 +21,7 @@ EDGE_THRESHOLD = 0.6   # correlation of those differences; chosen on seed 0 (ben
 RIDGE = 1.0            # of the out-of-fold classifier, on features scaled to a mean length of 1
 SOFTMAX_SCALES = [2.0 ** k for k in range(12)]
 FOLDS = 5
+PAIR_BLOCK = 16384     # candidate pairs compared at once, to bound the memory of their rows
 
 
 def where(row):
@@ -79,6 +80,17 @@ def nearest_neighbours(unit, neighbours=NEIGHBOURS, block=2048):
     return torch.cat(indices)
 
 
+def pair_dots(matrix, first, second, parts, block=PAIR_BLOCK):
+    """[K, len(parts)]: for each pair (first[k], second[k]), the dot product of those two rows of
+    matrix over each column slice in parts; a block of pairs at a time, since the gathered rows
+    of 50,000 images' candidates would take gigabytes at once."""
+    dots = [torch.zeros(0, len(parts))]
+    for a, b in zip(first.split(block), second.split(block)):
+        products = matrix[a] * matrix[b]
+        dots.append(torch.stack([products[:, part].sum(1) for part in parts], 1))
+    return torch.cat(dots)
+
+
 def near_duplicates(rows, space, pixels, threshold=NEAR_THRESHOLD):
     """Pairs of readable images that are near-copies of each other, most alike first: each
     image and its nearest neighbours by the backbone's features (the candidates), kept where
@@ -94,10 +106,9 @@ def near_duplicates(rows, space, pixels, threshold=NEAR_THRESHOLD):
     neighbour = nearest_neighbours(unit)
     first = torch.arange(len(usable)).repeat_interleave(neighbour.shape[1])
     second = neighbour.reshape(-1)
-    similarity = (unit[first] * unit[second]).sum(1)
-    products = pixels[usable][first] * pixels[usable][second]
-    correlation = products[:, :THUMB * THUMB].sum(1)
-    edges = products[:, THUMB * THUMB:].sum(1)
+    similarity = pair_dots(unit, first, second, [slice(None)])[:, 0]
+    correlation, edges = pair_dots(pixels[usable], first, second, [
+        slice(None, THUMB * THUMB), slice(THUMB * THUMB, None)]).unbind(1)
     alike = ((similarity >= CANDIDATE_SIMILARITY) & (correlation >= threshold)
              & (edges >= EDGE_THRESHOLD))
     pairs = {}

@@ -10,6 +10,7 @@
     POST /api/apply-to-folders        move the decided photos (undo: POST /api/undo-folders)
     GET  /api/photos/{id}/thumb       a re-encoded JPEG (also /image: larger)
     POST /api/retrain, GET /api/runs  the quick retrain of the head (studio/retrain.py)
+    GET  /api/runs/{id}/model?format=onnx  the latest run's model file (studio/ship.py)
 """
 import json
 from pathlib import Path
@@ -27,6 +28,7 @@ from flower_classifier.data.corrections import (
 )
 from flower_classifier.serve.answers import BadRequest
 from flower_classifier.serve.app import EXCEPTION_HANDLERS, check_token, gatekeeper
+from flower_classifier.studio.ship import Shipper
 from flower_classifier.studio.thumbnails import (
     LARGE_SIDE,
     THUMB_SIDE,
@@ -65,6 +67,7 @@ class StudioRoutes:
     def __init__(self, studio, config, trainer=None):
         self.studio, self.config, self.trainer = studio, config, trainer
         self.thumbnails = studio.save_dir / THUMBNAILS_FOLDER
+        self.shipper = Shipper(trainer) if trainer else None
 
     async def state(self, request):
         check_token(request, self.config.token)
@@ -129,6 +132,15 @@ class StudioRoutes:
             return JSONResponse({"runs": []})
         return JSONResponse({"runs": self.trainer.runs_json()})
 
+    async def model(self, request):
+        """The run's model exported with its labels inside, as a download (exported once)."""
+        check_token(request, self.config.token)
+        if self.shipper is None:
+            raise BadRequest(404, "This studio has no quick retrain, so no model to download.")
+        path = await run_in_threadpool(self.shipper.model_file, request.path_params["run_id"],
+                                       request.query_params.get("format", "onnx"))
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
     async def heatmap(self, request):
         check_token(request, self.config.token)
         if self.trainer is None:
@@ -163,6 +175,7 @@ def create_app(studio, config, trainer=None):
         Route("/api/photos/{photo_id:int}/heatmap", routes.heatmap),
         Route("/api/retrain", routes.retrain, methods=["POST"]),
         Route("/api/runs", routes.runs),
+        Route("/api/runs/{run_id:int}/model", routes.model),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=table, middleware=[gatekeeper(config)],

@@ -1,16 +1,19 @@
-"""The studio's quick retrain: the head alone on the cached features, with the decisions in
-corrections.json applied, in a thread of the server; progress is polled through GET /api/runs.
+"""The studio's runs: the head alone on the cached features, with the decisions in corrections.json
+applied, in a thread of the server; progress is polled through GET /api/runs.
 
     trainer = QuickTrainer(studio, torch.device("cpu"))
-    trainer.start()            # {"id": 1, "status": "running", ...}
-    trainer.runs_json()        # every run: epochs, valid accuracy, what changed, mistakes
+    trainer.start_first()      # the folder as filed: train.py --train_stages 0's head
+    trainer.start()            # a retrain with the decisions: {"id": 2, "status": "running", ...}
+    trainer.runs_json()        # every run: epochs, valid accuracy, what changed, per class, mistakes
 
-It trains what train.py --train_stages 0 trains (training.config's head, optimiser, loss and
-loop), on features made float32 and rooted once. SCHEDULES: "train" is train.py's own (its
-cross-validated accuracy), "fast" larger batches at a higher rate for half the epochs (about
-3x faster, 1.2 points less accurate cross-validated on the shared flowers:
-benchmarks/README.md, "The studio's quick retrain").
+The first run, when the studio opens, trains what train.py --train_stages 0 trains
+(training.config's head, optimiser, loss and loop) on the folder as filed. A retrain continues
+that head on the corrected data for a few epochs (SCHEDULES["warm"], the default) rather than
+starting over ("full"): on the shared flowers its cross-validated accuracy is train.py's, in a
+fraction of the time (benchmarks/README.md, "The studio's quick retrain"). Runs are kept in
+runs.json in the save folder, so a restarted studio lists the earlier ones.
 """
+import json
 import logging
 import threading
 import time
@@ -26,10 +29,15 @@ from flower_classifier.training.loop import evaluate, head_spec, train_one_epoch
 from flower_classifier.training.optim import make_criterion, make_optimizer
 from flower_classifier.training.tasks.cached import CachedInputs, FeatureTask
 from flower_classifier.utils.errors import UserError
+from flower_classifier.utils.files import write_json
 
-# The retrain's schedules (hyperparameters of TrainConfig over train.py's): studio.py --retrain.
-SCHEDULES = {"train": {}, "fast": {"epochs": 20, "batch_size": 512, "learning_rate": 0.008}}
+RUNS_NAME = "runs.json"
+# studio.py --retrain: how a retrain trains (hyperparameters of TrainConfig over train.py's).
+# "warm" starts from the first run's head, "full" from scratch as train.py does.
+SCHEDULES = {"warm": {"epochs": 12}, "full": {}}
 MISTAKES_SHOWN = 60
+STOPPED = "The studio stopped before this run ended."
+CONFUSIONS_SHOWN = 20
 
 
 def quick_config(data_dir, **overrides):
@@ -69,12 +77,50 @@ def mistakes_of(result, ids, shown=MISTAKES_SHOWN):
     return sorted(rows, key=lambda row: -row["probability"])[:shown]
 
 
-def progress(run):
-    """fit_head's on_epoch for a run record the page polls."""
+def ratios(numerators, denominators):
+    """numerators / denominators rounded, None where a denominator is 0 (JSON's null)."""
+    return [round(n / d, 4) if d else None
+            for n, d in zip(numerators.tolist(), denominators.tolist())]
+
+
+def class_results(result, ids, class_count, shown=CONFUSIONS_SHOWN):
+    """Per-class recall and precision on valid ([class_count], None where a class has no photo
+    or no prediction), and the most frequent confusions with their photos' ids."""
+    labels, predictions = result["labels"], result["predictions"]
+    confusion = torch.zeros(class_count, class_count, dtype=torch.long)
+    confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
+    correct = confusion.diag()
+    off_diagonal = confusion - torch.diag(correct)
+    count, order = off_diagonal.flatten().sort(descending=True)
+    pairs = []
+    for number, index in zip(count[:shown].tolist(), order[:shown].tolist()):
+        if not number:
+            break
+        true, predicted = divmod(index, class_count)
+        photos = ((labels == true) & (predictions == predicted)).nonzero()[:, 0].tolist()
+        pairs.append({"true": true, "predicted": predicted, "count": number,
+                      "ids": [ids[i] for i in photos]})
+    return {"recall": ratios(correct, confusion.sum(1)),
+            "precision": ratios(correct, confusion.sum(0)), "confusions": pairs}
+
+
+class RunStopped(Exception):
+    """The studio is stopping: the run ends after its current epoch."""
+
+
+def progress(run, stopping):
+    """fit_head's on_epoch for a run record the page polls: the epoch, the best accuracy so far
+    and the seconds left at the pace of the epochs run; RunStopped once stopping is set."""
+    started = time.perf_counter()
+
     def on_epoch(epoch, loss, accuracy, best):
+        if stopping.is_set():
+            raise RunStopped(STOPPED)
         run["history"].append({"epoch": epoch, "train_loss": round(loss, 4),
                                "valid_accuracy": accuracy})
-        run["epoch"], run["valid_accuracy"] = epoch, best
+        pace = (time.perf_counter() - started) / epoch
+        run.update(epoch=epoch, valid_accuracy=best,
+                   seconds_left=round(pace * (run["epochs"] - epoch), 1))
     return on_epoch
 
 
@@ -86,14 +132,18 @@ def rooted(cached):
     return CachedInputs(data, cached.extracted, cached.kept_paths, cached.split_features)
 
 
-def fit_head(config, backbone, class_count, cached, device, on_epoch=None, keep_best=True):
-    """Train a new head (train.py's, for config) on cached features as train.py --train_stages 0
+def fit_head(config, backbone, class_count, cached, device, on_epoch=None, keep_best=True,
+             init=None):
+    """Train a head (train.py's, for config) on cached features as train.py --train_stages 0
     does (FeatureTask, make_optimizer, make_criterion, train_one_epoch, evaluate), keeping the
-    epoch of best valid accuracy. on_epoch(epoch, train loss, valid accuracy, best so far) after
-    each; keep_best=False keeps the last epoch instead (cross-validation scores it). Returns
-    (the ImageClassifier with that head, its evaluation on valid)."""
+    epoch of best valid accuracy; init: the head's weights to start from (None: new ones).
+    on_epoch(epoch, train loss, valid accuracy, best so far) after each; keep_best=False keeps
+    the last epoch instead (cross-validation scores it). Returns (the ImageClassifier with that
+    head, its evaluation on valid)."""
     torch.manual_seed(config.seed)
     head = build_head(backbone.feature_dim, class_count, **head_spec(config))
+    if init is not None:
+        head.load_state_dict(init)
     classifier = ImageClassifier(backbone, head)
     sqrt_first = isinstance(head[0], SignedSqrt)
     trained = head[1:] if sqrt_first else head  # the same modules, the root left out
@@ -118,53 +168,128 @@ def fit_head(config, backbone, class_count, cached, device, on_epoch=None, keep_
                                 device)
 
 
+def earlier_runs(path):
+    """The runs a studio saved before in runs.json ([] when none or unreadable), marked as
+    earlier: their heads are gone with that process."""
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8")).get("runs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    for run in runs:
+        if run.get("status") == "running":
+            run.update(status="failed", error=STOPPED)
+        run["earlier"] = True
+    return runs
+
+
 class QuickTrainer:
-    """One retrain at a time, in a thread; runs are kept in memory, newest last."""
+    """One run at a time, in a thread; runs newest last, saved to runs.json. schedule: how a
+    retrain trains (SCHEDULES)."""
 
-    def __init__(self, studio, device, **overrides):
-        self.studio, self.device, self.overrides = studio, device, overrides
-        self.runs, self.lock, self.classifier = [], threading.Lock(), None
+    def __init__(self, studio, device, schedule="warm"):
+        self.studio, self.device, self.schedule = studio, device, schedule
+        self.path = studio.save_dir / RUNS_NAME
+        self.runs, self.lock = earlier_runs(self.path), threading.Lock()
+        self.classifier = None  # the latest run's, for heatmaps and downloads
+        self.config = None  # the TrainConfig it trained with
+        self.first = None  # the first run's head weights: where a warm retrain starts
+        self.first_done, self.stopping, self.thread = threading.Event(), threading.Event(), None
 
-    def start(self):
-        """Begin a retrain (409 while one runs); returns its run record."""
+    def start_first(self):
+        """Train the folder as filed (train.py's head from scratch): the accuracy the decisions
+        are measured against, and the head a warm retrain continues."""
+        return self.start(as_filed=True)
+
+    def start(self, as_filed=False):
+        """Begin a run (409 while one runs); returns its record."""
         with self.lock:
             if self.runs and self.runs[-1]["status"] == "running":
-                raise BadRequest(409, "A retrain is already running; wait for its accuracy.")
-            config = quick_config(self.studio.options.data_dir, **self.overrides)
-            run = {"id": len(self.runs) + 1, "status": "running", "epoch": 0,
-                   "epochs": config.epochs, "valid_accuracy": None, "history": [],
-                   "changes": None, "mistakes": [], "error": None, "seconds": None,
-                   "started": time.time()}
+                raise BadRequest(409, "A run is still training; retrain when its accuracy is "
+                                 "shown.")
+            kind = "as filed" if as_filed else self.schedule
+            config = quick_config(self.studio.options.data_dir,
+                                  **({} if as_filed else SCHEDULES[self.schedule]))
+            run = {"id": len(self.runs) + 1, "kind": kind, "status": "running", "epoch": 0,
+                   "epochs": config.epochs, "valid_accuracy": None, "seconds_left": None,
+                   "history": [], "changes": None, "mistakes": [], "classes": None,
+                   "error": None, "seconds": None, "started": time.time()}
             self.runs.append(run)
-        threading.Thread(target=self.train, args=(run, config), daemon=True,
-                         name=f"retrain-{run['id']}").start()
+            self.save()
+            self.thread = threading.Thread(target=self.train, args=(run, config), daemon=True,
+                                           name=f"retrain-{run['id']}")
+            self.thread.start()
         return dict(run)
+
+    def stop(self, timeout=60):
+        """End the running run after its epoch and wait for it: a process leaving while torch
+        computes in a thread is aborted."""
+        self.stopping.set()
+        self.first_done.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
 
     def runs_json(self):
         with self.lock:
-            return [{**run, "history": list(run["history"])} for run in self.runs]
+            return self.snapshot()
+
+    def snapshot(self):
+        """The runs as JSON data (with self.lock held)."""
+        return [{**run, "history": list(run["history"])} for run in self.runs]
+
+    def save(self):
+        """runs.json, written atomically (with self.lock held); a full disk loses the listing,
+        never a decision."""
+        try:
+            write_json({"runs": self.snapshot()}, self.path)
+        except UserError as error:
+            logging.getLogger("uvicorn.error").warning("runs not saved: %s", error)
 
     def train(self, run, config):
-        started = time.perf_counter()
+        """The run's thread: its outcome and runs.json change together, under the lock."""
+        started, outcome = time.perf_counter(), {"status": "failed"}
         try:
-            decisions = load_corrections(self.studio.corrections_path)
-            cached, ids, counts = corrected_inputs(self.studio, decisions)
-            run["changes"] = {**counts, "train": len(ids["train"]), "valid": len(ids["valid"])}
-            classifier, valid = fit_head(config, self.studio.backbone, len(self.studio.classes),
-                                         cached, self.device, progress(run))
-            run["mistakes"] = mistakes_of(valid, ids["valid"])
-            self.classifier = classifier
-            run["status"] = "done"
+            self.fit(run, config)
+            outcome["status"] = "done"
+        except RunStopped:
+            outcome["error"] = STOPPED
         except UserError as error:
-            run["status"], run["error"] = "failed", f"{error}."
+            outcome["error"] = f"{error}."
         except Exception as error:  # a bug: said in one sentence, logged with its traceback
             logging.getLogger("uvicorn.error").exception("retrain %s failed", run["id"])
-            run["status"], run["error"] = "failed", f"The retrain failed ({type(error).__name__})."
+            outcome["error"] = f"The retrain failed ({type(error).__name__})."
         finally:
-            run["seconds"] = round(time.perf_counter() - started, 2)
+            with self.lock:
+                run.update(outcome, seconds=round(time.perf_counter() - started, 2),
+                           seconds_left=None)
+                self.save()
+            if run["kind"] == "as filed":
+                self.first_done.set()
+
+    def fit(self, run, config):
+        """Train the run's head (from the first run's for a warm retrain) on the photos with the
+        decisions applied, and fill its record."""
+        init = None
+        if run["kind"] == "warm":
+            self.first_done.wait()
+            init = self.first
+            if init is None:
+                raise UserError("the first run failed, so there is no head to continue; start "
+                                "studio.py with --retrain full")
+        decisions = {} if run["kind"] == "as filed" else load_corrections(
+            self.studio.corrections_path)
+        cached, ids, counts = corrected_inputs(self.studio, decisions)
+        run["changes"] = {**counts, "train": len(ids["train"]), "valid": len(ids["valid"])}
+        classes = len(self.studio.classes)
+        classifier, valid = fit_head(config, self.studio.backbone, classes, cached, self.device,
+                                     progress(run, self.stopping), init=init)
+        run["mistakes"] = mistakes_of(valid, ids["valid"])
+        run["classes"] = class_results(valid, ids["valid"], classes)
+        self.classifier, self.config = classifier, config
+        if run["kind"] == "as filed":
+            self.first = {k: v.clone() for k, v in classifier.head.state_dict().items()}
 
     def heatmap_png(self, photo_id):
-        """The Grad-CAM heatmap of the latest retrain's prediction for a photo, as PNG."""
+        """The Grad-CAM heatmap of the latest run's prediction for a photo, as PNG."""
         if self.classifier is None:
             raise BadRequest(409, "Retrain first: the heatmap explains the retrained head.")
         from flower_classifier.models.explain import heatmap_overlay_png

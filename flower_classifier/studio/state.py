@@ -4,8 +4,10 @@ their features, the data check's findings, and the decisions in corrections.json
     studio = open_studio(StudioOptions("photos", save_dir="studio"), torch.device("cpu"))
     studio.decide([{"id": 3, "label": None}])      # written to corrections.json at once
 """
+import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from flower_classifier.data.class_names import display_names, load_category_names
@@ -34,6 +36,7 @@ from flower_classifier.utils.errors import UserError
 MAX_CHANGES = 10_000  # decisions in one request
 SET_ASIDE_FOLDER = "set_aside"  # where applying to the folders moves dropped photos
 MOVES_LOG = "moves.jsonl"
+MAX_HOPS = 8  # links followed by photo_keys before photo_key takes over
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,31 @@ def class_names_of(options, classes):
     return display_names(classes, names)
 
 
+def photo_keys(paths):
+    """photo_key() of each path (its absolute path, symlinks resolved) with far fewer system
+    calls, so a large folder opens quickly: each folder is resolved once, and only a photo
+    that is itself a link is followed, from its resolved folder. A name like "..", or a chain
+    of links longer than MAX_HOPS, is left to photo_key."""
+    folders = {}
+
+    def key(path, hops=0):
+        folder, name = os.path.split(path)
+        if name in ("", ".", "..") or hops > MAX_HOPS:
+            return photo_key(path)
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        joined = os.path.join(folders[folder], name)
+        if not os.path.islink(joined):
+            return joined
+        try:
+            target = os.readlink(joined)
+        except OSError:
+            return photo_key(path)
+        return key(os.path.join(folders[folder], target), hops + 1)
+
+    return [key(str(path)) for path in paths]
+
+
 class Studio:
     """The routes' state. dataset: data.split.Dataset as filed (no decision applied);
     features: {split: (features [N, D], ok [N])}; report: the data check's; backbone: the
@@ -82,9 +110,15 @@ class Studio:
             for row, (path, label) in enumerate(zip(split.paths, split.labels)):
                 self.photos.append(Photo(len(self.photos), str(path), label, name, row))
         self.by_path = {photo.path: photo.id for photo in self.photos}
-        self.by_key = {photo_key(photo.path): photo.id for photo in self.photos}
         self.moves_log = self.save_dir / MOVES_LOG
         self.applied = False
+
+    @cached_property
+    def by_key(self):
+        """{photo_key: id}, made when a decision is first read: a folder opened with none yet
+        shows its page without resolving every path."""
+        keys = photo_keys([photo.path for photo in self.photos])
+        return {key: photo.id for key, photo in zip(keys, self.photos)}
 
     def photo(self, photo_id):
         """The Photo of an id, 404 when there is none."""

@@ -1,15 +1,22 @@
 """Photos shown by the studio: never the file's own bytes, always a JPEG re-encoded from the
-safe decoder (data.images.load_image), cached on disk in the save folder.
+safe decoder (data.images' open_image and to_rgb, as load_image), cached on disk in the
+save folder.
 
     path = cached_view("photos/1/a.jpg", Path("studio/thumbnails"), THUMB_SIDE)
 """
 import hashlib
+import math
 import os
 from pathlib import Path
 
 from PIL import Image
 
-from flower_classifier.data.images import UNREADABLE_IMAGE_ERRORS, load_image
+from flower_classifier.data.images import (
+    MAX_ASPECT_RATIO,
+    UNREADABLE_IMAGE_ERRORS,
+    open_image,
+    to_rgb,
+)
 from flower_classifier.serve.answers import BadRequest
 from flower_classifier.utils.errors import UserError, error_reason
 from flower_classifier.utils.files import atomic_write
@@ -26,6 +33,19 @@ def view_name(path, side):
     return hashlib.sha256(text.encode()).hexdigest()[:40] + ".jpg"
 
 
+def decoded_to_fit(path, side):
+    """The photo (as load_image gives it) decoded at the smallest JPEG scale whose longer side
+    still covers side after to_rgb's crop: load_image's target keeps the shorter side, twice
+    the pixels a thumbnail of the shared flowers needs."""
+    with open_image(path) as image:
+        width, height = image.size
+        longest = min(max(width, height), min(width, height) * MAX_ASPECT_RATIO)
+        scale = side / max(longest, 1)
+        if scale < 1:
+            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        return to_rgb(image)
+
+
 def cached_view(path, folder, side):
     """The JPEG of the photo at path scaled to fit side x side, from folder when made before.
     An unreadable photo is a 422 that says why."""
@@ -36,7 +56,7 @@ def cached_view(path, folder, side):
     if target.is_file():
         return target
     try:
-        image = load_image(path, side)
+        image = decoded_to_fit(path, side)
     except UNREADABLE_IMAGE_ERRORS as error:
         raise BadRequest(422, f"This photo cannot be decoded ({error_reason(error)}); drop it "
                          "or replace the file.") from None

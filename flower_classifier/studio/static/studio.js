@@ -166,13 +166,16 @@ async function bulk(action) {
   updateBulk();
 }
 
-function gallery(container, ids, note) {
-  const shown = ids.slice(0, SHOWN);
-  shown.forEach((id) => container.append(card(id, note && note(id))));
-  if (ids.length > SHOWN) {
+// The first `step` items drawn (cards of ids by default), then a button for the next step:
+// a folder of 50,000 photos must not put them all in the page at once.
+function gallery(container, items, note, draw = (id) => card(id, note && note(id)), step = SHOWN) {
+  items.slice(0, step).forEach((item) => container.append(draw(item)));
+  const left = items.length - step;
+  if (left > 0) {
     const more = document.createElement("button");
-    more.textContent = "Show " + (ids.length - SHOWN) + " more";
-    more.addEventListener("click", () => { more.remove(); gallery(container, ids.slice(SHOWN), note); });
+    more.className = "more";
+    more.textContent = "Show " + Math.min(step, left) + " more (" + left + " left)";
+    more.addEventListener("click", () => { more.remove(); gallery(container, items.slice(step), note, draw, step); });
     container.append(more);
   }
 }
@@ -187,7 +190,8 @@ function renderDuplicates() {
   const section = $("duplicates");
   const { exact_duplicates: exact, near_duplicates: near } = S.findings;
   heading(section, exact.length + " groups of identical files, " + near.length + " pairs of near-copies");
-  for (const [group, kind] of [...exact.map((g) => [g, "identical"]), ...near.map((g) => [g, "near-copy"])]) {
+  const groups = [...exact.map((g) => [g, "identical"]), ...near.map((g) => [g, "near-copy"])];
+  gallery(section, groups, null, ([group, kind]) => {
     const row = document.createElement("div");
     row.className = "group" + (group.kinds.includes("across_splits") ? " cross" : "");
     const label = document.createElement("span");
@@ -196,9 +200,8 @@ function renderDuplicates() {
       + (group.kinds.includes("across_classes") ? ", filed under different classes" : "");
     row.append(label);
     group.ids.forEach((id) => row.append(card(id)));
-    section.append(row);
-  }
-  $("n-duplicates").textContent = exact.length + near.length;
+    return row;
+  }, SHOWN / 4);
 }
 
 function examplesOf(classIndex, except) {
@@ -213,7 +216,7 @@ function renderSuspects() {
   const section = $("suspects");
   const suspects = S.findings.mislabelled;
   heading(section, suspects.length + " photos likely filed under the wrong class, least likely first");
-  for (const suspect of suspects.slice(0, 300)) {
+  gallery(section, suspects, null, (suspect) => {
     const row = document.createElement("div");
     row.className = "group suspect";
     row.append(card(suspect.id));
@@ -236,9 +239,8 @@ function renderSuspects() {
     }
     side.append(text, accept, examples);
     row.append(side);
-    section.append(row);
-  }
-  $("n-suspects").textContent = suspects.length;
+    return row;
+  }, SHOWN / 4);
 }
 
 function renderBroken() {
@@ -253,7 +255,6 @@ function renderBroken() {
   b.className = "gallery";
   gallery(b, tiny);
   section.append(a, b);
-  $("n-broken").textContent = unreadable.length + tiny.length;
 }
 
 function renderClasses() {
@@ -306,6 +307,21 @@ function describeChanges(changes, before) {
   return changes.dropped + delta("dropped") + " dropped, " + changes.relabelled + delta("relabelled") + " relabelled; train " + changes.train + ", valid " + changes.valid;
 }
 
+// Accuracy against the first run (the folder as filed), in points.
+function againstFirst(run, runs) {
+  const first = runs.find((r) => r.kind === "as filed" && !r.earlier && r.status === "done");
+  if (!first || first === run || run.valid_accuracy === null) return "";
+  const points = 100 * (run.valid_accuracy - first.valid_accuracy);
+  return (points >= 0 ? "+" : "") + points.toFixed(1) + " points against the folder as filed";
+}
+
+function runProgress(run) {
+  const what = run.kind === "as filed" ? "Training on the folder as filed… " : "Retraining… ";
+  return what + "epoch " + run.epoch + "/" + run.epochs
+    + (run.valid_accuracy !== null ? ", valid accuracy " + percent(run.valid_accuracy) : "")
+    + (run.seconds_left !== null ? ", about " + Math.ceil(run.seconds_left) + " s left" : "");
+}
+
 function renderRuns(runs) {
   const body = $("runs").tBodies[0];
   body.replaceChildren();
@@ -313,8 +329,10 @@ function renderRuns(runs) {
     const row = body.insertRow();
     const before = index > 0 ? runs[index - 1].changes : null;
     const accuracy = run.status === "failed" ? run.error : run.valid_accuracy === null ? "…" : percent(run.valid_accuracy) + (run.status === "running" ? " (epoch " + run.epoch + "/" + run.epochs + ")" : "");
-    for (const value of ["#" + run.id, accuracy, describeChanges(run.changes, before), run.seconds ?? "…"]) row.insertCell().textContent = value;
+    const kind = (run.kind || "") + (run.earlier ? " (earlier session)" : "");
+    for (const value of ["#" + run.id, kind, accuracy, againstFirst(run, runs), describeChanges(run.changes, before), run.seconds ?? "…"]) row.insertCell().textContent = value;
   });
+  renderDownload(runs);
 }
 
 function renderMistakes(run) {
@@ -328,31 +346,128 @@ function renderMistakes(run) {
   }
 }
 
+// Poll the runs until the latest has ended, showing its progress; then its results.
+async function watchRuns() {
+  for (;;) {
+    const { runs } = await api("api/runs");
+    renderRuns(runs);
+    const run = runs[runs.length - 1];
+    if (!run) return;
+    const versus = againstFirst(run, runs);
+    $("retrain-progress").textContent = run.status === "running" ? runProgress(run)
+      : run.status === "done" ? (run.kind === "as filed" ? "Valid accuracy of the folder as filed: " : "New valid accuracy: ")
+        + percent(run.valid_accuracy) + " (" + (versus ? versus + "; " : "") + run.seconds + " s)" : run.error;
+    $("retrain-progress").dataset.status = run.status;
+    $("retrain-button").disabled = run.status === "running";
+    if (run.status !== "running") { if (run.status === "done") renderResults(run, runs); return; }
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+}
+
 async function retrain() {
   $("retrain-button").disabled = true;
   try {
     await post("api/retrain");
-    for (;;) {
-      const { runs } = await api("api/runs");
-      renderRuns(runs);
-      const run = runs[runs.length - 1];
-      $("retrain-progress").textContent = run.status === "running"
-        ? "Training… epoch " + run.epoch + "/" + run.epochs + (run.valid_accuracy !== null ? ", valid accuracy " + percent(run.valid_accuracy) : "")
-        : run.status === "done" ? "New valid accuracy: " + percent(run.valid_accuracy) + " (" + run.seconds + " s)" : run.error;
-      $("retrain-progress").dataset.status = run.status;
-      if (run.status !== "running") { if (run.status === "done") renderMistakes(run); break; }
-      await new Promise((resolve) => setTimeout(resolve, 250));
-    }
+    await watchRuns();
   } catch (error) {
     failed(error);
-  } finally {
     $("retrain-button").disabled = false;
   }
 }
 
+function renderResults(run, runs) {
+  renderMistakes(run);
+  if (!run.classes) return;
+  const first = runs.find((r) => r.kind === "as filed" && !r.earlier && r.status === "done" && r !== run);
+  renderClassResults(run, first);
+  renderConfusions(run.classes.confusions);
+}
+
+// Per-class recall and precision on valid/ of the latest run (and the first run's recall beside
+// it); a click on a heading sorts by that column.
+function renderClassResults(run, first) {
+  const table = $("class-results");
+  const rows = S.classes.map((c, i) => [c.name, run.classes.recall[i], run.classes.precision[i],
+    first && first.classes ? first.classes.recall[i] : null]);
+  const draw = (column, descending) => {
+    const key = (row) => (row[column] === null ? -1 : row[column]);
+    rows.sort((a, b) => (column === 0 ? a[0].localeCompare(b[0]) : key(a) - key(b)) * (descending ? -1 : 1));
+    const body = table.tBodies[0];
+    body.replaceChildren();
+    for (const row of rows) {
+      const tr = body.insertRow();
+      row.forEach((value, index) => { tr.insertCell().textContent = index === 0 ? value : value === null ? "–" : percent(value); });
+    }
+  };
+  table.tHead.querySelectorAll("th").forEach((th, column) => {
+    th.onclick = () => { const descending = th.dataset.sorted === "up"; table.tHead.querySelectorAll("th").forEach((h) => delete h.dataset.sorted); th.dataset.sorted = descending ? "down" : "up"; draw(column, descending); };
+  });
+  table.hidden = false;
+  draw(1, false);
+}
+
+// "camellia taken for rose 7 times": each opens its photos.
+function renderConfusions(pairs) {
+  const list = $("confusions");
+  list.replaceChildren();
+  for (const pair of pairs) {
+    const button = document.createElement("button");
+    button.className = "confusion";
+    button.textContent = className(pair.true) + " taken for " + className(pair.predicted) + " " + pair.count + (pair.count === 1 ? " time" : " times");
+    button.addEventListener("click", () => {
+      $("confusion-photos").replaceChildren();
+      gallery($("confusion-photos"), pair.ids, () => "filed as " + className(pair.true));
+    });
+    list.append(button);
+  }
+}
+
+// A tab's galleries are drawn when it is first shown, so the page is ready as soon as the
+// class table is.
 function showTab(name) {
+  const renderers = { duplicates: renderDuplicates, suspects: renderSuspects, broken: renderBroken, browse: renderBrowse };
+  if (S && renderers[name] && !$(name).dataset.drawn) {
+    $(name).dataset.drawn = "true";
+    renderers[name]();
+  }
   document.querySelectorAll(".tab").forEach((tab) => { tab.hidden = tab.id !== name; });
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+}
+
+// A file from the API saved by the browser: fetched with the token header (a plain link would
+// lack it), named as the studio's Content-Disposition says, else `name`.
+async function saveDownload(path, name) {
+  const answer = await fetch(path, { headers: authHeaders() });
+  if (answer.status === 401) throw new NeedsToken("This studio needs its token.");
+  if (!answer.ok) throw new Error((await answer.json()).error);
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await answer.blob());
+  link.download = /filename="([^"]+)"/.exec(answer.headers.get("content-disposition") || "")?.[1] || name;
+  link.click();
+  return link.download;
+}
+
+// The model of the latest run, once it is done: only the latest classifier is kept (and none of
+// an earlier start of the studio).
+function renderDownload(runs) {
+  const run = runs[runs.length - 1];
+  const button = $("download-model");
+  button.hidden = !run || run.status !== "done" || Boolean(run.earlier);
+  if (run) button.dataset.run = run.id;
+}
+
+async function downloadModel() {
+  const button = $("download-model");
+  button.disabled = true;
+  setStatus("ready", "Exporting run #" + button.dataset.run + " as ONNX with its class names inside…");
+  try {
+    const name = await saveDownload("api/runs/" + button.dataset.run + "/model?format=onnx", "model.onnx");
+    setStatus("ready", "Downloaded " + name + ": the retrained model with its class names inside.");
+  } catch (error) {
+    failed(error);
+  } finally {
+    button.disabled = false;
+  }
 }
 
 function failed(error) {
@@ -375,13 +490,13 @@ async function load() {
   $("token-form").hidden = true;
   $("folder").textContent = S.folder + " · " + S.photos.length + " photos, " + S.classes.length + " classes";
   classOptions($("bulk-class"), "class…");
+  const { exact_duplicates: exact, near_duplicates: near, mislabelled, unreadable, tiny } = S.findings;
+  $("n-duplicates").textContent = exact.length + near.length;
+  $("n-suspects").textContent = mislabelled.length;
+  $("n-broken").textContent = unreadable.length + tiny.length;
   renderClasses();
-  renderDuplicates();
-  renderSuspects();
-  renderBroken();
-  renderBrowse();
-  const { runs } = await api("api/runs");
-  renderRuns(runs);
+  showTab(document.querySelector("#tabs button.active").dataset.tab);
+  watchRuns().catch(failed);  // the first run trains as the studio opens
   setStatus("ready", Object.keys(decisions).length + " decisions so far, saved in " + S.corrections + ".");
 }
 
@@ -403,18 +518,8 @@ async function folders(path, question) {
 $("apply-folders").addEventListener("click", () => folders("api/apply-to-folders",
   "Move the relabelled photos into their class folders and the dropped ones into the studio's set_aside folder? Nothing is deleted, and Undo puts them back."));
 $("undo-folders").addEventListener("click", () => folders("api/undo-folders"));
-$("download").addEventListener("click", async () => {
-  try {
-    const answer = await fetch("api/corrections", { headers: authHeaders() });
-    if (!answer.ok) throw new Error((await answer.json()).error);
-    const link = document.createElement("a");
-    link.href = URL.createObjectURL(await answer.blob());
-    link.download = "corrections.json";
-    link.click();
-  } catch (error) {
-    failed(error);
-  }
-});
+$("download").addEventListener("click", () => saveDownload("api/corrections", "corrections.json").catch(failed));
+$("download-model").addEventListener("click", downloadModel);
 $("bulk-relabel").addEventListener("click", () => bulk("relabel"));
 $("bulk-keep").addEventListener("click", () => bulk("keep"));
 $("bulk-drop").addEventListener("click", () => bulk("drop"));

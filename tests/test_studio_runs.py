@@ -1,0 +1,130 @@
+"""The studio's runs in-process (studio/retrain.py), on made-up features of three classes: the
+first run trains the folder as filed, a retrain continues its head with the decisions applied,
+runs.json keeps them across a restart, and the per-class results count what they should."""
+import json
+import time
+
+import pytest
+import torch
+
+from flower_classifier.data.corrections import record_decisions
+from flower_classifier.data.folders import Split
+from flower_classifier.data.split import Dataset
+from flower_classifier.models.backbones import build_backbone
+from flower_classifier.serve.answers import BadRequest
+from flower_classifier.studio.retrain import (
+    RUNS_NAME,
+    SCHEDULES,
+    QuickTrainer,
+    class_results,
+    corrected_inputs,
+    fit_head,
+    quick_config,
+)
+from flower_classifier.studio.state import Studio, StudioOptions
+
+CPU = torch.device("cpu")
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone("efficientnet_lite0")
+
+
+def make_studio(root, backbone, per_class={"train": 12, "valid": 4}):
+    """A Studio over made-up photo paths whose features tell the classes apart."""
+    generator = torch.Generator().manual_seed(0)
+    splits, features = {}, {}
+    for name, count in per_class.items():
+        labels = [label for label in range(len(CLASSES)) for _ in range(count)]
+        paths = [root / name / CLASSES[label] / f"{index}.jpg"
+                 for index, label in enumerate(labels)]
+        centres = torch.zeros(len(CLASSES), backbone.feature_dim)
+        for label in range(len(CLASSES)):
+            centres[label, label * 200:(label + 1) * 200] = 4.0
+        rows = centres[labels] + torch.rand(len(labels), backbone.feature_dim,
+                                            generator=generator)
+        splits[name] = Split(root / name, paths, labels)
+        features[name] = (rows.half(), torch.ones(len(labels), dtype=torch.bool))
+    options = StudioOptions(str(root), save_dir=str(root / "save"), cache_dir=None)
+    (root / "save").mkdir(parents=True, exist_ok=True)
+    dataset = Dataset({name: index for index, name in enumerate(CLASSES)}, splits)
+    empty = {key: [] for key in ("exact_duplicates", "near_duplicates", "mislabelled",
+                                 "unreadable", "tiny")}
+    return Studio(options, dataset, features, empty, backbone)
+
+
+def finished(trainer, run, timeout=120):
+    deadline = time.monotonic() + timeout
+    while trainer.runs[run["id"] - 1]["status"] == "running":
+        assert time.monotonic() < deadline, "the run did not end"
+        time.sleep(0.02)
+    return trainer.runs[run["id"] - 1]
+
+
+def test_the_first_run_trains_as_filed_and_a_retrain_continues_it(tmp_path, backbone):
+    studio = make_studio(tmp_path, backbone)
+    trainer = QuickTrainer(studio, CPU)
+    first = trainer.start_first()
+    with pytest.raises(BadRequest) as refused:  # one run at a time
+        trainer.start()
+    assert refused.value.status == 409 and "still training" in str(refused.value)
+    first = finished(trainer, first)
+    assert first["kind"] == "as filed" and first["status"] == "done"
+    assert first["valid_accuracy"] == 1.0 and first["changes"]["relabelled"] == 0
+    moved = studio.photos[0]  # a train photo of class a, said to be of class b
+    record_decisions(studio.corrections_path, {moved.path: "b"})
+    second = finished(trainer, trainer.start())
+    assert second["kind"] == "warm" and second["status"] == "done", second
+    assert second["epochs"] == SCHEDULES["warm"]["epochs"] == len(second["history"])
+    assert second["changes"]["relabelled"] == 1 and second["changes"]["train"] == 36
+    assert second["seconds_left"] is None and second["classes"]["recall"] == [1.0, 1.0, 1.0]
+    assert trainer.classifier is not None and trainer.config.hidden_units == 512
+
+
+def test_fit_head_starts_from_the_weights_it_is_given(tmp_path, backbone):
+    studio = make_studio(tmp_path, backbone)
+    cached, _, _ = corrected_inputs(studio, {})
+    still = quick_config(tmp_path, epochs=1, learning_rate=1e-9)
+    first, _ = fit_head(quick_config(tmp_path), backbone, 3, cached, CPU)
+    weights = {key: value.clone() for key, value in first.head.state_dict().items()}
+    continued, valid = fit_head(still, backbone, 3, cached, CPU, init=weights)
+    anew, _ = fit_head(still, backbone, 3, cached, CPU)
+    assert torch.allclose(continued.head[1].weight, weights["1.weight"], atol=1e-5)
+    assert not torch.allclose(anew.head[1].weight, weights["1.weight"], atol=1e-4)
+    assert valid["accuracy"] == 1.0
+
+
+def test_runs_are_kept_in_runs_json_and_listed_after_a_restart(tmp_path, backbone):
+    studio = make_studio(tmp_path, backbone)
+    trainer = QuickTrainer(studio, CPU)
+    finished(trainer, trainer.start_first())
+    saved = json.loads((studio.save_dir / RUNS_NAME).read_text())["runs"]
+    assert [run["kind"] for run in saved] == ["as filed"] and saved[0]["status"] == "done"
+    saved.append({**saved[0], "id": 2, "status": "running"})  # killed while training
+    (studio.save_dir / RUNS_NAME).write_text(json.dumps({"runs": saved}))
+    again = QuickTrainer(studio, CPU)
+    assert [run["earlier"] for run in again.runs_json()] == [True, True]
+    assert again.runs[1]["status"] == "failed" and "stopped before" in again.runs[1]["error"]
+    assert finished(again, again.start_first())["id"] == 3
+
+
+def test_a_warm_retrain_without_a_first_run_says_what_to_do(tmp_path, backbone):
+    studio = make_studio(tmp_path, backbone)
+    trainer = QuickTrainer(studio, CPU)
+    trainer.first_done.set()  # as when the first run failed
+    run = finished(trainer, trainer.start())
+    assert run["status"] == "failed" and "--retrain full" in run["error"]
+
+
+def test_class_results_count_recall_precision_and_confusions():
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    predictions = torch.tensor([0, 1, 1, 1, 1, 1])
+    result = {"labels": labels, "predictions": predictions}
+    results = class_results(result, [10, 11, 12, 13, 14, 15], class_count=4)
+    assert results["recall"] == [round(1 / 3, 4), 1.0, 0.0, None]  # class 3: no photo
+    assert results["precision"] == [1.0, 0.4, None, None]  # 2 of 5 named 1 were; none named 2
+    assert results["confusions"] == [
+        {"true": 0, "predicted": 1, "count": 2, "ids": [11, 12]},
+        {"true": 2, "predicted": 1, "count": 1, "ids": [15]}]
