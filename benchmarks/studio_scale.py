@@ -10,6 +10,7 @@ empty cache of its own, so it reads every file as a first open does. The links l
 temporary folder, removed at the end; the shared folder is only read.
 """
 import argparse
+import gc
 import os
 import re
 import subprocess
@@ -26,6 +27,7 @@ sys.path.insert(0, str(PROJECT))
 import httpx
 import torch
 
+from flower_classifier.cli.studio import serve_studio
 from flower_classifier.data.corrections import record_decisions
 from flower_classifier.data.folders import find_splits
 from flower_classifier.data.split import Dataset
@@ -38,9 +40,7 @@ from flower_classifier.models.features import (
     split_features,
 )
 from flower_classifier.serve.config import ServeConfig
-from flower_classifier.serve.server import listen, serve_until_stopped
-from flower_classifier.studio.app import create_app
-from flower_classifier.studio.retrain import QuickTrainer
+from flower_classifier.serve.server import listen
 from flower_classifier.studio.state import Studio, StudioOptions
 from flower_classifier.studio.thumbnails import THUMBNAILS_FOLDER
 
@@ -103,11 +103,14 @@ def rss_of(pid):
 
 
 def timed_check(dataset, features, save_dir, cache_dir):
-    """(report, seconds, peak RSS of this process during the check): the peak is reset first."""
+    """(report, seconds, {"peak": peak RSS of this process during the check, "after": its RSS
+    once the check's memory is collected}): the peak is reset first."""
     Path("/proc/self/clear_refs").write_text("5")
     started = time.perf_counter()
     report = check_dataset(dataset.class_to_idx, dataset.splits, features, save_dir, cache_dir)
-    return report, time.perf_counter() - started, peak_rss()
+    seconds, peak = time.perf_counter() - started, peak_rss()
+    gc.collect()
+    return report, seconds, {"peak": peak, "after": rss_of("self")["VmRSS"]}
 
 
 def serve(payload, save_dir):
@@ -118,10 +121,8 @@ def serve(payload, save_dir):
     print(f"checked at {time.time()}", flush=True)
     options = StudioOptions(folder, save_dir=save_dir, cache_dir=None)
     studio = Studio(options, dataset, features, report, backbone)
-    config = ServeConfig(host="127.0.0.1")
-    app = create_app(studio, config, QuickTrainer(studio, torch.device("cpu")))
-    serve_until_stopped(app, config, listen("127.0.0.1", 0),
-                        f"studio: {len(studio.photos)} photos", "")
+    serve_studio(studio, ServeConfig(host="127.0.0.1"), listen("127.0.0.1", 0),
+                 torch.device("cpu"), "warm")
 
 
 class Server:
@@ -267,11 +268,25 @@ def measure_server(payload, save_dir, decisions, figures):
             state = httpx.get(server.url + "/api/state", timeout=120).json()
             browser_thumbnails(page, state, figures)
             client_figures(server, state, save_dir, decisions, figures)
+            figures["made_ahead"] = made_ahead(save_dir, server.checked)
+            figures["browse_ahead"] = browse_class(page, state["classes"][50]["folder"])
             figures["rss"] = rss_of(server.process.pid)
         finally:
             browser.close()
             if server:
                 server.stop()
+
+
+def made_ahead(save_dir, since, settle=5, timeout=600):
+    """Seconds from the check's end until the thumbnails made ahead (studio.py's warmer: each
+    gallery's first page) stop growing in number for `settle` seconds."""
+    count, changed = -1, time.time()
+    while time.time() - changed < settle and time.time() - since < timeout:
+        now = thumbnail_cache(save_dir)[0]
+        if now != count:
+            count, changed = now, time.time()
+        time.sleep(0.5)
+    return changed - since
 
 
 def thumbnail_cache(save_dir):
@@ -294,7 +309,8 @@ def table_rows(figures):
     memory = f"{rss['VmHWM'] / 1e9:.2f} GB, {rss['VmRSS'] / 1e9:.2f} GB"
     cache = f"{figures['cache'][0]} files, {figures['cache'][1] / 1e6:.1f} MB"
     state = f"{figures['state_bytes'] / 1e6:.1f} MB in {ms(figures['state'])}"
-    check = f"{figures['check']:.1f} s, peak RSS {figures['check_rss'] / 1e9:.2f} GB"
+    check = (f"{figures['check']:.1f} s, RSS peak {figures['check_rss']['peak'] / 1e9:.2f} GB, "
+             f"{figures['check_rss']['after'] / 1e9:.2f} GB after it")
     page = f"{figures['page']:.2f} s (of which page load {figures['page_load']:.2f} s)"
     browse = f"{ms(figures['browse'][0])} for {figures['browse'][1]} images"
     return [
@@ -307,6 +323,10 @@ def table_rows(figures):
         (f"{SHOWN} thumbnails via other links", pages(figures["client_copies"]), thumbs),
         (f"{SHOWN} thumbnails cold, Chromium", ms(figures["browser_cold"]), thumbs),
         (f"{SHOWN} thumbnails via other links, Chromium", ms(figures["browser_warm"]), thumbs),
+        ("first pages' thumbnails made ahead, after the check", f"{figures['made_ahead']:.0f} s",
+         ""),
+        ("Browse a class after that (Chromium, the images on screen)",
+         f"{ms(figures['browse_ahead'][0])} for {figures['browse_ahead'][1]} images", thumbs),
         ("Browse a class cold, Chromium", browse, thumbs),
         ("server RSS: peak, at the end", memory, f"<= {GOALS['rss'] / 1e9} GB"),
         ("thumbnail cache", cache, ""),

@@ -159,6 +159,19 @@ def test_thumbnails_are_re_encoded_and_cached_in_the_save_folder(studio, folder)
     assert len(list((folder / "1").iterdir())) == 9  # nothing moved: 8 and the misfiled
 
 
+def test_the_first_pages_thumbnails_are_made_before_anyone_asks(studio, folder):
+    from flower_classifier.studio.thumbnails import THUMB_SIDE, view_name
+
+    state = studio.client.get("/api/state").json()
+    thumbnails = PROJECT / re.sub(r"/corrections\.json$", "", state["corrections"]) / "thumbnails"
+    photos = [path for path in folder.rglob("*.jpg") if path.name != "secret.jpg"]
+    expected = {view_name(path, THUMB_SIDE) for path in photos}
+    deadline = time.monotonic() + 60
+    while not expected <= {path.name for path in thumbnails.glob("*.jpg")}:
+        assert time.monotonic() < deadline, "the first pages' thumbnails were not made"
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("route", ["thumb", "image", "heatmap"])
 def test_every_file_serving_route_answers_a_path_with_404(studio, route):
     state = studio.client.get("/api/state").json()

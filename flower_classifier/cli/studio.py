@@ -3,6 +3,7 @@
     python studio.py photos/            # the usage: studio.py's docstring
 """
 import argparse
+import gc
 
 from flower_classifier.cli.options import (
     HelpFormatter,
@@ -20,6 +21,7 @@ from flower_classifier.serve.server import is_loopback, listen, serve_until_stop
 from flower_classifier.studio.app import create_app
 from flower_classifier.studio.retrain import SCHEDULES, QuickTrainer
 from flower_classifier.studio.state import StudioOptions, open_studio
+from flower_classifier.studio.thumbnails import THUMBNAILS_FOLDER, ThumbnailWarmer
 from flower_classifier.utils.errors import UserError
 
 
@@ -84,15 +86,24 @@ def main(args):
     options = options_from_args(args)
     sock = listen(args.host, args.port)  # a busy port fails before the folder is read
     device = select_device(args.gpu)
-    studio = open_studio(options, device)
-    trainer = QuickTrainer(studio, device, args.retrain)
+    serve_studio(open_studio(options, device), config, sock, device, args.retrain)
+
+
+def serve_studio(studio, config, sock, device, schedule):
+    """Serve an opened Studio until stopped: its first run and the first pages' thumbnails
+    begin in the background, and both end before the process does."""
+    gc.freeze()  # the photos, features and findings stay: collections need not walk them
+    trainer = QuickTrainer(studio, device, schedule)
     trainer.start_first()
+    warmer = ThumbnailWarmer(studio, studio.save_dir / THUMBNAILS_FOLDER)
+    warmer.start()
     try:
         serve_until_stopped(create_app(studio, config, trainer), config, sock,
                             f"studio: {len(studio.photos)} photos of {len(studio.classes)} "
                             "classes", "anyone on this network with the token can change the "
                             "decisions")
     finally:
+        warmer.stop()
         trainer.stop()
 
 

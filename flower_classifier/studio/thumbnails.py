@@ -5,8 +5,10 @@ save folder.
     path = cached_view("photos/1/a.jpg", Path("studio/thumbnails"), THUMB_SIDE)
 """
 import hashlib
+import logging
 import math
 import os
+import threading
 from pathlib import Path
 
 from PIL import Image
@@ -66,3 +68,49 @@ def cached_view(path, folder, side):
     except UserError as error:
         raise BadRequest(500, f"The thumbnail could not be cached: {error}.") from None
     return target
+
+
+class ThumbnailWarmer:
+    """Makes the thumbnails of each gallery's first page (Studio.first_pages) in a background
+    thread at a low priority once the studio is open, so a first look at a gallery is served
+    from the disk cache rather than decoded on demand.
+
+        warmer = ThumbnailWarmer(studio, studio.save_dir / THUMBNAILS_FOLDER)
+        warmer.start()   ...   warmer.stop()
+    """
+
+    def __init__(self, studio, folder):
+        self.studio, self.folder = studio, folder
+        self.stopping, self.thread, self.made = threading.Event(), None, 0
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, daemon=True, name="thumbnails")
+        self.thread.start()
+
+    def stop(self, timeout=30):
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def run(self):
+        lower_priority()
+        for photo_id in self.studio.first_pages():
+            if self.stopping.is_set():
+                return
+            try:
+                cached_view(self.studio.image_path(photo_id), self.folder, THUMB_SIDE)
+                self.made += 1
+            except BadRequest:  # unreadable or gone: the gallery says so when asked
+                continue
+            except Exception:  # a bug: logged, and the thumbnails are made on demand instead
+                logging.getLogger("uvicorn.error").exception("thumbnails stopped")
+                return
+
+
+def lower_priority(niceness=10):
+    """This thread yields the cores to requests and training (Linux: a thread is a task with
+    its own niceness); elsewhere it keeps the process's."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass

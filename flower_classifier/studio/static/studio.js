@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const SHOWN = 120;            // photos per gallery before "show more"
+const SHOWN = 120;            // photos per gallery page (state.py PHOTOS_SHOWN: made ahead)
 const EXAMPLES = 4;           // photos of the suggested class beside a suspect
 let S = null;                 // GET api/state
 let decisions = {};           // {id: {label, at}}
@@ -76,6 +76,19 @@ function classOptions(select, placeholder) {
   S.classes.forEach((c) => select.append(new Option(c.name, c.folder)));
 }
 
+// Every card's relabel menu is a copy of one, made once: a gallery of 120 cards would otherwise
+// build 120 x the classes' options one by one.
+let relabelTemplate = null;
+function relabelMenu() {
+  if (!relabelTemplate) {
+    relabelTemplate = document.createElement("select");
+    relabelTemplate.className = "relabel";
+    relabelTemplate.setAttribute("aria-label", "relabel as");
+    classOptions(relabelTemplate, "relabel…");
+  }
+  return relabelTemplate;
+}
+
 function card(id, note, open) {
   const [label, split, name] = S.photos[id];
   const figure = document.createElement("figure");
@@ -102,10 +115,7 @@ function card(id, note, open) {
     b.addEventListener("click", () => act(id, action));
     return b;
   };
-  const relabel = document.createElement("select");
-  relabel.className = "relabel";
-  relabel.setAttribute("aria-label", "relabel as");
-  classOptions(relabel, "relabel…");
+  const relabel = relabelMenu().cloneNode(true);
   relabel.addEventListener("change", () => { if (relabel.value) decide([{ id, label: relabel.value }]); relabel.value = ""; });
   actions.append(button("Keep", "keep"), button("Drop", "drop"), relabel, button("Undo", "undo"));
   figure.append(img, caption, actions);
@@ -307,12 +317,12 @@ function describeChanges(changes, before) {
   return changes.dropped + delta("dropped") + " dropped, " + changes.relabelled + delta("relabelled") + " relabelled; train " + changes.train + ", valid " + changes.valid;
 }
 
-// Accuracy against the first run (the folder as filed), in points.
+// Accuracy against the first run (the folder as filed), in points ("" for the first itself).
 function againstFirst(run, runs) {
   const first = runs.find((r) => r.kind === "as filed" && !r.earlier && r.status === "done");
   if (!first || first === run || run.valid_accuracy === null) return "";
   const points = 100 * (run.valid_accuracy - first.valid_accuracy);
-  return (points >= 0 ? "+" : "") + points.toFixed(1) + " points against the folder as filed";
+  return (points >= 0 ? "+" : "") + points.toFixed(1) + " points";
 }
 
 function runProgress(run) {
@@ -353,7 +363,7 @@ async function watchRuns() {
     renderRuns(runs);
     const run = runs[runs.length - 1];
     if (!run) return;
-    const versus = againstFirst(run, runs);
+    const versus = againstFirst(run, runs) && againstFirst(run, runs) + " against the folder as filed";
     $("retrain-progress").textContent = run.status === "running" ? runProgress(run)
       : run.status === "done" ? (run.kind === "as filed" ? "Valid accuracy of the folder as filed: " : "New valid accuracy: ")
         + percent(run.valid_accuracy) + " (" + (versus ? versus + "; " : "") + run.seconds + " s)" : run.error;
