@@ -12,6 +12,7 @@ from flower_classifier.data.corrections import (
     apply_corrections,
     load_corrections,
     photo_key,
+    photo_keys,
     record_decisions,
 )
 from flower_classifier.data.split import load_dataset
@@ -123,3 +124,26 @@ def test_train_and_check_data_take_corrections(folder, tmp_path):
     check_args = check_data.get_args_parser().parse_args([str(folder), "--corrections", str(path)])
     assert check_args.corrections == str(path)
 
+
+
+def test_photo_keys_resolve_as_photo_key_does(tmp_path, monkeypatch):
+    """The batched keys (a folder resolved once, only links followed) equal photo_key's on
+    plain files, links relative and absolute, chains of links, a linked folder, a dangling
+    link and a relative path with "..": the keys decisions are matched by."""
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "a.jpg").write_bytes(b"a")
+    (real / "sub" / "b.jpg").write_bytes(b"b")
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "relative.jpg").symlink_to("../real/a.jpg")
+    (links / "absolute.jpg").symlink_to(real / "sub" / "b.jpg")
+    (links / "chain.jpg").symlink_to("relative.jpg")
+    (links / "dangling.jpg").symlink_to("missing.jpg")
+    (tmp_path / "folder_link").symlink_to(real / "sub")
+    monkeypatch.chdir(tmp_path)
+    paths = [real / "a.jpg", links / "relative.jpg", links / "absolute.jpg", links / "chain.jpg",
+             links / "dangling.jpg", tmp_path / "folder_link" / "b.jpg",
+             "links/../real/a.jpg", "links/chain.jpg"]
+    assert photo_keys(paths) == [photo_key(path) for path in paths]
+    assert photo_keys([links / "chain.jpg"]) == [str(real / "a.jpg")]

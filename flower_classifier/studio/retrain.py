@@ -47,12 +47,13 @@ def quick_config(data_dir, **overrides):
 
 
 def corrected_inputs(studio, decisions):
-    """(CachedInputs of the studio's features with the decisions applied, {split: [photo ids]}
-    of the rows kept, the counts of what the decisions changed)."""
+    """(CachedInputs of the studio's train and valid features with the decisions applied,
+    {split: [photo ids]} of the rows kept, the counts of what the decisions changed)."""
     counts = {}
     dataset = apply_corrections(studio.dataset, decisions, counts)
     data, ids = {}, {}
-    for name, split in dataset.splits.items():
+    for name in ("train", "valid"):
+        split = dataset.splits[name]
         features, ok = studio.features[name]
         photos = [studio.photos[studio.by_path[str(path)]] for path in split.paths]
         keep = [index for index, photo in enumerate(photos) if ok[photo.row]]
@@ -124,11 +125,19 @@ def progress(run, stopping):
     return on_epoch
 
 
-def rooted(cached):
-    """cached with float32 inputs, their signed square root taken once (the head's first layer,
-    left out of the training): each epoch no longer converts nor roots every batch."""
-    root = SignedSqrt()
-    data = {name: (root(inputs.float()), labels) for name, (inputs, labels) in cached.data.items()}
+def rooted(cached, block=4096):
+    """cached's train and valid inputs (what fit_head uses) as float32 with their signed square
+    root taken once, `block` rows at a time into one new tensor each (no full-size temporary:
+    at 50,000 photos each is a quarter of a gigabyte): each epoch no longer converts nor roots
+    every batch."""
+    root, data = SignedSqrt(), {}
+    for name in ("train", "valid"):
+        inputs, labels = cached.data[name]
+        output = torch.empty(inputs.shape, dtype=torch.float32)
+        for source, target in zip(inputs.flatten(0, -2).split(block),
+                                  output.flatten(0, -2).split(block)):
+            target.copy_(root(source.float()))
+        data[name] = (output, labels)
     return CachedInputs(data, cached.extracted, cached.kept_paths, cached.split_features)
 
 

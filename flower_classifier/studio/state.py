@@ -15,7 +15,7 @@ from flower_classifier.data.corrections import (
     CORRECTIONS_NAME,
     FORGET,
     load_corrections,
-    photo_key,
+    photo_keys,
     record_decisions,
 )
 from flower_classifier.data.images import is_image_file
@@ -36,7 +36,6 @@ from flower_classifier.utils.errors import UserError
 MAX_CHANGES = 10_000  # decisions in one request
 SET_ASIDE_FOLDER = "set_aside"  # where applying to the folders moves dropped photos
 MOVES_LOG = "moves.jsonl"
-MAX_HOPS = 8  # links followed by photo_keys before photo_key takes over
 # A gallery's page on the studio's page (studio.js SHOWN, and SHOWN / 4 for groups).
 PHOTOS_SHOWN, GROUPS_SHOWN = 120, 30
 
@@ -68,31 +67,6 @@ def class_names_of(options, classes):
     path = options.category_names or Path(options.data_dir) / "cat_to_name.json"
     names = load_category_names(path) if options.category_names or Path(path).is_file() else {}
     return display_names(classes, names)
-
-
-def photo_keys(paths):
-    """photo_key() of each path (its absolute path, symlinks resolved) with far fewer system
-    calls, so a large folder opens quickly: each folder is resolved once, and only a photo
-    that is itself a link is followed, from its resolved folder. A name like "..", or a chain
-    of links longer than MAX_HOPS, is left to photo_key."""
-    folders = {}
-
-    def key(path, hops=0):
-        folder, name = os.path.split(path)
-        if name in ("", ".", "..") or hops > MAX_HOPS:
-            return photo_key(path)
-        if folder not in folders:
-            folders[folder] = os.path.realpath(folder)
-        joined = os.path.join(folders[folder], name)
-        if not os.path.islink(joined):
-            return joined
-        try:
-            target = os.readlink(joined)
-        except OSError:
-            return photo_key(path)
-        return key(os.path.join(folders[folder], target), hops + 1)
-
-    return [key(str(path)) for path in paths]
 
 
 class Studio:
