@@ -127,22 +127,14 @@ def click_to_accuracy(args, backbone, by_split, dataset, tmp, schedule):
     studio = Studio(options, dataset, by_split, report={}, backbone=backbone)
     Path(studio.corrections_path).unlink(missing_ok=True)
     trainer = QuickTrainer(studio, CPU, schedule)
-    first = wait_for(trainer, trainer.start_first())
+    first = trainer.wait(trainer.start_first()["id"])
     paths = dataset.splits["train"].paths
     record_decisions(studio.corrections_path, {**{path: None for path in paths[:50]},
                                                **{path: "1" for path in paths[50:100]}})
     started = time.perf_counter()
-    run = wait_for(trainer, trainer.start())
-    return time.perf_counter() - started, first, run
-
-
-def wait_for(trainer, run):
-    """The run's record once it has ended (done, else an AssertionError)."""
-    while trainer.runs[run["id"] - 1]["status"] == "running":
-        time.sleep(0.01)
-    run = trainer.runs[run["id"] - 1]
+    run = trainer.wait(trainer.start()["id"])
     assert run["status"] == "done", run
-    return run
+    return time.perf_counter() - started, first, run
 
 
 def timing(args, backbone, by_split, dataset, cached, class_count):

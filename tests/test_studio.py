@@ -258,14 +258,20 @@ def test_decisions_survive_a_restart_and_kill_9_between_two_clicks(folder, cache
     assert not list(save_dir.glob(".corrections.json.*.tmp"))
 
 
-def retrained(client, timeout=120):
-    """Start a quick retrain and wait for its end; returns its run."""
-    assert client.post("/api/retrain").status_code == 202
+def last_run_ended(client, timeout=120):
+    """The latest run once it has ended (the first one trains as the studio opens)."""
     deadline = time.monotonic() + timeout
     while (run := client.get("/api/runs").json()["runs"][-1])["status"] == "running":
         assert time.monotonic() < deadline
         time.sleep(0.2)
     return run
+
+
+def retrained(client):
+    """Start a quick retrain once the run before it has ended, and wait for its end."""
+    last_run_ended(client)
+    assert client.post("/api/retrain").status_code == 202
+    return last_run_ended(client)
 
 
 def test_the_quick_retrain_applies_the_decisions_and_reports_valid_accuracy(studio):
@@ -362,7 +368,7 @@ def test_after_a_new_retrain_only_what_was_exported_of_an_older_run_downloads(st
 
 
 @pytest.mark.parametrize("runs, words", [
-    ([], "No retrain has run yet"),
+    ([], "No run has ended yet"),
     ([{"id": 1, "status": "running"}], "still training"),
     ([{"id": 1, "status": "failed"}], "failed, so it has no model"),
     ([{"id": 1, "status": "done", "earlier": True}], "before the studio last started"),
@@ -372,8 +378,7 @@ def test_a_run_whose_model_is_not_in_memory_is_refused_in_one_sentence(runs, wor
     from flower_classifier.serve.answers import BadRequest
     from flower_classifier.studio.ship import Shipper
 
-    trainer = SimpleNamespace(studio=None, runs_json=lambda: runs, classifier=None,
-                              config=None)
+    trainer = SimpleNamespace(studio=None, runs_json=lambda: runs, latest=None)
     with pytest.raises(BadRequest) as refused:
         Shipper(trainer).model_file(1, "onnx")
     assert refused.value.status == 409 and words in str(refused.value)

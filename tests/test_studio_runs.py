@@ -2,7 +2,6 @@
 first run trains the folder as filed, a retrain continues its head with the decisions applied,
 runs.json keeps them across a restart, and the per-class results count what they should."""
 import json
-import time
 
 import pytest
 import torch
@@ -55,12 +54,8 @@ def make_studio(root, backbone, per_class={"train": 12, "valid": 4}):
     return Studio(options, dataset, features, empty, backbone)
 
 
-def finished(trainer, run, timeout=120):
-    deadline = time.monotonic() + timeout
-    while trainer.runs[run["id"] - 1]["status"] == "running":
-        assert time.monotonic() < deadline, "the run did not end"
-        time.sleep(0.02)
-    return trainer.runs[run["id"] - 1]
+def finished(trainer, run):
+    return trainer.wait(run["id"], timeout=120)
 
 
 def test_the_first_run_trains_as_filed_and_a_retrain_continues_it(tmp_path, backbone):
@@ -80,7 +75,7 @@ def test_the_first_run_trains_as_filed_and_a_retrain_continues_it(tmp_path, back
     assert second["epochs"] == SCHEDULES["warm"]["epochs"] == len(second["history"])
     assert second["changes"]["relabelled"] == 1 and second["changes"]["train"] == 36
     assert second["seconds_left"] is None and second["classes"]["recall"] == [1.0, 1.0, 1.0]
-    assert trainer.classifier is not None and trainer.config.hidden_units == 512
+    assert trainer.latest[0] == second["id"] and trainer.latest[2].hidden_units == 512
 
 
 def test_fit_head_starts_from_the_weights_it_is_given(tmp_path, backbone):

@@ -61,7 +61,7 @@ def get_args_parser():
                         help="how a retrain trains: 'warm' continues the head the studio "
                         "trained on the folder as filed when it opened, for a few epochs on the "
                         "corrected photos; 'full' trains train.py --train_stages 0's head from "
-                        "scratch each time (about five times longer)")
+                        "scratch each time (about three times longer)")
     add_gpu_argument(parser)
     return parser
 

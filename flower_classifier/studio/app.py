@@ -124,13 +124,13 @@ class StudioRoutes:
         check_token(request, self.config.token)
         if self.trainer is None:
             raise BadRequest(404, "This studio has no quick retrain.")
-        return JSONResponse(self.trainer.start(), status_code=202)
+        return JSONResponse(await run_in_threadpool(self.trainer.start), status_code=202)
 
     async def runs(self, request):
         check_token(request, self.config.token)
         if self.trainer is None:
             return JSONResponse({"runs": []})
-        return JSONResponse({"runs": self.trainer.runs_json()})
+        return JSONResponse({"runs": await run_in_threadpool(self.trainer.runs_json)})
 
     async def model(self, request):
         """The run's model exported with its labels inside, as a download (exported once)."""

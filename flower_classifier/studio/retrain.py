@@ -1,16 +1,18 @@
-"""The studio's runs: the head alone on the cached features, with the decisions in corrections.json
-applied, in a thread of the server; progress is polled through GET /api/runs.
+"""The studio's runs: the head alone on the cached features, with the decisions in
+corrections.json applied, in a thread of the server; progress is polled through GET /api/runs.
 
     trainer = QuickTrainer(studio, torch.device("cpu"))
     trainer.start_first()      # the folder as filed: train.py --train_stages 0's head
     trainer.start()            # a retrain with the decisions: {"id": 2, "status": "running", ...}
-    trainer.runs_json()        # every run: epochs, valid accuracy, what changed, per class, mistakes
+    trainer.wait(2)            # its record once ended: epochs, valid accuracy, what changed,
+                               # per-class results, mistakes (trainer.runs_json(): every run)
 
 The first run, when the studio opens, trains what train.py --train_stages 0 trains
 (training.config's head, optimiser, loss and loop) on the folder as filed. A retrain continues
 that head on the corrected data for a few epochs (SCHEDULES["warm"], the default) rather than
-starting over ("full"): on the shared flowers its cross-validated accuracy is train.py's, in a
-fraction of the time (benchmarks/README.md, "The studio's quick retrain"). Runs are kept in
+starting over ("full"): on the shared flowers its cross-validated accuracy is within a few
+tenths of a point of train.py's, in a third of the time (benchmarks/README.md, "The studio's
+quick retrain"). Runs are kept in
 runs.json in the save folder, so a restarted studio lists the earlier ones.
 """
 import json
@@ -92,7 +94,7 @@ def class_results(result, ids, class_count, shown=CONFUSIONS_SHOWN):
     confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
     correct = confusion.diag()
     off_diagonal = confusion - torch.diag(correct)
-    count, order = off_diagonal.flatten().sort(descending=True)
+    count, order = off_diagonal.flatten().sort(descending=True, stable=True)
     pairs = []
     for number, index in zip(count[:shown].tolist(), order[:shown].tolist()):
         if not number:
@@ -199,8 +201,7 @@ class QuickTrainer:
         self.studio, self.device, self.schedule = studio, device, schedule
         self.path = studio.save_dir / RUNS_NAME
         self.runs, self.lock = earlier_runs(self.path), threading.Lock()
-        self.classifier = None  # the latest run's, for heatmaps and downloads
-        self.config = None  # the TrainConfig it trained with
+        self.latest = None  # (run id, classifier, TrainConfig) of the latest run that ended well
         self.first = None  # the first run's head weights: where a warm retrain starts
         self.first_done, self.stopping, self.thread = threading.Event(), threading.Event(), None
 
@@ -238,8 +239,21 @@ class QuickTrainer:
             self.thread.join(timeout)
 
     def runs_json(self):
+        """Every run's record, as GET /api/runs sends them."""
         with self.lock:
             return self.snapshot()
+
+    def wait(self, run_id, timeout=600):
+        """The record of run_id once it has ended (saved to runs.json by then); TimeoutError
+        past timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = next(run for run in self.runs_json() if run["id"] == run_id)
+            if run["status"] != "running":
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} did not end in {timeout} s")
+            time.sleep(0.02)
 
     def snapshot(self):
         """The runs as JSON data (with self.lock held)."""
@@ -280,6 +294,8 @@ class QuickTrainer:
         init = None
         if run["kind"] == "warm":
             self.first_done.wait()
+            if self.stopping.is_set():
+                raise RunStopped(STOPPED)
             init = self.first
             if init is None:
                 raise UserError("the first run failed, so there is no head to continue; start "
@@ -293,15 +309,16 @@ class QuickTrainer:
                                      progress(run, self.stopping), init=init)
         run["mistakes"] = mistakes_of(valid, ids["valid"])
         run["classes"] = class_results(valid, ids["valid"], classes)
-        self.classifier, self.config = classifier, config
+        self.latest = (run["id"], classifier, config)
         if run["kind"] == "as filed":
             self.first = {k: v.clone() for k, v in classifier.head.state_dict().items()}
 
     def heatmap_png(self, photo_id):
         """The Grad-CAM heatmap of the latest run's prediction for a photo, as PNG."""
-        if self.classifier is None:
-            raise BadRequest(409, "Retrain first: the heatmap explains the retrained head.")
+        if self.latest is None:
+            raise BadRequest(409, "No run has ended yet; wait for the first run on the folder as "
+                             "filed, then open the photo again.")
         from flower_classifier.models.explain import heatmap_overlay_png
 
-        return heatmap_overlay_png(self.classifier, self.studio.image_path(photo_id),
+        return heatmap_overlay_png(self.latest[1], self.studio.image_path(photo_id),
                                    self.studio.names)

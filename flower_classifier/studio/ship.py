@@ -88,13 +88,13 @@ class Shipper:
         return Path(result["output"])
 
     def latest_classifier(self, run_id):
-        """(classifier, its TrainConfig, run record) of run_id: 409 before any retrain and unless it
-        is the latest run and done (the trainer keeps only the latest classifier), 404 for no
+        """(classifier, its TrainConfig, run record) of run_id: 409 before any run and unless it
+        is the latest run that ended well (the trainer keeps only its classifier), 404 for no
         such run."""
         runs = self.trainer.runs_json()
         if not runs:
-            raise BadRequest(409, "No retrain has run yet; run the quick retrain, then download "
-                             "its model.")
+            raise BadRequest(409, "No run has ended yet; wait for the first run on the folder "
+                             "as filed, or retrain, then download its model.")
         run = next((run for run in runs if run["id"] == run_id), None)
         if run is None:
             raise BadRequest(404, f"There is no run {run_id}; the runs are listed by GET "
@@ -107,13 +107,13 @@ class Shipper:
                              "is done.")
         if run["status"] != "done":
             raise BadRequest(409, f"Run {run_id} failed, so it has no model; retrain again.")
-        classifier, config = self.trainer.classifier, self.trainer.config
-        latest = self.trainer.runs_json()[-1]  # read after the classifier: none began since
-        if latest["id"] != run_id:
+        latest = self.trainer.latest  # (run id, classifier, config), stored at once
+        if latest is None or latest[0] != run_id:
+            which = f" (run {latest[0]} is)" if latest else ""
             raise BadRequest(409, f"Only the latest run's model is kept in memory, and run "
-                             f"{run_id} is not the latest ({latest['id']} is); download the "
-                             "latest run's model once it is done.")
-        return classifier, config, run
+                             f"{run_id} is not the latest to have ended well{which}; download "
+                             "that one's model.")
+        return latest[1], latest[2], run
 
     def save_checkpoint(self, run_id):
         """save_dir/runs/<run id>/checkpoint.pth, written as train.py --train_stages 0 writes

@@ -81,25 +81,27 @@ class ThumbnailWarmer:
 
     def __init__(self, studio, folder):
         self.studio, self.folder = studio, folder
-        self.stopping, self.thread, self.made = threading.Event(), None, 0
+        self.stopping, self.thread = threading.Event(), None
 
     def start(self):
+        """Begin in a thread of its own."""
         self.thread = threading.Thread(target=self.run, daemon=True, name="thumbnails")
         self.thread.start()
 
     def stop(self, timeout=30):
+        """End after the thumbnail being made, and wait for it."""
         self.stopping.set()
         if self.thread is not None:
             self.thread.join(timeout)
 
     def run(self):
+        """Make each first-page thumbnail not on disk yet."""
         lower_priority()
         for photo_id in self.studio.first_pages():
             if self.stopping.is_set():
                 return
             try:
                 cached_view(self.studio.image_path(photo_id), self.folder, THUMB_SIDE)
-                self.made += 1
             except BadRequest:  # unreadable or gone: the gallery says so when asked
                 continue
             except Exception:  # a bug: logged, and the thumbnails are made on demand instead

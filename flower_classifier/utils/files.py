@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from flower_classifier.utils.errors import UserError, error_reason
@@ -36,11 +37,17 @@ def write_failure(path, error):
     return UserError(f"cannot write {path} ({error_reason(error)}); {fix}")
 
 
+def writer_id():
+    """Process and thread: two threads writing the same file (a thumbnail asked for while the
+    background makes it) each write their own temporary file."""
+    return f"{os.getpid()}.{threading.get_ident()}"
+
+
 def atomic_write(path, write):
     """Call write(temporary_path), then rename it over path, so a crash never leaves half a file.
     path's folder is created if missing."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{writer_id()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(temporary)
@@ -58,8 +65,8 @@ def atomic_write_folder(path, write):
     """atomic_write for a folder (a .mlpackage): write(temporary) then a rename over path.
     temporary keeps path's ending, which Core ML's save requires."""
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    temporary = path.with_name(f".{path.stem}.{writer_id()}.tmp{path.suffix}")
+    old = path.with_name(f".{path.name}.{writer_id()}.old")
     try:
         write(str(temporary))
         if path.exists():

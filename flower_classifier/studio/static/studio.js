@@ -413,20 +413,23 @@ function renderClassResults(run, first) {
     th.onclick = () => { const descending = th.dataset.sorted === "up"; table.tHead.querySelectorAll("th").forEach((h) => delete h.dataset.sorted); th.dataset.sorted = descending ? "down" : "up"; draw(column, descending); };
   });
   table.hidden = false;
-  draw(1, false);
+  table.tHead.querySelectorAll("th").forEach((h) => delete h.dataset.sorted);
+  table.tHead.rows[0].cells[1].dataset.sorted = "up";
+  draw(1, false);  // the least recalled classes first
 }
 
 // "camellia taken for rose 7 times": each opens its photos.
 function renderConfusions(pairs) {
   const list = $("confusions");
   list.replaceChildren();
+  $("confusion-photos").replaceChildren();  // the previous run's
   for (const pair of pairs) {
     const button = document.createElement("button");
     button.className = "confusion";
     button.textContent = className(pair.true) + " taken for " + className(pair.predicted) + " " + pair.count + (pair.count === 1 ? " time" : " times");
     button.addEventListener("click", () => {
       $("confusion-photos").replaceChildren();
-      gallery($("confusion-photos"), pair.ids, () => "filed as " + className(pair.true));
+      gallery($("confusion-photos"), pair.ids, () => "scored as " + className(pair.true) + ", named " + className(pair.predicted));
     });
     list.append(button);
   }
@@ -454,15 +457,16 @@ async function saveDownload(path, name) {
   link.href = URL.createObjectURL(await answer.blob());
   link.download = /filename="([^"]+)"/.exec(answer.headers.get("content-disposition") || "")?.[1] || name;
   link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);  // a model file holds the backbone
   return link.download;
 }
 
-// The model of the latest run, once it is done: only the latest classifier is kept (and none of
-// an earlier start of the studio).
+// The model of the latest run that ended well: only its classifier is kept (and none of an
+// earlier start of the studio).
 function renderDownload(runs) {
-  const run = runs[runs.length - 1];
+  const run = [...runs].reverse().find((r) => r.status === "done" && !r.earlier);
   const button = $("download-model");
-  button.hidden = !run || run.status !== "done" || Boolean(run.earlier);
+  button.hidden = !run;
   if (run) button.dataset.run = run.id;
 }
 
@@ -472,7 +476,7 @@ async function downloadModel() {
   setStatus("ready", "Exporting run #" + button.dataset.run + " as ONNX with its class names inside…");
   try {
     const name = await saveDownload("api/runs/" + button.dataset.run + "/model?format=onnx", "model.onnx");
-    setStatus("ready", "Downloaded " + name + ": the retrained model with its class names inside.");
+    setStatus("ready", "Downloaded " + name + ": run #" + button.dataset.run + "'s model with its class names inside.");
   } catch (error) {
     failed(error);
   } finally {
