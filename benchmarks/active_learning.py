@@ -14,10 +14,13 @@ each rule:
   margin    predict.py --suggest's rule (inference/suggest.py): the least sure by the top two
             classes' margin, from a pool of 10 x batch, skipping near-copies (cosine of the
             features above --similarity)
-  entropy   the same by normalised entropy
+  spread    the same, at most 2 per predicted class before the least sure of the rest fill
+            the batch (issue 34's class-balanced idea; not --suggest's rule: no better)
+  entropy   the same as margin by normalised entropy
 Printed: the mean valid accuracy (and spread over --seeds) per rule per round, and the ratio:
 the labels the rule needs to reach random's last-round accuracy (linear between rounds) over
-random's labels at its last round (the goal: at most 60%).
+random's labels at its last round (the goal: at most 60%). Runs of some --rules each (in
+parallel) are joined with --merge.
 """
 import argparse
 import json
@@ -41,7 +44,10 @@ from flower_classifier.inference.suggest import (  # noqa: E402
 )
 from flower_classifier.models.features import FeatureExtractor, split_features  # noqa: E402
 
-RULES = ("random", "margin", "entropy")
+SPREAD = 2  # photos per predicted class in the spread rule's first pass: 2 screened best of
+# 1, 2, 3 (this benchmark, seeds 0-2, 4 to 10 rounds)
+RULES = {"random": None, "margin": ("margin", None), "spread": ("margin", SPREAD),
+         "entropy": ("entropy", None)}  # rule: (certainty, photos per predicted class)
 
 
 def load_features(data_dir, cache_dir):
@@ -74,12 +80,13 @@ def choose(rule, heads, features, unit, unlabelled, batch, similarity, generator
     if rule == "random":
         order = torch.randperm(len(unlabelled), generator=generator)[:batch]
         return [unlabelled[i] for i in order.tolist()]
+    by, per_class = RULES[rule]
     candidates = torch.tensor(unlabelled)
     probabilities = quality.mean_logits(heads, features[candidates]).softmax(1)
-    scores = certainties(probabilities, rule)
+    scores = certainties(probabilities, by)
     pool = scores.argsort()[:POOL_FACTOR * batch].tolist()  # least sure first
-    entries = [(scores[i].item(), i, None, None, unit[candidates[i]]) for i in pool]
-    return [unlabelled[entry[1]] for entry in diverse(entries, batch, similarity)]
+    entries = [(scores[i].item(), i, None, probabilities[i], unit[candidates[i]]) for i in pool]
+    return [unlabelled[entry[1]] for entry in diverse(entries, batch, similarity, per_class)]
 
 
 def run_rule(rule, data, args, seed):
@@ -149,7 +156,7 @@ def plot(table, path):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("data_dir", help="flowers folder with train/ and valid/")
+    parser.add_argument("data_dir", nargs="?", help="flowers folder with train/ and valid/")
     parser.add_argument("--cache_dir", default="/tmp/active_learning_cache",
                         help="train.py's feature cache for train/ and valid/")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
@@ -161,17 +168,51 @@ def get_args_parser():
                         help="the rules' near-copy cosine (predict.py --suggest_similarity)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="accuracy vs labels")
     parser.add_argument("--results", default=None, metavar="JSON",
-                        help="write the table (labels, mean, min, max per rule) there; with "
-                        "--plot_only, draw --plot from it instead of running")
-    parser.add_argument("--plot_only", action="store_true")
+                        help="write the table (labels, mean, min, max per rule) there")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="instead of running: report (and --plot) the tables of these "
+                        "--results files, runs of some --rules each (a rule's seeds are "
+                        "independent of the other rules, so runs in parallel give the same)")
     return parser
 
 
-def main(args):
-    if args.plot_only:
-        plot(json.loads(Path(args.results).read_text()), args.plot)
-        print(f"saved {args.plot}")
+def report(table):
+    """Print the table (markdown) and each rule's ratio of labels to random's."""
+    rules = list(table)
+    print("\n| labels | " + " | ".join(rules) + " |")
+    print("|---" * (len(rules) + 1) + "|")
+    for index, (labels, *_) in enumerate(table[rules[0]]):
+        cells = [f"{mean:.2f} (min {low:.2f}, max {high:.2f})"
+                 for _, mean, low, high in (table[rule][index] for rule in rules)]
+        print(f"| {labels} | " + " | ".join(cells) + " |")
+    if "random" not in table:
         return
+    last_labels, target = table["random"][-1][:2]
+    for rule in (rule for rule in rules if rule != "random"):
+        needed = labels_to_reach([row[:2] for row in table[rule]], target)
+        print(f"{rule}: random's last accuracy {target:.2f}% at {last_labels} labels; " + (
+            f"{rule} reaches it at {needed:.0f} labels: {needed / last_labels:.0%} "
+            f"(goal <= 60%)" if needed is not None else f"{rule} never reaches it"))
+
+
+def main(args):
+    if args.merge:
+        table = {}
+        for path in args.merge:
+            table.update(json.loads(Path(path).read_text()))
+        table = {rule: table[rule] for rule in RULES if rule in table}
+    else:
+        table = run_rules(args)
+    report(table)
+    if args.results:
+        Path(args.results).write_text(json.dumps(table))
+    if args.plot:
+        plot(table, args.plot)
+        print(f"saved {args.plot}")
+
+
+def run_rules(args):
+    """The summary table of each of args.rules over args.seeds."""
     started = time.perf_counter()
     data = load_features(args.data_dir, args.cache_dir)
     print(f"features: train {len(data[1])}, valid {len(data[3])} "
@@ -182,26 +223,12 @@ def main(args):
             results[rule].append(run_rule(rule, data, args, seed))
         print(f"{rule}: {[f'{a:.2%}' for _, a in mean_curve(results[rule])]} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-    table = summary(results)
-    print("\n| labels | " + " | ".join(args.rules) + " |")
-    print("|---" * (len(args.rules) + 1) + "|")
-    for index, (labels, *_) in enumerate(table[args.rules[0]]):
-        cells = [f"{mean:.2f} (min {low:.2f}, max {high:.2f})"
-                 for _, mean, low, high in (table[rule][index] for rule in args.rules)]
-        print(f"| {labels} | " + " | ".join(cells) + " |")
-    if args.results:
-        Path(args.results).write_text(json.dumps(table))
-    if "random" in results:
-        last_labels, target = mean_curve(results["random"])[-1]
-        for rule in (rule for rule in args.rules if rule != "random"):
-            needed = labels_to_reach(mean_curve(results[rule]), target)
-            print(f"{rule}: random's last accuracy {target:.2%} at {last_labels} labels; " + (
-                f"{rule} reaches it at {needed:.0f} labels: {needed / last_labels:.0%} "
-                f"(goal <= 60%)" if needed is not None else f"{rule} never reaches it"))
-    if args.plot:
-        plot(table, args.plot)
-        print(f"saved {args.plot}")
+    return summary(results)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    parser = get_args_parser()
+    arguments = parser.parse_args()
+    if not (arguments.data_dir or arguments.merge):
+        parser.error("pass data_dir, or --merge with results files")
+    main(arguments)

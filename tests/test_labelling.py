@@ -13,7 +13,13 @@ from conftest import FLOWERS, link_class_folders, run_command
 from flower_classifier.cli import predict
 from flower_classifier.inference import sort_into as sorting
 from flower_classifier.inference.predictor import Predictor
-from flower_classifier.inference.suggest import Tally, candidate_pool, certainties, suggest_photos
+from flower_classifier.inference.suggest import (
+    Tally,
+    candidate_pool,
+    certainties,
+    diverse,
+    suggest_photos,
+)
 from flower_classifier.utils.errors import UserError
 
 CLASSES = ("1", "10", "2")
@@ -274,3 +280,19 @@ def test_certainty_is_zero_for_a_tie_and_one_for_a_sure_answer():
     assert certainties(probabilities, "margin").tolist() == [0.0, 1.0]
     assert certainties(probabilities, "entropy")[1] == pytest.approx(1.0)
     assert 0 < certainties(probabilities, "entropy")[0] < 1
+
+
+def made_up_pool(classes, features):
+    """Pool entries, least sure first, predicted as classes (of 3), with these features."""
+    return [(0.1 * index, index, f"{index}.jpg", torch.eye(3)[label], feature)
+            for index, (label, feature) in enumerate(zip(classes, features))]
+
+
+def test_the_class_spread_takes_a_few_per_class_first_then_the_least_sure_of_the_rest():
+    pool = made_up_pool([0, 0, 0, 0, 1, 1, 2], torch.eye(7))
+    chosen = [entry[1] for entry in diverse(pool, 4, 0.95, per_class=2)]
+    assert chosen == [0, 1, 4, 5]  # class 0's third and fourth wait for class 1
+    assert [entry[1] for entry in diverse(pool, 6, 0.95, per_class=1)] == [0, 4, 6, 1, 2, 3]
+    assert [entry[1] for entry in diverse(pool, 4, 0.95)] == [0, 1, 2, 3]
+    copies = made_up_pool([0, 0, 0, 1], torch.eye(4)[[0, 0, 1, 2]])  # 1 is a copy of 0
+    assert [entry[1] for entry in diverse(copies, 4, 0.95, per_class=1)] == [0, 3, 2]

@@ -19,6 +19,7 @@ groups in the order of their least sure photo, least sure first within a group.
 import heapq
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -95,17 +96,27 @@ def candidate_pool(predictor, paths, size, by, batch_size, workers, tally, job_s
                   key=lambda entry: entry[:2])
 
 
-def diverse(pool, count, max_similarity):
+def diverse(pool, count, max_similarity, per_class=None):
     """Up to count entries of the pool (least sure first), skipping each whose feature's
-    cosine similarity to one already chosen is above max_similarity."""
-    chosen, features = [], []
-    for entry in pool:
-        if len(chosen) == count:
-            break
-        if features and float((torch.stack(features) @ entry[4]).max()) > max_similarity:
-            continue
-        chosen.append(entry)
-        features.append(entry[4])
+    cosine similarity to one already chosen is above max_similarity. per_class: at most that
+    many per predicted class in a first pass, so that one confusing class does not fill the
+    list; a second pass fills what is left with the least sure of the rest (issue 34's class
+    spread: benchmarks/active_learning.py measures it, not better than without, so --suggest
+    does not use it)."""
+    chosen, features, per_group = [], [], Counter()
+    for spread in (True, False) if per_class else (False,):
+        for entry in pool:
+            if len(chosen) == count:
+                return chosen
+            group = int(entry[3].argmax())
+            if any(entry is taken for taken in chosen) or (
+                    spread and per_group[group] >= per_class):
+                continue
+            if features and float((torch.stack(features) @ entry[4]).max()) > max_similarity:
+                continue
+            chosen.append(entry)
+            features.append(entry[4])
+            per_group[group] += 1
     return chosen
 
 
