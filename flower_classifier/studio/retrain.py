@@ -32,6 +32,7 @@ from flower_classifier.training.optim import make_criterion, make_optimizer
 from flower_classifier.training.tasks.cached import CachedInputs, FeatureTask
 from flower_classifier.utils.errors import UserError
 from flower_classifier.utils.files import write_json
+from flower_classifier.utils.threads import lower_priority
 
 RUNS_NAME = "runs.json"
 # studio.py --retrain: how a retrain trains (hyperparameters of TrainConfig over train.py's).
@@ -270,6 +271,10 @@ class QuickTrainer:
     def train(self, run, config):
         """The run's thread: its outcome and runs.json change together, under the lock."""
         started, outcome = time.perf_counter(), {"status": "failed"}
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)  # as FeatureTask trains the head; requests keep the rest
+        if run["kind"] == "as filed":
+            lower_priority()  # nobody waits on the first run: requests and thumbnails go first
         try:
             self.fit(run, config)
             outcome["status"] = "done"

@@ -22,6 +22,7 @@ from flower_classifier.data.images import (
 from flower_classifier.serve.answers import BadRequest
 from flower_classifier.utils.errors import UserError, error_reason
 from flower_classifier.utils.files import atomic_write
+from flower_classifier.utils.threads import lower_priority
 
 THUMB_SIDE = 256     # gallery thumbnails: the longer side, in pixels
 LARGE_SIDE = 1024    # a photo opened on its own
@@ -108,11 +109,3 @@ class ThumbnailWarmer:
                 logging.getLogger("uvicorn.error").exception("thumbnails stopped")
                 return
 
-
-def lower_priority(niceness=10):
-    """This thread yields the cores to requests and training (Linux: a thread is a task with
-    its own niceness); elsewhere it keeps the process's."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (AttributeError, OSError):
-        pass

@@ -13,6 +13,7 @@ fixes them.
     policy.apply(window)                # after an epoch: re-read over the epoch just run
 """
 import os
+import threading
 import time
 
 import torch
@@ -129,3 +130,12 @@ class ThreadPolicy:
     def after(self):
         """Re-apply over the window opened by the last apply(): call it between epochs."""
         return self.apply(self.window)
+
+
+def lower_priority(niceness=10):
+    """This thread yields the cores to the process's other threads and to other processes
+    (Linux: a thread is a task with its own niceness); elsewhere it keeps the process's."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
