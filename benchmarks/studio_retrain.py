@@ -29,7 +29,11 @@ from flower_classifier.data.folders import find_splits  # noqa: E402
 from flower_classifier.data.split import Dataset  # noqa: E402
 from flower_classifier.data.transforms import eval_transform  # noqa: E402
 from flower_classifier.models.backbones import build_backbone  # noqa: E402
-from flower_classifier.models.classifier import ImageClassifier, build_head  # noqa: E402
+from flower_classifier.models.classifier import (  # noqa: E402
+    ImageClassifier,
+    build_head,
+    weights_copy,
+)
 from flower_classifier.studio.retrain import SCHEDULES as RETRAIN_SCHEDULES  # noqa: E402
 from flower_classifier.studio.retrain import QuickTrainer, fit_head, quick_config  # noqa
 from flower_classifier.studio.state import Studio, StudioOptions  # noqa: E402
@@ -85,7 +89,7 @@ def cross_validate(args, backbone, by_split, dataset, share):
         noisy, _ = made_wrong(labels[~held], share, class_count, args.seed + 100 + fold)
         first, valid = score(full, noisy, held)
         scores["first run"].append(valid["accuracy"])
-        init = {key: value.clone() for key, value in first.head.state_dict().items()}
+        init = weights_copy(first.head)
         scores["warm retrain"].append(score(warm, labels[~held], held, init)[1]["accuracy"])
         scores["from scratch"].append(score(full, labels[~held], held)[1]["accuracy"])
     return {name: torch.tensor(values) for name, values in scores.items()}

@@ -10,6 +10,7 @@ from flower_classifier.data.corrections import record_decisions
 from flower_classifier.data.folders import Split
 from flower_classifier.data.split import Dataset
 from flower_classifier.models.backbones import build_backbone
+from flower_classifier.models.classifier import weights_copy
 from flower_classifier.serve.answers import BadRequest
 from flower_classifier.studio.retrain import (
     RUNS_NAME,
@@ -83,7 +84,7 @@ def test_fit_head_starts_from_the_weights_it_is_given(tmp_path, backbone):
     cached, _, _ = corrected_inputs(studio, {})
     still = quick_config(tmp_path, epochs=1, learning_rate=1e-9)
     first, _ = fit_head(quick_config(tmp_path), backbone, 3, cached, CPU)
-    weights = {key: value.clone() for key, value in first.head.state_dict().items()}
+    weights = weights_copy(first.head)
     continued, valid = fit_head(still, backbone, 3, cached, CPU, init=weights)
     anew, _ = fit_head(still, backbone, 3, cached, CPU)
     assert torch.allclose(continued.head[1].weight, weights["1.weight"], atol=1e-5)

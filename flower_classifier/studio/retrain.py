@@ -24,7 +24,12 @@ import torch
 from torch import nn
 
 from flower_classifier.data.corrections import apply_corrections, load_corrections
-from flower_classifier.models.classifier import ImageClassifier, SignedSqrt, build_head
+from flower_classifier.models.classifier import (
+    ImageClassifier,
+    SignedSqrt,
+    build_head,
+    weights_copy,
+)
 from flower_classifier.serve.answers import BadRequest
 from flower_classifier.training.config import TrainConfig
 from flower_classifier.training.loop import evaluate, head_spec, train_one_epoch
@@ -174,7 +179,7 @@ def fit_head(config, backbone, class_count, cached, device, on_epoch=None, keep_
                                criterion, device)
         valid = evaluate(trained, task.eval_batches("valid"), nn.CrossEntropyLoss(), device)
         if best is None or valid["accuracy"] > best[0] or not keep_best:
-            best = (valid["accuracy"], {k: v.clone() for k, v in head.state_dict().items()})
+            best = (valid["accuracy"], weights_copy(head))
         if on_epoch:
             on_epoch(epoch, loss, valid["accuracy"], best[0])
     head.load_state_dict(best[1])
@@ -318,7 +323,7 @@ class QuickTrainer:
         run["classes"] = class_results(valid, ids["valid"], classes)
         self.latest = (run["id"], classifier, config)
         if run["kind"] == "as filed":
-            self.first = {k: v.clone() for k, v in classifier.head.state_dict().items()}
+            self.first = weights_copy(classifier.head)
 
     def heatmap_png(self, photo_id):
         """The Grad-CAM heatmap of the latest run's prediction for a photo, as PNG."""
