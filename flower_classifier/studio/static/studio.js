@@ -318,8 +318,11 @@ function describeChanges(changes, before) {
 }
 
 // Accuracy against the first run (the folder as filed), in points ("" for the first itself).
+// This studio's first run on the folder as filed, once done: what the others are measured against.
+const firstRun = (runs) => runs.find((r) => r.kind === "as filed" && !r.earlier && r.status === "done");
+
 function againstFirst(run, runs) {
-  const first = runs.find((r) => r.kind === "as filed" && !r.earlier && r.status === "done");
+  const first = firstRun(runs);
   if (!first || first === run || run.valid_accuracy === null) return "";
   const points = 100 * (run.valid_accuracy - first.valid_accuracy);
   return (points >= 0 ? "+" : "") + points.toFixed(1) + " points";
@@ -363,7 +366,8 @@ async function watchRuns() {
     renderRuns(runs);
     const run = runs[runs.length - 1];
     if (!run) return;
-    const versus = againstFirst(run, runs) && againstFirst(run, runs) + " against the folder as filed";
+    const points = againstFirst(run, runs);
+    const versus = points && points + " against the folder as filed";
     $("retrain-progress").textContent = run.status === "running" ? runProgress(run)
       : run.status === "done" ? (run.kind === "as filed" ? "Valid accuracy of the folder as filed: " : "New valid accuracy: ")
         + percent(run.valid_accuracy) + " (" + (versus ? versus + "; " : "") + run.seconds + " s)" : run.error;
@@ -388,8 +392,8 @@ async function retrain() {
 function renderResults(run, runs) {
   renderMistakes(run);
   if (!run.classes) return;
-  const first = runs.find((r) => r.kind === "as filed" && !r.earlier && r.status === "done" && r !== run);
-  renderClassResults(run, first);
+  const first = firstRun(runs);
+  renderClassResults(run, first === run ? null : first);
   renderConfusions(run.classes.confusions);
 }
 
