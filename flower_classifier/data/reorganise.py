@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from flower_classifier.data.corrections import photo_key
+from flower_classifier.data.corrections import photo_keys
 from flower_classifier.utils.errors import UserError, error_reason
 
 
@@ -30,8 +30,8 @@ def plan_moves(dataset, decisions, data_dir, set_aside):
     beside their own, dropped ones into set_aside (their path below data_dir kept)."""
     classes, data_dir, taken, moves = list(dataset.class_to_idx), Path(data_dir), set(), []
     for split in dataset.splits.values():
-        for path, label in zip(split.paths, split.labels):
-            decision = decisions.get(photo_key(path))
+        for path, label, key in zip(split.paths, split.labels, photo_keys(split.paths)):
+            decision = decisions.get(key)
             if decision is None or decision["label"] == classes[label]:
                 continue
             path = Path(path)
