@@ -41,13 +41,13 @@ from flower_classifier.models.features import (
 )
 from flower_classifier.serve.config import ServeConfig
 from flower_classifier.serve.server import listen
+from flower_classifier.studio.state import PHOTOS_SHOWN as SHOWN  # cards per gallery page
 from flower_classifier.studio.state import Studio, StudioOptions
 from flower_classifier.studio.thumbnails import THUMBNAILS_FOLDER
 
 CHROMIUM = "/usr/bin/chromium"  # as tests/test_serve.py launches it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOWN = 120          # cards per gallery page: studio.js's SHOWN
 BROWSER_LIMIT = 6    # connections a browser opens to one host
 GOALS = {"page": 1.0, "thumbs": 0.2, "rss": 1.5e9}
 
