@@ -5,11 +5,12 @@ import multiprocessing
 import threading
 
 import pytest
-from conftest import link_class_folders, train_args
+from conftest import FLOWERS, link_class_folders, run_command, train_args
 
 from flower_classifier.data.corrections import (
     FORGET,
     apply_corrections,
+    corrections_line,
     load_corrections,
     photo_key,
     photo_keys,
@@ -91,7 +92,7 @@ def test_apply_drops_and_relabels_in_the_split_each_photo_is_in(folder, tmp_path
                             "/elsewhere/photo.jpg": None})
     counts = {}
     corrected = apply_corrections(dataset, load_corrections(path), counts)
-    assert counts == {"dropped": 1, "relabelled": 1, "kept": 1, "unmatched": 1}
+    assert counts == {"dropped": 1, "relabelled": 1, "kept": 1, "added": 0, "unmatched": 1}
     assert dropped not in corrected.splits["train"].paths
     assert len(corrected.splits["train"].paths) == len(train.paths) - 1
     assert corrected.splits["valid"].paths == valid.paths
@@ -100,6 +101,46 @@ def test_apply_drops_and_relabels_in_the_split_each_photo_is_in(folder, tmp_path
     assert corrected.manifest is dataset.manifest  # every placement kept
     assert dataset.splits["train"].paths[0] == dropped  # the original is unchanged
     assert (folder / "1").is_dir() and len(list((folder / "1").iterdir())) == 10  # no file moved
+
+
+def test_a_new_photo_labelled_in_the_studio_joins_its_split_and_nothing_moves(folder, tmp_path):
+    """Decisions with a split add photos from outside the folder (the studio's new photos):
+    with a label to that split, with null nowhere; a vanished one is left out."""
+    new = link_class_folders(tmp_path / "new", 3, ("1",), FLOWERS / "valid") / "1"
+    added, skipped = sorted(new.iterdir())[:2]
+    path = tmp_path / "corrections.json"
+    record_decisions(path, {added: "1", skipped: None, tmp_path / "gone.jpg": "1"},
+                     added_to={added: "train", skipped: "train", tmp_path / "gone.jpg": "train"})
+    assert load_corrections(path)[photo_key(added)]["split"] == "train"
+    dataset = load_dataset(folder)
+    counts = {}
+    corrected = apply_corrections(dataset, load_corrections(path), counts)
+    assert counts == {"dropped": 0, "relabelled": 0, "kept": 0, "added": 1, "unmatched": 1}
+    train = corrected.splits["train"]
+    assert train.paths[:-1] == dataset.splits["train"].paths
+    assert train.paths[-1] == photo_key(added)  # a str, as the folder's paths are
+    assert train.labels[-1] == dataset.class_to_idx["1"]
+    assert len(dataset.splits["train"].paths) == len(train.paths) - 1  # the original unchanged
+    assert corrections_line(path, counts).endswith("0 confirmed, 1 added; 1 decision(s) name "
+                                                   "photos not in the data folder")
+    assert sorted(new.iterdir()) == sorted([added, skipped, *sorted(new.iterdir())[2:]])
+
+
+def test_train_py_learns_from_added_photos_and_caches_their_features(folder, tmp_path):
+    new = link_class_folders(tmp_path / "new", 2, ("2",), FLOWERS / "valid") / "2"
+    path = tmp_path / "corrections.json"
+    record_decisions(path, {photo: "2" for photo in new.iterdir()},
+                     added_to={photo: "train" for photo in new.iterdir()})
+    args = ("train.py", folder, "--save_dir", tmp_path / "run", "--cache_dir", tmp_path / "cache",
+            "--corrections", path, "--train_stages", "0", "--epochs", "1", "--workers", "0")
+    first, second = run_command(*args), run_command(*args)
+    assert first.returncode == 0, first.stderr
+    assert "0 confirmed, 2 added" in first.stdout
+    assert "features ready: 32 images through the backbone, none from the cache" in first.stdout
+    assert "features ready: 0 images through the backbone, all 32 from the cache" in (
+        second.stdout), second.stdout + second.stderr
+    augmented = run_command(*args, "--augment", "1")  # a view's seed from a path outside
+    assert augmented.returncode == 0, augmented.stderr
 
 
 def test_a_class_the_folder_lacks_is_a_user_error(folder, tmp_path):

@@ -4,7 +4,9 @@ writes them) and train.py and check_data.py (which apply them with --corrections
     {"format": 1, "decisions": {"/abs/resolved/photo.jpg": {"label": "3", "at": "2026-..."}}}
 
 A label of null drops the photo from training; a class folder name says the photo is of that
-class (relabelled where it is filed under another, kept where it is filed there). Photos are
+class (relabelled where it is filed under another, kept where it is filed there). A decision
+with a "split" adds a photo from outside the folder (a new photo labelled in the studio) to that
+split with its label; with a label of null it is left out. Photos are
 keyed by their absolute resolved path (symlinks followed), so the same file is the same photo
 whichever folder of links reaches it. The photos themselves are never moved nor changed.
 
@@ -21,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from flower_classifier.data.folders import Split
+from flower_classifier.data.images import is_image_file
 from flower_classifier.utils.errors import UserError, error_reason
 from flower_classifier.utils.files import write_json
 
@@ -93,7 +96,8 @@ def load_corrections(path):
 
 def _valid(entry):
     return (isinstance(entry, dict) and "label" in entry
-            and (entry["label"] is None or isinstance(entry["label"], str)))
+            and (entry["label"] is None or isinstance(entry["label"], str))
+            and isinstance(entry.get("split", ""), str))
 
 
 @contextlib.contextmanager
@@ -122,12 +126,13 @@ def now_iso():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def record_decisions(path, changes, at=None):
+def record_decisions(path, changes, at=None, added_to=None):
     """Merge changes ({photo path: class name, None to drop, or FORGET}) into the corrections
     file and rewrite it atomically at once. The file is read again under the lock, so two
-    tabs or processes deciding about different photos both keep their decisions. Returns all
-    decisions as written."""
-    at = at or now_iso()
+    tabs or processes deciding about different photos both keep their decisions. added_to:
+    {photo path: split} of the photos from outside the folder that their label adds to that
+    split. Returns all decisions as written."""
+    at, added_to = at or now_iso(), added_to or {}
     with _exclusive(path):
         decisions = load_corrections(path)
         for photo, label in changes.items():
@@ -136,6 +141,8 @@ def record_decisions(path, changes, at=None):
                 decisions.pop(key, None)
             else:
                 decisions[key] = {"label": label, "at": at}
+                if photo in added_to:
+                    decisions[key]["split"] = added_to[photo]
         write_json({"format": CORRECTIONS_FORMAT, "decisions": decisions}, path)
     return decisions
 
@@ -165,7 +172,9 @@ def apply_corrections(dataset, decisions, counts=None):
     """A new data.split.Dataset with the decisions applied in the split each photo is in
     (dropped photos removed, relabelled ones with their new label); the split manifest is the
     same, so every photo keeps its placement. A label naming no class of the dataset is a
-    UserError. counts: a dict given is filled with dropped, relabelled, kept and unmatched."""
+    UserError. Decisions with a split add photos from elsewhere to that split (a label) or
+    leave them out (null). counts: a dict given is filled with dropped, relabelled, kept,
+    added and unmatched."""
     class_to_idx = dataset.class_to_idx
     unknown = sorted({entry["label"] for entry in decisions.values()
                       if entry["label"] is not None and entry["label"] not in class_to_idx})
@@ -174,10 +183,20 @@ def apply_corrections(dataset, decisions, counts=None):
                         f"{', '.join(map(repr, unknown[:5]))}; pass the corrections made on "
                         "this folder")
     counts = {} if counts is None else counts
-    counts.update(dropped=0, relabelled=0, kept=0)
+    counts.update(dropped=0, relabelled=0, kept=0, added=0)
     matched = set()
     splits = {name: corrected_split(split, class_to_idx, decisions, counts, matched)
               for name, split in dataset.splits.items()}
+    for key, entry in decisions.items():  # new photos: added with their label, or left out
+        if key in matched or entry.get("split") not in splits:
+            continue
+        if entry["label"] is None:
+            matched.add(key)
+        elif is_image_file(key) and os.path.isfile(key):
+            matched.add(key)
+            splits[entry["split"]].paths.append(key)
+            splits[entry["split"]].labels.append(class_to_idx[entry["label"]])
+            counts["added"] += 1
     counts["unmatched"] = len(set(decisions) - matched)
     for required in ("train", "valid"):
         if required in splits and not splits[required].paths:
@@ -189,5 +208,6 @@ def corrections_line(path, counts):
     """One log line of what the corrections changed."""
     unmatched = (f"; {counts['unmatched']} decision(s) name photos not in the data folder"
                  if counts["unmatched"] else "")
+    added = f", {counts['added']} added" if counts["added"] else ""
     return (f"corrections {os.fspath(path)}: {counts['dropped']} photo(s) dropped, "
-            f"{counts['relabelled']} relabelled, {counts['kept']} confirmed{unmatched}")
+            f"{counts['relabelled']} relabelled, {counts['kept']} confirmed{added}{unmatched}")

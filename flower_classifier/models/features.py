@@ -82,7 +82,7 @@ class FeatureCache:
         read-only --cache_dir) one warning says so and later saves are skipped; reading goes on."""
         if self.cache_dir in UNWRITABLE_CACHE_DIRS:
             return
-        entry = {"format": CACHE_FORMAT, "key": key, "paths": list(paths),
+        entry = {"format": CACHE_FORMAT, "key": key, "paths": list(map(str, paths)),
                  "stamps": torch.tensor(stamps, dtype=torch.int64).reshape(-1, 3),
                  "features": features, "ok": ok}
         try:
@@ -132,7 +132,7 @@ class FeatureExtractor:
         stamps = file_stamps(paths)
         self.requested += len(paths)
         cached = self.cache.load(key) if self.cache else {}
-        rows = [cached.get((path, *stamp)) for path, stamp in zip(paths, stamps)]
+        rows = [cached.get((str(path), *stamp)) for path, stamp in zip(paths, stamps)]
         missing = [index for index, row in enumerate(rows) if row is None]
         # All ranks must agree on what to compute, or the gathering collective would hang.
         missing = sorted(set().union(*distributed.gather_objects(set(missing))))

@@ -42,8 +42,12 @@ class CachedInputs:
 
 
 def view_seed(seed, view, path, root):
-    """A stable per-image seed, so an augmented view is the same in every run and process."""
-    name = f"{seed}:{view}:{Path(path).relative_to(root).as_posix()}"
+    """A stable per-image seed, so an augmented view is the same in every run and process: from
+    its path below root, or its own path for a photo from elsewhere (corrections.json's added
+    photos)."""
+    path = Path(path)
+    below = path.relative_to(root) if path.is_relative_to(root) else path
+    name = f"{seed}:{view}:{below.as_posix()}"
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
