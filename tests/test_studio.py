@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -26,6 +27,7 @@ TOKEN = "studio-secret"
 # Photos of one class filed under another (source class, the class it is filed under): the
 # data check names each a likely mislabelled photo.
 MISFILED = (("10", "1"), ("2", "10"), ("1", "2"))
+MANIFEST = "split_manifest.json"  # the studio's split, in its save folder
 PHOTOS = 29  # make_folder's: 24 in the classes, the copy, the three misfiled and the link
 
 
@@ -285,6 +287,30 @@ def test_the_quick_retrain_applies_the_decisions_and_reports_valid_accuracy(stud
     assert heatmap.status_code == 200 and heatmap.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_final_model_is_train_py_on_the_folder_with_the_decisions(studio):
+    state = studio.client.get("/api/state").json()
+    save_dir = Path(state["corrections"]).parent
+    assert studio.client.get("/api/final").json() == {"status": "idle"}
+    started = studio.client.post("/api/final", json={})
+    assert started.status_code == 202 and started.json()["status"] == "running"
+    again = studio.client.post("/api/final", json={})
+    assert again.status_code == 409 and "still training" in again.json()["error"]
+    deadline = time.monotonic() + 300
+    while (final := studio.client.get("/api/final").json())["status"] == "running":
+        assert time.monotonic() < deadline, final
+        time.sleep(0.5)
+    assert final["status"] == "done", final
+    assert 0 < final["valid_accuracy"] <= 1 and 0 <= final["test_accuracy"] <= 1
+    assert final["best_epoch"] >= 1 and final["checkpoint"] == str(save_dir / "final" /
+                                                                  "checkpoint.pth")
+    log = (save_dir / "final" / "train.log").read_text()
+    assert f"corrections {save_dir / 'corrections.json'}: " in log  # the decisions applied
+    assert f"split as {save_dir / MANIFEST} records" in log  # the studio's split, kept
+    from flower_classifier.inference.predictor import Predictor
+
+    assert Predictor(final["checkpoint"]).classes == list(CLASSES)
+
+
 def head_predictions(state, decisions, run):
     """{photo id: class index} the run's head gives each valid photo it was scored on: the
     class a mistake names, else the photo's class after the decisions (none for the run on the
@@ -353,8 +379,9 @@ def test_the_latest_run_downloads_as_onnx_with_its_names_and_its_predictions(stu
     ("/api/runs/1/model?format=coreml", 400, "no 'coreml' download"),
     ("/api/runs/1/model?format=../../x", 400, "ask for format onnx"),
     ("/api/runs/99/model", 404, "no run 99"),
+    ("/api/suggestions", 404, "start studio.py with --unlabelled FOLDER"),
 ])
-def test_a_bad_model_download_is_one_sentence(studio, path, status, words):
+def test_a_bad_download_or_suggestion_request_is_one_sentence(studio, path, status, words):
     answer = studio.client.get(path)
     assert answer.status_code == status and words in answer.json()["error"], answer.text
 

@@ -2,20 +2,24 @@
 folder of real photos with a planted duplicate and three misfiled photos: open (the studio
 trains on the folder as filed), relabel the three suspects, drop the duplicate, relabel a
 primrose of valid/ as a globe thistle (the retrained head's mistake), keep one with a key,
-retrain, see the valid accuracy change, open a mistake's heatmap, download the model and load
-it; the decisions are in corrections.json as the page showed them."""
+confirm a batch of new photos (--unlabelled) as the class suggested, retrain, see the valid
+accuracy change, open a mistake's heatmap, download the model and load it, train the final
+model; the decisions are in corrections.json as the page showed them."""
 import json
 import os
 
 import pytest
 from test_serve import CHROMIUM, CHROMIUM_ARGS, browser_missing
+from conftest import FLOWERS, link_class_folders
 from test_studio import CLASSES, NAMES, Studio, ids, make_folder, onnx_metadata
 
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     root = tmp_path_factory.mktemp("studio_page")
-    server = Studio(make_folder(root / "photos"), root / "save", root / "cache")
+    new = link_class_folders(root / "new", 2, CLASSES, FLOWERS / "valid")  # not in photos/
+    server = Studio(make_folder(root / "photos"), root / "save", root / "cache",
+                    "--unlabelled", new)
     yield server, root / "save"
     server.stop()
 
@@ -35,8 +39,9 @@ def retrain(page, run):
 
 
 def drive(page, url, suspects, copy, relabelled, kept, downloads):
-    """The loop on the page; returns (the accuracy line, the runs table's text, the heatmap's
-    natural width, the downloaded model file)."""
+    """The loop on the page; returns {accuracy: the accuracy line, runs: the runs table's text,
+    width: the heatmap's natural width, model: the downloaded model file, added: the ids of
+    the new photos confirmed, final: the final model's line}."""
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(url)
@@ -64,8 +69,17 @@ def drive(page, url, suspects, copy, relabelled, kept, downloads):
     page.locator(f"#browse-gallery .card[data-id='{kept}']").focus()
     page.keyboard.press("k")
     page.wait_for_selector(f"#browse-gallery .card[data-id='{kept}'].kept", timeout=30000)
+    page.click("button[data-tab=label]")
+    batch = page.locator("#label .batch").first
+    batch.wait_for(timeout=30000)
+    added = [int(i) for i in batch.locator(".card").evaluate_all(
+        "cards => cards.map((card) => card.dataset.id)")]
+    batch.locator("button.confirm").click()
+    for photo in added:
+        page.wait_for_selector(f"#label .card[data-id='{photo}'].added", timeout=30000)
     retrain(page, 2)  # with the decisions
     accuracy, runs = page.inner_text("#retrain-progress"), page.inner_text("#runs")
+    page.click("#final-button")  # train.py in its own process, while the loop goes on
     mistake = page.locator(f"#mistakes .card[data-id='{relabelled}'] img")
     mistake.click()
     page.wait_for_selector("#viewer-heatmap[data-loaded=true]", timeout=60000)
@@ -75,8 +89,11 @@ def drive(page, url, suspects, copy, relabelled, kept, downloads):
         page.click("#download-model")
     model = downloads / started.value.suggested_filename
     started.value.save_as(model)
+    page.wait_for_selector("#final-progress[data-status=done]", timeout=300000)
+    final = page.inner_text("#final-progress")
     assert not errors, errors
-    return accuracy, runs, width, model
+    return {"accuracy": accuracy, "runs": runs, "width": width, "model": model, "added": added,
+            "final": final}
 
 
 def test_the_whole_loop_in_headless_chromium_on_a_phone(studio, tmp_path):
@@ -101,22 +118,31 @@ def test_the_whole_loop_in_headless_chromium_on_a_phone(studio, tmp_path):
         browser = open_browser(playwright, tmp_path / "profile")
         try:
             page = browser.new_page()
-            accuracy, runs_text, width, model = drive(page, server.url, suspects, copy,
-                                                      relabelled, kept, tmp_path)
+            seen = drive(page, server.url, suspects, copy, relabelled, kept, tmp_path)
             page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
         finally:
             browser.close()
+    accuracy, model = seen["accuracy"], seen["model"]
     assert accuracy.startswith("New valid accuracy: ") and accuracy.endswith(" s)")
-    assert width == 224  # the heatmap over the centre crop
+    assert seen["width"] == 224  # the heatmap over the centre crop
+    assert seen["final"].startswith("Final model: valid accuracy ") and str(
+        save_dir / "final" / "checkpoint.pth") in seen["final"]
     decisions = json.loads((save_dir / "corrections.json").read_text())["decisions"]
-    labels = sorted((entry["label"] or "") for entry in decisions.values())
+    labels = sorted((entry["label"] or "") for entry in decisions.values() if "split" not in entry)
     # dropped, kept as filed and relabelled; the suspects relabelled to the classes they show
     assert labels == ["", "1", "1", "10", "10", "2"]
+    new_photos = [(key, entry) for key, entry in decisions.items() if "split" in entry]
+    assert len(new_photos) == len(seen["added"]) >= 1
+    # one batch: one predicted class, confirmed for all, into train/
+    assert {entry["label"] for _, entry in new_photos} < set(CLASSES)
+    assert {entry["split"] for _, entry in new_photos} == {"train"}
     runs = server.client.get("/api/runs").json()["runs"]
     assert runs[-1]["changes"]["dropped"] == 1 and runs[-1]["changes"]["relabelled"] == 4
+    assert runs[-1]["changes"]["added"] == len(seen["added"])
+    assert "{0} (+{0}) added".format(len(seen["added"])) in seen["runs"]
     assert any(m["id"] == relabelled for m in runs[-1]["mistakes"])
     shown = [f"{100 * run['valid_accuracy']:.1f}%" for run in runs]
-    assert shown[0] != shown[1] and all(value in runs_text for value in shown)
+    assert shown[0] != shown[1] and all(value in seen["runs"] for value in shown)
     assert model.name == "photos-run-2.onnx"
     session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     metadata = onnx_metadata(model)

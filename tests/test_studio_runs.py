@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from flower_classifier.data.corrections import record_decisions
+from flower_classifier.data.corrections import load_corrections, record_decisions
 from flower_classifier.data.folders import Split
 from flower_classifier.data.split import Dataset
 from flower_classifier.models.backbones import build_backbone
@@ -21,7 +21,14 @@ from flower_classifier.studio.retrain import (
     fit_head,
     quick_config,
 )
-from flower_classifier.studio.state import Studio, StudioOptions
+from flower_classifier.studio.labelling import suggested_batches
+from flower_classifier.studio.state import (
+    NEW,
+    Studio,
+    StudioOptions,
+    unlabelled_photos,
+)
+from flower_classifier.utils.errors import UserError
 
 CPU = torch.device("cpu")
 CLASSES = ["a", "b", "c"]
@@ -32,27 +39,40 @@ def backbone():
     return build_backbone("efficientnet_lite0")
 
 
-def make_studio(root, backbone, per_class={"train": 12, "valid": 4}):
-    """A Studio over made-up photo paths whose features tell the classes apart."""
+def make_studio(root, backbone, per_class={"train": 12, "valid": 4}, new_labels=()):
+    """A Studio over made-up photo paths whose features tell the classes apart; new_labels:
+    the classes of new photos (empty files in root/new, the --unlabelled folder)."""
     generator = torch.Generator().manual_seed(0)
+    centres = torch.zeros(len(CLASSES), backbone.feature_dim)
+    for label in range(len(CLASSES)):
+        centres[label, label * 200:(label + 1) * 200] = 4.0
+
+    def features_of(labels):
+        rows = centres[labels] + torch.rand(len(labels), backbone.feature_dim,
+                                            generator=generator)
+        return rows.half(), torch.ones(len(labels), dtype=torch.bool)
+
     splits, features = {}, {}
     for name, count in per_class.items():
         labels = [label for label in range(len(CLASSES)) for _ in range(count)]
         paths = [root / name / CLASSES[label] / f"{index}.jpg"
                  for index, label in enumerate(labels)]
-        centres = torch.zeros(len(CLASSES), backbone.feature_dim)
-        for label in range(len(CLASSES)):
-            centres[label, label * 200:(label + 1) * 200] = 4.0
-        rows = centres[labels] + torch.rand(len(labels), backbone.feature_dim,
-                                            generator=generator)
         splits[name] = Split(root / name, paths, labels)
-        features[name] = (rows.half(), torch.ones(len(labels), dtype=torch.bool))
-    options = StudioOptions(str(root), save_dir=str(root / "save"), cache_dir=None)
+        features[name] = features_of(labels)
+    new_paths = [root / "new" / f"{index}.jpg" for index in range(len(new_labels))]
+    if new_labels:
+        (root / "new").mkdir()
+        for path in new_paths:
+            path.touch()
+        rows, ok = features_of(list(new_labels))  # noisier: no two are near-copies
+        features[NEW] = (rows + torch.randn(rows.shape, generator=generator).half(), ok)
+    options = StudioOptions(str(root), save_dir=str(root / "save"), cache_dir=None,
+                            unlabelled=str(root / "new") if new_labels else None)
     (root / "save").mkdir(parents=True, exist_ok=True)
     dataset = Dataset({name: index for index, name in enumerate(CLASSES)}, splits)
     empty = {key: [] for key in ("exact_duplicates", "near_duplicates", "mislabelled",
                                  "unreadable", "tiny")}
-    return Studio(options, dataset, features, empty, backbone)
+    return Studio(options, dataset, features, empty, backbone, new_paths)
 
 
 def finished(trainer, run):
@@ -112,6 +132,67 @@ def test_a_warm_retrain_without_a_first_run_says_what_to_do(tmp_path, backbone):
     trainer.first_done.set()  # as when the first run failed
     run = finished(trainer, trainer.start())
     assert run["status"] == "failed" and "--retrain full" in run["error"]
+
+
+def test_new_photos_come_in_batches_by_class_and_a_label_adds_one_to_train(tmp_path, backbone):
+    new_labels = [0, 0, 0, 1, 1, 2, 2]
+    studio = make_studio(tmp_path, backbone, new_labels=new_labels)
+    twin, of = studio.new_ids[6], studio.new_ids[5]  # a near-copy: one of them is suggested
+    studio.features[NEW][0][studio.photos[twin].row] = studio.features[NEW][0][
+        studio.photos[of].row]
+    trainer = QuickTrainer(studio, CPU)
+    finished(trainer, trainer.start_first())
+    batches = suggested_batches(studio, trainer.latest[1], set(), batch=2)
+    suggested = [photo_id for batch in batches for photo_id in batch["ids"]]
+    assert sorted(suggested) == sorted(set(studio.new_ids) - {twin}) or sorted(
+        suggested) == sorted(set(studio.new_ids) - {of})
+    order = [batch["predicted"] for batch in batches]
+    assert order == sorted(order, key=order.index)  # each class's batches one after another
+    assert sorted(len(batch["ids"]) for batch in batches) == [1, 1, 2, 2]  # 3, 2, 1 by 2
+    for batch in batches:
+        assert {new_labels[studio.photos[i].row] for i in batch["ids"]} == {batch["predicted"]}
+        assert all(0 < probability <= 1 for probability in batch["probabilities"])
+    first, left_out = studio.new_ids[0], studio.new_ids[3]
+    mine, _ = studio.decide([{"id": first, "label": "b"}, {"id": left_out, "label": None}])
+    assert {key: entry["label"] for key, entry in mine.items()} == {first: "b", left_out: None}
+    entries = json.loads(studio.corrections_path.read_text())["decisions"].values()
+    assert {entry["split"] for entry in entries} == {"train"}
+    decided = set(studio.decisions()[0])
+    later = suggested_batches(studio, trainer.latest[1], decided)
+    assert decided.isdisjoint(i for batch in later for i in batch["ids"])
+    second = finished(trainer, trainer.start())
+    assert second["changes"]["added"] == 1 and second["changes"]["train"] == 37, second
+    assert second["status"] == "done"
+    # Restarted without --unlabelled: the added photo is not trained on, nor counted.
+    without = Studio(studio.options, studio.dataset, studio.features, studio.report, backbone)
+    _, ids, counts = corrected_inputs(without, load_corrections(studio.corrections_path))
+    assert counts["added"] == 0 and len(ids["train"]) == 36
+
+
+def test_a_new_photo_that_is_a_filed_one_stays_filed(tmp_path, backbone):
+    studio = make_studio(tmp_path, backbone, new_labels=[0, 1])
+    filed, new = studio.photos[0].path, str(tmp_path / "new" / "1.jpg")
+    again = Studio(studio.options, studio.dataset, studio.features, studio.report, backbone,
+                   [filed, new])
+    assert [(again.photos[i].path, again.photos[i].row) for i in again.new_ids] == [(new, 1)]
+    assert again.photos_of([filed])[0].split == "train"
+
+
+def test_the_unlabelled_folder_must_hold_images_outside_the_data_and_save_folders(tmp_path):
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "new").mkdir()
+    for folder, words in ((tmp_path / "photos" / "a", "overlaps the data folder"),
+                          (tmp_path, "overlaps the data folder"),
+                          (tmp_path / "empty", "holds no images"),
+                          (tmp_path / "missing", "is not a folder")):
+        options = StudioOptions(str(tmp_path / "photos"), unlabelled=str(folder))
+        with pytest.raises(UserError, match=words):
+            unlabelled_photos(options)
+    options = StudioOptions(str(tmp_path / "photos"), save_dir=str(tmp_path / "new" / "studio"),
+                            unlabelled=str(tmp_path / "new"))
+    with pytest.raises(UserError, match="holds the save folder"):
+        unlabelled_photos(options)
 
 
 def test_class_results_count_recall_precision_and_confusions():

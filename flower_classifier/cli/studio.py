@@ -19,6 +19,7 @@ from flower_classifier.models.features import default_cache_dir
 from flower_classifier.serve.config import ServeConfig
 from flower_classifier.serve.server import is_loopback, listen, serve_until_stopped
 from flower_classifier.studio.app import create_app
+from flower_classifier.studio.final import FinalTraining
 from flower_classifier.studio.retrain import SCHEDULES, QuickTrainer
 from flower_classifier.studio.state import StudioOptions, open_studio
 from flower_classifier.studio.thumbnails import THUMBNAILS_FOLDER, ThumbnailWarmer
@@ -43,6 +44,10 @@ def get_args_parser():
     parser.add_argument("--allow_origin", action="append", default=[], metavar="ORIGIN",
                         help="also serve pages from ORIGIN and requests naming its host, as "
                         "serve.py")
+    parser.add_argument("--unlabelled", default=None, metavar="FOLDER",
+                        help="new photos to label with the model's help: the page suggests "
+                        "the ones worth labelling, in batches by predicted class; a label adds "
+                        "a photo to train/ through corrections.json (the photo is not moved)")
     parser.add_argument("--category_names", default=None, help="JSON file mapping class folder "
                         "names to names (default: data_dir/cat_to_name.json when present)")
     parser.add_argument("--split", default=",".join(map(str, DEFAULT_FRACTIONS.values())),
@@ -78,7 +83,7 @@ def options_from_args(args):
     return StudioOptions(args.data_dir, save_dir=args.save_dir, arch=args.arch,
                          cache_dir=args.cache_dir, workers=args.workers,
                          split=parse_fractions(args.split), split_from=args.split_from,
-                         category_names=args.category_names)
+                         category_names=args.category_names, unlabelled=args.unlabelled)
 
 
 def main(args):
@@ -91,18 +96,20 @@ def main(args):
 
 def serve_studio(studio, config, sock, device, schedule):
     """Serve an opened Studio until stopped: its first run and the first pages' thumbnails
-    begin in the background, and both end before the process does."""
+    begin in the background, and they (and a final model's training) end before the process
+    does."""
     gc.freeze()  # the photos, features and findings stay: collections need not walk them
-    trainer = QuickTrainer(studio, device, schedule)
+    trainer, final = QuickTrainer(studio, device, schedule), FinalTraining(studio, device)
     trainer.start_first()
     warmer = ThumbnailWarmer(studio, studio.save_dir / THUMBNAILS_FOLDER)
     warmer.start()
     try:
-        serve_until_stopped(create_app(studio, config, trainer), config, sock,
+        serve_until_stopped(create_app(studio, config, trainer, final), config, sock,
                             f"studio: {len(studio.photos)} photos of {len(studio.classes)} "
                             "classes", "anyone on this network with the token can change the "
                             "decisions")
     finally:
+        final.stop()
         warmer.stop()
         trainer.stop()
 

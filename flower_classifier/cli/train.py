@@ -236,3 +236,7 @@ def main(args):
 def run(argv=None):
     """The console command (pyproject.toml), as `python train.py`."""
     run_cli(main, get_args_parser(), argv)
+
+
+if __name__ == "__main__":  # python -m flower_classifier.cli.train: the studio's final model
+    run()

@@ -141,10 +141,16 @@ def suggest_photos(predictor, source, count, by="margin", max_similarity=MAX_SIM
                           photos)
     records = [record(predictor, path, score, probabilities, top_k)
                for score, _, path, probabilities, _ in diverse(pool, count, max_similarity)]
+    return grouped(records, lambda suggestion: suggestion.group)
+
+
+def grouped(items, group_of):
+    """items grouped by group_of(item): the groups in the order of their first item, each
+    group's items in their order (least sure first, for a choice made least sure first)."""
     first = {}
-    for position, suggestion in enumerate(records):
-        first.setdefault(suggestion.group, position)
-    return sorted(records, key=lambda suggestion: first[suggestion.group])
+    for position, item in enumerate(items):
+        first.setdefault(group_of(item), position)
+    return sorted(items, key=lambda item: first[group_of(item)])
 
 
 def record(predictor, path, score, probabilities, top_k):

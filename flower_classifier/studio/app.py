@@ -11,6 +11,8 @@
     GET  /api/photos/{id}/thumb       a re-encoded JPEG (also /image: larger)
     POST /api/retrain, GET /api/runs  the quick retrain of the head (studio/retrain.py)
     GET  /api/runs/{id}/model?format=onnx  the latest run's model file (studio/ship.py)
+    GET  /api/suggestions             new photos worth labelling, batched (studio/labelling.py)
+    POST /api/final, GET /api/final   train.py's default run with the decisions (studio/final.py)
 """
 import json
 from pathlib import Path
@@ -28,11 +30,13 @@ from flower_classifier.data.corrections import (
 )
 from flower_classifier.serve.answers import BadRequest
 from flower_classifier.serve.app import EXCEPTION_HANDLERS, check_token, gatekeeper
+from flower_classifier.studio.labelling import suggested_batches
 from flower_classifier.studio.ship import Shipper
 from flower_classifier.studio.thumbnails import (
     LARGE_SIDE,
     THUMB_SIDE,
     THUMBNAILS_FOLDER,
+    cached_bytes,
     cached_view,
 )
 
@@ -64,8 +68,8 @@ async def read_json(request):
 class StudioRoutes:
     """The API's handlers around one Studio; every route but the page needs the token."""
 
-    def __init__(self, studio, config, trainer=None):
-        self.studio, self.config, self.trainer = studio, config, trainer
+    def __init__(self, studio, config, trainer=None, final=None):
+        self.studio, self.config, self.trainer, self.final = studio, config, trainer, final
         self.thumbnails = studio.save_dir / THUMBNAILS_FOLDER
         self.shipper = Shipper(trainer) if trainer else None
 
@@ -110,9 +114,11 @@ class StudioRoutes:
     async def view(self, request, side):
         check_token(request, self.config.token)
         path = self.studio.image_path(request.path_params["photo_id"])
-        cached = await run_in_threadpool(cached_view, path, self.thumbnails, side)
-        return FileResponse(cached, media_type="image/jpeg",
-                            headers={"Cache-Control": IMAGE_CACHE})
+        data = cached_bytes(path, self.thumbnails, side)  # made before: no thread hop
+        if data is None:
+            data = await run_in_threadpool(
+                lambda: cached_view(path, self.thumbnails, side).read_bytes())
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": IMAGE_CACHE})
 
     async def thumb(self, request):
         return await self.view(request, THUMB_SIDE)
@@ -141,6 +147,36 @@ class StudioRoutes:
                                        request.query_params.get("format", "onnx"))
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
+    async def suggestions(self, request):
+        """The new photos worth labelling next, by the latest run that ended well."""
+        check_token(request, self.config.token)
+        if self.trainer is None or not self.studio.new_ids:
+            raise BadRequest(404, "This studio has no new photos; start studio.py with "
+                             "--unlabelled FOLDER to label them with the model's help.")
+        latest = self.trainer.latest
+        if latest is None:
+            raise BadRequest(409, "No run has ended yet; the suggestions come from the latest "
+                             "run, so wait for the first one.")
+
+        def suggest():
+            decided = set(self.studio.decisions()[0])
+            readable = self.studio.readable_new()
+            return {"run": latest[0], "new": len(self.studio.new_ids),
+                    "unreadable": len(self.studio.new_ids) - len(readable),
+                    "undecided": sum(photo_id not in decided for photo_id in readable),
+                    "batches": suggested_batches(self.studio, latest[1], decided)}
+        return JSONResponse(await run_in_threadpool(suggest))
+
+    async def final_model(self, request):
+        """POST starts train.py on the folder with the decisions; GET is its progress."""
+        check_token(request, self.config.token)
+        if self.final is None:
+            raise BadRequest(404, "This studio does not train the final model; run train.py "
+                             "with --corrections.")
+        if request.method == "POST":
+            return JSONResponse(await run_in_threadpool(self.final.start), status_code=202)
+        return JSONResponse(self.final.status())
+
     async def heatmap(self, request):
         check_token(request, self.config.token)
         if self.trainer is None:
@@ -159,9 +195,10 @@ async def health(request):
     return JSONResponse({"status": "ok"})
 
 
-def create_app(studio, config, trainer=None):
-    """The Starlette app of studio; config: a serve.config.ServeConfig (host, token, origins)."""
-    routes = StudioRoutes(studio, config, trainer)
+def create_app(studio, config, trainer=None, final=None):
+    """The Starlette app of studio; config: a serve.config.ServeConfig (host, token, origins);
+    trainer: its retrain.QuickTrainer, final: its final.FinalTraining (None: no such routes)."""
+    routes = StudioRoutes(studio, config, trainer, final)
     table = [
         Route("/", page), Route("/health", health),
         Route("/api/state", routes.state),
@@ -176,6 +213,8 @@ def create_app(studio, config, trainer=None):
         Route("/api/retrain", routes.retrain, methods=["POST"]),
         Route("/api/runs", routes.runs),
         Route("/api/runs/{run_id:int}/model", routes.model),
+        Route("/api/suggestions", routes.suggestions),
+        Route("/api/final", routes.final_model, methods=["GET", "POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=table, middleware=[gatekeeper(config)],

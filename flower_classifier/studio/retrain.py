@@ -64,17 +64,29 @@ def corrected_inputs(studio, decisions):
     data, ids = {}, {}
     for name in ("train", "valid"):
         split = dataset.splits[name]
-        features, ok = studio.features[name]
-        photos = [studio.photos[studio.by_path[str(path)]] for path in split.paths]
-        keep = [index for index, photo in enumerate(photos) if ok[photo.row]]
-        rows = torch.tensor([photos[index].row for index in keep], dtype=torch.long)
-        inputs = features[rows] if len(rows) else torch.empty(0, studio.feature_dim)
+        photos = studio.photos_of(split.paths)  # None: an added photo this studio has not read
+        counts["added"] -= sum(photo is None for photo in photos)  # not trained on here
+        keep = [index for index, photo in enumerate(photos)
+                if photo is not None and studio.features[photo.split][1][photo.row]]
+        inputs = gathered_features(studio, [photos[index] for index in keep])
         labels = torch.tensor([split.labels[index] for index in keep], dtype=torch.long)
         data[name] = (inputs[None] if name == "train" else inputs, labels)
         ids[name] = [photos[index].id for index in keep]
     if not len(data["train"][1]) or not len(data["valid"][1]):
         raise UserError("no readable photo is left in train/ or valid/; keep some")
     return CachedInputs(data), ids, counts
+
+
+def gathered_features(studio, photos):
+    """The features of photos (studio.state.Photo, of any split: an added new photo's are in
+    NEW's), in their order."""
+    first = next(iter(studio.features.values()))[0]
+    inputs = torch.empty(len(photos), studio.feature_dim, dtype=first.dtype)
+    for source in {photo.split for photo in photos}:
+        positions = [index for index, photo in enumerate(photos) if photo.split == source]
+        rows = [photos[index].row for index in positions]
+        inputs[torch.tensor(positions)] = studio.features[source][0][torch.tensor(rows)]
+    return inputs
 
 
 def mistakes_of(result, ids, shown=MISTAKES_SHOWN):

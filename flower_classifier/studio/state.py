@@ -1,5 +1,6 @@
 """What the studio holds: the folder's photos (each known by its id, an index into one list),
-their features, the data check's findings, and the decisions in corrections.json.
+their features, the data check's findings, and the decisions in corrections.json; with
+--unlabelled, new photos too (split NEW, no class yet), which a label adds to train/.
 
     studio = open_studio(StudioOptions("photos", save_dir="studio"), torch.device("cpu"))
     studio.decide([{"id": 3, "label": None}])      # written to corrections.json at once
@@ -18,6 +19,7 @@ from flower_classifier.data.corrections import (
     photo_keys,
     record_decisions,
 )
+from flower_classifier.data.folders import iter_images
 from flower_classifier.data.images import is_image_file
 from flower_classifier.data.reorganise import apply_moves, plan_moves, undo_moves
 from flower_classifier.data.split import DEFAULT_FRACTIONS, MANIFEST_NAME, load_dataset
@@ -38,6 +40,7 @@ SET_ASIDE_FOLDER = "set_aside"  # where applying to the folders moves dropped ph
 MOVES_LOG = "moves.jsonl"
 # A gallery's page on the studio's page (studio.js SHOWN, and SHOWN / 4 for groups).
 PHOTOS_SHOWN, GROUPS_SHOWN = 120, 30
+NEW = "new"  # the split of the --unlabelled photos: in no split of the data folder
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,15 @@ class StudioOptions:
     split: dict = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
     split_from: str | None = None
     category_names: str | None = None  # None: data_dir/cat_to_name.json when present
+    unlabelled: str | None = None  # a folder of new photos to label with the model's help
 
 
 @dataclass
 class Photo:
     id: int
     path: str      # as the folder listing gave it (below the data folder)
-    label: int     # the class it is filed under
-    split: str
+    label: int     # the class it is filed under (None for a new photo)
+    split: str     # train, valid, test, or NEW
     row: int       # its row in its split's features
 
 
@@ -71,10 +75,11 @@ def class_names_of(options, classes):
 
 class Studio:
     """The routes' state. dataset: data.split.Dataset as filed (no decision applied);
-    features: {split: (features [N, D], ok [N])}; report: the data check's; backbone: the
-    models.backbones.Backbone that computed the features."""
+    features: {split: (features [N, D], ok [N])}, NEW's too; report: the data check's;
+    backbone: the models.backbones.Backbone that computed the features; new_paths: the
+    photos of the --unlabelled folder, in the order of features[NEW]'s rows."""
 
-    def __init__(self, options, dataset, features, report, backbone):
+    def __init__(self, options, dataset, features, report, backbone, new_paths=()):
         self.options, self.dataset, self.features = options, dataset, features
         self.report, self.backbone, self.feature_dim = report, backbone, backbone.feature_dim
         self.save_dir = Path(options.save_dir)
@@ -85,6 +90,14 @@ class Studio:
         for name, split in dataset.splits.items():
             for row, (path, label) in enumerate(zip(split.paths, split.labels)):
                 self.photos.append(Photo(len(self.photos), str(path), label, name, row))
+        new = list(enumerate(map(str, new_paths)))
+        if new:  # a new photo that is a filed one (a link to it) stays filed
+            filed = set(photo_keys(photo.path for photo in self.photos))
+            new = [(row, path) for (row, path), key in zip(new, photo_keys(new_paths))
+                   if key not in filed]
+        self.new_ids = range(len(self.photos), len(self.photos) + len(new))
+        self.photos += [Photo(self.new_ids.start + index, path, None, NEW, row)
+                        for index, (row, path) in enumerate(new)]
         self.by_path = {photo.path: photo.id for photo in self.photos}
         self.moves_log = self.save_dir / MOVES_LOG
         self.applied = False
@@ -112,6 +125,22 @@ class Studio:
             raise BadRequest(404, f"Photo {photo_id} is not an image file in the folder.")
         return target
 
+    def photos_of(self, paths):
+        """The Photo of each path as listed, or as a corrections key (resolved), else None."""
+        found = []
+        for path in map(str, paths):
+            photo_id = self.by_path.get(path)
+            found.append(self.photos[photo_id] if photo_id is not None else (
+                self.photos[self.by_key[path]] if path in self.by_key else None))
+        return found
+
+    def readable_new(self):
+        """The ids of the new photos whose features were computed (the others are unreadable)."""
+        if not self.new_ids:
+            return []
+        ok = self.features[NEW][1]
+        return [photo_id for photo_id in self.new_ids if ok[self.photos[photo_id].row]]
+
     def ids_of(self, paths):
         return [self.by_path[path] for path in paths if path in self.by_path]
 
@@ -128,7 +157,7 @@ class Studio:
         if not isinstance(changes, list) or not changes or len(changes) > MAX_CHANGES:
             raise BadRequest(400, 'Send {"decisions": [{"id": N, "label": CLASS or null}, ...]} '
                              f"with 1 to {MAX_CHANGES} decisions.")
-        parsed = {}
+        parsed, added_to = {}, {}
         for change in changes:
             if not isinstance(change, dict) or not isinstance(change.get("id"), int):
                 raise BadRequest(400, "Each decision needs an integer \"id\" of a photo.")
@@ -141,8 +170,10 @@ class Studio:
                                  "the class folder names, or null to drop the photo.")
             else:
                 parsed[photo.path] = change["label"]
+            if photo.split == NEW:
+                added_to[photo.path] = "train"
         try:
-            record_decisions(self.corrections_path, parsed)
+            record_decisions(self.corrections_path, parsed, added_to=added_to)
         except UserError as error:
             raise BadRequest(500, f"The decision was not saved: {error}.") from None
         return self.decisions()
@@ -175,7 +206,7 @@ class Studio:
         """[{folder, name, per-split counts, total}] of the classes as filed."""
         rows = [{"folder": folder, "name": name, "total": 0}
                 for folder, name in zip(self.classes, self.names)]
-        for photo in self.photos:
+        for photo in self.photos[:self.new_ids.start]:
             rows[photo.label][photo.split] = rows[photo.label].get(photo.split, 0) + 1
             rows[photo.label]["total"] += 1
         return rows
@@ -189,7 +220,7 @@ class Studio:
         ids += [item["id"] for item in findings["mislabelled"][:GROUPS_SHOWN]]
         ids += findings["tiny"][:PHOTOS_SHOWN]
         by_class = [[] for _ in self.classes]
-        for photo in self.photos:
+        for photo in self.photos[:self.new_ids.start]:
             if len(by_class[photo.label]) < PHOTOS_SHOWN:
                 by_class[photo.label].append(photo.id)
         return list(dict.fromkeys(ids + [i for photos in by_class for i in photos]))
@@ -219,13 +250,15 @@ class Studio:
                 "splits": list(self.dataset.splits),
                 "photos": [[photo.label, photo.split, os.path.basename(photo.path)]
                            for photo in self.photos],  # not Path(): 20x slower at 50,000
-                "findings": self.findings(), "corrections": str(self.corrections_path)}
+                "findings": self.findings(), "corrections": str(self.corrections_path),
+                "unlabelled": self.options.unlabelled}
 
 
 def open_studio(options, device):
     """The Studio of options.data_dir: its split (kept in save_dir like train.py's), the
     backbone's features (from train.py's cache where it has them) and the data check."""
     started = time.perf_counter()
+    new_paths = unlabelled_photos(options)
     save_dir = Path(options.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(options.data_dir, options.split, options.split_from,
@@ -237,9 +270,37 @@ def open_studio(options, device):
     count = sum(len(split.paths) for split in dataset.splits.values())
     extractor = FeatureExtractor(backbone, device, cache_dir=options.cache_dir,
                                  workers=options.workers, images=count)
-    features = split_features(extractor, dataset.splits, eval_transform(backbone.preprocess))
+    transform = eval_transform(backbone.preprocess)
+    features = split_features(extractor, dataset.splits, transform)
     report = check_dataset(dataset.class_to_idx, dataset.splits, features, save_dir,
                            options.cache_dir)
     log(f"{count} photos of {len(dataset.class_to_idx)} classes checked in "
         f"{time.perf_counter() - started:.1f} s")
-    return Studio(options, dataset, features, report, backbone)
+    if new_paths:  # as train.py extracts train/ (no mirror): a label adds them there
+        features[NEW] = extractor.features(options.unlabelled, new_paths, transform,
+                                           description="new photos")
+        log(f"{len(new_paths)} new photos in {options.unlabelled}")
+    return Studio(options, dataset, features, report, backbone, new_paths)
+
+
+def unlabelled_photos(options):
+    """The image files below --unlabelled ([] without it); a folder inside the data folder (or
+    holding it) would list photos twice, one holding the save folder its thumbnails, and one
+    without images has nothing to label."""
+    if options.unlabelled is None:
+        return []
+    folder, data = Path(options.unlabelled).resolve(), Path(options.data_dir).resolve()
+    if not folder.is_dir():
+        raise UserError(f"--unlabelled {options.unlabelled} is not a folder; pass the folder "
+                        "of new photos")
+    if folder.is_relative_to(data) or data.is_relative_to(folder):
+        raise UserError(f"--unlabelled {options.unlabelled} overlaps the data folder "
+                        f"{options.data_dir}; pass a folder of new photos beside it")
+    if Path(options.save_dir).resolve().is_relative_to(folder):
+        raise UserError(f"--unlabelled {options.unlabelled} holds the save folder "
+                        f"{options.save_dir}; pass --save_dir outside it")
+    paths = [str(path) for path in iter_images(folder)]
+    if not paths:
+        raise UserError(f"--unlabelled {options.unlabelled} holds no images; pass a folder "
+                        "with JPEG or PNG files")
+    return paths

@@ -3,6 +3,7 @@ safe decoder (data.images' open_image and to_rgb, as load_image), cached on disk
 save folder.
 
     path = cached_view("photos/1/a.jpg", Path("studio/thumbnails"), THUMB_SIDE)
+    data = cached_bytes("photos/1/a.jpg", Path("studio/thumbnails"), THUMB_SIDE)  # or None
 """
 import hashlib
 import logging
@@ -47,6 +48,15 @@ def decoded_to_fit(path, side):
         if scale < 1:
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
         return to_rgb(image)
+
+
+def cached_bytes(path, folder, side):
+    """The bytes of the view made before, None when there is none (or the photo is gone): a
+    stat and a small read, cheap enough to answer on the event loop without a thread."""
+    try:
+        return (Path(folder) / view_name(path, side)).read_bytes()
+    except OSError:
+        return None
 
 
 def cached_view(path, folder, side):

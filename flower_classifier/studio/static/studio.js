@@ -9,6 +9,7 @@ let S = null;                 // GET api/state
 let decisions = {};           // {id: {label, at}}
 const selected = new Set();
 const cards = new Map();      // id -> [card elements showing it]
+const predictedOf = new Map(); // new photo's id -> the class of its batch (api/suggestions)
 
 const fromAddress = new URLSearchParams(location.hash.slice(1)).get("token");
 if (fromAddress) {
@@ -50,10 +51,14 @@ const className = (index) => S.classes[index].name;
 const folderOf = (index) => S.classes[index].folder;
 const indexOfFolder = (folder) => S.classes.findIndex((c) => c.folder === folder);
 const percent = (p) => (100 * p).toFixed(1) + "%";
+const isNew = (id) => S.photos[id][1] === "new";
+// What "keep" says: the class a photo is filed under, or the class a new photo's batch suggests.
+const keepLabel = (id) => folderOf(isNew(id) ? predictedOf.get(id) : S.photos[id][0]);
 
 function stateOf(id) {
   const decision = decisions[id];
   if (!decision) return ["", ""];
+  if (isNew(id)) return decision.label === null ? ["dropped", "left out"] : ["added", "added as " + className(indexOfFolder(decision.label))];
   if (decision.label === null) return ["dropped", "dropped"];
   const index = indexOfFolder(decision.label);
   if (index === S.photos[id][0]) return ["kept", "kept"];
@@ -63,7 +68,7 @@ function stateOf(id) {
 function paint(id) {
   const [kind, text] = stateOf(id);
   for (const card of cards.get(id) || []) {
-    card.classList.remove("dropped", "kept", "relabelled");
+    card.classList.remove("dropped", "kept", "relabelled", "added");
     if (kind) card.classList.add(kind);
     card.classList.toggle("selected", selected.has(id));
     card.querySelector(".state").textContent = text;
@@ -101,8 +106,8 @@ function card(id, note, open) {
   showImage(img, "api/photos/" + id + "/thumb");
   img.addEventListener("click", open || (() => openViewer(id, false)));
   const caption = document.createElement("figcaption");
-  caption.textContent = className(label) + " · " + split + (note ? " · " + note : "") + " ";
-  caption.title = name + " (folder " + folderOf(label) + ")";
+  caption.textContent = (label === null ? "new photo" : className(label) + " · " + split) + (note ? " · " + note : "") + " ";
+  caption.title = name + (label === null ? "" : " (folder " + folderOf(label) + ")");
   const state = document.createElement("span");
   state.className = "state";
   caption.append(state);
@@ -144,7 +149,7 @@ function act(id, action) {
     updateBulk();
     return;
   }
-  const change = { keep: { id, label: folderOf(S.photos[id][0]) }, drop: { id, label: null }, undo: { id, forget: true } }[action];
+  const change = { keep: { id, label: keepLabel(id) }, drop: { id, label: null }, undo: { id, forget: true } }[action];
   decide([change]);
 }
 
@@ -169,7 +174,7 @@ async function bulk(action) {
   const ids = [...selected];
   if (action === "relabel" && !$("bulk-class").value) { setStatus("error", "Choose the class for the selected photos first."); return; }
   const changes = ids.map((id) => action === "relabel" ? { id, label: $("bulk-class").value }
-    : action === "keep" ? { id, label: folderOf(S.photos[id][0]) } : { id, label: null });
+    : action === "keep" ? { id, label: keepLabel(id) } : { id, label: null });
   await decide(changes);
   selected.clear();
   ids.forEach(paint);
@@ -271,7 +276,7 @@ function renderClasses() {
   const after = S.classes.map((c) => c.total);
   for (const [id, decision] of Object.entries(decisions)) {
     const from = S.photos[id][0];
-    after[from] -= 1;
+    if (from !== null) after[from] -= 1;  // a new photo's label adds it
     if (decision.label !== null) after[indexOfFolder(decision.label)] += 1;
   }
   const body = $("class-table").tBodies[0];
@@ -298,7 +303,7 @@ function renderBrowse() {
 
 async function openViewer(id, withHeatmap) {
   const [label, split, name] = S.photos[id];
-  $("viewer-caption").textContent = name + " · filed as " + className(label) + " · " + split;
+  $("viewer-caption").textContent = name + (label === null ? " · new photo" : " · filed as " + className(label) + " · " + split);
   $("viewer-heatmap").hidden = !withHeatmap;
   $("viewer-photo").removeAttribute("src");
   $("viewer-heatmap").removeAttribute("src");
@@ -314,7 +319,8 @@ async function openViewer(id, withHeatmap) {
 function describeChanges(changes, before) {
   if (!changes) return "";
   const delta = (key) => (before && before[key] !== changes[key] ? " (" + (changes[key] > before[key] ? "+" : "") + (changes[key] - before[key]) + ")" : "");
-  return changes.dropped + delta("dropped") + " dropped, " + changes.relabelled + delta("relabelled") + " relabelled; train " + changes.train + ", valid " + changes.valid;
+  return changes.dropped + delta("dropped") + " dropped, " + changes.relabelled + delta("relabelled") + " relabelled"
+    + (changes.added ? ", " + changes.added + delta("added") + " added" : "") + "; train " + changes.train + ", valid " + changes.valid;
 }
 
 // Accuracy against the first run (the folder as filed), in points ("" for the first itself).
@@ -439,6 +445,58 @@ function renderConfusions(pairs) {
   }
 }
 
+// The new photos worth labelling next (api/suggestions: the latest run's least sure, no two
+// near-copies), in batches of one predicted class: "Confirm all" labels a batch at once, and a
+// card's own buttons label the few that are wrong. Drawn anew each time the tab opens (only the
+// latest request's answer is drawn).
+let labelRequest = 0;
+async function renderLabel() {
+  const section = $("label");
+  const request = ++labelRequest;
+  let answer, error;
+  try {
+    answer = await api("api/suggestions");
+  } catch (caught) {
+    error = caught;
+  }
+  if (request !== labelRequest) return;
+  section.querySelectorAll(".card").forEach((element) => {
+    const shown = cards.get(Number(element.dataset.id)) || [];
+    cards.set(Number(element.dataset.id), shown.filter((other) => other !== element));
+  });
+  section.replaceChildren();
+  const note = (text) => { const p = document.createElement("p"); p.className = "note"; p.textContent = text; section.append(p); };
+  if (error) { note(error.message); return; }
+  heading(section, answer.undecided + " of " + answer.new + " new photos have no label yet" + (answer.unreadable ? " (" + answer.unreadable + " cannot be read)" : "") + "; these are the ones worth labelling next (run #" + answer.run + " is least sure of them), by predicted class");
+  note("A label adds the photo to train/ through corrections.json; the photo stays where it is. Retrain, then come back for the next ones.");
+  if (!answer.batches.length) note("Every new photo has a decision.");
+  for (const batch of answer.batches) {
+    batch.ids.forEach((id) => predictedOf.set(id, batch.predicted));
+    const row = document.createElement("div");
+    row.className = "group batch";
+    const looks = document.createElement("div");
+    looks.className = "looks";
+    const text = document.createElement("span");
+    text.textContent = "Looks like " + className(batch.predicted) + " (" + batch.ids.length + ")";
+    const confirm = document.createElement("button");
+    confirm.className = "confirm";
+    confirm.textContent = "Confirm all as " + className(batch.predicted);
+    confirm.addEventListener("click", () => {
+      const changes = batch.ids.filter((id) => !decisions[id]).map((id) => ({ id, label: folderOf(batch.predicted) }));
+      if (changes.length) decide(changes);
+    });
+    looks.append(text, confirm);
+    row.append(looks);
+    batch.ids.forEach((id, index) => row.append(card(id, "looks like " + className(batch.predicted) + " " + percent(batch.probabilities[index]))));
+    section.append(row);
+  }
+  const next = document.createElement("button");
+  next.className = "more";
+  next.textContent = "Show the next photos";
+  next.addEventListener("click", renderLabel);
+  section.append(next);
+}
+
 // A tab's galleries are drawn when it is first shown, so the page is ready as soon as the
 // class table is.
 function showTab(name) {
@@ -447,6 +505,7 @@ function showTab(name) {
     $(name).dataset.drawn = "true";
     renderers[name]();
   }
+  if (S && name === "label") renderLabel();
   document.querySelectorAll(".tab").forEach((tab) => { tab.hidden = tab.id !== name; });
   document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
 }
@@ -488,6 +547,40 @@ async function downloadModel() {
   }
 }
 
+// The final model: train.py with the decisions (POST api/final), followed until it ends.
+function finalText(final) {
+  if (final.status === "running") {
+    return "Training the final model… " + (final.epoch ? "epoch " + final.epoch + "/" + final.epochs + ", valid accuracy " + percent(final.valid_accuracy) : final.line);
+  }
+  if (final.status === "failed") return "The final model was not trained: " + final.error;
+  if (final.status !== "done") return "";
+  return "Final model: valid accuracy " + percent(final.valid_accuracy)
+    + (final.test_accuracy !== null ? ", test accuracy " + percent(final.test_accuracy) : "") + " (" + final.seconds + " s). "
+    + "Saved in " + final.save_dir + "; try it with python serve.py " + final.checkpoint + ", or export it with export.py.";
+}
+
+async function watchFinal() {
+  for (;;) {
+    const final = await api("api/final");
+    $("final-progress").textContent = finalText(final);
+    $("final-progress").dataset.status = final.status;
+    $("final-button").disabled = final.status === "running";
+    if (final.status !== "running") return;
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+async function trainFinal() {
+  $("final-button").disabled = true;
+  try {
+    await post("api/final");
+    await watchFinal();
+  } catch (error) {
+    failed(error);
+    $("final-button").disabled = false;
+  }
+}
+
 function failed(error) {
   if (error instanceof NeedsToken) {
     $("token-form").hidden = false;
@@ -506,8 +599,10 @@ async function load() {
     return;
   }
   $("token-form").hidden = true;
-  $("folder").textContent = S.folder + " · " + S.photos.length + " photos, " + S.classes.length + " classes";
+  const newPhotos = S.photos.filter((photo) => photo[1] === "new").length;
+  $("folder").textContent = S.folder + " · " + (S.photos.length - newPhotos) + " photos, " + S.classes.length + " classes" + (newPhotos ? ", " + newPhotos + " new" : "");
   classOptions($("bulk-class"), "class…");
+  $("label-tab").hidden = !S.unlabelled;
   const { exact_duplicates: exact, near_duplicates: near, mislabelled, unreadable, tiny } = S.findings;
   $("n-duplicates").textContent = exact.length + near.length;
   $("n-suspects").textContent = mislabelled.length;
@@ -515,6 +610,7 @@ async function load() {
   renderClasses();
   showTab(document.querySelector("#tabs button.active").dataset.tab);
   watchRuns().catch(failed);  // the first run trains as the studio opens
+  watchFinal().catch(failed);  // one started before a reload
   setStatus("ready", Object.keys(decisions).length + " decisions so far, saved in " + S.corrections + ".");
 }
 
@@ -538,6 +634,7 @@ $("apply-folders").addEventListener("click", () => folders("api/apply-to-folders
 $("undo-folders").addEventListener("click", () => folders("api/undo-folders"));
 $("download").addEventListener("click", () => saveDownload("api/corrections", "corrections.json").catch(failed));
 $("download-model").addEventListener("click", downloadModel);
+$("final-button").addEventListener("click", trainFinal);
 $("bulk-relabel").addEventListener("click", () => bulk("relabel"));
 $("bulk-keep").addEventListener("click", () => bulk("keep"));
 $("bulk-drop").addEventListener("click", () => bulk("drop"));
