@@ -2,11 +2,14 @@
 1.2x of plain prediction, on the same photos.
 
     python benchmarks/labelling.py CHECKPOINT ../shared/data/flowers102/train --limit 5000
+    python benchmarks/labelling.py CHECKPOINT ../shared/data/flowers102 --limit 50000 \
+        --repeats 1 --commands print suggest     # --suggest at scale: 50,000 photos
 
 A temporary folder of symlinks to the first --limit photos of the folder (sorted paths; nothing
-copied) is predicted by predict.py as a user runs it, each command in a fresh process, in
---repeats rounds that alternate the commands, in reverse order every other round (so that the
-load of other jobs falls on all of them alike):
+copied; past the folder's last photo its photos again under other names) is predicted by
+predict.py as a user runs it, each command in a fresh process, in --repeats rounds that
+alternate the commands, in reverse order every other round (so that the load of other jobs
+falls on all of them alike):
   output     predict.py PHOTOS CHECKPOINT --output preds.jsonl            (the yardstick)
   sort_into  predict.py PHOTOS CHECKPOINT --sort_into review/            (goal: <= 1.1x output)
   print      predict.py PHOTOS CHECKPOINT, printed (to /dev/null)          (plain prediction)
@@ -31,14 +34,23 @@ sys.path.insert(0, str(PROJECT))
 
 from flower_classifier.data.folders import iter_images  # noqa: E402
 
+COMMANDS = ("output", "sort_into", "print", "suggest")
+
 
 def linked(source, limit, folder):
-    """folder/ holding symlinks to the first limit photos below source."""
+    """folder/ holding symlinks to the first limit photos below source, which are listed
+    again (linked under other names) as often as it takes to reach limit."""
     folder.mkdir(parents=True)
-    for index, path in enumerate(iter_images(source)):
-        if index == limit:
-            break
-        (folder / f"{index:06d}-{Path(path).name}").symlink_to(Path(path).resolve())
+    index = 0
+    while index < limit:
+        before = index
+        for path in iter_images(source):
+            if index == limit:
+                break
+            (folder / f"{index:06d}-{Path(path).name}").symlink_to(Path(path).resolve())
+            index += 1
+        if index == before:
+            raise SystemExit(f"{source} holds no photos")
     return folder
 
 
@@ -84,6 +96,8 @@ def get_args_parser():
     parser.add_argument("--limit", type=int, default=5000, help="photos to predict")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--suggest", type=int, default=50)
+    parser.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=COMMANDS,
+                        help="the commands to time (a ratio needs its yardstick too)")
     return parser
 
 
@@ -93,7 +107,7 @@ def main(args):
         photos = linked(args.source, args.limit, work / "photos")
         small = linked(args.source, max(args.limit // 10, 1), work / "small")
         count = sum(1 for _ in iter_images(photos))
-        runs = {"output": [], "sort_into": [], "print": [], "suggest": []}
+        runs = {name: [] for name in COMMANDS if name in args.commands}
         cpu = {name: [] for name in runs}
         peaks = []
         for round_number in range(args.repeats):
@@ -102,7 +116,7 @@ def main(args):
                 "sort_into": (photos, args.checkpoint, "--sort_into", work / f"r{round_number}"),
                 "print": (photos, args.checkpoint),
                 "suggest": (photos, args.checkpoint, "--suggest", args.suggest)}
-            order = list(commands) if round_number % 2 == 0 else list(commands)[::-1]
+            order = list(runs) if round_number % 2 == 0 else list(runs)[::-1]
             for name in order:
                 wall, seconds, peak = timed(*commands[name])
                 runs[name].append(wall)
@@ -111,8 +125,10 @@ def main(args):
                     peaks.append(peak)
                 print(f"round {round_number + 1}: {name} {wall:.1f} s wall, {seconds:.1f} s CPU",
                       flush=True)
-        _, _, small_peak = timed(small, args.checkpoint, "--suggest", args.suggest)
-    yardsticks = {"sort_into": "output", "suggest": "print"}
+        if "suggest" in runs:
+            _, _, small_peak = timed(small, args.checkpoint, "--suggest", args.suggest)
+    yardsticks = {name: other for name, other in (("sort_into", "output"), ("suggest", "print"))
+                  if name in runs and other in runs}
     print(f"\n{count} photos, {args.repeats} rounds\n")
     print("| command | wall s per round | CPU s per round | x its yardstick: wall, CPU "
           "(medians) |")
@@ -126,8 +142,9 @@ def main(args):
                      f"x {other}")
         print(f"| {name} | {' / '.join(f'{wall:.1f}' for wall in walls)} | "
               f"{' / '.join(f'{seconds:.1f}' for seconds in cpu[name])} | {ratio} |")
-    print(f"\n--suggest peak memory: {count} photos {max(peaks)} MB, "
-          f"{max(args.limit // 10, 1)} photos {small_peak} MB")
+    if peaks:
+        print(f"\n--suggest peak memory: {count} photos {max(peaks)} MB, "
+              f"{max(args.limit // 10, 1)} photos {small_peak} MB")
 
 
 if __name__ == "__main__":
