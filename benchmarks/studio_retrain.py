@@ -79,18 +79,25 @@ def cross_validate(args, backbone, by_split, dataset, share):
     warm = quick_config(args.data_dir, **RETRAIN_SCHEDULES["warm"])
     scores = {"first run": [], "warm retrain": [], "from scratch": []}
 
-    def score(config, train_labels, held, init=None):
-        cached = CachedInputs({"train": (inputs[~held][None], train_labels),
+    def score(config, train_labels, held, init=None, fixed=None):
+        train_inputs = inputs[~held]
+        if fixed is not None and args.oversample:  # the fixed photos repeated
+            train_inputs = torch.cat([train_inputs, train_inputs[fixed].repeat(
+                args.oversample, 1)])
+            train_labels = torch.cat([train_labels, train_labels[fixed].repeat(
+                args.oversample)])
+        cached = CachedInputs({"train": (train_inputs[None], train_labels),
                                "valid": (inputs[held], labels[held])})
         return fit_head(config, backbone, class_count, cached, CPU, keep_best=False, init=init)
 
     for fold in range(args.folds):
         held = fold_of == fold
-        noisy, _ = made_wrong(labels[~held], share, class_count, args.seed + 100 + fold)
+        noisy, wrong = made_wrong(labels[~held], share, class_count, args.seed + 100 + fold)
         first, valid = score(full, noisy, held)
         scores["first run"].append(valid["accuracy"])
         init = weights_copy(first.head)
-        scores["warm retrain"].append(score(warm, labels[~held], held, init)[1]["accuracy"])
+        scores["warm retrain"].append(score(warm, labels[~held], held, init,
+                                            wrong)[1]["accuracy"])
         scores["from scratch"].append(score(full, labels[~held], held)[1]["accuracy"])
     return {name: torch.tensor(values) for name, values in scores.items()}
 
@@ -175,6 +182,8 @@ def main():
     parser.add_argument("--save_dir", default="/tmp/studio_retrain_benchmark")
     parser.add_argument("--skip_timing", action="store_true")
     parser.add_argument("--skip_cv", action="store_true")
+    parser.add_argument("--oversample", type=int, default=0,
+                        help="the warm retrain sees each fixed photo this many more times")
     args = parser.parse_args()
     by_split, dataset, backbone = features(args)
     torch.set_num_threads(args.threads)

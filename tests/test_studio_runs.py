@@ -13,6 +13,7 @@ from flower_classifier.models.backbones import build_backbone
 from flower_classifier.models.classifier import weights_copy
 from flower_classifier.serve.answers import BadRequest
 from flower_classifier.studio.retrain import (
+    RELABELLED_REPEATS,
     RUNS_NAME,
     SCHEDULES,
     QuickTrainer,
@@ -97,6 +98,13 @@ def test_the_first_run_trains_as_filed_and_a_retrain_continues_it(tmp_path, back
     assert second["changes"]["relabelled"] == 1 and second["changes"]["train"] == 36
     assert second["seconds_left"] is None and second["classes"]["recall"] == [1.0, 1.0, 1.0]
     assert trainer.latest[0] == second["id"] and trainer.latest[2].hidden_units == 512
+    # The warm retrain saw the relabelled photo RELABELLED_REPEATS more times, under class b.
+    cached, ids, _ = corrected_inputs(studio, load_corrections(studio.corrections_path),
+                                      RELABELLED_REPEATS)
+    inputs, labels = cached.data["train"]
+    assert inputs.shape[1] == 36 + RELABELLED_REPEATS and len(ids["train"]) == 36
+    assert labels.bincount().tolist() == [11, 13 + RELABELLED_REPEATS, 12]
+    assert (inputs[0, -RELABELLED_REPEATS:] == studio.features["train"][0][moved.row]).all()
 
 
 def test_fit_head_starts_from_the_weights_it_is_given(tmp_path, backbone):

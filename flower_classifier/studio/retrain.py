@@ -45,6 +45,10 @@ RUNS_NAME = "runs.json"
 # cross-validated it: within 0.3 points of training from scratch with up to 1% of the labels
 # fixed; a higher rate without warm-up jolted the trained head), "full" trains from scratch.
 SCHEDULES = {"warm": {"epochs": 12}, "full": {}}
+# A warm retrain sees each relabelled photo this many more times: the first run's head learnt
+# its old label, and 12 epochs at train.py's rate unlearn it only in part (cross-validated in
+# benchmarks/studio_retrain.py --oversample; "full" trains as train.py does, without it).
+RELABELLED_REPEATS = 4
 MISTAKES_SHOWN = 60
 STOPPED = "The studio stopped before this run ended."
 CONFUSIONS_SHOWN = 20
@@ -56,9 +60,10 @@ def quick_config(data_dir, **overrides):
     return config.resolved(from_scratch=False, default_stages=0)
 
 
-def corrected_inputs(studio, decisions):
+def corrected_inputs(studio, decisions, relabelled_repeats=0):
     """(CachedInputs of the studio's train and valid features with the decisions applied,
-    {split: [photo ids]} of the rows kept, the counts of what the decisions changed)."""
+    {split: [photo ids]} of the rows kept, the counts of what the decisions changed).
+    relabelled_repeats: each relabelled train photo's row is repeated that many more times."""
     counts = {}
     dataset = apply_corrections(studio.dataset, decisions, counts)
     data, ids = {}, {}
@@ -68,10 +73,13 @@ def corrected_inputs(studio, decisions):
         counts["added"] -= sum(photo is None for photo in photos)  # not trained on here
         keep = [index for index, photo in enumerate(photos)
                 if photo is not None and studio.features[photo.split][1][photo.row]]
+        if name == "train" and relabelled_repeats:
+            keep += [index for index in keep if photos[index].label not in (
+                None, split.labels[index])] * relabelled_repeats
         inputs = gathered_features(studio, [photos[index] for index in keep])
         labels = torch.tensor([split.labels[index] for index in keep], dtype=torch.long)
         data[name] = (inputs[None] if name == "train" else inputs, labels)
-        ids[name] = [photos[index].id for index in keep]
+        ids[name] = list(dict.fromkeys(photos[index].id for index in keep))
     if not len(data["train"][1]) or not len(data["valid"][1]):
         raise UserError("no readable photo is left in train/ or valid/; keep some")
     return CachedInputs(data), ids, counts
@@ -326,7 +334,8 @@ class QuickTrainer:
                                 "studio.py with --retrain full")
         decisions = {} if run["kind"] == "as filed" else load_corrections(
             self.studio.corrections_path)
-        cached, ids, counts = corrected_inputs(self.studio, decisions)
+        repeats = RELABELLED_REPEATS if run["kind"] == "warm" else 0
+        cached, ids, counts = corrected_inputs(self.studio, decisions, repeats)
         run["changes"] = {**counts, "train": len(ids["train"]), "valid": len(ids["valid"])}
         classes = len(self.studio.classes)
         classifier, valid = fit_head(config, self.studio.backbone, classes, cached, self.device,
