@@ -384,14 +384,15 @@ async function watchRuns() {
   }
 }
 
-async function retrain() {
-  $("retrain-button").disabled = true;
+// Start a run (POST path) with its button disabled, then follow it with watch() until it ends.
+async function startAndWatch(button, path, watch) {
+  $(button).disabled = true;
   try {
-    await post("api/retrain");
-    await watchRuns();
+    await post(path);
+    await watch();
   } catch (error) {
     failed(error);
-    $("retrain-button").disabled = false;
+    $(button).disabled = false;
   }
 }
 
@@ -570,17 +571,6 @@ async function watchFinal() {
   }
 }
 
-async function trainFinal() {
-  $("final-button").disabled = true;
-  try {
-    await post("api/final");
-    await watchFinal();
-  } catch (error) {
-    failed(error);
-    $("final-button").disabled = false;
-  }
-}
-
 function failed(error) {
   if (error instanceof NeedsToken) {
     $("token-form").hidden = false;
@@ -620,7 +610,7 @@ $("token-form").addEventListener("submit", (event) => {
   localStorage.setItem("studio-token", $("token").value);
   load();
 });
-$("retrain-button").addEventListener("click", retrain);
+$("retrain-button").addEventListener("click", () => startAndWatch("retrain-button", "api/retrain", watchRuns));
 async function folders(path, question) {
   if (question && !window.confirm(question)) return;
   try {
@@ -634,7 +624,7 @@ $("apply-folders").addEventListener("click", () => folders("api/apply-to-folders
 $("undo-folders").addEventListener("click", () => folders("api/undo-folders"));
 $("download").addEventListener("click", () => saveDownload("api/corrections", "corrections.json").catch(failed));
 $("download-model").addEventListener("click", downloadModel);
-$("final-button").addEventListener("click", trainFinal);
+$("final-button").addEventListener("click", () => startAndWatch("final-button", "api/final", watchFinal));
 $("bulk-relabel").addEventListener("click", () => bulk("relabel"));
 $("bulk-keep").addEventListener("click", () => bulk("keep"));
 $("bulk-drop").addEventListener("click", () => bulk("drop"));
