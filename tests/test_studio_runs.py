@@ -21,6 +21,7 @@ from flower_classifier.studio.retrain import (
     corrected_inputs,
     fit_head,
     quick_config,
+    rooted,
 )
 from flower_classifier.studio.labelling import suggested_batches
 from flower_classifier.studio.state import (
@@ -175,6 +176,21 @@ def test_new_photos_come_in_batches_by_class_and_a_label_adds_one_to_train(tmp_p
     without = Studio(studio.options, studio.dataset, studio.features, studio.report, backbone)
     _, ids, counts = corrected_inputs(without, load_corrections(studio.corrections_path))
     assert counts["added"] == 0 and len(ids["train"]) == 36
+
+
+def test_inputs_rooted_as_they_are_gathered_are_the_rooted_inputs(tmp_path, backbone):
+    studio = make_studio(tmp_path, backbone, new_labels=[0, 2])
+    studio.decide([{"id": studio.new_ids[1], "label": "c"}, {"id": 0, "label": "b"}])
+    decisions = load_corrections(studio.corrections_path)
+    plain, _, _ = corrected_inputs(studio, decisions, 2)
+    gathered, _, _ = corrected_inputs(studio, decisions, 2, root=True)
+    expected = rooted(plain)
+    assert gathered.rooted and expected.rooted and not plain.rooted
+    for name in ("train", "valid"):
+        assert gathered.data[name][0].dtype == torch.float32
+        assert torch.equal(gathered.data[name][0], expected.data[name][0])
+        assert torch.equal(gathered.data[name][1], plain.data[name][1])
+    assert gathered.data["train"][0].shape[1] == 36 + 1 + 2  # one added, one relabelled twice
 
 
 def test_a_new_photo_that_is_a_filed_one_stays_filed(tmp_path, backbone):

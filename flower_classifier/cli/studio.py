@@ -17,7 +17,12 @@ from flower_classifier.data.split import DEFAULT_FRACTIONS, parse_fractions
 from flower_classifier.models.backbones import DEFAULT_ARCH, arch_choices
 from flower_classifier.models.features import default_cache_dir
 from flower_classifier.serve.config import ServeConfig
-from flower_classifier.serve.server import is_loopback, listen, serve_until_stopped
+from flower_classifier.serve.server import (
+    is_loopback,
+    limit_malloc_arenas,
+    listen,
+    serve_until_stopped,
+)
 from flower_classifier.studio.app import create_app
 from flower_classifier.studio.final import FinalTraining
 from flower_classifier.studio.retrain import SCHEDULES, QuickTrainer
@@ -98,6 +103,7 @@ def serve_studio(studio, config, sock, device, schedule):
     """Serve an opened Studio until stopped: its first run and the first pages' thumbnails
     begin in the background, and they (and a final model's training) end before the process
     does."""
+    limit_malloc_arenas()  # as serve.py: arenas per thread keep what the runs freed
     gc.freeze()  # the photos, features and findings stay: collections need not walk them
     trainer, final = QuickTrainer(studio, device, schedule), FinalTraining(studio, device)
     trainer.start_first()

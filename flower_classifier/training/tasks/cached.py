@@ -32,13 +32,16 @@ class CachedInputs:
     extracted: images that went through the backbone to build them; requested: images asked
     for (the rest came from the cache);
     kept_paths: {split: the readable images' paths}, None where not known (no mistakes sheet);
-    split_features: {split: (features, ok)} of every image, what the data check compares.
+    split_features: {split: (features, ok)} of every image, what the data check compares;
+    rooted: the inputs have been through the head's signed square root already (float32, as
+    the studio's runs keep them: studio.retrain.rooted).
     """
     data: dict
     extracted: int = 0
     requested: int = 0
     kept_paths: dict | None = None
     split_features: dict | None = None
+    rooted: bool = False
 
 
 def view_seed(seed, view, path, root):
