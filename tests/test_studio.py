@@ -291,6 +291,8 @@ def test_the_final_model_is_train_py_on_the_folder_with_the_decisions(studio):
     state = studio.client.get("/api/state").json()
     save_dir = Path(state["corrections"]).parent
     assert studio.client.get("/api/final").json() == {"status": "idle"}
+    early = studio.client.post("/api/final/camera", json={})
+    assert early.status_code == 409 and "Train the final model first" in early.json()["error"]
     started = studio.client.post("/api/final", json={})
     assert started.status_code == 202 and started.json()["status"] == "running"
     again = studio.client.post("/api/final", json={})
@@ -309,6 +311,17 @@ def test_the_final_model_is_train_py_on_the_folder_with_the_decisions(studio):
     from flower_classifier.inference.predictor import Predictor
 
     assert Predictor(final["checkpoint"]).classes == list(CLASSES)
+    # The camera try-out: serve.py on the final model, bound as the studio is.
+    camera = studio.client.post("/api/final/camera", json={})
+    assert camera.status_code == 200, camera.text
+    url = camera.json()["url"]
+    assert url.startswith("http://127.0.0.1:") and f":{studio.port}/" not in url
+    assert studio.client.post("/api/final/camera", json={}).json()["url"] == url  # one serve.py
+    photo = next((FLOWERS / "valid" / "10").iterdir())
+    answer = httpx.post(url.split("#")[0] + "predict", timeout=60,
+                        files={"file": (photo.name, photo.read_bytes())})
+    assert answer.status_code == 200, answer.text
+    assert answer.text.count("globe thistle") >= 1  # the final model's names, in serve's answer
 
 
 def head_predictions(state, decisions, run):

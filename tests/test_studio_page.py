@@ -4,7 +4,8 @@ trains on the folder as filed), relabel the three suspects, drop the duplicate, 
 primrose of valid/ as a globe thistle (the retrained head's mistake), keep one with a key,
 confirm a batch of new photos (--unlabelled) as the class suggested, retrain, see the valid
 accuracy change, open a mistake's heatmap, download the model and load it, train the final
-model; the decisions are in corrections.json as the page showed them."""
+model and try it on serve.py's camera page; the decisions are in corrections.json as the page
+showed them."""
 import json
 import os
 
@@ -38,10 +39,11 @@ def retrain(page, run):
     page.wait_for_selector("#retrain-progress[data-status=done]", timeout=120000)
 
 
-def drive(page, url, suspects, copy, relabelled, kept, downloads):
+def drive(page, url, suspects, copy, relabelled, kept, downloads, photo_of_class):
     """The loop on the page; returns {accuracy: the accuracy line, runs: the runs table's text,
     width: the heatmap's natural width, model: the downloaded model file, added: the ids of
-    the new photos confirmed, final: the final model's line}."""
+    the new photos confirmed, final: the final model's line, camera: the headline of serve.py's
+    page for photo_of_class}."""
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     page.goto(url)
@@ -91,9 +93,16 @@ def drive(page, url, suspects, copy, relabelled, kept, downloads):
     started.value.save_as(model)
     page.wait_for_selector("#final-progress[data-status=done]", timeout=300000)
     final = page.inner_text("#final-progress")
+    page.click("#camera-button")  # serve.py's page on the final model, as a phone opens it
+    camera = page.wait_for_selector("#camera-link a", timeout=120000).get_attribute("href")
+    phone = page.context.new_page()
+    phone.goto(camera)
+    phone.set_input_files("#picker", str(photo_of_class))
+    phone.wait_for_selector("body[data-state=done]", timeout=60000)
+    named = phone.inner_text("#headline")
     assert not errors, errors
     return {"accuracy": accuracy, "runs": runs, "width": width, "model": model, "added": added,
-            "final": final}
+            "final": final, "camera": named}
 
 
 def test_the_whole_loop_in_headless_chromium_on_a_phone(studio, tmp_path):
@@ -118,7 +127,8 @@ def test_the_whole_loop_in_headless_chromium_on_a_phone(studio, tmp_path):
         browser = open_browser(playwright, tmp_path / "profile")
         try:
             page = browser.new_page()
-            seen = drive(page, server.url, suspects, copy, relabelled, kept, tmp_path)
+            thistle = sorted((FLOWERS / "valid" / "10").iterdir())[-1]
+            seen = drive(page, server.url, suspects, copy, relabelled, kept, tmp_path, thistle)
             page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
         finally:
             browser.close()
@@ -127,6 +137,8 @@ def test_the_whole_loop_in_headless_chromium_on_a_phone(studio, tmp_path):
     assert seen["width"] == 224  # the heatmap over the centre crop
     assert seen["final"].startswith("Final model: valid accuracy ") and str(
         save_dir / "final" / "checkpoint.pth") in seen["final"]
+    # serve.py's page named the photo with the final model's classes
+    assert any(name in seen["camera"] for name in NAMES.values()), seen["camera"]
     decisions = json.loads((save_dir / "corrections.json").read_text())["decisions"]
     labels = sorted((entry["label"] or "") for entry in decisions.values() if "split" not in entry)
     # dropped, kept as filed and relabelled; the suspects relabelled to the classes they show

@@ -103,3 +103,7 @@ def main(args):
 def run(argv=None):
     """The console command (pyproject.toml), as `python serve.py`."""
     run_cli(main, get_args_parser(), argv)
+
+
+if __name__ == "__main__":  # python -m flower_classifier.cli.serve: the studio's camera try-out
+    run()

@@ -105,7 +105,7 @@ def serve_studio(studio, config, sock, device, schedule):
     does."""
     limit_malloc_arenas()  # as serve.py: arenas per thread keep what the runs freed
     gc.freeze()  # the photos, features and findings stay: collections need not walk them
-    trainer, final = QuickTrainer(studio, device, schedule), FinalTraining(studio, device)
+    trainer, final = QuickTrainer(studio, device, schedule), FinalTraining(studio, device, config)
     trainer.start_first()
     warmer = ThumbnailWarmer(studio, studio.save_dir / THUMBNAILS_FOLDER)
     warmer.start()

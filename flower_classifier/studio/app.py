@@ -13,6 +13,7 @@
     GET  /api/runs/{id}/model?format=onnx  the latest run's model file (studio/ship.py)
     GET  /api/suggestions             new photos worth labelling, batched (studio/labelling.py)
     POST /api/final, GET /api/final   train.py's default run with the decisions (studio/final.py)
+    POST /api/final/camera            serve.py on the final model: its page's address (tryout.py)
 """
 import json
 from pathlib import Path
@@ -177,6 +178,14 @@ class StudioRoutes:
             return JSONResponse(await run_in_threadpool(self.final.start), status_code=202)
         return JSONResponse(self.final.status())
 
+    async def camera(self, request):
+        """Start serve.py on the final model (once per model) and answer its page's address."""
+        check_token(request, self.config.token)
+        if self.final is None:
+            raise BadRequest(404, "This studio does not train the final model; serve its "
+                             "checkpoint with serve.py.")
+        return JSONResponse({"url": await run_in_threadpool(self.final.camera_url)})
+
     async def heatmap(self, request):
         check_token(request, self.config.token)
         if self.trainer is None:
@@ -215,6 +224,7 @@ def create_app(studio, config, trainer=None, final=None):
         Route("/api/runs/{run_id:int}/model", routes.model),
         Route("/api/suggestions", routes.suggestions),
         Route("/api/final", routes.final_model, methods=["GET", "POST"]),
+        Route("/api/final/camera", routes.camera, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=table, middleware=[gatekeeper(config)],

@@ -5,42 +5,33 @@ responsive; its output is followed line by line for the page and kept in final/t
     final = FinalTraining(studio, torch.device("cpu"))
     final.start()        # {"status": "running", "epoch": None, ...}; 409 while one runs
     final.status()       # epoch, epochs, valid and test accuracy, the last line, the folder
+    final.camera_url()   # once done: serve.py's page on it (studio/tryout.py)
     final.stop()         # SIGTERM: train.py stops cleanly, keeping what it saved
 """
-import os
 import re
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 from flower_classifier.data.split import MANIFEST_NAME
 from flower_classifier.serve.answers import BadRequest
+from flower_classifier.studio.tryout import CameraTryOut
 from flower_classifier.utils.errors import error_reason
+from flower_classifier.utils.processes import module_command, package_environment, stop_process
 
 FINAL_FOLDER = "final"
 LOG_NAME = "train.log"
 EPOCH_LINE = re.compile(r"^epoch\s+(\d+)/(\d+).*valid accuracy ([\d.]+)%")
 BEST_LINE = re.compile(r"^best epoch (\d+): valid accuracy ([\d.]+)%")
 TEST_LINE = re.compile(r"^test accuracy ([\d.]+)%")
-STOP_WAIT = 30  # seconds train.py gets to stop cleanly before it is killed
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # where flower_classifier/ is found
-
-
-def train_environment():
-    """This environment, with the package importable however studio.py was started (from
-    another folder, not installed)."""
-    paths = [str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
 
 
 def train_command(studio, device, save_dir):
     """python -m flower_classifier.cli.train as a user would run train.py on the folder."""
     options = studio.options
-    command = [sys.executable, "-m", "flower_classifier.cli.train", str(options.data_dir),
-               "--save_dir", str(save_dir), "--corrections", str(studio.corrections_path),
-               "--arch", options.arch, "--workers", str(options.workers)]
+    command = module_command("flower_classifier.cli.train", options.data_dir, "--save_dir",
+                             save_dir, "--corrections", studio.corrections_path, "--arch",
+                             options.arch, "--workers", options.workers)
     command += ["--cache_dir", options.cache_dir] if options.cache_dir else ["--no_cache"]
     manifest = studio.save_dir / MANIFEST_NAME  # the studio's split: every placement kept
     if manifest.is_file():
@@ -53,13 +44,15 @@ def train_command(studio, device, save_dir):
 
 
 class FinalTraining:
-    """At most one train.py process at a time; its state for GET /api/final."""
+    """At most one train.py process at a time; its state for GET /api/final. config: the
+    studio's serve.config.ServeConfig, for the camera try-out (None: none)."""
 
-    def __init__(self, studio, device):
+    def __init__(self, studio, device, config=None):
         self.studio, self.device = studio, device
         self.save_dir = studio.save_dir / FINAL_FOLDER
         self.lock, self.process = threading.Lock(), None
         self.state = {"status": "idle"}
+        self.tryout = CameraTryOut(config) if config else None
 
     def start(self):
         with self.lock:
@@ -72,7 +65,7 @@ class FinalTraining:
                 self.process = subprocess.Popen(
                     train_command(self.studio, self.device, self.save_dir),
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                    errors="replace", env=train_environment())
+                    errors="replace", env=package_environment())
             except OSError as error:
                 if log is not None:
                     log.close()
@@ -128,14 +121,16 @@ class FinalTraining:
             if test:
                 self.state["test_accuracy"] = float(test[1]) / 100
 
+    def camera_url(self):
+        """The address of serve.py's page on the final model (started on the first call, and
+        again for a newer model)."""
+        state = self.status()
+        if self.tryout is None or state["status"] != "done":
+            raise BadRequest(409, "Train the final model first; then try it with the camera.")
+        return self.tryout.start(state["checkpoint"])
+
     def stop(self):
-        """Stop a running train.py (SIGTERM: it keeps what it saved), killed after STOP_WAIT."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(STOP_WAIT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        """Stop a running train.py and the try-out's serve.py (SIGTERM: they stop cleanly)."""
+        stop_process(self.process)
+        if self.tryout is not None:
+            self.tryout.stop()

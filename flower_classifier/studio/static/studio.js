@@ -384,6 +384,27 @@ async function watchRuns() {
   }
 }
 
+// serve.py on the final model, in a process of the studio's: a link to its page (on a phone
+// when the studio listens on the network, with the same token).
+async function tryWithCamera() {
+  $("camera-button").disabled = true;
+  $("camera-link").textContent = "Starting serve.py on the final model…";
+  try {
+    const { url } = await post("api/final/camera");
+    const link = document.createElement("a");
+    link.href = url;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.textContent = url;
+    $("camera-link").replaceChildren("Open ", link, " (on your phone when the studio listens on the network) and take a photo.");
+  } catch (error) {
+    $("camera-link").textContent = "";
+    failed(error);
+  } finally {
+    $("camera-button").disabled = false;
+  }
+}
+
 // Start a run (POST path) with its button disabled, then follow it with watch() until it ends.
 async function startAndWatch(button, path, watch) {
   $(button).disabled = true;
@@ -557,7 +578,7 @@ function finalText(final) {
   if (final.status !== "done") return "";
   return "Final model: valid accuracy " + percent(final.valid_accuracy)
     + (final.test_accuracy !== null ? ", test accuracy " + percent(final.test_accuracy) : "") + " (" + final.seconds + " s). "
-    + "Saved in " + final.save_dir + "; try it with python serve.py " + final.checkpoint + ", or export it with export.py.";
+    + "Saved in " + final.save_dir + " (" + final.checkpoint + "): try it with the camera below, or export it with export.py.";
 }
 
 async function watchFinal() {
@@ -566,6 +587,7 @@ async function watchFinal() {
     $("final-progress").textContent = finalText(final);
     $("final-progress").dataset.status = final.status;
     $("final-button").disabled = final.status === "running";
+    $("camera-button").hidden = final.status !== "done";
     if (final.status !== "running") return;
     await new Promise((resolve) => setTimeout(resolve, 1000));
   }
@@ -625,6 +647,7 @@ $("undo-folders").addEventListener("click", () => folders("api/undo-folders"));
 $("download").addEventListener("click", () => saveDownload("api/corrections", "corrections.json").catch(failed));
 $("download-model").addEventListener("click", downloadModel);
 $("final-button").addEventListener("click", () => startAndWatch("final-button", "api/final", watchFinal));
+$("camera-button").addEventListener("click", tryWithCamera);
 $("bulk-relabel").addEventListener("click", () => bulk("relabel"));
 $("bulk-keep").addEventListener("click", () => bulk("keep"));
 $("bulk-drop").addEventListener("click", () => bulk("drop"));
