@@ -1,7 +1,9 @@
 """The studio's runs in-process (studio/retrain.py), on made-up features of three classes: the
 first run trains the folder as filed, a retrain continues its head with the decisions applied,
-runs.json keeps them across a restart, and the per-class results count what they should."""
+runs.json keeps them across a restart, and the per-class results count what they should; new
+photos' suggestions and additions; the camera try-out's reading of serve.py's address."""
 import json
+import queue
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from flower_classifier.data.split import Dataset
 from flower_classifier.models.backbones import build_backbone
 from flower_classifier.models.classifier import weights_copy
 from flower_classifier.serve.answers import BadRequest
+from flower_classifier.serve.config import ServeConfig
 from flower_classifier.studio.retrain import (
     RELABELLED_REPEATS,
     RUNS_NAME,
@@ -30,6 +33,7 @@ from flower_classifier.studio.state import (
     StudioOptions,
     unlabelled_photos,
 )
+from flower_classifier.studio.tryout import CameraTryOut, address
 from flower_classifier.utils.errors import UserError
 
 CPU = torch.device("cpu")
@@ -229,3 +233,25 @@ def test_class_results_count_recall_precision_and_confusions():
     assert results["confusions"] == [
         {"true": 0, "predicted": 1, "count": 2, "ids": [11, 12]},
         {"true": 2, "predicted": 1, "count": 1, "ids": [15]}]
+
+
+def test_the_camera_try_out_reads_serve_py_s_address_or_says_why_not(tmp_path):
+    lines = queue.Queue()
+    for line in ("warning: listening on 0.0.0.0:5: anyone", "serving 3 classes at "
+                 "http://10.0.0.2:41234/#token=x (Ctrl-C to stop)"):
+        lines.put(line)
+    assert address(lines) == "http://10.0.0.2:41234/#token=x"
+    lines.put("error: checkpoint.pth is not a checkpoint; pass train.py's")
+    lines.put(None)
+    with pytest.raises(BadRequest) as stopped:
+        address(lines)
+    assert stopped.value.status == 500 and "is not a checkpoint" in str(stopped.value)
+    with pytest.raises(BadRequest) as late:
+        address(queue.Queue(), timeout=0.05)
+    assert late.value.status == 504
+    tryout = CameraTryOut(ServeConfig(host="127.0.0.1"), CPU)
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    tryout.stop(close=True)  # the studio is stopping: nothing starts after that
+    with pytest.raises(BadRequest) as closed:
+        tryout.start(tmp_path / "checkpoint.pth")
+    assert closed.value.status == 503 and tryout.process is None

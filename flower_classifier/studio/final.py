@@ -52,12 +52,14 @@ class FinalTraining:
         self.save_dir = studio.save_dir / FINAL_FOLDER
         self.lock, self.process = threading.Lock(), None
         self.state = {"status": "idle"}
-        self.tryout = CameraTryOut(config) if config else None
+        self.tryout = CameraTryOut(config, device) if config else None
 
     def start(self):
         with self.lock:
             if self.state["status"] == "running":
                 raise BadRequest(409, "The final model is still training; wait for it to end.")
+            if self.tryout is not None:
+                self.tryout.stop()  # it served the model this run replaces
             log = None
             try:
                 self.save_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +132,10 @@ class FinalTraining:
         return self.tryout.start(state["checkpoint"])
 
     def stop(self):
-        """Stop a running train.py and the try-out's serve.py (SIGTERM: they stop cleanly)."""
-        stop_process(self.process)
+        """Stop a running train.py and the try-out's serve.py for good (SIGTERM: they stop
+        cleanly)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # both stop at once; then each is waited for
         if self.tryout is not None:
-            self.tryout.stop()
+            self.tryout.stop(close=True)
+        stop_process(self.process)

@@ -192,6 +192,8 @@ def fit_head(config, backbone, class_count, cached, device, on_epoch=None, keep_
         head.load_state_dict(init)
     classifier = ImageClassifier(backbone, head)
     sqrt_first = isinstance(head[0], SignedSqrt)
+    if cached.rooted and not sqrt_first:
+        raise ValueError("rooted inputs given to a head without the signed square root")
     trained = head[1:] if sqrt_first else head  # the same modules, the root left out
     task = FeatureTask(config, classifier, device,
                        rooted(cached) if sqrt_first and not cached.rooted else cached)

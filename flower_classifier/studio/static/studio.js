@@ -646,7 +646,7 @@ $("apply-folders").addEventListener("click", () => folders("api/apply-to-folders
 $("undo-folders").addEventListener("click", () => folders("api/undo-folders"));
 $("download").addEventListener("click", () => saveDownload("api/corrections", "corrections.json").catch(failed));
 $("download-model").addEventListener("click", downloadModel);
-$("final-button").addEventListener("click", () => startAndWatch("final-button", "api/final", watchFinal));
+$("final-button").addEventListener("click", () => { $("camera-link").textContent = ""; startAndWatch("final-button", "api/final", watchFinal); });
 $("camera-button").addEventListener("click", tryWithCamera);
 $("bulk-relabel").addEventListener("click", () => bulk("relabel"));
 $("bulk-keep").addEventListener("click", () => bulk("keep"));
