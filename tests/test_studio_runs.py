@@ -8,7 +8,7 @@ import queue
 import pytest
 import torch
 
-from flower_classifier.data.corrections import load_corrections, record_decisions
+from flower_classifier.data.corrections import load_corrections, photo_key, record_decisions
 from flower_classifier.data.folders import Split
 from flower_classifier.data.split import Dataset
 from flower_classifier.models.backbones import build_backbone
@@ -201,8 +201,9 @@ def test_a_new_photo_that_is_a_filed_one_stays_filed(tmp_path, backbone):
     studio = make_studio(tmp_path, backbone, new_labels=[0, 1])
     filed, new = studio.photos[0].path, str(tmp_path / "new" / "1.jpg")
     again = Studio(studio.options, studio.dataset, studio.features, studio.report, backbone,
-                   [filed, new])
+                   [filed, new, new])  # a filed photo, and one new photo listed twice
     assert [(again.photos[i].path, again.photos[i].row) for i in again.new_ids] == [(new, 1)]
+    assert again.by_key[photo_key(new)] == again.new_ids[0]
     assert again.photos_of([filed])[0].split == "train"
 
 

@@ -90,14 +90,7 @@ class Studio:
         for name, split in dataset.splits.items():
             for row, (path, label) in enumerate(zip(split.paths, split.labels)):
                 self.photos.append(Photo(len(self.photos), str(path), label, name, row))
-        new = list(enumerate(map(str, new_paths)))
-        if new:  # a new photo that is a filed one (a link to it) stays filed
-            filed = set(photo_keys(photo.path for photo in self.photos))
-            new = [(row, path) for (row, path), key in zip(new, photo_keys(new_paths))
-                   if key not in filed]
-        self.new_ids = range(len(self.photos), len(self.photos) + len(new))
-        self.photos += [Photo(self.new_ids.start + index, path, None, NEW, row)
-                        for index, (row, path) in enumerate(new)]
+        self.new_ids = self.add_new_photos(new_paths)
         self.by_path = {photo.path: photo.id for photo in self.photos}
         self.moves_log = self.save_dir / MOVES_LOG
         self.applied = False
@@ -105,9 +98,27 @@ class Studio:
     @cached_property
     def by_key(self):
         """{photo_key: id}, made when a decision is first read: a folder opened with none yet
-        shows its page without resolving every path."""
+        shows its page without resolving every path (with new photos, made as they are
+        listed)."""
         keys = photo_keys([photo.path for photo in self.photos])
         return {key: photo.id for key, photo in zip(keys, self.photos)}
+
+    def add_new_photos(self, new_paths):
+        """Append the --unlabelled photos as Photos of split NEW; returns their ids. Each file
+        comes once, and none that is a filed photo (a link to one stays filed). Their keys are
+        resolved here, so by_key is made now, the filed photos' too."""
+        start = len(self.photos)
+        if not new_paths:
+            return range(start, start)
+        self.by_key = dict(zip(photo_keys(photo.path for photo in self.photos), range(start)))
+        kept = {}
+        for row, (path, key) in enumerate(zip(map(str, new_paths), photo_keys(new_paths))):
+            if key not in self.by_key:
+                kept.setdefault(key, (row, path))
+        for key, (row, path) in kept.items():
+            self.by_key[key] = len(self.photos)
+            self.photos.append(Photo(len(self.photos), path, None, NEW, row))
+        return range(start, len(self.photos))
 
     def photo(self, photo_id):
         """The Photo of an id, 404 when there is none."""
