@@ -1,15 +1,20 @@
 """Faults beyond bad flags: a new run where an old one lies, an unwritable feature cache,
-unreadable valid/ or test/ images, --resume with other flags, write and memory errors."""
+unreadable valid/ or test/ images, --resume with other flags, write and memory errors, a
+command outliving the studio that started it."""
 import argparse
 import errno
 import http.client
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from conftest import make_subset, train_args
+from conftest import PROJECT, make_subset, train_args
 from flower_classifier.cli.runner import run_cli
 from flower_classifier.data import download
 from flower_classifier.models.checkpoint import load_checkpoint, save_checkpoint
@@ -147,3 +152,39 @@ def test_connection_lost_mid_download_is_a_network_error():
 
     with pytest.raises(http.client.HTTPException, match="connection broke off"):
         list(download.read_chunks(DroppedResponse()))
+
+
+# A command as the studio starts one (package_environment), which starts nothing itself: its
+# main only waits. The parent prints the command's pid, then waits for it.
+COMMAND = ("import argparse, time; from flower_classifier.cli.runner import run_cli; "
+           "run_cli(lambda args: time.sleep(120), argparse.ArgumentParser())")
+PARENT = ("import subprocess, sys; from flower_classifier.utils import processes; "
+          "processes.PARENT_POLL = 0.05; "
+          f"child = subprocess.Popen([sys.executable, '-c', {COMMAND!r}], "
+          "env=processes.package_environment()); print(child.pid, flush=True); child.wait()")
+
+
+def running(pid):
+    """Whether pid is a process that has not ended (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_command_the_studio_started_stops_when_the_studio_is_killed(tmp_path):
+    """train.py and serve.py started by the studio end cleanly (SIGTERM) when it dies, even by
+    kill -9, instead of training or serving on unseen."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=PROJECT, text=True,
+                              stdout=subprocess.PIPE)
+    child = int(parent.stdout.readline())
+    time.sleep(0.5)
+    assert running(child)  # the parent is there: it goes on
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=30)
+    parent.stdout.close()
+    deadline = time.monotonic() + 30
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(child)

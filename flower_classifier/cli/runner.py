@@ -9,6 +9,7 @@ import signal
 import sys
 
 from flower_classifier.utils.errors import UserError, error_reason
+from flower_classifier.utils.processes import end_with_parent
 
 
 class Interrupted(KeyboardInterrupt):
@@ -24,6 +25,7 @@ def run_cli(main, parser, argv=None):
     """Run main(args) and turn user errors and interrupts into one line and an exit code."""
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    end_with_parent()  # started by the studio: gone with it
     try:
         main(args)
     except UserError as error:
