@@ -181,6 +181,17 @@ async function bulk(action) {
   updateBulk();
 }
 
+// Empty a gallery drawn anew, forgetting its cards: paint() would go on updating them unseen,
+// and a long look through a big folder would keep every card ever drawn.
+function clearGallery(container) {
+  container.querySelectorAll(".card").forEach((element) => {
+    const id = Number(element.dataset.id);
+    const shown = (cards.get(id) || []).filter((other) => other !== element);
+    if (shown.length) cards.set(id, shown); else cards.delete(id);
+  });
+  container.replaceChildren();
+}
+
 // The first `step` items drawn (cards of ids by default), then a button for the next step:
 // a folder of 50,000 photos must not put them all in the page at once.
 function gallery(container, items, note, draw = (id) => card(id, note && note(id)), step = SHOWN) {
@@ -294,7 +305,7 @@ function renderBrowse() {
     const index = indexOfFolder($("browse-class").value);
     const ids = [];
     S.photos.forEach((p, id) => { if (p[0] === index) ids.push(id); });
-    $("browse-gallery").replaceChildren();
+    clearGallery($("browse-gallery"));
     gallery($("browse-gallery"), ids);
   };
   $("browse-class").addEventListener("change", show);
@@ -356,7 +367,7 @@ function renderRuns(runs) {
 
 function renderMistakes(run) {
   const box = $("mistakes");
-  box.replaceChildren();
+  clearGallery(box);
   for (const mistake of run.mistakes) {
     const element = card(mistake.id, "named " + className(mistake.predicted) + " " + percent(mistake.probability),
       () => openViewer(mistake.id, true));
@@ -454,13 +465,13 @@ function renderClassResults(run, first) {
 function renderConfusions(pairs) {
   const list = $("confusions");
   list.replaceChildren();
-  $("confusion-photos").replaceChildren();  // the previous run's
+  clearGallery($("confusion-photos"));  // the previous run's
   for (const pair of pairs) {
     const button = document.createElement("button");
     button.className = "confusion";
     button.textContent = className(pair.true) + " taken for " + className(pair.predicted) + " " + pair.count + (pair.count === 1 ? " time" : " times");
     button.addEventListener("click", () => {
-      $("confusion-photos").replaceChildren();
+      clearGallery($("confusion-photos"));
       gallery($("confusion-photos"), pair.ids, () => "scored as " + className(pair.true) + ", named " + className(pair.predicted));
     });
     list.append(button);
@@ -482,11 +493,7 @@ async function renderLabel() {
     error = caught;
   }
   if (request !== labelRequest) return;
-  section.querySelectorAll(".card").forEach((element) => {
-    const shown = cards.get(Number(element.dataset.id)) || [];
-    cards.set(Number(element.dataset.id), shown.filter((other) => other !== element));
-  });
-  section.replaceChildren();
+  clearGallery(section);
   const note = (text) => { const p = document.createElement("p"); p.className = "note"; p.textContent = text; section.append(p); };
   if (error) { note(error.message); return; }
   heading(section, answer.undecided + " of " + answer.new + " new photos have no label yet" + (answer.unreadable ? " (" + answer.unreadable + " cannot be read)" : "") + "; these are the ones worth labelling next (run #" + answer.run + " is least sure of them), by predicted class");
