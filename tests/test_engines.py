@@ -1,6 +1,9 @@
 """Inference engines: the same features from each, converted models kept on disk by weights."""
+import contextlib
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -285,3 +288,37 @@ def test_training_reads_the_free_cores_again_after_each_epoch(subset, tmp_path, 
     finally:
         torch.set_num_threads(before)
     assert seen == [1, 1, 1, 1]  # the command's, before the first epoch, after each of 2
+
+
+
+def affinities_while(work, seconds):
+    """The CPU sets this process's threads were allowed, sampled while work() ran repeatedly
+    in another thread (OpenVINO pins only during an inference)."""
+    seen, done = set(), threading.Event()
+
+    def repeat():
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            work()
+        done.set()
+
+    worker = threading.Thread(target=repeat)
+    worker.start()
+    while not done.is_set():
+        for task in Path("/proc/self/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                seen.add(frozenset(os.sched_getaffinity(int(task.name))))
+    worker.join()
+    return seen
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs")
+def test_openvino_leaves_its_threads_unpinned(converted, monkeypatch):
+    """Pinned, two torchrun ranks of one thread each ran on the same core at half speed, and a
+    core busy with another process held the thread pinned to it."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    engine = compile_backbone(tiny_backbone(), 32, CPU, engine="openvino", cache_dir=converted)
+    images = torch.zeros(64, 3, 32, 32)
+    assert affinities_while(lambda: engine(images), seconds=1.0) == {
+        frozenset(os.sched_getaffinity(0))}

@@ -138,7 +138,12 @@ class OpenVINOEngine:
             converted_model(self.model, self.crop, self.path), "CPU",
             {"INFERENCE_PRECISION_HINT": self.precision,
              # torch's threads: under torchrun distributed.init_distributed splits the cores
-             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+             # OpenVINO pins its threads to the first cores of the affinity mask: two torchrun
+             # ranks of one thread each then share one core, and a core busy with another
+             # process holds the pinned thread. The threads already follow the free cores
+             # (utils.threads); the OS scheduler places them.
+             "ENABLE_CPU_PINNING": False})
         compiled_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         if compiled_precision != self.precision:  # the cache key must say what really ran
             raise RuntimeError(f"OpenVINO compiled for {compiled_precision}, not {self.precision}")
