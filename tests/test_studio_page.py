@@ -65,7 +65,11 @@ def drive(page, url, suspects, copy, relabelled, kept, downloads, photo_of_class
     page.click("button[data-tab=browse]")
     page.select_option("#browse-class", "1")
     card = page.locator(f"#browse-gallery .card[data-id='{relabelled}']")
-    card.locator("select.relabel").select_option("10")
+    menu = card.locator("select.relabel")
+    assert menu.locator("option").count() == 1  # the classes come when the menu is reached
+    menu.tap()
+    assert menu.locator("option").count() == 1 + len(page.evaluate("S.classes"))
+    menu.select_option("10")
     page.wait_for_selector(f"#browse-gallery .card[data-id='{relabelled}'].relabelled",
                            timeout=30000)
     page.locator(f"#browse-gallery .card[data-id='{kept}']").focus()

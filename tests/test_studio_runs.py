@@ -27,6 +27,7 @@ from flower_classifier.studio.retrain import (
     rooted,
 )
 from flower_classifier.studio.labelling import suggested_batches
+from flower_classifier.studio import state
 from flower_classifier.studio.state import (
     NEW,
     Studio,
@@ -256,3 +257,14 @@ def test_the_camera_try_out_reads_serve_py_s_address_or_says_why_not(tmp_path):
     with pytest.raises(BadRequest) as closed:
         tryout.start(tmp_path / "checkpoint.pth")
     assert closed.value.status == 503 and tryout.process is None
+
+
+def test_thumbnails_are_warmed_first_pages_first_then_every_photo(tmp_path, backbone,
+                                                                   monkeypatch):
+    monkeypatch.setattr(state, "PHOTOS_SHOWN", 5)  # pages of 5: 11 more per class after them
+    studio = make_studio(tmp_path, backbone, new_labels=[0, 1])
+    first, order = studio.first_pages(), studio.thumbnail_order()
+    assert len(first) == 5 * len(CLASSES) and order[:len(first)] == first
+    assert sorted(order) == list(range(len(studio.photos)))  # every photo once
+    rest = [studio.photos[i].label for i in order[len(first):-2]]
+    assert rest == sorted(rest) and order[-2:] == list(studio.new_ids)  # Browse's order

@@ -236,6 +236,13 @@ class Studio:
                 by_class[photo.label].append(photo.id)
         return list(dict.fromkeys(ids + [i for photos in by_class for i in photos]))
 
+    def thumbnail_order(self):
+        """Every photo id once: first_pages(), then the other filed photos class by class (as
+        Browse pages through them), then the new photos. The order the warmer makes their
+        thumbnails in: the pages looked at first are on disk first, and in time all are."""
+        filed = sorted(range(self.new_ids.start), key=lambda i: self.photos[i].label)
+        return list(dict.fromkeys(self.first_pages() + filed + list(self.new_ids)))
+
     def findings(self):
         """The data check's findings with photo ids in place of paths."""
         report = self.report

@@ -82,9 +82,10 @@ def cached_view(path, folder, side):
 
 
 class ThumbnailWarmer:
-    """Makes the thumbnails of each gallery's first page (Studio.first_pages) in a background
-    thread at a low priority once the studio is open, so a first look at a gallery is served
-    from the disk cache rather than decoded on demand.
+    """Makes the thumbnails of each gallery's first page, then of every other photo
+    (Studio.thumbnail_order), in a background thread at a low priority once the studio is open,
+    so that a page of a gallery is served from the disk cache rather than decoded on demand
+    (benchmarks/studio_scale.py times both).
 
         warmer = ThumbnailWarmer(studio, studio.save_dir / THUMBNAILS_FOLDER)
         warmer.start()   ...   warmer.stop()
@@ -106,9 +107,9 @@ class ThumbnailWarmer:
             self.thread.join(timeout)
 
     def run(self):
-        """Make each first-page thumbnail not on disk yet."""
+        """Make each thumbnail not on disk yet."""
         lower_priority()
-        for photo_id in self.studio.first_pages():
+        for photo_id in self.studio.thumbnail_order():
             if self.stopping.is_set():
                 return
             try:

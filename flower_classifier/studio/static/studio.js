@@ -81,8 +81,9 @@ function classOptions(select, placeholder) {
   S.classes.forEach((c) => select.append(new Option(c.name, c.folder)));
 }
 
-// Every card's relabel menu is a copy of one, made once: a gallery of 120 cards would otherwise
-// build 120 x the classes' options one by one.
+// A card's relabel menu holds only its placeholder until it is first reached (pointer, touch,
+// focus): 120 cards with every class's options were 77,000 elements for Chromium to style and
+// lay out each time a gallery was drawn. The options are copied from one menu, made once.
 let relabelTemplate = null;
 function relabelMenu() {
   if (!relabelTemplate) {
@@ -91,7 +92,15 @@ function relabelMenu() {
     relabelTemplate.setAttribute("aria-label", "relabel as");
     classOptions(relabelTemplate, "relabel…");
   }
-  return relabelTemplate;
+  const menu = document.createElement("select");
+  menu.className = relabelTemplate.className;
+  menu.setAttribute("aria-label", relabelTemplate.getAttribute("aria-label"));
+  menu.append(relabelTemplate.options[0].cloneNode(true));
+  const fill = () => {
+    if (menu.options.length === 1) menu.append(...[...relabelTemplate.cloneNode(true).options].slice(1));
+  };
+  for (const event of ["pointerdown", "touchstart", "focus"]) menu.addEventListener(event, fill, { passive: true });
+  return menu;
 }
 
 function card(id, note, open) {
@@ -120,7 +129,7 @@ function card(id, note, open) {
     b.addEventListener("click", () => act(id, action));
     return b;
   };
-  const relabel = relabelMenu().cloneNode(true);
+  const relabel = relabelMenu();
   relabel.addEventListener("change", () => { if (relabel.value) decide([{ id, label: relabel.value }]); relabel.value = ""; });
   actions.append(button("Keep", "keep"), button("Drop", "drop"), relabel, button("Undo", "undo"));
   figure.append(img, caption, actions);
