@@ -30,9 +30,14 @@ def without_bf16():
         "f32" if name == "openvino" else precision(name, device))
 
 
+SIMULATED = "AS_CPU_SIMULATED"  # the class, for scripts that run others under it too
+
+
 def main():
     cpu, script, *arguments = sys.argv[1:]
     os.environ.update(LIMITS[cpu])
+    os.environ[SIMULATED] = cpu
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # project
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     if cpu != "native":
         without_bf16()
