@@ -279,7 +279,7 @@ def measure_server(payload, save_dir, decisions, figures):
 
 def made_ahead(save_dir, since, settle=5, timeout=600):
     """Seconds from the check's end until the thumbnails made ahead (studio.py's warmer: each
-    gallery's first page) stop growing in number for `settle` seconds."""
+    gallery's first page, then every photo) stop growing in number for `settle` seconds."""
     count, changed = -1, time.time()
     while time.time() - changed < settle and time.time() - since < timeout:
         now = thumbnail_cache(save_dir)[0]
@@ -323,7 +323,7 @@ def table_rows(figures):
         (f"{SHOWN} thumbnails via other links", pages(figures["client_copies"]), thumbs),
         (f"{SHOWN} thumbnails cold, Chromium", ms(figures["browser_cold"]), thumbs),
         (f"{SHOWN} thumbnails via other links, Chromium", ms(figures["browser_warm"]), thumbs),
-        ("first pages' thumbnails made ahead, after the check", f"{figures['made_ahead']:.0f} s",
+        ("every thumbnail made ahead, after the check", f"{figures['made_ahead']:.0f} s",
          ""),
         ("Browse a class after that (Chromium, the images on screen)",
          f"{ms(figures['browse_ahead'][0])} for {figures['browse_ahead'][1]} images", thumbs),
