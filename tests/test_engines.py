@@ -290,6 +290,8 @@ def test_training_reads_the_free_cores_again_after_each_epoch(subset, tmp_path, 
     assert seen == [1, 1, 1, 1]  # the command's, before the first epoch, after each of 2
 
 
+PINNING_VARIABLES = ("OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
+
 
 def affinities_while(work, seconds):
     """The CPU sets this process's threads were allowed, sampled while work() ran repeatedly
@@ -312,8 +314,9 @@ def affinities_while(work, seconds):
     return seen
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs Linux and two CPUs")
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or len(os.sched_getaffinity(0)) < 2
+                    or any(os.environ.get(name) for name in PINNING_VARIABLES),
+                    reason="needs Linux, two CPUs, and torch's threads not pinned by OpenMP")
 def test_openvino_leaves_its_threads_unpinned(converted, monkeypatch):
     """Pinned, two torchrun ranks of one thread each ran on the same core at half speed, and a
     core busy with another process held the thread pinned to it."""

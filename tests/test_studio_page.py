@@ -72,9 +72,15 @@ def drive(page, url, suspects, copy, relabelled, kept, downloads, photo_of_class
     menu.select_option("10")
     page.wait_for_selector(f"#browse-gallery .card[data-id='{relabelled}'].relabelled",
                            timeout=30000)
-    page.locator(f"#browse-gallery .card[data-id='{kept}']").focus()
+    kept_card = page.locator(f"#browse-gallery .card[data-id='{kept}']")
+    kept_card.focus()
     page.keyboard.press("k")
     page.wait_for_selector(f"#browse-gallery .card[data-id='{kept}'].kept", timeout=30000)
+    kept_card.focus()
+    page.keyboard.press("r")  # the keyboard reaches the relabel menu, which gets the classes
+    assert kept_card.locator("select.relabel option").count() == 1 + len(
+        page.evaluate("S.classes"))
+    kept_card.focus()  # away from the menu, unchanged
     page.click("button[data-tab=label]")
     batch = page.locator("#label .batch").first
     batch.wait_for(timeout=30000)

@@ -3,10 +3,12 @@ first run trains the folder as filed, a retrain continues its head with the deci
 runs.json keeps them across a restart, and the per-class results count what they should; new
 photos' suggestions and additions; the camera try-out's reading of serve.py's address."""
 import json
+import logging
 import queue
 
 import pytest
 import torch
+from PIL import Image
 
 from flower_classifier.data.corrections import load_corrections, photo_key, record_decisions
 from flower_classifier.data.folders import Split
@@ -34,6 +36,7 @@ from flower_classifier.studio.state import (
     StudioOptions,
     unlabelled_photos,
 )
+from flower_classifier.studio.thumbnails import ThumbnailWarmer
 from flower_classifier.studio.tryout import CameraTryOut, address
 from flower_classifier.utils.errors import UserError
 
@@ -268,3 +271,32 @@ def test_thumbnails_are_warmed_first_pages_first_then_every_photo(tmp_path, back
     assert sorted(order) == list(range(len(studio.photos)))  # every photo once
     rest = [studio.photos[i].label for i in order[len(first):-2]]
     assert rest == sorted(rest) and order[-2:] == list(studio.new_ids)  # Browse's order
+
+
+def test_the_warmer_stops_when_its_folder_cannot_be_written(tmp_path):
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 60)).save(photo)
+    blocker = tmp_path / "thumbnails"
+    blocker.write_text("a file where the thumbnails' folder should be")
+    asked = []
+
+    class Photos:  # what the warmer asks of a Studio: 50 photos, all decodable
+        def thumbnail_order(self):
+            return list(range(50))
+
+        def image_path(self, photo_id):
+            asked.append(photo_id)
+            return photo
+
+    log, logged = logging.getLogger("uvicorn.error"), logging.Handler()
+    logged.emit, records = (lambda record: records.append(record.getMessage())), []
+    log.addHandler(logged)  # the studio's log (uvicorn's may not pass records on to the root)
+    try:
+        warmer = ThumbnailWarmer(Photos(), blocker)
+        warmer.start()  # its own thread, which lowers its own priority
+        warmer.thread.join(timeout=60)
+    finally:
+        log.removeHandler(logged)
+    assert not warmer.thread.is_alive() and asked == [0]  # no decode per photo after a failure
+    assert any("thumbnails stopped" in message for message in records)
+    assert blocker.read_text().startswith("a file")

@@ -114,8 +114,11 @@ class ThumbnailWarmer:
                 return
             try:
                 cached_view(self.studio.image_path(photo_id), self.folder, THUMB_SIDE)
-            except BadRequest:  # unreadable or gone: the gallery says so when asked
-                continue
+            except BadRequest as error:
+                if error.status >= 500:  # the cache cannot be written: trying on is no use
+                    logging.getLogger("uvicorn.error").warning("thumbnails stopped: %s", error)
+                    return
+                continue  # unreadable or gone: the gallery says so when asked
             except Exception:  # a bug: logged, and the thumbnails are made on demand instead
                 logging.getLogger("uvicorn.error").exception("thumbnails stopped")
                 return

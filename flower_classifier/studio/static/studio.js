@@ -82,7 +82,7 @@ function classOptions(select, placeholder) {
 }
 
 // A card's relabel menu holds only its placeholder until it is first reached (pointer, touch,
-// focus): 120 cards with every class's options were 77,000 elements for Chromium to style and
+// focus, keys, click): 120 cards with every class's options were 77,000 elements for Chromium to style and
 // lay out each time a gallery was drawn. The options are copied from one menu, made once.
 let relabelTemplate = null;
 function relabelMenu() {
@@ -99,7 +99,10 @@ function relabelMenu() {
   const fill = () => {
     if (menu.options.length === 1) menu.append(...[...relabelTemplate.cloneNode(true).options].slice(1));
   };
-  for (const event of ["pointerdown", "touchstart", "focus"]) menu.addEventListener(event, fill, { passive: true });
+  // click and keydown too: a screen reader may open the menu without pointer events or focus
+  for (const event of ["pointerdown", "mousedown", "touchstart", "focus", "keydown", "click"]) {
+    menu.addEventListener(event, fill, { passive: true });
+  }
   return menu;
 }
 
