@@ -288,9 +288,10 @@ def test_the_warmer_stops_when_its_folder_cannot_be_written(tmp_path):
             asked.append(photo_id)
             return photo
 
-    log, logged = logging.getLogger("uvicorn.error"), logging.Handler()
-    logged.emit, records = (lambda record: records.append(record.getMessage())), []
-    log.addHandler(logged)  # the studio's log (uvicorn's may not pass records on to the root)
+    records, logged = [], logging.Handler()
+    logged.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("uvicorn.error")  # the studio's; it may not pass records to the root
+    log.addHandler(logged)
     try:
         warmer = ThumbnailWarmer(Photos(), blocker)
         warmer.start()  # its own thread, which lowers its own priority

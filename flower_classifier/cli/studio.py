@@ -101,8 +101,8 @@ def main(args):
 
 def serve_studio(studio, config, sock, device, schedule):
     """Serve an opened Studio until stopped: its first run and the thumbnails (first pages
-    first) begin in the background, and they (and a final model's training) end before the process
-    does."""
+    first) begin in the background, and they (and a final model's training) end before the
+    process does."""
     limit_malloc_arenas()  # as serve.py: arenas per thread keep what the runs freed
     gc.freeze()  # the photos, features and findings stay: collections need not walk them
     trainer, final = QuickTrainer(studio, device, schedule), FinalTraining(studio, device, config)

@@ -28,6 +28,7 @@ from flower_classifier.utils.threads import lower_priority
 THUMB_SIDE = 256     # gallery thumbnails: the longer side, in pixels
 LARGE_SIDE = 1024    # a photo opened on its own
 THUMBNAILS_FOLDER = "thumbnails"
+LOG = logging.getLogger("uvicorn.error")  # the studio's log, as the server's
 
 
 def view_name(path, side):
@@ -116,10 +117,10 @@ class ThumbnailWarmer:
                 cached_view(self.studio.image_path(photo_id), self.folder, THUMB_SIDE)
             except BadRequest as error:
                 if error.status >= 500:  # the cache cannot be written: trying on is no use
-                    logging.getLogger("uvicorn.error").warning("thumbnails stopped: %s", error)
+                    LOG.warning("thumbnails stopped: %s", error)
                     return
                 continue  # unreadable or gone: the gallery says so when asked
             except Exception:  # a bug: logged, and the thumbnails are made on demand instead
-                logging.getLogger("uvicorn.error").exception("thumbnails stopped")
+                LOG.exception("thumbnails stopped")
                 return
 

@@ -82,8 +82,9 @@ function classOptions(select, placeholder) {
 }
 
 // A card's relabel menu holds only its placeholder until it is first reached (pointer, touch,
-// focus, keys, click): 120 cards with every class's options were 77,000 elements for Chromium to style and
-// lay out each time a gallery was drawn. The options are copied from one menu, made once.
+// focus, keys, click): 120 cards with every class's options were 77,000 elements for Chromium
+// to style and lay out each time a gallery was drawn. The options are copied from one menu,
+// made once.
 let relabelTemplate = null;
 function relabelMenu() {
   if (!relabelTemplate) {
