@@ -43,7 +43,7 @@ from flower_classifier.serve.config import ServeConfig
 from flower_classifier.serve.server import listen
 from flower_classifier.studio.state import PHOTOS_SHOWN as SHOWN  # cards per gallery page
 from flower_classifier.studio.state import Studio, StudioOptions
-from flower_classifier.studio.thumbnails import THUMBNAILS_FOLDER
+from flower_classifier.studio.thumbnails import THUMBNAILS_FOLDER, CheckThumbnails
 
 CHROMIUM = "/usr/bin/chromium"  # as tests/test_serve.py launches it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -102,12 +102,14 @@ def rss_of(pid):
             if line.startswith(("VmRSS", "VmHWM"))}
 
 
-def timed_check(dataset, features, save_dir, cache_dir):
+def timed_check(dataset, features, save_dir, cache_dir, views):
     """(report, seconds, {"peak": peak RSS of this process during the check, "after": its RSS
-    once the check's memory is collected}): the peak is reset first."""
+    once the check's memory is collected}): the peak is reset first. views: CheckThumbnails,
+    as open_studio's check makes the thumbnails, or None."""
     Path("/proc/self/clear_refs").write_text("5")
     started = time.perf_counter()
-    report = check_dataset(dataset.class_to_idx, dataset.splits, features, save_dir, cache_dir)
+    report = check_dataset(dataset.class_to_idx, dataset.splits, features, save_dir, cache_dir,
+                           views=views)
     seconds, peak = time.perf_counter() - started, peak_rss()
     gc.collect()
     return report, seconds, {"peak": peak, "after": rss_of("self")["VmRSS"]}
@@ -116,11 +118,11 @@ def timed_check(dataset, features, save_dir, cache_dir):
 def serve(payload, save_dir):
     """The --serve process: studio.py's main after open_studio, on the check saved in payload.
     Prints the time the check's results are in hand (as open_studio returns), then serves."""
-    folder, dataset, features, report = torch.load(payload, weights_only=False)
+    folder, dataset, features, report, thumbnailed = torch.load(payload, weights_only=False)
     backbone = build_backbone(DEFAULT_ARCH)
     print(f"checked at {time.time()}", flush=True)
     options = StudioOptions(folder, save_dir=save_dir, cache_dir=None)
-    studio = Studio(options, dataset, features, report, backbone)
+    studio = Studio(options, dataset, features, report, backbone, thumbnailed=thumbnailed)
     serve_studio(studio, ServeConfig(host="127.0.0.1"), listen("127.0.0.1", 0),
                  torch.device("cpu"), "warm")
 
@@ -188,8 +190,8 @@ def open_page(page, server, figures):
 
 
 def browser_thumbnails(page, state, figures):
-    """Browse a class whose thumbnails are not cached, until the images on the screen have
-    loaded; then SHOWN thumbnails fetched by the page (fetch()), cold, and warm through other
+    """Browse a class not looked at yet, until the images on the screen have loaded; then
+    SHOWN thumbnails fetched by the page (fetch()) when first asked for, then through other
     links to the same files (the browser's own cache plays no part)."""
     figures["browse"] = browse_class(page, state["classes"][30]["folder"])
     ids = pages_of_unseen_photos(state, 1, 90)[0]
@@ -215,8 +217,9 @@ def browse_class(page, folder):
 
 
 def client_figures(server, state, save_dir, decisions, figures):
-    """GET /api/state (size, best of 3), 3 pages of SHOWN thumbnails cold, warm, and through
-    other links to the same files, and one decision's POST as corrections.json grows."""
+    """GET /api/state (size, best of 3), 3 pages of SHOWN thumbnails first asked for, again,
+    and through other links to the same files, and one decision's POST as corrections.json
+    grows."""
     with httpx.Client(base_url=server.url, timeout=120,
                       limits=httpx.Limits(max_connections=BROWSER_LIMIT)) as client:
         times = []
@@ -318,16 +321,17 @@ def table_rows(figures):
         ("page ready after the check", page, f"<= {GOALS['page']:.0f} s"),
         ("GET /api/state", state, ""),
         ("page: JS heap, elements", page_heap, ""),
-        (f"{SHOWN} thumbnails cold, httpx", pages(figures["client_cold"]), thumbs),
-        (f"{SHOWN} thumbnails warm, httpx", pages(figures["client_warm"]), thumbs),
+        ("thumbnails on disk when the check ends", str(figures["at_check"]), ""),
+        (f"{SHOWN} thumbnails first asked for, httpx", pages(figures["client_cold"]), thumbs),
+        (f"{SHOWN} thumbnails again, httpx", pages(figures["client_warm"]), thumbs),
         (f"{SHOWN} thumbnails via other links", pages(figures["client_copies"]), thumbs),
-        (f"{SHOWN} thumbnails cold, Chromium", ms(figures["browser_cold"]), thumbs),
+        (f"{SHOWN} thumbnails first asked for, Chromium", ms(figures["browser_cold"]), thumbs),
         (f"{SHOWN} thumbnails via other links, Chromium", ms(figures["browser_warm"]), thumbs),
         ("every thumbnail made ahead, after the check", f"{figures['made_ahead']:.0f} s",
          ""),
         ("Browse a class after that (Chromium, the images on screen)",
          f"{ms(figures['browse_ahead'][0])} for {figures['browse_ahead'][1]} images", thumbs),
-        ("Browse a class cold, Chromium", browse, thumbs),
+        ("Browse a class first (Chromium, the images on screen)", browse, thumbs),
         ("server RSS: peak, at the end", memory, f"<= {GOALS['rss'] / 1e9} GB"),
         ("thumbnail cache", cache, ""),
     ] + [(f"one decision, {count} made before",
@@ -351,6 +355,10 @@ def main():
                         help="where the originals' features are kept")
     parser.add_argument("--workers", type=int, default=2, help="processes decoding images")
     parser.add_argument("--decisions", type=int, nargs="*", default=[0, 1000, 7000])
+    parser.add_argument("--no_check_thumbnails", action="store_true",
+                        help="the check makes no thumbnails (the studio before issue 33's "
+                        "seventh session): pages are decoded when asked for until the "
+                        "background has made them")
     args = parser.parse_args()
     backbone = build_backbone(DEFAULT_ARCH)
     originals, features = original_features(args.data_dir, backbone, args.cache_dir,
@@ -362,13 +370,16 @@ def main():
         dataset = Dataset(*find_splits(folder))
         copies = copied_features(originals, features, dataset.splits)
         print(f"{count} links in {folder}; checking them", flush=True)
+        views = CheckThumbnails(save_dir / THUMBNAILS_FOLDER)
         report, figures["check"], figures["check_rss"] = timed_check(
-            dataset, copies, save_dir, Path(temporary) / "check_cache")
+            dataset, copies, save_dir, Path(temporary) / "check_cache",
+            None if args.no_check_thumbnails else views)
+        figures["at_check"] = thumbnail_cache(save_dir)[0]
         print(f"check: {len(report['exact_duplicates'])} groups of identical files, "
               f"{len(report['near_duplicates'])} near-copies, {len(report['mislabelled'])} "
               "likely mislabelled", flush=True)
         payload = Path(temporary) / "checked.pt"
-        torch.save((str(folder), dataset, copies, report), payload)
+        torch.save((str(folder), dataset, copies, report, views.kept), payload)
         del report, copies
         measure_server(payload, save_dir, args.decisions, figures)
         figures["cache"] = thumbnail_cache(save_dir)

@@ -174,6 +174,41 @@ def test_the_first_pages_thumbnails_are_made_before_anyone_asks(studio, folder):
         time.sleep(0.2)
 
 
+def test_the_data_check_makes_the_thumbnails_from_what_it_reads(tmp_path, caplog):
+    import torch
+    from PIL import Image
+
+    from flower_classifier.datacheck.facts import cached_facts
+    from flower_classifier.studio.thumbnails import CheckThumbnails, view_name
+
+    photo = sorted((FLOWERS / "train" / "1").iterdir())[0]
+    large = tmp_path / "large.jpg"  # decoded at 1/8 for the check: that covers a thumbnail
+    Image.open(photo).convert("RGB").resize((3000, 2000)).save(large, quality=90)
+    (tmp_path / "link.jpg").symlink_to(large)  # the same file: one thumbnail
+    (tmp_path / "broken.jpg").write_bytes(b"not a photo")
+    paths = [str(photo), str(large), str(tmp_path / "link.jpg"), str(tmp_path / "broken.jpg")]
+    views = CheckThumbnails(tmp_path / "thumbnails")
+    facts, pixels, readable = cached_facts(paths, None, tmp_path, views)
+    plain = cached_facts(paths, None, tmp_path)
+    assert torch.equal(facts, plain[0]) and torch.equal(pixels, plain[1])  # the check unchanged
+    assert readable.tolist() == [True, True, True, False]
+
+    def fitted(path):  # the size a thumbnail of path has: Pillow's own fit
+        with Image.open(path) as image:
+            image.thumbnail((256, 256))
+            return image.size
+
+    made = {path.name: Image.open(path).size for path in views.folder.glob("*.jpg")}
+    assert made == {view_name(photo, 256): fitted(photo), view_name(large, 256): fitted(large)}
+    assert views.kept == set(paths[:3])  # what the studio's warmer skips
+    unwritable = tmp_path / "a_file"
+    unwritable.write_text("")  # a thumbnail folder that cannot be made
+    with caplog.at_level("WARNING"):
+        again = cached_facts(paths, None, tmp_path, CheckThumbnails(unwritable / "thumbnails"))
+    assert torch.equal(again[0], facts)
+    assert caplog.text.count("thumbnails not made during the check") == 1
+
+
 @pytest.mark.parametrize("route", ["thumb", "image", "heatmap"])
 def test_every_file_serving_route_answers_a_path_with_404(studio, route):
     state = studio.client.get("/api/state").json()

@@ -271,6 +271,8 @@ def test_thumbnails_are_warmed_first_pages_first_then_every_photo(tmp_path, back
     assert sorted(order) == list(range(len(studio.photos)))  # every photo once
     rest = [studio.photos[i].label for i in order[len(first):-2]]
     assert rest == sorted(rest) and order[-2:] == list(studio.new_ids)  # Browse's order
+    studio.thumbnailed = {studio.photos[i].path for i in order[::2]}  # the check made these
+    assert studio.thumbnails_to_make() == order[1::2]
 
 
 def test_the_warmer_stops_when_its_folder_cannot_be_written(tmp_path):
@@ -281,7 +283,7 @@ def test_the_warmer_stops_when_its_folder_cannot_be_written(tmp_path):
     asked = []
 
     class Photos:  # what the warmer asks of a Studio: 50 photos, all decodable
-        def thumbnail_order(self):
+        def thumbnails_to_make(self):
             return list(range(50))
 
         def image_path(self, photo_id):

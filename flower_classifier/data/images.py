@@ -10,6 +10,7 @@ opened (EPS would run Ghostscript), and an image's size is checked from its head
 pixel is decoded.
 """
 import contextlib
+import math
 import os
 import struct
 import warnings
@@ -66,6 +67,17 @@ def open_image(path, target=None):
         if target:
             image.draft("RGB", (target, target))  # before any pixel is read; not JPEG: no-op
         yield image
+
+
+def draft_to_fit(image, side):
+    """Have an opened JPEG decode at the smallest DCT scale whose longer side still covers side
+    after to_rgb's crop: a view side x side needs that, not the shorter side load_image keeps
+    (twice the pixels a thumbnail of the shared flowers needs). Not JPEG: nothing happens."""
+    width, height = image.size
+    longest = min(max(width, height), min(width, height) * MAX_ASPECT_RATIO)
+    scale = side / max(longest, 1)
+    if scale < 1:
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 def centre_crop_to_aspect(image, max_ratio=MAX_ASPECT_RATIO):

@@ -21,11 +21,12 @@ EDGES = 16             # side of the thumbnails whose pixel differences confirm 
 THUMB_LENGTH = THUMB * THUMB + 2 * EDGES * (EDGES - 1)
 
 
-def file_facts(path):
+def file_facts(path, views=None):
     """(facts row: int64 [sha256 as 4 words, width, height, has digest], thumbnail row, readable)
     of one file, its bytes read once. The thumbnail row: THUMB x THUMB greyscale pixels, then the
     vertical and horizontal differences of EDGES x EDGES greyscale pixels, each part zero-mean
-    and unit length (so a dot product is a correlation)."""
+    and unit length (so a dot product is a correlation). views.keep(path, data, decoded), when
+    given, makes a view for people from what was read (studio.thumbnails.CheckThumbnails)."""
     facts, pixels = torch.zeros(7, dtype=torch.int64), torch.zeros(THUMB_LENGTH)
     try:
         data = Path(path).read_bytes()
@@ -38,9 +39,12 @@ def file_facts(path):
         with open_image(io.BytesIO(data)) as image:  # one open: the formats load_image takes
             facts[4], facts[5] = image.size  # the stored size: before the draft decode
             image.draft("RGB", (2 * EDGES, 2 * EDGES))
-            grey = to_rgb(image).convert("L")
+            decoded = to_rgb(image)
     except UNREADABLE_IMAGE_ERRORS:
         return facts, pixels.half(), False
+    grey = decoded.convert("L")
+    if views:
+        views.keep(path, data, decoded)
     small = pixel_tensor(grey, THUMB)
     edges = pixel_tensor(grey, EDGES)
     parts = [small.reshape(-1), torch.cat([edges.diff(dim=0).reshape(-1),
@@ -55,10 +59,10 @@ def pixel_tensor(grey, side):
     return torch.from_numpy(np.asarray(small, dtype=np.float32).copy())
 
 
-def cached_facts(paths, cache_dir, root):
+def cached_facts(paths, cache_dir, root, views=None):
     """file_facts() of paths as (facts [N, 7], thumbnails [N, THUMB_LENGTH], readable [N]),
     kept in the feature cache's folder (keyed by path, size and times, as features are), so a
-    warm check reads no image."""
+    warm check reads no image (nor makes views)."""
     cache = FeatureCache(cache_dir) if cache_dir else None
     keys = [f"{name} {THUMB} {EDGES}|{Path(root).resolve()}"
             for name in ("file facts", "thumbnails")]
@@ -68,8 +72,8 @@ def cached_facts(paths, cache_dir, root):
     missing = [index for index in range(len(paths))
                if rows[0][index] is None or rows[1][index] is None]
     with ThreadPoolExecutor(max_workers=4) as pool:  # file reads and hashing release the GIL
-        for index, (facts, pixels, ok) in zip(missing, pool.map(file_facts,
-                                                                 [paths[i] for i in missing])):
+        made = pool.map(lambda path: file_facts(path, views), [paths[i] for i in missing])
+        for index, (facts, pixels, ok) in zip(missing, made):
             rows[0][index], rows[1][index] = (facts, ok), (pixels, ok)
     facts = torch.stack([row[0] for row in rows[0]]) if paths else torch.zeros(0, 7,
                                                                                dtype=torch.int64)
@@ -81,7 +85,7 @@ def cached_facts(paths, cache_dir, root):
     return facts, pixels.float(), ok
 
 
-def split_facts(splits, cache_dir):
+def split_facts(splits, cache_dir, views=None):
     """cached_facts() of every split's images in split order, one call (and cache file) per
     folder, as split_features groups them."""
     groups = defaultdict(list)
@@ -90,18 +94,18 @@ def split_facts(splits, cache_dir):
     by_split = {}
     for names in groups.values():
         paths = [path for name in names for path in splits[name].paths]
-        parts = cached_facts(paths, cache_dir, splits[names[0]].root)
+        parts = cached_facts(paths, cache_dir, splits[names[0]].root, views)
         sizes = [len(splits[name].paths) for name in names]
         for name, *pieces in zip(names, *(part.split(sizes) for part in parts)):
             by_split[name] = pieces
     return [torch.cat([by_split[name][part] for name in splits]) for part in range(3)]
 
 
-def catalogue(class_to_idx, splits, features, cache_dir):
+def catalogue(class_to_idx, splits, features, cache_dir, views=None):
     """(one row per image: path, class, label, split, readable, sha256, size; the features
     [N, D] float32; the thumbnails [N, THUMB * THUMB]), in split order."""
     classes = list(class_to_idx)
-    facts, pixels, readable = split_facts(splits, cache_dir)
+    facts, pixels, readable = split_facts(splits, cache_dir, views)
     ok = torch.cat([features[name][1] for name in splits]) & readable
     rows = [{"path": str(path), "class": classes[label], "label": label, "split": name}
             for name, split in splits.items() for path, label in zip(split.paths, split.labels)]

@@ -59,14 +59,15 @@ def class_counts(rows, classes):
 
 def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
                   near_threshold=NEAR_THRESHOLD, tiny_side=TINY_SIDE, folds=FOLDS, seed=0,
-                  class_names=None):
+                  class_names=None, views=None):
     """The data check of splits ({name: data.folders.Split}) with features ({name: (features, ok)},
     as split_features returns). cache_dir: the feature cache's folder, where the thumbnails are
     kept too (None: computed each time). With save_dir, data_report.json and the contact sheets
     are written there; a report already there from the same files, features and settings is
     returned as it is (a rerun on unchanged data checks nothing again). class_names: {folder
     name: display name} for the contact sheets' captions (in the fingerprint: sheets drawn with
-    other names are drawn again). Returns the report (a JSON-ready dict)."""
+    other names are drawn again). views: the photos it decodes also become views for people
+    there (facts.file_facts). Returns the report (a JSON-ready dict)."""
     started = time.perf_counter()
     settings = {"near_threshold": near_threshold, "edge_threshold": EDGE_THRESHOLD,
                 "tiny_side": tiny_side, "folds": folds, "seed": seed,
@@ -77,7 +78,7 @@ def check_dataset(class_to_idx, splits, features, save_dir=None, cache_dir=None,
     if save_dir is not None and (kept := kept_report(save_dir, fingerprint)):
         return {**kept, "kept": True}
     classes = list(class_to_idx)
-    rows, matrix, pixels = catalogue(class_to_idx, splits, features, cache_dir)
+    rows, matrix, pixels = catalogue(class_to_idx, splits, features, cache_dir, views)
     usable = torch.tensor([row["ok"] for row in rows], dtype=torch.bool)
     space = feature_space(matrix, usable)
     del matrix  # a quarter of a gigabyte at 50,000 images, not needed past feature_space

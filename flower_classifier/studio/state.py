@@ -32,6 +32,7 @@ from flower_classifier.models.features import (
     split_features,
 )
 from flower_classifier.serve.answers import BadRequest
+from flower_classifier.studio.thumbnails import THUMBNAILS_FOLDER, CheckThumbnails
 from flower_classifier.utils.console import log
 from flower_classifier.utils.errors import UserError
 
@@ -77,10 +78,13 @@ class Studio:
     """The routes' state. dataset: data.split.Dataset as filed (no decision applied);
     features: {split: (features [N, D], ok [N])}, NEW's too; report: the data check's;
     backbone: the models.backbones.Backbone that computed the features; new_paths: the
-    photos of the --unlabelled folder, in the order of features[NEW]'s rows."""
+    photos of the --unlabelled folder, in the order of features[NEW]'s rows; thumbnailed: the
+    paths whose thumbnails the data check made (or found), which the warmer need not look at."""
 
-    def __init__(self, options, dataset, features, report, backbone, new_paths=()):
+    def __init__(self, options, dataset, features, report, backbone, new_paths=(),
+                 thumbnailed=frozenset()):
         self.options, self.dataset, self.features = options, dataset, features
+        self.thumbnailed = thumbnailed
         self.report, self.backbone, self.feature_dim = report, backbone, backbone.feature_dim
         self.save_dir = Path(options.save_dir)
         self.corrections_path = self.save_dir / CORRECTIONS_NAME
@@ -243,6 +247,10 @@ class Studio:
         filed = sorted(range(self.new_ids.start), key=lambda i: self.photos[i].label)
         return list(dict.fromkeys(self.first_pages() + filed + list(self.new_ids)))
 
+    def thumbnails_to_make(self):
+        """thumbnail_order() without the photos whose thumbnails the data check made."""
+        return [i for i in self.thumbnail_order() if self.photos[i].path not in self.thumbnailed]
+
     def findings(self):
         """The data check's findings with photo ids in place of paths."""
         report = self.report
@@ -290,15 +298,16 @@ def open_studio(options, device):
                                  workers=options.workers, images=count)
     transform = eval_transform(backbone.preprocess)
     features = split_features(extractor, dataset.splits, transform)
+    views = CheckThumbnails(save_dir / THUMBNAILS_FOLDER)
     report = check_dataset(dataset.class_to_idx, dataset.splits, features, save_dir,
-                           options.cache_dir)
+                           options.cache_dir, views=views)
     log(f"{count} photos of {len(dataset.class_to_idx)} classes checked in "
         f"{time.perf_counter() - started:.1f} s")
     if new_paths:  # as train.py extracts train/ (no mirror): a label adds them there
         features[NEW] = extractor.features(options.unlabelled, new_paths, transform,
                                            description="new photos")
         log(f"{len(new_paths)} new photos in {options.unlabelled}")
-    return Studio(options, dataset, features, report, backbone, new_paths)
+    return Studio(options, dataset, features, report, backbone, new_paths, views.kept)
 
 
 def unlabelled_photos(options):

@@ -4,19 +4,21 @@ save folder.
 
     path = cached_view("photos/1/a.jpg", Path("studio/thumbnails"), THUMB_SIDE)
     data = cached_bytes("photos/1/a.jpg", Path("studio/thumbnails"), THUMB_SIDE)  # or None
+    check_dataset(..., views=CheckThumbnails(Path("studio/thumbnails")))  # made as it reads
 """
 import hashlib
+import io
 import logging
-import math
 import os
 import threading
+import time
 from pathlib import Path
 
 from PIL import Image
 
 from flower_classifier.data.images import (
-    MAX_ASPECT_RATIO,
     UNREADABLE_IMAGE_ERRORS,
+    draft_to_fit,
     open_image,
     to_rgb,
 )
@@ -39,16 +41,18 @@ def view_name(path, side):
 
 
 def decoded_to_fit(path, side):
-    """The photo (as load_image gives it) decoded at the smallest JPEG scale whose longer side
-    still covers side after to_rgb's crop: load_image's target keeps the shorter side, twice
-    the pixels a thumbnail of the shared flowers needs."""
+    """The photo (as load_image gives it; path or a file object) decoded at the smallest JPEG
+    scale that covers side."""
     with open_image(path) as image:
-        width, height = image.size
-        longest = min(max(width, height), min(width, height) * MAX_ASPECT_RATIO)
-        scale = side / max(longest, 1)
-        if scale < 1:
-            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        draft_to_fit(image, side)
         return to_rgb(image)
+
+
+def save_view(target, image, side):
+    """Write image scaled to fit side x side to target as a JPEG (atomic_write's UserError when
+    it cannot be written)."""
+    image.thumbnail((side, side), Image.Resampling.BILINEAR)
+    atomic_write(target, lambda temporary: image.save(temporary, "JPEG", quality=85))
 
 
 def cached_bytes(path, folder, side):
@@ -74,17 +78,50 @@ def cached_view(path, folder, side):
     except UNREADABLE_IMAGE_ERRORS as error:
         raise BadRequest(422, f"This photo cannot be decoded ({error_reason(error)}); drop it "
                          "or replace the file.") from None
-    image.thumbnail((side, side), Image.Resampling.BILINEAR)
     try:
-        atomic_write(target, lambda temporary: image.save(temporary, "JPEG", quality=85))
+        save_view(target, image, side)
     except UserError as error:
         raise BadRequest(500, f"The thumbnail could not be cached: {error}.") from None
     return target
 
 
+class CheckThumbnails:
+    """The data check's views (datacheck.facts.file_facts): the check reads every photo, so it
+    makes each thumbnail not made yet from the bytes it has read, on its threads, and the
+    galleries are served from disk as soon as it ends instead of while the warmer catches up.
+    kept: the paths whose thumbnail is on disk, which the warmer skips."""
+
+    def __init__(self, folder, side=THUMB_SIDE):
+        self.folder, self.side, self.failed = Path(folder), side, False
+        self.kept, self.failing = set(), threading.Lock()
+
+    def keep(self, path, data, decoded):
+        """Make path's thumbnail unless it is made: from decoded, the check's own decode, when
+        it covers the side (a 12 MP photo at 1/8 scale), else from the bytes, data, decoded
+        again. A folder that cannot be written stops the rest (logged once); an unreadable photo
+        is the check's finding."""
+        if self.failed:
+            return
+        try:
+            target = self.folder / view_name(path, self.side)
+            if not target.is_file():
+                if max(decoded.size) < self.side:
+                    decoded = decoded_to_fit(io.BytesIO(data), self.side)
+                save_view(target, decoded, self.side)
+            self.kept.add(str(path))
+        except UNREADABLE_IMAGE_ERRORS:  # the check reports it (or the stat failed)
+            return
+        except UserError as error:
+            with self.failing:  # the check's threads may all fail at once: one line
+                if self.failed:
+                    return
+                self.failed = True
+            LOG.warning("thumbnails not made during the check: %s", error)
+
+
 class ThumbnailWarmer:
     """Makes the thumbnails of each gallery's first page, then of every other photo
-    (Studio.thumbnail_order), in a background thread at a low priority once the studio is open,
+    (Studio.thumbnails_to_make), in a background thread at a low priority once the studio is open,
     so that a page of a gallery is served from the disk cache rather than decoded on demand
     (benchmarks/studio_scale.py times both).
 
@@ -110,7 +147,7 @@ class ThumbnailWarmer:
     def run(self):
         """Make each thumbnail not on disk yet."""
         lower_priority()
-        for photo_id in self.studio.thumbnail_order():
+        for photo_id in self.studio.thumbnails_to_make():
             if self.stopping.is_set():
                 return
             try:
@@ -123,4 +160,5 @@ class ThumbnailWarmer:
             except Exception:  # a bug: logged, and the thumbnails are made on demand instead
                 LOG.exception("thumbnails stopped")
                 return
+            time.sleep(0)  # hand the GIL to the server between photos, not after 5 ms of lookups
 
