@@ -119,7 +119,7 @@ def test_warm_check_reads_no_image_and_gives_the_same_report(messy, checked, mon
     _, out, cache = checked
     from flower_classifier.cli import check_data
 
-    def must_not_run(path):
+    def must_not_run(path, *views):
         raise AssertionError(f"{path} was read again")
 
     monkeypatch.setattr(facts, "file_facts", must_not_run)

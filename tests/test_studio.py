@@ -174,10 +174,11 @@ def test_the_first_pages_thumbnails_are_made_before_anyone_asks(studio, folder):
         time.sleep(0.2)
 
 
-def test_the_data_check_makes_the_thumbnails_from_what_it_reads(tmp_path, caplog):
+def test_the_data_check_makes_the_thumbnails_from_what_it_reads(tmp_path, caplog, monkeypatch):
     import torch
     from PIL import Image
 
+    from flower_classifier.datacheck import facts as check_facts
     from flower_classifier.datacheck.facts import cached_facts
     from flower_classifier.studio.thumbnails import CheckThumbnails, view_name
 
@@ -188,8 +189,10 @@ def test_the_data_check_makes_the_thumbnails_from_what_it_reads(tmp_path, caplog
     (tmp_path / "broken.jpg").write_bytes(b"not a photo")
     paths = [str(photo), str(large), str(tmp_path / "link.jpg"), str(tmp_path / "broken.jpg")]
     views = CheckThumbnails(tmp_path / "thumbnails")
+    monkeypatch.setattr(check_facts, "FEWEST_FOR_WORKERS", 1)  # worker processes, as for many
     facts, pixels, readable = cached_facts(paths, None, tmp_path, views)
-    plain = cached_facts(paths, None, tmp_path)
+    monkeypatch.undo()
+    plain = cached_facts(paths, None, tmp_path)  # in this process
     assert torch.equal(facts, plain[0]) and torch.equal(pixels, plain[1])  # the check unchanged
     assert readable.tolist() == [True, True, True, False]
 

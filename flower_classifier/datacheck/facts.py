@@ -6,7 +6,6 @@ kept in the feature cache's folder so a warm check reads no image.
 import hashlib
 import io
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,23 +14,27 @@ from PIL import Image
 
 from flower_classifier.data.images import UNREADABLE_IMAGE_ERRORS, open_image, to_rgb
 from flower_classifier.models.features import FeatureCache, file_stamps
+from flower_classifier.utils.threads import cores_available
 
 THUMB = 8              # side of the greyscale thumbnails that confirm a near-copy
 EDGES = 16             # side of the thumbnails whose pixel differences confirm it too
 THUMB_LENGTH = THUMB * THUMB + 2 * EDGES * (EDGES - 1)
+FACTS_BATCH = 64       # files per batch a worker process hands back
+FEWEST_FOR_WORKERS = 512  # fewer files are read in this process: workers cost more to start
 
 
 def file_facts(path, views=None):
-    """(facts row: int64 [sha256 as 4 words, width, height, has digest], thumbnail row, readable)
-    of one file, its bytes read once. The thumbnail row: THUMB x THUMB greyscale pixels, then the
-    vertical and horizontal differences of EDGES x EDGES greyscale pixels, each part zero-mean
-    and unit length (so a dot product is a correlation). views.keep(path, data, decoded), when
-    given, makes a view for people from what was read (studio.thumbnails.CheckThumbnails)."""
+    """(facts row: int64 [sha256 as 4 words, width, height, has digest], thumbnail row,
+    readable, viewed) of one file, its bytes read once. The thumbnail row: THUMB x THUMB
+    greyscale pixels, then the vertical and horizontal differences of EDGES x EDGES greyscale
+    pixels, each part zero-mean and unit length (so a dot product is a correlation).
+    views.keep(path, data, decoded), when given, makes a view for people from what was read
+    (studio.thumbnails.CheckThumbnails); viewed: whether it is on disk."""
     facts, pixels = torch.zeros(7, dtype=torch.int64), torch.zeros(THUMB_LENGTH)
     try:
         data = Path(path).read_bytes()
     except OSError:
-        return facts, pixels.half(), False
+        return facts, pixels.half(), False, False
     digest = hashlib.sha256(data).digest()  # as data.split.file_digest
     facts[:4] = torch.frombuffer(bytearray(digest), dtype=torch.int64)
     facts[6] = 1
@@ -41,16 +44,43 @@ def file_facts(path, views=None):
             image.draft("RGB", (2 * EDGES, 2 * EDGES))
             decoded = to_rgb(image)
     except UNREADABLE_IMAGE_ERRORS:
-        return facts, pixels.half(), False
+        return facts, pixels.half(), False, False
     grey = decoded.convert("L")
-    if views:
-        views.keep(path, data, decoded)
+    viewed = bool(views and views.keep(path, data, decoded))
     small = pixel_tensor(grey, THUMB)
     edges = pixel_tensor(grey, EDGES)
     parts = [small.reshape(-1), torch.cat([edges.diff(dim=0).reshape(-1),
                                            edges.diff(dim=1).reshape(-1)])]
     parts = [part - part.mean() for part in parts]
-    return facts, torch.cat([part / part.norm().clamp(min=1e-6) for part in parts]).half(), True
+    return (facts, torch.cat([part / part.norm().clamp(min=1e-6) for part in parts]).half(), True,
+            viewed)
+
+
+class FileFacts(torch.utils.data.Dataset):
+    """file_facts() of each path, for a DataLoader's worker processes: most of it holds the GIL
+    (a tiny decode, small tensor sums), so threads did not overlap it (1,500 photos: 1.46 s on
+    one thread, 1.53 s on four); two processes took 1.7-2.1x less time than four threads."""
+
+    def __init__(self, paths, views=None):
+        self.paths, self.views = paths, views
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return file_facts(self.paths[index], self.views)
+
+
+def read_facts(paths, views=None):
+    """[file_facts()] of paths, in order: on worker processes, one per core, when there are
+    many (the views' `kept` gets the paths whose view is on disk)."""
+    workers = min(cores_available(), 6) if len(paths) >= FEWEST_FOR_WORKERS else 0
+    loader = torch.utils.data.DataLoader(FileFacts(paths, views), batch_size=FACTS_BATCH,
+                                         num_workers=workers)
+    rows = [row for batch in loader for row in zip(*batch)]
+    if views:
+        views.kept.update(str(path) for path, row in zip(paths, rows) if row[3])
+    return rows
 
 
 def pixel_tensor(grey, side):
@@ -71,10 +101,9 @@ def cached_facts(paths, cache_dir, root, views=None):
     rows = [[part.get((path, *stamp)) for path, stamp in zip(paths, stamps)] for part in cached]
     missing = [index for index in range(len(paths))
                if rows[0][index] is None or rows[1][index] is None]
-    with ThreadPoolExecutor(max_workers=4) as pool:  # file reads and hashing release the GIL
-        made = pool.map(lambda path: file_facts(path, views), [paths[i] for i in missing])
-        for index, (facts, pixels, ok) in zip(missing, made):
-            rows[0][index], rows[1][index] = (facts, ok), (pixels, ok)
+    for index, (facts, pixels, ok, _) in zip(missing, read_facts([paths[i] for i in missing],
+                                                                 views)):
+        rows[0][index], rows[1][index] = (facts, bool(ok)), (pixels, bool(ok))
     facts = torch.stack([row[0] for row in rows[0]]) if paths else torch.zeros(0, 7,
                                                                                dtype=torch.int64)
     pixels = torch.stack([row[0] for row in rows[1]]) if paths else torch.zeros(0, THUMB_LENGTH)

@@ -89,34 +89,34 @@ class CheckThumbnails:
     """The data check's views (datacheck.facts.file_facts): the check reads every photo, so it
     makes each thumbnail not made yet from the bytes it has read, on its threads, and the
     galleries are served from disk as soon as it ends instead of while the warmer catches up.
-    kept: the paths whose thumbnail is on disk, which the warmer skips."""
+    kept: the paths whose thumbnail is on disk (filled by the check: keep may run in its worker
+    processes), which the warmer skips."""
 
     def __init__(self, folder, side=THUMB_SIDE):
         self.folder, self.side, self.failed = Path(folder), side, False
-        self.kept, self.failing = set(), threading.Lock()
+        self.kept = set()
 
     def keep(self, path, data, decoded):
         """Make path's thumbnail unless it is made: from decoded, the check's own decode, when
         it covers the side (a 12 MP photo at 1/8 scale), else from the bytes, data, decoded
-        again. A folder that cannot be written stops the rest (logged once); an unreadable photo
-        is the check's finding."""
+        again. True when it is on disk. A folder that cannot be written stops the rest (logged
+        once a process); an unreadable photo is the check's finding."""
         if self.failed:
-            return
+            return False
         try:
             target = self.folder / view_name(path, self.side)
             if not target.is_file():
                 if max(decoded.size) < self.side:
                     decoded = decoded_to_fit(io.BytesIO(data), self.side)
                 save_view(target, decoded, self.side)
-            self.kept.add(str(path))
+            return True
         except UNREADABLE_IMAGE_ERRORS:  # the check reports it (or the stat failed)
-            return
+            return False
         except UserError as error:
-            with self.failing:  # the check's threads may all fail at once: one line
-                if self.failed:
-                    return
+            if not self.failed:
                 self.failed = True
-            LOG.warning("thumbnails not made during the check: %s", error)
+                LOG.warning("thumbnails not made during the check: %s", error)
+            return False
 
 
 class ThumbnailWarmer:
