@@ -58,8 +58,8 @@ def file_facts(path, views=None):
 
 class FileFacts(torch.utils.data.Dataset):
     """file_facts() of each path, for a DataLoader's worker processes: most of it holds the GIL
-    (a tiny decode, small tensor sums), so threads did not overlap it (1,500 photos: 1.46 s on
-    one thread, 1.53 s on four); two processes took 1.7-2.1x less time than four threads."""
+    (a tiny decode, small tensor sums), so threads did not overlap it (benchmarks/README.md,
+    "The studio at 50,000 photos")."""
 
     def __init__(self, paths, views=None):
         self.paths, self.views = paths, views

@@ -87,8 +87,8 @@ def cached_view(path, folder, side):
 
 class CheckThumbnails:
     """The data check's views (datacheck.facts.file_facts): the check reads every photo, so it
-    makes each thumbnail not made yet from the bytes it has read, on its threads, and the
-    galleries are served from disk as soon as it ends instead of while the warmer catches up.
+    makes each thumbnail not made yet from the bytes it has read, in its worker processes, and
+    the galleries are served from disk as soon as it ends instead of while the warmer catches up.
     kept: the paths whose thumbnail is on disk (filled by the check: keep may run in its worker
     processes), which the warmer skips."""
 
@@ -113,9 +113,8 @@ class CheckThumbnails:
         except UNREADABLE_IMAGE_ERRORS:  # the check reports it (or the stat failed)
             return False
         except UserError as error:
-            if not self.failed:
-                self.failed = True
-                LOG.warning("thumbnails not made during the check: %s", error)
+            self.failed = True
+            LOG.warning("thumbnails not made during the check: %s", error)
             return False
 
 
