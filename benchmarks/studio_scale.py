@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -48,7 +47,6 @@ from flower_classifier.studio.thumbnails import THUMBNAILS_FOLDER, CheckThumbnai
 CHROMIUM = "/usr/bin/chromium"  # as tests/test_serve.py launches it
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-BROWSER_LIMIT = 6    # connections a browser opens to one host
 GOALS = {"page": 1.0, "thumbs": 0.2, "rss": 1.5e9}
 
 
@@ -150,14 +148,11 @@ class Server:
 
 
 def fetch_all(client, ids):
-    """Seconds to fetch the thumbnails of ids over BROWSER_LIMIT connections, as a browser does."""
-    def fetch(photo_id):
-        answer = client.get(f"/api/photos/{photo_id}/thumb")
-        answer.raise_for_status()
-        return len(answer.content)
+    """Seconds to fetch the thumbnails of ids as the page does: one GET /api/thumbs."""
     started = time.perf_counter()
-    with ThreadPoolExecutor(BROWSER_LIMIT) as pool:
-        list(pool.map(fetch, ids))
+    answer = client.get("/api/thumbs", params={"ids": ",".join(map(str, ids))})
+    answer.raise_for_status()
+    assert all(int(length) for length in answer.headers["x-lengths"].split(","))
     return time.perf_counter() - started
 
 
@@ -193,35 +188,50 @@ def browser_thumbnails(page, state, figures):
     """Browse a class not looked at yet, until the images on the screen have loaded; then
     SHOWN thumbnails fetched by the page (fetch()) when first asked for, then through other
     links to the same files (the browser's own cache plays no part)."""
-    figures["browse"] = browse_class(page, state["classes"][30]["folder"])
+    figures["browse"] = browse_classes(page, [row["folder"] for row in state["classes"][30:38]])
     ids = pages_of_unseen_photos(state, 1, 90)[0]
-    script = ("async (ids) => { const t = performance.now(); await Promise.all(ids.map("
-              "(id) => fetch('api/photos/' + id + '/thumb').then((a) => a.blob())));"
-              " return (performance.now() - t) / 1000; }")
+    script = ("async (ids) => { const t = performance.now(); await fetch('api/thumbs?ids=' + "
+              "ids.join(',')).then((a) => a.blob()); return (performance.now() - t) / 1000; }")
     figures["browser_cold"] = page.evaluate(script, ids)
     figures["browser_warm"] = page.evaluate(script, pages_of_unseen_photos(state, 1, 90, 1)[0])
+    one_each = ("async (ids) => { const t = performance.now(); await Promise.all(ids.map("
+                "(id) => fetch('api/photos/' + id + '/thumb').then((a) => a.blob())));"
+                " return (performance.now() - t) / 1000; }")
+    figures["browser_one_each"] = page.evaluate(one_each, pages_of_unseen_photos(state, 1, 80)[0])
 
 
-def browse_class(page, folder):
-    """(seconds, images): choose the class in Browse and wait until every thumbnail on the
-    screen has loaded (the others load lazily, as the page is scrolled)."""
+BROWSE = """(folder) => new Promise((resolve) => {
+  const menu = document.getElementById('browse-class');
+  const started = performance.now();
+  menu.value = folder;
+  menu.dispatchEvent(new Event('change'));
+  const check = () => {
+    const shown = [...document.querySelectorAll('#browse-gallery img')].filter((img) => {
+      const box = img.getBoundingClientRect(); return box.top < innerHeight && box.bottom > 0; });
+    if (shown.length && shown.every((img) => img.complete && img.naturalWidth)) {
+      resolve([(performance.now() - started) / 1000, shown.length]);
+    } else setTimeout(check, 2);
+  };
+  check(); })"""
+
+
+def browse_classes(page, folders):
+    """[(seconds, images)] of choosing each class in Browse, timed inside the page: from the
+    change until every thumbnail on the screen has loaded (the others load lazily, as the page
+    is scrolled). Playwright's own round trips are left out: a person's click has none."""
     page.click("button[data-tab=browse]")
-    started = time.perf_counter()
-    page.select_option("#browse-class", folder)
-    on_screen = """[...document.querySelectorAll('#browse-gallery img')].filter((img) => {
-        const box = img.getBoundingClientRect();
-        return box.top < innerHeight && box.bottom > 0; })"""
-    page.wait_for_function(f"() => {on_screen}.every((img) => img.complete && img.naturalWidth)",
-                           timeout=60000)
-    return time.perf_counter() - started, page.evaluate(f"() => {on_screen}.length")
+    timings = []
+    for folder in folders:
+        timings.append(page.evaluate(BROWSE, folder))
+        page.wait_for_timeout(300)
+    return timings
 
 
 def client_figures(server, state, save_dir, decisions, figures):
     """GET /api/state (size, best of 3), 3 pages of SHOWN thumbnails first asked for, again,
     and through other links to the same files, and one decision's POST as corrections.json
     grows."""
-    with httpx.Client(base_url=server.url, timeout=120,
-                      limits=httpx.Limits(max_connections=BROWSER_LIMIT)) as client:
+    with httpx.Client(base_url=server.url, timeout=120) as client:
         times = []
         for _ in range(3):
             started = time.perf_counter()
@@ -272,7 +282,8 @@ def measure_server(payload, save_dir, decisions, figures):
             browser_thumbnails(page, state, figures)
             client_figures(server, state, save_dir, decisions, figures)
             figures["made_ahead"] = made_ahead(save_dir, server.checked)
-            figures["browse_ahead"] = browse_class(page, state["classes"][50]["folder"])
+            figures["browse_ahead"] = browse_classes(
+                page, [row["folder"] for row in state["classes"][50:58]])
             figures["rss"] = rss_of(server.process.pid)
         finally:
             browser.close()
@@ -315,7 +326,9 @@ def table_rows(figures):
     check = (f"{figures['check']:.1f} s, RSS peak {figures['check_rss']['peak'] / 1e9:.2f} GB, "
              f"{figures['check_rss']['after'] / 1e9:.2f} GB after it")
     page = f"{figures['page']:.2f} s (of which page load {figures['page_load']:.2f} s)"
-    browse = f"{ms(figures['browse'][0])} for {figures['browse'][1]} images"
+    browse, browse_ahead = (
+        f"{pages([seconds for seconds, _ in timings])} ({timings[0][1]} images each)"
+        for timings in (figures["browse"], figures["browse_ahead"]))
     ahead = (f"{figures['made_ahead']:.0f} s" if figures["at_check"] < figures["cache"][0]
              else "none left: the check made them all")
     return [
@@ -329,9 +342,11 @@ def table_rows(figures):
         (f"{SHOWN} thumbnails via other links", pages(figures["client_copies"]), thumbs),
         (f"{SHOWN} thumbnails first asked for, Chromium", ms(figures["browser_cold"]), thumbs),
         (f"{SHOWN} thumbnails via other links, Chromium", ms(figures["browser_warm"]), thumbs),
+        (f"{SHOWN} thumbnails, one request each (before), Chromium",
+         ms(figures["browser_one_each"]), ""),
         ("every thumbnail made ahead, after the check", ahead, ""),
         ("Browse a class after that (Chromium, the images on screen)",
-         f"{ms(figures['browse_ahead'][0])} for {figures['browse_ahead'][1]} images", thumbs),
+         browse_ahead, thumbs),
         ("Browse a class first (Chromium, the images on screen)", browse, thumbs),
         ("server RSS: peak, at the end", memory, f"<= {GOALS['rss'] / 1e9} GB"),
         ("thumbnail cache", cache, ""),

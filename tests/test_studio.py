@@ -212,6 +212,30 @@ def test_the_data_check_makes_the_thumbnails_from_what_it_reads(tmp_path, caplog
     assert caplog.text.count("thumbnails not made during the check") == 1
 
 
+def test_a_page_of_thumbnails_comes_in_one_answer_cut_by_its_lengths(studio):
+    """GET /api/thumbs: each photo's thumbnail as /thumb gives it, one after the other; a photo
+    that is no image (a link to /etc/passwd) gets length 0 and nothing of the file."""
+    state = studio.client.get("/api/state").json()
+    secret = ids(state, "secret.jpg")[0]
+    wanted = [3, 0, secret, 1, 3]
+    answer = studio.client.get("/api/thumbs", params={"ids": ",".join(map(str, wanted))})
+    assert answer.status_code == 200
+    lengths = [int(length) for length in answer.headers["x-lengths"].split(",")]
+    assert len(lengths) == len(wanted) and lengths[2] == 0 and sum(lengths) == len(answer.content)
+    offset = 0
+    for photo_id, length in zip(wanted, lengths):
+        if photo_id != secret:
+            alone = studio.client.get(f"/api/photos/{photo_id}/thumb").content
+            assert answer.content[offset:offset + length] == alone
+        offset += length
+    assert b"root:" not in answer.content
+    for query, status in [("ids=", 400), ("ids=1,x", 400), ("ids=-1", 400), ("", 400),
+                          ("ids=" + ",".join(["0"] * 241), 400), ("ids=0,999999", 404)]:
+        refused = studio.client.get("/api/thumbs?" + query)
+        assert refused.status_code == status, query
+        assert refused.json()["error"].endswith("."), query
+
+
 @pytest.mark.parametrize("route", ["thumb", "image", "heatmap"])
 def test_every_file_serving_route_answers_a_path_with_404(studio, route):
     state = studio.client.get("/api/state").json()
@@ -484,8 +508,8 @@ def test_off_loopback_the_token_is_required(folder, cache_dir, tmp_path):
                     url_host="127.0.0.1")
     try:
         assert server.client.get("/").status_code == 200  # the page, which asks for the token
-        for path in ["/api/state", "/api/decisions", "/api/photos/0/thumb", "/api/runs",
-                     "/api/corrections", "/api/runs/1/model"]:
+        for path in ["/api/state", "/api/decisions", "/api/photos/0/thumb", "/api/thumbs?ids=0",
+                     "/api/runs", "/api/corrections", "/api/runs/1/model"]:
             assert server.client.get(path).status_code == 401, path
             wrong = server.client.get(path, headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401

@@ -44,8 +44,9 @@ def drive(page, url, suspects, copy, relabelled, kept, downloads, photo_of_class
     width: the heatmap's natural width, model: the downloaded model file, added: the ids of
     the new photos confirmed, final: the final model's line, camera: the headline of serve.py's
     page for photo_of_class}."""
-    errors = []
+    errors, thumbnails = [], []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda request: "thumb" in request.url and thumbnails.append(request.url))
     page.goto(url)
     page.wait_for_selector("body[data-state=ready]", timeout=30000)
     assert page.locator("#class-table tbody tr").first.inner_text().startswith("pink primrose")
@@ -64,6 +65,13 @@ def drive(page, url, suspects, copy, relabelled, kept, downloads, photo_of_class
     page.wait_for_selector(f"#duplicates .card[data-id='{copy}'].dropped", timeout=30000)
     page.click("button[data-tab=browse]")
     page.select_option("#browse-class", "1")
+    page.wait_for_function("document.querySelector('#browse-gallery img').naturalWidth > 0",
+                           timeout=30000)
+    # A gallery's thumbnails come in one request, not one per card.
+    shown = page.evaluate("[...document.querySelectorAll('#browse-gallery .card')]"
+                          ".map((card) => card.dataset.id).join(',')")
+    assert thumbnails[-1].endswith("/api/thumbs?ids=" + shown)
+    assert all("/api/thumbs?ids=" in url for url in thumbnails)
     card = page.locator(f"#browse-gallery .card[data-id='{relabelled}']")
     menu = card.locator("select.relabel")
     assert menu.locator("option").count() == 1  # the classes come when the menu is reached

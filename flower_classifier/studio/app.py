@@ -9,6 +9,7 @@
     GET  /api/corrections             corrections.json as a download
     POST /api/apply-to-folders        move the decided photos (undo: POST /api/undo-folders)
     GET  /api/photos/{id}/thumb       a re-encoded JPEG (also /image: larger)
+    GET  /api/thumbs?ids=1,2,3        those thumbnails in one answer (lengths in X-Lengths)
     POST /api/retrain, GET /api/runs  the quick retrain of the head (studio/retrain.py)
     GET  /api/runs/{id}/model?format=onnx  the latest run's model file (studio/ship.py)
     GET  /api/suggestions             new photos worth labelling, batched (studio/labelling.py)
@@ -43,6 +44,7 @@ from flower_classifier.studio.thumbnails import (
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 2_000_000  # bytes of a JSON request
+MAX_THUMBS = 240     # thumbnails in one GET /api/thumbs: two gallery pages
 IMAGE_CACHE = "private, max-age=3600"
 
 
@@ -64,6 +66,18 @@ async def read_json(request):
     if not isinstance(data, dict):
         raise BadRequest(400, "The request body must be a JSON object.")
     return data
+
+
+def photo_ids(text):
+    """The ids of GET /api/thumbs?ids=1,2,3: 1 to MAX_THUMBS numbers, else a 400 that says so."""
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        ids = []
+    if not 1 <= len(ids) <= MAX_THUMBS or min(ids) < 0:
+        raise BadRequest(400, f"ids: 1 to {MAX_THUMBS} photo ids separated by commas, as "
+                         "ids=0,1,2.")
+    return ids
 
 
 class StudioRoutes:
@@ -123,6 +137,32 @@ class StudioRoutes:
 
     async def thumb(self, request):
         return await self.view(request, THUMB_SIDE)
+
+    def thumbnails_of(self, ids):
+        """Each photo's thumbnail bytes, made where it is not on disk yet; b"" for a photo that
+        cannot be shown (not an image file, undecodable, gone): one card goes without, not
+        the whole page."""
+        parts = []
+        for photo_id in ids:
+            try:
+                path = self.studio.image_path(photo_id)
+                parts.append(cached_bytes(path, self.thumbnails, THUMB_SIDE)
+                             or cached_view(path, self.thumbnails, THUMB_SIDE).read_bytes())
+            except (BadRequest, OSError):
+                parts.append(b"")
+        return parts
+
+    async def thumbs(self, request):
+        """A gallery page's thumbnails in one answer, one JPEG after the other, their lengths
+        in X-Lengths: a browser's request costs more than a thumbnail, so one request for the
+        page, not one per card."""
+        check_token(request, self.config.token)
+        ids = photo_ids(request.query_params.get("ids", ""))
+        for photo_id in ids:
+            self.studio.photo(photo_id)  # 404 for an id with no photo
+        parts = await run_in_threadpool(self.thumbnails_of, ids)
+        return Response(b"".join(parts), media_type="application/octet-stream", headers={
+            "X-Lengths": ",".join(str(len(part)) for part in parts)})
 
     async def image(self, request):
         return await self.view(request, LARGE_SIDE)
@@ -217,6 +257,7 @@ def create_app(studio, config, trainer=None, final=None):
         Route("/api/apply-to-folders", routes.apply_to_folders, methods=["POST"]),
         Route("/api/undo-folders", routes.undo_folders, methods=["POST"]),
         Route("/api/photos/{photo_id:int}/thumb", routes.thumb),
+        Route("/api/thumbs", routes.thumbs),
         Route("/api/photos/{photo_id:int}/image", routes.image),
         Route("/api/photos/{photo_id:int}/heatmap", routes.heatmap),
         Route("/api/retrain", routes.retrain, methods=["POST"]),

@@ -21,9 +21,13 @@ START_TIMEOUT = 180  # seconds serve.py gets to load the model and say where it 
 
 
 def serve_command(config, device, checkpoint):
-    """python -m flower_classifier.cli.serve as a user would run serve.py on the checkpoint."""
+    """python -m flower_classifier.cli.serve as a user would run serve.py on the checkpoint,
+    for one person's camera: photos one at a time, on the model as it is (--engine torch
+    --max_batch 1). Converting the new model for OpenVINO and warming every batch size would
+    keep the try-out waiting four times as long (benchmarks/README.md) to save milliseconds
+    per photo."""
     command = module_command("flower_classifier.cli.serve", checkpoint, "--host", config.host,
-                             "--port", 0)
+                             "--port", 0, "--engine", "torch", "--max_batch", 1)
     if config.token:
         command += ["--token", config.token]
     for origin in config.allowed_origins:

@@ -47,6 +47,44 @@ async function showImage(img, url) {
   } catch (error) { /* the card keeps its alt text */ }
 }
 
+// Thumbnails come a page at a time: the cards drawn in one go queue theirs, and few requests
+// (api/thumbs: the JPEGs one after the other) bring them all, as data: URLs. A browser's request
+// costs more than a thumbnail (120 per page kept Browse waiting), a blob: URL loads like one,
+// and the first screenful comes in a small request of its own, so it is not behind the rest.
+const MAX_THUMBS = 240;        // app.py MAX_THUMBS: ids in one request
+const FIRST_THUMBS = 30;       // the first request's: about a laptop screen of cards
+let thumbQueue = [];
+function showThumb(img, id) {
+  if (!thumbQueue.length) queueMicrotask(() => { const queued = thumbQueue; thumbQueue = []; loadThumbs(queued); });
+  thumbQueue.push([img, id]);
+}
+
+function loadThumbs(queued) {
+  loadThumbPart(queued.slice(0, FIRST_THUMBS));
+  for (let start = FIRST_THUMBS; start < queued.length; start += MAX_THUMBS) loadThumbPart(queued.slice(start, start + MAX_THUMBS));
+}
+
+async function loadThumbPart(part) {
+  try {
+    const answer = await fetch("api/thumbs?ids=" + part.map(([, id]) => id).join(","), { headers: authHeaders() });
+    if (!answer.ok) return;
+    const lengths = answer.headers.get("X-Lengths").split(",").map(Number);
+    const bytes = new Uint8Array(await answer.arrayBuffer());
+    let offset = 0;
+    part.forEach(([img], index) => {
+      const end = offset + lengths[index];
+      if (end > offset && img.isConnected) img.src = "data:image/jpeg;base64," + base64(bytes.subarray(offset, end));
+      offset = end;
+    });
+  } catch (error) { /* the cards keep their alt text */ }
+}
+
+function base64(bytes) {
+  let text = "";
+  for (let start = 0; start < bytes.length; start += 8192) text += String.fromCharCode(...bytes.subarray(start, start + 8192));
+  return btoa(text);
+}
+
 const className = (index) => S.classes[index].name;
 const folderOf = (index) => S.classes[index].folder;
 const indexOfFolder = (folder) => S.classes.findIndex((c) => c.folder === folder);
@@ -116,7 +154,7 @@ function card(id, note, open) {
   const img = document.createElement("img");
   img.loading = "lazy";
   img.alt = name;
-  showImage(img, "api/photos/" + id + "/thumb");
+  showThumb(img, id);
   img.addEventListener("click", open || (() => openViewer(id, false)));
   const caption = document.createElement("figcaption");
   caption.textContent = (label === null ? "new photo" : className(label) + " · " + split) + (note ? " · " + note : "") + " ";
@@ -273,7 +311,7 @@ function renderSuspects() {
       const img = document.createElement("img");
       img.alt = className(suspect.suggested);
       img.loading = "lazy";
-      showImage(img, "api/photos/" + id + "/thumb");
+      showThumb(img, id);
       examples.append(img);
     }
     side.append(text, accept, examples);
