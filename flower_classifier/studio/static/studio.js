@@ -59,12 +59,13 @@ function showThumb(img, id) {
   thumbQueue.push([img, id]);
 }
 
+// The first screenful loads at once: a lazy image waits a frame to find it is on the screen.
 function loadThumbs(queued) {
-  loadThumbPart(queued.slice(0, FIRST_THUMBS));
+  loadThumbPart(queued.slice(0, FIRST_THUMBS), "eager");
   for (let start = FIRST_THUMBS; start < queued.length; start += MAX_THUMBS) loadThumbPart(queued.slice(start, start + MAX_THUMBS));
 }
 
-async function loadThumbPart(part) {
+async function loadThumbPart(part, loading = "lazy") {
   try {
     const answer = await fetch("api/thumbs?ids=" + part.map(([, id]) => id).join(","), { headers: authHeaders() });
     if (!answer.ok) return;
@@ -73,6 +74,7 @@ async function loadThumbPart(part) {
     let offset = 0;
     part.forEach(([img], index) => {
       const end = offset + lengths[index];
+      img.loading = loading;
       if (end > offset && img.isConnected) img.src = "data:image/jpeg;base64," + base64(bytes.subarray(offset, end));
       offset = end;
     });
