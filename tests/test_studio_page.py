@@ -8,6 +8,7 @@ model and try it on serve.py's camera page; the decisions are in corrections.jso
 showed them."""
 import json
 import os
+import time
 
 import pytest
 from test_serve import CHROMIUM, CHROMIUM_ARGS, browser_missing
@@ -65,8 +66,12 @@ def drive(page, url, suspects, copy, relabelled, kept, downloads, photo_of_class
     page.wait_for_selector(f"#duplicates .card[data-id='{copy}'].dropped", timeout=30000)
     page.click("button[data-tab=browse]")
     page.select_option("#browse-class", "1")
-    page.wait_for_function("document.querySelector('#browse-gallery img').naturalWidth > 0",
-                           timeout=30000)
+    # Not wait_for_function: its polling evaluates a string, which the page's CSP forbids.
+    first = page.locator("#browse-gallery img").first
+    deadline = time.monotonic() + 30
+    while not first.evaluate("(img) => img.naturalWidth > 0"):
+        assert time.monotonic() < deadline, "the gallery's first thumbnail did not load"
+        page.wait_for_timeout(50)
     # A gallery's thumbnails come in one request, not one per card.
     shown = page.evaluate("[...document.querySelectorAll('#browse-gallery .card')]"
                           ".map((card) => card.dataset.id).join(',')")
