@@ -146,8 +146,7 @@ class StudioRoutes:
         for photo_id in ids:
             try:
                 path = self.studio.image_path(photo_id)
-                parts.append(cached_bytes(path, self.thumbnails, THUMB_SIDE)
-                             or cached_view(path, self.thumbnails, THUMB_SIDE).read_bytes())
+                parts.append(cached_view(path, self.thumbnails, THUMB_SIDE).read_bytes())
             except (BadRequest, OSError):
                 parts.append(b"")
         return parts
