@@ -113,12 +113,19 @@ def run_command(command, *args, cwd=PROJECT):
                                        stderr.getvalue())
 
 
+# Flags for train.py on the tests' small subsets (a batch or two of photos): one pass over
+# them per epoch, as train.py does with a large folder. The default --min_epoch_steps passes a
+# small one many times; test_train_predict tests those passes, and the tests that run the
+# default without these flags.
+ONE_PASS = ("--min_epoch_steps", "0")
+
+
 def train_args(data, save_dir, cache_dir, *extra):
     import train
 
     return train.get_args_parser().parse_args(
         [str(data), "--save_dir", str(save_dir), "--cache_dir", str(cache_dir), "--workers", "0",
-         *map(str, extra)])
+         *ONE_PASS, *map(str, extra)])
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 import torch
 
 import train
-from conftest import run_script, train_args
+from conftest import ONE_PASS, run_script, train_args
 from flower_classifier.inference.predictor import Predictor
 from flower_classifier.models.backbones import build_backbone
 from flower_classifier.models.checkpoint import load_checkpoint
@@ -56,7 +56,7 @@ def test_torchrun_two_processes_match_one(subset, trained, tmp_path):
     one_process, one_run = trained
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
                         subset, "--save_dir", tmp_path / "run", "--cache_dir",
-                        tmp_path / "cache", "--epochs", "8", "--workers", "0")
+                        tmp_path / "cache", "--epochs", "8", "--workers", "0", *ONE_PASS)
     assert result.returncode == 0, result.stderr[-2000:]
     # Only rank 0 prints and saves.
     assert sum(line.startswith("epoch") for line in result.stdout.splitlines()) == 8

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import FLOWERS, PROJECT, link_class_folders, run_script
+from conftest import FLOWERS, PROJECT, link_class_folders, run_command, run_script
 
 CLASSES = ("1", "10", "2")
 NAMES = {"1": "pink primrose", "10": "globe thistle", "2": "hard-leaved pocket orchid"}
@@ -44,6 +44,10 @@ def make_folder(root):
     (folder / "10" / "secret.jpg").symlink_to("/etc/passwd")
     (folder / "cat_to_name.json").write_text(json.dumps(NAMES))
     return folder
+
+
+# The final model's train.py flags: 3 epochs, one pass over the small folder each.
+FINAL_FLAGS = ("--train_flags", "--epochs 3 --min_epoch_steps 0")
 
 
 class Studio:
@@ -126,7 +130,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def studio(folder, cache_dir, tmp_path_factory):
-    server = Studio(folder, tmp_path_factory.mktemp("studio_save"), cache_dir)
+    server = Studio(folder, tmp_path_factory.mktemp("studio_save"), cache_dir, *FINAL_FLAGS)
     yield server
     server.stop()
 
@@ -367,6 +371,7 @@ def test_the_final_model_is_train_py_on_the_folder_with_the_decisions(studio):
     assert 0 < final["valid_accuracy"] <= 1 and 0 <= final["test_accuracy"] <= 1
     assert final["best_epoch"] >= 1 and final["checkpoint"] == str(save_dir / "final" /
                                                                   "checkpoint.pth")
+    assert final["epochs"] == 3  # studio.py --train_flags reached train.py
     log = (save_dir / "final" / "train.log").read_text()
     assert f"corrections {save_dir / 'corrections.json'}: " in log  # the decisions applied
     assert f"split as {save_dir / MANIFEST} records" in log  # the studio's split, kept
@@ -498,6 +503,18 @@ def test_a_missing_exporter_is_one_sentence_naming_its_install(monkeypatch):
     assert refused.value.status == 501 and str(refused.value) == (
         "The .onnx download needs the onnx_not_installed package, which is not installed; pip "
         "install onnx.")
+
+
+@pytest.mark.parametrize("flags, reason", [
+    ("--save_dir elsewhere", "cannot set --save_dir: the studio gives it"),
+    ("--epochs zero", "argument --epochs: invalid"), ("--bogus", "unrecognized arguments"),
+    ("'--epochs", "No closing quotation")])
+def test_train_flags_that_train_py_refuses_or_the_studio_sets_are_one_line(flags, reason,
+                                                                          folder, tmp_path):
+    refused = run_command("studio.py", folder, "--save_dir", tmp_path, f"--train_flags={flags}")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith("error: --train_flags") and reason in refused.stderr
+    assert not any(tmp_path.iterdir())  # refused before the folder was read
 
 
 def test_off_loopback_the_token_is_required(folder, cache_dir, tmp_path):

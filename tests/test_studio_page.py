@@ -13,7 +13,7 @@ import time
 import pytest
 from test_serve import CHROMIUM, CHROMIUM_ARGS, browser_missing
 from conftest import FLOWERS, link_class_folders
-from test_studio import CLASSES, NAMES, Studio, ids, make_folder, onnx_metadata
+from test_studio import CLASSES, FINAL_FLAGS, NAMES, Studio, ids, make_folder, onnx_metadata
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def studio(tmp_path_factory):
     root = tmp_path_factory.mktemp("studio_page")
     new = link_class_folders(root / "new", 2, CLASSES, FLOWERS / "valid")  # not in photos/
     server = Studio(make_folder(root / "photos"), root / "save", root / "cache",
-                    "--unlabelled", new)
+                    "--unlabelled", new, *FINAL_FLAGS)
     yield server, root / "save"
     server.stop()
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from flower_classifier.inference.predictor import Predictor
 from flower_classifier.models import engines
 from flower_classifier.models.checkpoint import load_checkpoint
 from flower_classifier.training import loop, optim, tasks
+from flower_classifier.training.config import TrainConfig
 from flower_classifier.training.tasks import cached
 from flower_classifier.utils.errors import UserError
 
@@ -394,6 +396,53 @@ def test_class_weights():
     assert sqrt[1] / sqrt[0] == pytest.approx(3 ** 0.5)
     assert optim.class_weights(labels, 3, "auto").tolist() == optim.class_weights(
         labels, 3, optim.AUTO_CLASS_WEIGHTS).tolist()
+
+
+@pytest.mark.parametrize("min_epoch_steps, batch_sizes", [(5, [4] * 5), (0, [4, 4, 2])])
+def test_a_small_training_set_is_passed_over_again_until_the_epoch_has_min_epoch_steps(
+        min_epoch_steps, batch_sizes):
+    """The head alone on 10 rows in batches of 4: with min_epoch_steps 5 an epoch has 5 full
+    batches, each pass a shuffle of every row; with 0, one pass as it comes."""
+    config = TrainConfig("data", train_stages=0, batch_size=4, min_epoch_steps=min_epoch_steps
+                         ).resolved(from_scratch=False)
+    rows = torch.arange(10.0).reshape(1, 10, 1)
+    inputs = cached.CachedInputs({"train": (rows, torch.arange(10))})
+    task = cached.FeatureTask(config, SimpleNamespace(head=torch.nn.Identity()),
+                              torch.device("cpu"), inputs)
+    torch.manual_seed(0)
+    batches = list(task.train_batches(1))
+    assert [len(labels) for _, labels in batches] == batch_sizes
+    assert task.steps_per_epoch() == len(batch_sizes)
+    seen = torch.cat([labels for _, labels in batches])
+    assert sorted(seen[:10].tolist()) == list(range(10))
+    assert all(torch.equal(inputs[:, 0].long(), labels) for inputs, labels in batches)
+    if min_epoch_steps:
+        assert len(set(seen[10:].tolist())) == 10 and not torch.equal(seen[:10], seen[10:])
+
+
+def test_training_on_cached_features_takes_at_least_40_steps_an_epoch_by_default():
+    assert [TrainConfig("data", **flags).resolved(from_scratch=scratch).min_epoch_steps
+            for flags, scratch in [({"train_stages": 0}, False), ({"train_stages": 2}, False),
+                                   ({"finetune": True}, False), ({}, True)]] == [40, 40, 0, 0]
+
+
+@pytest.mark.parametrize("flags, pretrained, warned", [
+    ({"finetune": True, "min_epoch_steps": 5}, True, "ignored with --finetune"),
+    ({"finetune": True}, True, None),
+    ({"arch": "cnn", "min_epoch_steps": 5}, False, "ignored with --arch cnn"),
+    ({"arch": "cnn"}, False, None)])
+def test_min_epoch_steps_given_where_images_train_on_the_fly_is_a_warning(
+        flags, pretrained, warned, monkeypatch, capsys):
+    """--finetune and --arch cnn train on images, one pass an epoch: a --min_epoch_steps given
+    is ignored with one warning; their own default (0) warns nothing."""
+    monkeypatch.setattr(tasks, "ImageTask", lambda *args: "images")
+    monkeypatch.setattr(tasks, "ScratchTask", lambda *args: "scratch")
+    config = TrainConfig("data", **flags).resolved(from_scratch=not pretrained)
+    classifier = SimpleNamespace(backbone_spec=SimpleNamespace(pretrained=pretrained))
+    assert tasks.make_task(config, classifier, {}, torch.device("cpu")) in ("images", "scratch")
+    errors = capsys.readouterr().err
+    assert (f"--min_epoch_steps is {warned}" in errors and errors.count("\n") == 1
+            ) if warned else errors == ""
 
 
 def test_predict_report_on_unreadable_images_is_one_clear_error(trained, tmp_path):

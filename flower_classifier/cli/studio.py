@@ -3,8 +3,12 @@
     python studio.py photos/            # the usage: studio.py's docstring
 """
 import argparse
+import contextlib
 import gc
+import io
+import shlex
 
+from flower_classifier.cli import train
 from flower_classifier.cli.options import (
     HelpFormatter,
     add_gpu_argument,
@@ -72,8 +76,41 @@ def get_args_parser():
                         "trained on the folder as filed when it opened, for a few epochs on the "
                         "corrected photos; 'full' trains train.py --train_stages 0's head from "
                         "scratch each time (about three times longer)")
+    parser.add_argument("--train_flags", default="", metavar="FLAGS",
+                        help="train.py flags of the final model, in one quoted string (such as "
+                        "\"--epochs 20 --augment 2\"; one flag alone as "
+                        "--train_flags=--no_data_check); the studio gives the folder, the "
+                        "decisions and the options above itself")
     add_gpu_argument(parser)
     return parser
+
+
+# train.py flags the studio's final model gets from the studio (studio/final.py).
+STUDIO_TRAIN_FLAGS = ("--save_dir", "--corrections", "--split_from", "--split", "--arch",
+                      "--cache_dir", "--no_cache", "--workers", "--category_names", "--gpu",
+                      "--resume")
+
+
+def final_train_flags(text):
+    """--train_flags as train.py's arguments, checked by train.py's parser now rather than
+    when the final model starts."""
+    try:
+        flags = shlex.split(text)
+    except ValueError as error:
+        raise UserError(f"--train_flags {text!r}: {error}; quote it as one string") from None
+    for flag in flags:
+        if flag.split("=")[0] in STUDIO_TRAIN_FLAGS:
+            raise UserError(f"--train_flags cannot set {flag.split('=')[0]}: the studio gives "
+                            "it to train.py itself; leave it out")
+    complaint = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(complaint):
+            train.get_args_parser().parse_args(["data_dir", *flags])
+    except SystemExit:
+        reason = complaint.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise UserError(f"--train_flags {text!r}: {reason} (python train.py --help lists "
+                        "its flags)") from None
+    return tuple(flags)
 
 
 def serve_config(args):
@@ -88,7 +125,8 @@ def options_from_args(args):
     return StudioOptions(args.data_dir, save_dir=args.save_dir, arch=args.arch,
                          cache_dir=args.cache_dir, workers=args.workers,
                          split=parse_fractions(args.split), split_from=args.split_from,
-                         category_names=args.category_names, unlabelled=args.unlabelled)
+                         category_names=args.category_names, unlabelled=args.unlabelled,
+                         train_flags=final_train_flags(args.train_flags))
 
 
 def main(args):

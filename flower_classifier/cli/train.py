@@ -98,6 +98,11 @@ def get_args_parser():
     parser.add_argument("--batch_size", type=positive_int, default=None,
                         help="images per training step (per process under torchrun; "
                         f"{arch_default('batch_size')})")
+    parser.add_argument("--min_epoch_steps", type=non_negative_int, default=None,
+                        help="training steps per epoch at the least: an epoch of a small "
+                        "training set passes over it again until it has this many batches; "
+                        "on cached features, not with --finetune or from scratch "
+                        f"({arch_default('min_epoch_steps')})")
     add_gpu_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=family_default("seed"),

@@ -27,7 +27,8 @@ TEST_LINE = re.compile(r"^test accuracy ([\d.]+)%")
 
 
 def train_command(studio, device, save_dir):
-    """python -m flower_classifier.cli.train as a user would run train.py on the folder."""
+    """python -m flower_classifier.cli.train as a user would run train.py on the folder, with
+    the studio's --train_flags."""
     options = studio.options
     command = module_command("flower_classifier.cli.train", options.data_dir, "--save_dir",
                              save_dir, "--corrections", studio.corrections_path, "--arch",
@@ -40,7 +41,7 @@ def train_command(studio, device, save_dir):
         command += ["--category_names", options.category_names]
     if device.type == "cuda":
         command.append("--gpu")
-    return command
+    return command + list(options.train_flags)
 
 
 class FinalTraining:

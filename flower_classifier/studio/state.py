@@ -56,6 +56,7 @@ class StudioOptions:
     split_from: str | None = None
     category_names: str | None = None  # None: data_dir/cat_to_name.json when present
     unlabelled: str | None = None  # a folder of new photos to label with the model's help
+    train_flags: tuple = ()  # train.py flags of the final model (studio.py --train_flags)
 
 
 @dataclass

@@ -31,7 +31,7 @@ def make_task(config, classifier, splits, device):
     """The Task for this run: from scratch, fine-tuning or on cached features."""
     backbone = classifier.backbone_spec
     if not backbone.pretrained:
-        for flag in ("finetune", "train_stages"):
+        for flag in ("finetune", "train_stages", "min_epoch_steps"):
             if getattr(config, flag):
                 warn(f"--{flag} is ignored with --arch {config.arch}: the whole network trains "
                      "from scratch")
@@ -39,6 +39,9 @@ def make_task(config, classifier, splits, device):
     if config.finetune and config.train_stages:
         raise UserError("--finetune trains on images, --train_stages on cached activations; "
                         "choose one of them")
+    if config.finetune and config.min_epoch_steps:
+        warn("--min_epoch_steps is ignored with --finetune: it applies to training on cached "
+             "features")
     if config.finetune:
         return ImageTask(config, classifier, device, splits)
     if config.train_stages:

@@ -100,6 +100,7 @@ class FeatureTask(Task):
     def __init__(self, config, classifier, device, cached):
         self.data, self.device = cached.data, device
         self.batch_size = distributed.per_process(config.batch_size)
+        self.min_epoch_steps = config.min_epoch_steps
         self.extracted, self.requested = cached.extracted, cached.requested
         self.kept_paths = cached.kept_paths
         self.split_features = cached.split_features
@@ -118,8 +119,7 @@ class FeatureTask(Task):
         views, labels = self.data["train"]
         count = len(labels)
         view_index = torch.randint(len(views), (count,))
-        order = distributed.shard(torch.randperm(count))[:count // distributed.world_size()]
-        for batch in order.split(self.batch_size):
+        for batch in self.epoch_order(count).split(self.batch_size):
             inputs = self.training_inputs(views[view_index[batch], batch])
             yield inputs.float().to(self.device), labels[batch]
 
@@ -132,8 +132,18 @@ class FeatureTask(Task):
         for batch in distributed.shard(torch.arange(len(labels))).split(self.eval_batch_size):
             yield inputs[batch].float().to(self.device), labels[batch]
 
+    def epoch_order(self, count):
+        """This rank's training rows for one epoch: a shuffled pass over its share of the count,
+        and more passes, shuffled anew, until the epoch has min_epoch_steps full batches."""
+        share, rows = count // distributed.world_size(), self.min_epoch_steps * self.batch_size
+        passes = [distributed.shard(torch.randperm(count))[:share]]
+        while share and len(passes) * share < rows:
+            passes.append(distributed.shard(torch.randperm(count))[:share])
+        return torch.cat(passes)[:max(share, rows)]
+
     def steps_per_epoch(self):
-        return math.ceil(len(self.data["train"][1]) // distributed.world_size() / self.batch_size)
+        share = len(self.data["train"][1]) // distributed.world_size()
+        return max(math.ceil(share / self.batch_size), self.min_epoch_steps if share else 0)
 
     def frozen_features(self, split):
         """The train split's original view (not the augmented ones)."""
@@ -166,6 +176,7 @@ class StageTask(FeatureTask):
         self.split_features = cached.split_features
         self.flip_maps = config.mirror != "off"
         self.batch_size, self.device = distributed.per_process(config.batch_size), device
+        self.min_epoch_steps = config.min_epoch_steps
         classifier.train_stages(config.train_stages)
         self.model = StageModel(fold_batch_norms(top) if config.fold_norms else top,
                                 classifier.head)
