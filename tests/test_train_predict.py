@@ -14,7 +14,15 @@ import torch
 
 import predict
 import train
-from conftest import PROJECT, make_subset, run_command, run_script, stopped_at_epoch, train_args
+from conftest import (
+    ONE_PASS,
+    PROJECT,
+    make_subset,
+    run_command,
+    run_script,
+    stopped_at_epoch,
+    train_args,
+)
 from flower_classifier.inference.predictor import Predictor
 from flower_classifier.models import engines
 from flower_classifier.models.checkpoint import load_checkpoint
@@ -278,7 +286,8 @@ def test_signal_during_training_keeps_the_best_head(subset, tmp_path, signum, co
     with open(log, "w") as output:
         process = subprocess.Popen(
             [sys.executable, "train.py", str(subset), "--save_dir", str(tmp_path / "run"),
-             "--cache_dir", str(tmp_path / "cache"), "--epochs", "100000", "--workers", "0"],
+             "--cache_dir", str(tmp_path / "cache"), "--epochs", "100000", "--workers", "0",
+             *ONE_PASS],
             cwd=PROJECT, stdout=output, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.time() + 120
