@@ -411,10 +411,11 @@ def test_class_weights():
 def test_a_small_training_set_is_passed_over_again_until_the_epoch_has_min_epoch_steps(
         min_epoch_steps, batch_sizes):
     """The head alone on 10 rows in batches of 4: with min_epoch_steps 5 an epoch has 5 full
-    batches, each pass a shuffle of every row; with 0, one pass as it comes."""
+    batches, each pass a shuffle of every row; with 0, one pass as it comes. Each row of the
+    epoch draws one of the cached views (here the row's number or its negative)."""
     config = TrainConfig("data", train_stages=0, batch_size=4, min_epoch_steps=min_epoch_steps
                          ).resolved(from_scratch=False)
-    rows = torch.arange(10.0).reshape(1, 10, 1)
+    rows = torch.arange(10.0).reshape(1, 10, 1) * torch.tensor([1.0, -1.0]).reshape(2, 1, 1)
     inputs = cached.CachedInputs({"train": (rows, torch.arange(10))})
     task = cached.FeatureTask(config, SimpleNamespace(head=torch.nn.Identity()),
                               torch.device("cpu"), inputs)
@@ -424,7 +425,9 @@ def test_a_small_training_set_is_passed_over_again_until_the_epoch_has_min_epoch
     assert task.steps_per_epoch() == len(batch_sizes)
     seen = torch.cat([labels for _, labels in batches])
     assert sorted(seen[:10].tolist()) == list(range(10))
-    assert all(torch.equal(inputs[:, 0].long(), labels) for inputs, labels in batches)
+    assert all(torch.equal(inputs[:, 0].abs().long(), labels) for inputs, labels in batches)
+    signs = torch.cat([inputs[:, 0] for inputs, _ in batches]).sign()
+    assert 0 < int((signs < 0).sum()) < len(signs)  # both views drawn
     if min_epoch_steps:
         assert len(set(seen[10:].tolist())) == 10 and not torch.equal(seen[:10], seen[10:])
 

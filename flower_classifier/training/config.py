@@ -56,8 +56,8 @@ class TrainConfig:
     batch_size: int = hyperparameter(pretrained=128, scratch=512, stages=64, finetune=64)
     # On cached features, an epoch of a small training set passes over it again until it has
     # this many batches: in one pass, 5 photos per class of the flowers trained too few steps,
-    # 3 points of valid accuracy short with the head alone, 6 with the trained stages. The
-    # head tied from 25 to 50; the stages gained 1.5 points more at 80, for twice the time.
+    # 2.5 points of valid accuracy short with the head alone, 7 with the trained stages. The
+    # head tied from 25 to 50; the stages gained 1.2 points more at 80, for twice the time.
     # 40 keeps the whole flowers' epochs (46 and 92 batches) as cross-validated:
     # benchmarks/README.md, "Small training sets".
     min_epoch_steps: int = hyperparameter(pretrained=40, scratch=0, stages=40, finetune=0,

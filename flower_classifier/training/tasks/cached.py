@@ -117,10 +117,11 @@ class FeatureTask(Task):
 
     def train_batches(self, epoch):
         views, labels = self.data["train"]
-        count = len(labels)
-        view_index = torch.randint(len(views), (count,))
-        for batch in self.epoch_order(count).split(self.batch_size):
-            inputs = self.training_inputs(views[view_index[batch], batch])
+        rows = self.epoch_rows()
+        view_index = torch.randint(len(views), (rows,))  # each row its view, pass by pass
+        for batch, view in zip(self.epoch_order(len(labels), rows).split(self.batch_size),
+                               view_index.split(self.batch_size)):
+            inputs = self.training_inputs(views[view, batch])
             yield inputs.float().to(self.device), labels[batch]
 
     def training_inputs(self, rows):
@@ -132,18 +133,24 @@ class FeatureTask(Task):
         for batch in distributed.shard(torch.arange(len(labels))).split(self.eval_batch_size):
             yield inputs[batch].float().to(self.device), labels[batch]
 
-    def epoch_order(self, count):
-        """This rank's training rows for one epoch: a shuffled pass over its share of the count,
-        and more passes, shuffled anew, until the epoch has min_epoch_steps full batches."""
-        share, rows = count // distributed.world_size(), self.min_epoch_steps * self.batch_size
+    def epoch_rows(self):
+        """Training rows of one epoch on this rank: its share of the training set, or
+        min_epoch_steps full batches where that is more (none where the share is empty)."""
+        share = len(self.data["train"][1]) // distributed.world_size()
+        return max(share, self.min_epoch_steps * self.batch_size) if share else 0
+
+    @staticmethod
+    def epoch_order(count, rows):
+        """rows indices of this rank's share of count: a shuffled pass over the share, and more
+        passes, shuffled anew, while rows asks for more."""
+        share = count // distributed.world_size()
         passes = [distributed.shard(torch.randperm(count))[:share]]
         while share and len(passes) * share < rows:
             passes.append(distributed.shard(torch.randperm(count))[:share])
-        return torch.cat(passes)[:max(share, rows)]
+        return torch.cat(passes)[:rows]
 
     def steps_per_epoch(self):
-        share = len(self.data["train"][1]) // distributed.world_size()
-        return max(math.ceil(share / self.batch_size), self.min_epoch_steps if share else 0)
+        return math.ceil(self.epoch_rows() / self.batch_size)
 
     def frozen_features(self, split):
         """The train split's original view (not the augmented ones)."""
