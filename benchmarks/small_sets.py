@@ -30,6 +30,13 @@ from flower_classifier.models.features import FeatureExtractor  # noqa: E402
 from flower_classifier.models.stages import split_backbone  # noqa: E402
 
 
+def drawn(labels, per_class, seed, classes):
+    """The seed's per_class random photos of each of the first classes (indices of labels)."""
+    return [index for index in first_labels(labels, per_class,
+                                            torch.Generator().manual_seed(seed))
+            if labels[index] < classes]
+
+
 def head_alone_scorer(args):
     """score(setting, seed, per_class) of the head alone on the cached features."""
     features, labels, valid_features, valid_labels, _ = load_features(args.data_dir,
@@ -37,9 +44,7 @@ def head_alone_scorer(args):
     valid = valid_labels < args.classes
 
     def score(setting, seed, per_class):
-        chosen = [index for index in first_labels(labels, per_class,
-                                                  torch.Generator().manual_seed(seed))
-                  if labels[index] < args.classes]
+        chosen = drawn(labels, per_class, seed, args.classes)
         heads = quality.train_heads(setting, features[chosen].half(), labels[chosen],
                                     args.classes, seed)
         predicted = quality.mean_logits(heads, valid_features[valid]).argmax(1)
@@ -69,9 +74,7 @@ def stages_scorer(args):
     labels = torch.tensor(splits["train"].labels)
 
     def score(setting, seed, per_class):
-        chosen = [index for index in first_labels(labels, per_class,
-                                                  torch.Generator().manual_seed(seed))
-                  if labels[index] < args.classes]
+        chosen = drawn(labels, per_class, seed, args.classes)
         data = {"train": activations(splits["train"], chosen), "valid": valid}
         task = quality.train_stage_task(setting, data, args.train_stages, args.classes, seed)
         predicted = quality.task_logits(task, "valid").argmax(1)
