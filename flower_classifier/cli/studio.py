@@ -3,9 +3,7 @@
     python studio.py photos/            # the usage: studio.py's docstring
 """
 import argparse
-import contextlib
 import gc
-import io
 import shlex
 
 from flower_classifier.cli import train
@@ -98,18 +96,17 @@ def final_train_flags(text):
         flags = shlex.split(text)
     except ValueError as error:
         raise UserError(f"--train_flags {text!r}: {error}; quote it as one string") from None
-    for flag in flags:
-        if flag.split("=")[0] in STUDIO_TRAIN_FLAGS:
-            raise UserError(f"--train_flags cannot set {flag.split('=')[0]}: the studio gives "
-                            "it to train.py itself; leave it out")
-    complaint = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(complaint):
-            train.get_args_parser().parse_args(["data_dir", *flags])
-    except SystemExit:
-        reason = complaint.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-        raise UserError(f"--train_flags {text!r}: {reason} (python train.py --help lists "
-                        "its flags)") from None
+    for name in (flag.split("=")[0] for flag in flags):
+        if name in STUDIO_TRAIN_FLAGS:
+            raise UserError(f"--train_flags cannot set {name}: the studio gives it to train.py "
+                            "itself; leave it out")
+
+    def refuse(reason):  # argparse's error(), which would print the usage and exit
+        raise UserError(f"--train_flags {text!r}: {reason} (python train.py --help lists its "
+                        "flags)")
+    parser = train.get_args_parser()
+    parser.error = refuse
+    parser.parse_args(["data_dir", *flags])
     return tuple(flags)
 
 
