@@ -3,14 +3,16 @@
     python benchmarks/cifar.py ../shared/data/cifar10
     python benchmarks/cifar.py ../shared/data/cifar10 --skip_pretrained --json cifar.json
     python benchmarks/cifar.py ../shared/data/cifar10 --extra="--epochs 1"   # a quick check
+    python benchmarks/cifar.py ../shared/data/cifar10 --skip_pretrained --cpu avx2  # no bf16
 
 Each row is one `train.py data_dir` run as a subprocess with its own defaults, cold: imports,
 decoding and (for the pretrained backbone) feature extraction included, a fresh --save_dir and
 --cache_dir. It prints wall seconds, CPU seconds of the run (user + system, all its processes:
 divided by the cores it is the wall time an otherwise idle machine would approach), the best
 epoch's valid accuracy, test accuracy and checkpoint size, then issue 14's goal (the CNN row:
->= 88% test accuracy within 20 minutes on a 2-core CPU), marked met or NOT met. Each run's log
-is kept in --output.
+>= 88% test accuracy within 20 minutes on a 2-core CPU; issue 31: on every CPU class, bf16 or
+not), marked met or NOT met. Each run's log is kept in --output. --cpu runs every train.py as on
+another CPU class (benchmarks/as_cpu.py: float32 where the CPU has no bf16).
 """
 import argparse
 import json
@@ -26,6 +28,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 
+import as_cpu  # benchmarks/as_cpu.py: this script's folder is on the path
 from flower_classifier.cli.options import HelpFormatter
 from flower_classifier.models.backbones import DEFAULT_ARCH
 from flower_classifier.models.checkpoint import load_checkpoint
@@ -46,15 +49,19 @@ def get_args_parser():
     parser.add_argument("--extra", default="", help="more train.py flags for every run, "
                         "e.g. \"--epochs 1\" for a quick check (then the goal does not apply)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--cpu", choices=tuple(as_cpu.LIMITS), default="native",
+                        help="run train.py as on this CPU class (benchmarks/as_cpu.py)")
     return parser
 
 
-def cold_run(name, data_dir, flags, output):
-    """One train.py run in a fresh folder; its figures, read back from what it saved."""
+def cold_run(name, data_dir, flags, output, cpu="native"):
+    """One train.py run in a fresh folder, as on the CPU class cpu; its figures, read back from
+    what it saved."""
     save_dir, cache_dir = output / name / "run", output / name / "cache"
     log_path = output / name / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "train.py", str(data_dir), "--save_dir", str(save_dir),
+    simulated = [] if cpu == "native" else [as_cpu.__file__, cpu]
+    command = [sys.executable, *simulated, "train.py", str(data_dir), "--save_dir", str(save_dir),
                "--cache_dir", str(cache_dir), *flags]
     print(f"{name}: {shlex.join(command)}", flush=True)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -83,7 +90,7 @@ def percent(value):
     return "-" if value is None else f"{value:.2%}"
 
 
-def print_rows(rows, quick):
+def print_rows(rows, quick, cpu="native"):
     print(f"\n{'run':<34} {'wall s':>8} {'cpu s':>8} {'epochs':>7} {'valid':>8} {'test':>8} "
           f"{'checkpoint':>11}")
     for row in rows:
@@ -96,7 +103,8 @@ def print_rows(rows, quick):
         return
     met = (cnn["test_accuracy"] or 0) >= GOAL_ACCURACY and cnn["wall_seconds"] <= GOAL_SECONDS
     print(f"\ngoal: {CNN_ARCH} >= {GOAL_ACCURACY:.0%} test accuracy within "
-          f"{GOAL_SECONDS // 60} minutes cold: {percent(cnn['test_accuracy'])} in "
+          f"{GOAL_SECONDS // 60} minutes cold (CPU class {cpu}): "
+          f"{percent(cnn['test_accuracy'])} in "
           f"{cnn['wall_seconds'] / 60:.1f} minutes ({cnn['cpu_seconds'] / os.cpu_count() / 60:.1f}"
           f" minutes of CPU time per core): {'met' if met else 'NOT met'}")
 
@@ -108,10 +116,11 @@ def main(args):
         runs.append((f"{DEFAULT_ARCH} (frozen, pretrained)", extra))
     with tempfile.TemporaryDirectory() as temporary:
         output = Path(args.output or temporary)
-        rows = [cold_run(name.split()[0], args.data_dir, flags, output) for name, flags in runs]
+        rows = [cold_run(name.split()[0], args.data_dir, flags, output, args.cpu)
+                for name, flags in runs]
     for row, (name, _) in zip(rows, runs):
         row["name"] = name
-    print_rows(rows, quick=bool(extra))
+    print_rows(rows, quick=bool(extra), cpu=args.cpu)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return rows

@@ -11,7 +11,7 @@ from flower_classifier.data.images import load_image
 from flower_classifier.data.transforms import eval_transform
 from flower_classifier.models import scratch_cnn
 from flower_classifier.models.backbones import Preprocess
-from flower_classifier.training.config import family_default
+from flower_classifier.training.config import family_default, saved_hyperparameters
 
 CIFAR_CLASSES = ("airplane", "cat", "ship")
 CIFAR_SIZES = {"train": 12, "valid": 4, "test": 4}
@@ -84,6 +84,44 @@ def test_network_averages_each_image_with_its_mirror_in_eval_mode():
         assert not torch.allclose(network(images), network.train()(images))
 
 
+def normalised_train_images(cifar):
+    """The subset's training images as ScratchTask normalises them, in the split's order."""
+    _, splits = find_splits(cifar)
+    images, _ = small_images.decode_images(splits["train"].paths, 32)
+    return small_images.normalize(images, scratch_cnn.MEAN, scratch_cnn.STD).float()
+
+
+def test_whitening_filters_decorrelate_the_patches_of_real_images(cifar):
+    images = normalised_train_images(cifar)
+    filters = scratch_cnn.whitening_filters(images, kernel_size=2, eps=0)
+    assert filters.shape == (24, 3, 2, 2)
+    torch.testing.assert_close(filters[12:], -filters[:12])
+    responses = F.conv2d(images.double(), filters[:12].double())  # N 12 H' W'
+    responses = responses.permute(1, 0, 2, 3).flatten(1)
+    covariance = torch.cov(responses)  # pixel patches: strongly correlated; whitened: identity
+    torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.double), atol=1e-3,
+                               rtol=0)
+    pixels = F.unfold(images.double(), 2).permute(1, 0, 2).flatten(1)
+    assert torch.corrcoef(pixels)[0, 1] > 0.8  # what the whitening took away
+
+
+def test_whitened_stem_is_frozen_and_the_rest_trains(cifar):
+    torch.manual_seed(0)
+    network = scratch_cnn.SmallCNN(widths=(8, 16, 16))
+    images = normalised_train_images(cifar)
+    network.whiten_stem(images)
+    stem, first_group = (network.stem[0].weight.clone(),
+                         network.groups[0][0].weight.clone())
+    optimizer = scratch_cnn.sgd(network.parameters(), 0.1, 5e-3)
+    network(images).sum().backward()
+    optimizer.step()
+    torch.testing.assert_close(network.stem[0].weight, scratch_cnn.whitening_filters(images, 2))
+    torch.testing.assert_close(network.stem[0].weight, stem)
+    assert not torch.allclose(network.groups[0][0].weight, first_group)
+    with pytest.raises(ValueError, match="needs 24 filters, not 4"):
+        scratch_cnn.SmallCNN(widths=(8, 16, 16), stem_width=4).whiten_stem(images)
+
+
 def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
     import train
     from flower_classifier.inference.predictor import Predictor
@@ -99,6 +137,10 @@ def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
     assert checkpoint["preprocess"]["crop"] == 32
     assert checkpoint["hyperparameters"]["learning_rate"] == family_default(
         "learning_rate", "scratch")
+    # The stem whitens the training images' patches, and two epochs left it as it began.
+    assert checkpoint["hyperparameters"]["whiten_stem"] is True
+    torch.testing.assert_close(checkpoint["backbone_state"]["stem.0.weight"],
+                               scratch_cnn.whitening_filters(normalised_train_images(cifar), 2))
     assert (tmp_path / "whole" / "test_report.json").is_file()
     # two epochs on 12 photos a class: mistakes, on a page without heatmaps (no maps to weigh)
     page = (tmp_path / "whole" / "mistakes.html").read_text()
@@ -128,6 +170,21 @@ def test_cnn_trains_from_scratch_resumes_and_predicts(cifar, tmp_path):
     assert refused.returncode == 2 and refused.stdout == "" and refused.stderr == (
         "error: --heatmap needs a pretrained backbone; the network trained from scratch (--arch "
         "cnn) has no maps to weigh: leave out --heatmap\n")
+
+
+def test_no_whiten_stem_trains_the_stem_from_its_random_start(cifar, tmp_path):
+    import train
+    from flower_classifier.models.checkpoint import load_checkpoint
+
+    train.main(train_args(cifar, tmp_path / "run", tmp_path / "cache", "--arch", "cnn",
+                          "--epochs", "1", "--batch_size", "16", "--no_whiten_stem"))
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert checkpoint["hyperparameters"]["whiten_stem"] is False
+    torch.manual_seed(0)  # train.py's seed, set before the network is made
+    start = scratch_cnn.SmallCNN().stem[0].weight
+    trained = checkpoint["backbone_state"]["stem.0.weight"]
+    assert trained.shape == start.shape and not torch.allclose(trained, start)
+    assert saved_hyperparameters({})["whiten_stem"] is False  # runs begun before it resume so
 
 
 def test_network_converts_for_openvino_with_any_batch_size(tmp_path):

@@ -173,6 +173,11 @@ def get_args_parser():
                         "statistics instead of folding them into their convolutions with the "
                         "pretrained statistics (folded: 0.3-0.5 points more accurate "
                         "cross-validated, 1.5x faster per step)")
+    parser.add_argument("--no_whiten_stem", dest="whiten_stem", action="store_false",
+                        help=f"with --arch {SCRATCH_ARCH}: train the first layer from random "
+                        "filters instead of starting it whitening the training images' 2x2 "
+                        "patches and keeping it frozen (whitened: 0.6 points of valid accuracy "
+                        "more on CIFAR-10, one seed, and a cheaper step)")
     finetune = parser.add_argument_group("fine-tuning (train the backbone too)")
     finetune.add_argument("--finetune", action="store_true",
                           help="unfreeze the backbone and train it with the head on images "

@@ -20,7 +20,7 @@ from flower_classifier.data.images import UNREADABLE_IMAGE_ERRORS, load_image
 
 # Input sizes chosen from the data are capped here: the network is made for small images.
 MAX_INPUT_SIZE = 64
-CROP_PADDING = 4  # pixels of reflect padding the random training crop may shift into
+CROP_PADDING = 2  # pixels of reflect padding the random training crop may shift into
 
 
 def input_size(paths, sample=200):

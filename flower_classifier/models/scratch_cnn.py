@@ -13,6 +13,10 @@ WIDTHS = (64, 128, 256)
 STEM_WIDTH = 24
 MEAN, STD = (0.5,) * 3, (0.5,) * 3
 EVAL_BATCH = 1024
+# The stem's whitening: the training images whose patches it is computed on, and what is added
+# to each variance before its square root (the noise directions are not blown up).
+WHITENING_IMAGES = 5000
+WHITENING_EPS = 5e-4
 
 
 def conv_bn_relu(in_channels, out_channels, pool=False):
@@ -44,6 +48,19 @@ class SmallCNN(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
         self.feature_dim = channels
 
+    def whiten_stem(self, images):
+        """The stem's filters set to whiten the 2x2 patches of images (normalised, [N, 3, H, W])
+        and frozen: the network starts on decorrelated pixels (airbench's whitening layer), and
+        the stem's gradient is never computed."""
+        conv = self.stem[0]
+        filters = whitening_filters(images, conv.kernel_size[0])
+        if filters.shape != conv.weight.shape:
+            raise ValueError(f"a whitening stem needs {len(filters)} filters, not "
+                             f"{conv.out_channels}")
+        with torch.no_grad():
+            conv.weight.copy_(filters)
+        conv.weight.requires_grad_(False)
+
     def features(self, images):
         return self.pool(self.groups(self.stem(images)))
 
@@ -53,6 +70,21 @@ class SmallCNN(nn.Module):
         # Two passes rather than one on a doubled batch: torch.export (OpenVINO) then keeps
         # the batch size free.
         return (self.features(images) + self.features(images.flip(3))) / 2
+
+
+def whitening_filters(images, kernel_size, eps=WHITENING_EPS):
+    """Filters [2 * C * k * k, C, k, k] that whiten the k x k patches of images [N, C, H, W]:
+    the eigenvectors of the patches' covariance, largest eigenvalue first, each divided by the
+    square root of its eigenvalue (plus eps), then the same filters negated, so that the ReLU
+    after them keeps both signs."""
+    channels = images.shape[1]
+    patches = images.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)  # N C H' W' k k
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * kernel_size ** 2)
+    centred = patches.double() - patches.double().mean(0)
+    variances, directions = torch.linalg.eigh(centred.T @ centred / len(centred))  # ascending
+    filters = (directions / (variances + eps).sqrt()).T.flip(0)
+    filters = filters.reshape(-1, channels, kernel_size, kernel_size).float()
+    return torch.cat([filters, -filters])
 
 
 def sgd(parameters, learning_rate, weight_decay):

@@ -125,6 +125,9 @@ class ScratchTask(Task):
         require_train_images(len(self.data["train"][1]), splits["train"])
         log(f"images decoded into memory at {size} px ({time.perf_counter() - started:.1f} s)")
         classifier.unfreeze(0)
+        if config.whiten_stem:  # after unfreeze(0), which would train the stem again
+            train_images = self.data["train"][0][:scratch_cnn.WHITENING_IMAGES]
+            classifier.backbone.whiten_stem(self._normalize(train_images).float())
         self.model = EvalAutocast(classifier.to(memory_format=torch.channels_last), device)
 
     def _normalize(self, images):
