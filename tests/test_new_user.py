@@ -14,22 +14,25 @@ NAMES = json.loads((PROJECT / "cat_to_name.json").read_text())
 @pytest.fixture(scope="module")
 def workdir(subset, tmp_path_factory):
     """A working folder where train.py ran twice without --save_dir (with --category_names):
-    (folder, the feature cache)."""
+    (folder, the feature cache, the XDG cache of its converted models). The converted models
+    are its own: another test process converting the backbone in the session's folder would
+    turn a later small job to OpenVINO, whose features are cached apart."""
     import train
 
     folder = tmp_path_factory.mktemp("work")
-    cache = tmp_path_factory.mktemp("cache")
+    cache, engines = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("xdg")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
+        patch.setenv("XDG_CACHE_HOME", str(engines))
         for _ in range(2):
             train.main(train.get_args_parser().parse_args(
                 [str(subset), "--epochs", "2", "--cache_dir", str(cache), "--workers", "0",
                  "--category_names", str(PROJECT / "cat_to_name.json")]))
-    return folder, cache
+    return folder, cache, engines
 
 
 def test_runs_without_save_dir_go_to_numbered_folders_under_runs(workdir):
-    folder, _ = workdir
+    folder, _, _ = workdir
     assert [path.name for path in folder.iterdir()] == ["runs"]
     assert sorted(path.name for path in (folder / "runs").iterdir()) == ["train", "train2"]
     for run in ("train", "train2"):
@@ -48,7 +51,7 @@ def test_train_py_prints_where_the_run_goes(subset, tmp_path):
 
 
 def test_check_data_after_train_extracts_nothing(workdir, subset, monkeypatch, capsys):
-    folder, cache = workdir
+    folder, cache, engines = workdir
     import check_data
     from flower_classifier.models.features import FeatureExtractor
 
@@ -57,6 +60,7 @@ def test_check_data_after_train_extracts_nothing(workdir, subset, monkeypatch, c
 
     monkeypatch.setattr(FeatureExtractor, "compute", must_not_run)
     monkeypatch.chdir(folder)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(engines))
     check_data.main(check_data.get_args_parser().parse_args(
         [str(subset), "--cache_dir", str(cache), "--workers", "0"]))
     out = capsys.readouterr().out
@@ -71,7 +75,7 @@ def test_the_checkpoint_keeps_the_names_and_every_user_of_it_shows_them(workdir,
     from flower_classifier.inference.predictor import Predictor
     from flower_classifier.models.checkpoint import load_checkpoint
 
-    folder, _ = workdir
+    folder, _, _ = workdir
     path = folder / "runs" / "train" / "checkpoint.pth"
     checkpoint = load_checkpoint(path)
     assert checkpoint["class_names"] == {name: NAMES[name] for name in ("1", "10", "2")}
@@ -90,7 +94,7 @@ def test_serve_shows_the_names_the_checkpoint_kept(workdir):
 
     from flower_classifier.inference.predictor import Predictor
 
-    folder, _ = workdir
+    folder, _, _ = workdir
     server = ThreadServer(Predictor(folder / "runs" / "train" / "checkpoint.pth",
                                     engine="torch"))
     try:
@@ -104,7 +108,7 @@ def test_old_checkpoints_without_names_show_folder_names(workdir, tmp_path):
     from flower_classifier.inference.predictor import Predictor
     from flower_classifier.models.checkpoint import load_checkpoint, save_checkpoint
 
-    folder, _ = workdir
+    folder, _, _ = workdir
     checkpoint = load_checkpoint(folder / "runs" / "train" / "checkpoint.pth")
     del checkpoint["class_names"]
     save_checkpoint(checkpoint, tmp_path / "old.pth")
