@@ -13,8 +13,8 @@ WIDTHS = (64, 128, 256)
 STEM_WIDTH = 24
 MEAN, STD = (0.5,) * 3, (0.5,) * 3
 EVAL_BATCH = 1024
-# The stem's whitening: the training images whose patches it is computed on, and what is added
-# to each variance before its square root (the noise directions are not blown up).
+# The stem's whitening: how many training images its patches come from, and what is added to
+# each variance before its square root (the noise directions are not blown up).
 WHITENING_IMAGES = 5000
 WHITENING_EPS = 5e-4
 

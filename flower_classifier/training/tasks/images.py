@@ -126,9 +126,15 @@ class ScratchTask(Task):
         log(f"images decoded into memory at {size} px ({time.perf_counter() - started:.1f} s)")
         classifier.unfreeze(0)
         if config.whiten_stem:  # after unfreeze(0), which would train the stem again
-            train_images = self.data["train"][0][:scratch_cnn.WHITENING_IMAGES]
-            classifier.backbone.whiten_stem(self._normalize(train_images).float())
+            classifier.backbone.whiten_stem(self._normalize(self._whitening_sample()).float())
         self.model = EvalAutocast(classifier.to(memory_format=torch.channels_last), device)
+
+    def _whitening_sample(self):
+        """At most WHITENING_IMAGES training images spread over the split, which is in class
+        order: every class's colours, not the first classes' alone."""
+        images = self.data["train"][0]
+        step = max(1, len(images) // scratch_cnn.WHITENING_IMAGES)
+        return images[::step][:scratch_cnn.WHITENING_IMAGES]
 
     def _normalize(self, images):
         return small_images.normalize(images, self.preprocess.mean, self.preprocess.std)
