@@ -79,8 +79,8 @@ def whitening_filters(images, kernel_size, eps=WHITENING_EPS):
     after them keeps both signs."""
     channels = images.shape[1]
     patches = images.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)  # N C H' W' k k
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * kernel_size ** 2)
-    centred = patches.double() - patches.double().mean(0)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * kernel_size ** 2).double()
+    centred = patches - patches.mean(0)
     variances, directions = torch.linalg.eigh(centred.T @ centred / len(centred))  # ascending
     filters = (directions / (variances + eps).sqrt()).T.flip(0)
     filters = filters.reshape(-1, channels, kernel_size, kernel_size).float()

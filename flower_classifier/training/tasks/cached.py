@@ -144,10 +144,9 @@ class FeatureTask(Task):
         """rows indices of this rank's share of count: a shuffled pass over the share, and more
         passes, shuffled anew, while rows asks for more."""
         share = count // distributed.world_size()
-        passes = [distributed.shard(torch.randperm(count))[:share]]
-        while share and len(passes) * share < rows:
-            passes.append(distributed.shard(torch.randperm(count))[:share])
-        return torch.cat(passes)[:rows]
+        passes = max(1, math.ceil(rows / share)) if share else 1
+        return torch.cat([distributed.shard(torch.randperm(count))[:share]
+                          for _ in range(passes)])[:rows]
 
     def steps_per_epoch(self):
         return math.ceil(self.epoch_rows() / self.batch_size)
