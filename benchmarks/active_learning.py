@@ -2,20 +2,24 @@
 labelling photos at random?
 
     python benchmarks/active_learning.py ../shared/data/flowers102 --plot active_learning.png
+    python benchmarks/active_learning.py ../shared/data/flowers102 --learner head   # quick retrain
 
-The known labels of train/ are the oracle. The backbone features of train/ (as train.py trains
-on them) and valid/ (mirror-averaged, as predict.py scores) come from train.py's
-FeatureExtractor and feature cache (--cache_dir). Each seed starts from --start labelled photos
-per class, chosen at random; each round trains train.py's head alone (its defaults, as
-benchmarks/quality.py train_heads does: train.py's task, optimiser, schedule and loss) on the
-labelled features, scores it on valid/, and labels --batch more photos of the rest, chosen by
-each rule:
+The known labels of train/ are the oracle. Each seed starts from --start labelled photos per
+class, chosen at random; each round trains a model on the labelled photos, scores it on valid/
+(mirror-averaged, as predict.py scores), and labels --batch more photos of the rest, chosen by
+each rule from that model's probabilities. The model (--learner) is train.py's default, its
+last 2 stages trained with the head on the cached activations that enter them (quality.py
+train_stage_task), as --suggest scores with a default checkpoint; or the head alone on the
+backbone features (quality.py train_heads), as the studio's quick retrain. Either way train.py's
+FeatureExtractor and cache (--cache_dir) compute the inputs once, and train.py's task,
+optimiser, schedule and loss train them. The rules:
   random    at random
   margin    predict.py --suggest's rule (inference/suggest.py): the least sure by the top two
             classes' margin, from a pool of 10 x batch, skipping near-copies (cosine of the
             features above --similarity)
   spread    the same, at most 2 per predicted class before the least sure of the rest fill
-            the batch (issue 34's class-balanced idea; not --suggest's rule: no better)
+            the batch (issue 34's class-balanced idea; not --suggest's rule: no better
+            with the head alone)
   entropy   the same as margin by normalised entropy
 Printed: the mean valid accuracy (and spread over --seeds) per rule per round, and the ratio:
 the labels the rule needs to reach random's last-round accuracy (linear between rounds) over
@@ -43,9 +47,12 @@ from flower_classifier.inference.suggest import (  # noqa: E402
     diverse,
 )
 from flower_classifier.models.features import FeatureExtractor, split_features  # noqa: E402
+from flower_classifier.models.stages import split_backbone  # noqa: E402
+from flower_classifier.training.tasks import base  # noqa: E402
 
 SPREAD = 2  # photos per predicted class in the spread rule's first pass: 2 screened best of
-# 1, 2, 3 (this benchmark, seeds 0-2, 4 to 10 rounds)
+# 1, 2, 3 (this benchmark with the head alone, seeds 0-2, 4 to 10 rounds)
+STAGES = 2  # the stages train.py's default trains (its --train_stages)
 RULES = {"random": None, "margin": ("margin", None), "spread": ("margin", SPREAD),
          "entropy": ("entropy", None)}  # rule: (certainty, photos per predicted class)
 
@@ -66,6 +73,82 @@ def load_features(data_dir, cache_dir):
     return (*data, len(class_to_idx))
 
 
+def load_activations(data_dir, cache_dir):
+    """(train activations, train labels, valid activations, valid labels, class count): the
+    activations entering the last STAGES stages, each image's and its mirror image's [N, 2, C,
+    H, W], readable images only, through train.py's extractor and cache."""
+    class_to_idx, splits = find_splits(data_dir)
+    backbone = quality.feature_backbone()
+    bottom, _ = split_backbone(backbone, STAGES)
+    extractor = FeatureExtractor(backbone, quality.CPU, cache_dir=cache_dir, bottom=bottom,
+                                 trained_stages=STAGES,
+                                 images=len(splits["train"].paths) + len(splits["valid"].paths))
+    data = []
+    for name in ("train", "valid"):
+        split = splits[name]
+        activations, ok = extractor.features(split.root, split.paths,
+                                             eval_transform(backbone.preprocess),
+                                             description=name, mirror=True)
+        data += [activations[ok], torch.tensor(split.labels)[ok]]
+    return (*data, len(class_to_idx))
+
+
+class HeadLearner:
+    """train.py's head alone (--train_stages 0, as the studio's quick retrain trains it) on the
+    backbone features, trained as benchmarks/quality.py train_heads does."""
+
+    def __init__(self, data_dir, cache_dir):
+        (self.train, self.labels, self.valid, self.valid_labels,
+         self.class_count) = load_features(data_dir, cache_dir)
+        self.unit = torch.nn.functional.normalize(self.train, dim=1)
+        self.heads = None
+
+    def fit(self, labelled, seed):
+        self.heads = quality.train_heads({}, self.train[labelled].half(), self.labels[labelled],
+                                         self.class_count, seed)
+
+    def valid_accuracy(self):
+        predicted = quality.mean_logits(self.heads, self.valid).argmax(1)
+        return (predicted == self.valid_labels).float().mean().item()
+
+    def probabilities(self, rows):
+        return quality.mean_logits(self.heads, self.train[rows]).softmax(1)
+
+
+class StageLearner:
+    """train.py's default: its last STAGES stages trained with the head on the cached
+    activations (quality.py train_stage_task), as predict.py --suggest scores with a default
+    checkpoint; photos scored mirror-averaged, as predict.py scores them. Near-copies are
+    judged on the pretrained stages' features."""
+
+    def __init__(self, data_dir, cache_dir):
+        (self.train, self.labels, self.valid, self.valid_labels,
+         self.class_count) = load_activations(data_dir, cache_dir)
+        features = quality.pretrained_features({"train": {"activations": self.train,
+                                                          "labels": self.labels}}, STAGES)
+        self.unit = torch.nn.functional.normalize(features["train"]["plain"].float(), dim=1)
+        self.task = None
+
+    def fit(self, labelled, seed):
+        splits = {"train": {"activations": self.train[labelled], "labels": self.labels[labelled]},
+                  "valid": {"activations": self.valid, "labels": self.valid_labels}}
+        self.task = quality.train_stage_task({"train_stages": STAGES}, splits, STAGES,
+                                             self.class_count, seed)
+
+    def valid_accuracy(self):
+        predicted = quality.task_logits(self.task, "valid").argmax(1)
+        return (predicted == self.valid_labels).float().mean().item()
+
+    @torch.inference_mode()
+    def probabilities(self, rows):
+        with base.training_autocast(quality.CPU):
+            return torch.cat([self.task.model(batch.float()).float().softmax(1)
+                              for batch in self.train[rows].split(256)])
+
+
+LEARNERS = {"stages": StageLearner, "head": HeadLearner}
+
+
 def first_labels(labels, per_class, generator):
     """per_class random indices of each class."""
     chosen = []
@@ -75,37 +158,34 @@ def first_labels(labels, per_class, generator):
     return chosen
 
 
-def choose(rule, heads, features, unit, unlabelled, batch, similarity, generator):
-    """batch indices of unlabelled (a list) to label next, by the rule."""
+def choose(rule, learner, unlabelled, batch, similarity, generator):
+    """batch indices of unlabelled (a list) to label next, by the rule, from the learner's
+    probabilities."""
     if rule == "random":
         order = torch.randperm(len(unlabelled), generator=generator)[:batch]
         return [unlabelled[i] for i in order.tolist()]
     by, per_class = RULES[rule]
-    candidates = torch.tensor(unlabelled)
-    probabilities = quality.mean_logits(heads, features[candidates]).softmax(1)
+    probabilities = learner.probabilities(unlabelled)
     scores = certainties(probabilities, by)
     pool = scores.argsort()[:POOL_FACTOR * batch].tolist()  # least sure first
-    entries = [(scores[i].item(), i, None, probabilities[i], unit[candidates[i]]) for i in pool]
+    entries = [(scores[i].item(), i, None, probabilities[i], learner.unit[unlabelled[i]])
+               for i in pool]
     return [unlabelled[entry[1]] for entry in diverse(entries, batch, similarity, per_class)]
 
 
-def run_rule(rule, data, args, seed):
+def run_rule(rule, learner, args, seed):
     """[(labels, valid accuracy)] per round of one rule and seed."""
-    features, labels, valid_features, valid_labels, class_count = data
-    unit = torch.nn.functional.normalize(features, dim=1)
     generator = torch.Generator().manual_seed(seed)
-    labelled = first_labels(labels, args.start, generator)
+    labelled = first_labels(learner.labels, args.start, generator)
     curve = []
     for round_number in range(args.rounds + 1):
-        heads = quality.train_heads({}, features[labelled].half(), labels[labelled],
-                                    class_count, seed)
-        predicted = quality.mean_logits(heads, valid_features).argmax(1)
-        curve.append((len(labelled), (predicted == valid_labels).float().mean().item()))
+        learner.fit(labelled, seed)
+        curve.append((len(labelled), learner.valid_accuracy()))
         if round_number < args.rounds:
             taken = set(labelled)
-            unlabelled = [i for i in range(len(labels)) if i not in taken]
-            labelled += choose(rule, heads, features, unit, unlabelled, args.batch,
-                               args.similarity, generator)
+            unlabelled = [i for i in range(len(learner.labels)) if i not in taken]
+            labelled += choose(rule, learner, unlabelled, args.batch, args.similarity,
+                               generator)
     return curve
 
 
@@ -160,10 +240,17 @@ def get_args_parser():
     parser.add_argument("--cache_dir", default="/tmp/active_learning_cache",
                         help="train.py's feature cache for train/ and valid/")
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
+    parser.add_argument("--learner", choices=LEARNERS, default="stages",
+                        help="what each round trains (default stages): train.py's default, its "
+                        "last 2 stages with the head, as --suggest scores with a default "
+                        "checkpoint; or head: the head alone (--train_stages 0), as the "
+                        "studio's quick retrain")
     parser.add_argument("--start", type=int, default=5, help="labelled photos per class at first")
     parser.add_argument("--batch", type=int, default=102, help="photos labelled per round")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first_seed", type=int, default=0,
+                        help="seeds first_seed to first_seed + seeds - 1 (default 0)")
     parser.add_argument("--similarity", type=float, default=MAX_SIMILARITY,
                         help="the rules' near-copy cosine (predict.py --suggest_similarity)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="accuracy vs labels")
@@ -214,13 +301,13 @@ def main(args):
 def run_rules(args):
     """The summary table of each of args.rules over args.seeds."""
     started = time.perf_counter()
-    data = load_features(args.data_dir, args.cache_dir)
-    print(f"features: train {len(data[1])}, valid {len(data[3])} "
+    learner = LEARNERS[args.learner](args.data_dir, args.cache_dir)
+    print(f"{args.learner}: train {len(learner.labels)}, valid {len(learner.valid_labels)} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
     results = {rule: [] for rule in args.rules}
     for rule in args.rules:
-        for seed in range(args.seeds):
-            results[rule].append(run_rule(rule, data, args, seed))
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            results[rule].append(run_rule(rule, learner, args, seed))
         print(f"{rule}: {[f'{a:.2%}' for _, a in mean_curve(results[rule])]} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
     return summary(results)
