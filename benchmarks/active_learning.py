@@ -47,7 +47,6 @@ from flower_classifier.inference.suggest import (  # noqa: E402
     diverse,
 )
 from flower_classifier.models.features import FeatureExtractor, split_features  # noqa: E402
-from flower_classifier.models.stages import split_backbone  # noqa: E402
 from flower_classifier.training.tasks import base  # noqa: E402
 
 SPREAD = 2  # photos per predicted class in the spread rule's first pass: 2 screened best of
@@ -70,26 +69,6 @@ def load_features(data_dir, cache_dir):
     for name in ("train", "valid"):
         rows, ok = features[name]
         data += [rows[ok].float(), torch.tensor(splits[name].labels)[ok]]
-    return (*data, len(class_to_idx))
-
-
-def load_activations(data_dir, cache_dir):
-    """(train activations, train labels, valid activations, valid labels, class count): the
-    activations entering the last STAGES stages, each image's and its mirror image's [N, 2, C,
-    H, W], readable images only, through train.py's extractor and cache."""
-    class_to_idx, splits = find_splits(data_dir)
-    backbone = quality.feature_backbone()
-    bottom, _ = split_backbone(backbone, STAGES)
-    extractor = FeatureExtractor(backbone, quality.CPU, cache_dir=cache_dir, bottom=bottom,
-                                 trained_stages=STAGES,
-                                 images=len(splits["train"].paths) + len(splits["valid"].paths))
-    data = []
-    for name in ("train", "valid"):
-        split = splits[name]
-        activations, ok = extractor.features(split.root, split.paths,
-                                             eval_transform(backbone.preprocess),
-                                             description=name, mirror=True)
-        data += [activations[ok], torch.tensor(split.labels)[ok]]
     return (*data, len(class_to_idx))
 
 
@@ -122,10 +101,14 @@ class StageLearner:
     judged on the pretrained stages' features."""
 
     def __init__(self, data_dir, cache_dir):
-        (self.train, self.labels, self.valid, self.valid_labels,
-         self.class_count) = load_activations(data_dir, cache_dir)
-        features = quality.pretrained_features({"train": {"activations": self.train,
-                                                          "labels": self.labels}}, STAGES)
+        class_to_idx, splits = find_splits(data_dir)
+        data = quality.activations_of({name: (splits[name].root, splits[name].paths,
+                                              splits[name].labels) for name in ("train", "valid")},
+                                      STAGES, cache_dir)
+        self.train, self.labels = data["train"]["activations"], data["train"]["labels"]
+        self.valid, self.valid_labels = data["valid"]["activations"], data["valid"]["labels"]
+        self.class_count = len(class_to_idx)
+        features = quality.pretrained_features({"train": data["train"]}, STAGES)
         self.unit = torch.nn.functional.normalize(features["train"]["plain"].float(), dim=1)
         self.task = None
 

@@ -480,12 +480,18 @@ def load_activations(args):
     """{split: {"activations" [N, 2, C, H, W] float16 (the image's, its mirror image's),
     "labels"}} of readable images, and the number of classes: train.py's extraction and cache
     (--cache_dir) for --train_stages."""
-    backbone = feature_backbone()
-    bottom, _ = split_backbone(backbone, args.train_stages)
     sources, class_count = stage_sources(args)
-    extractor = FeatureExtractor(backbone, CPU, cache_dir=args.cache_dir, workers=args.workers,
+    return activations_of(sources, args.train_stages, args.cache_dir, args.workers), class_count
+
+
+def activations_of(sources, layers, cache_dir, workers=None):
+    """{split: {"activations", "labels"}}, as load_activations returns them, of sources
+    ({split: (root, paths, labels)}): the activations entering the last `layers` stages."""
+    backbone = feature_backbone()
+    bottom, _ = split_backbone(backbone, layers)
+    extractor = FeatureExtractor(backbone, CPU, cache_dir=cache_dir, workers=workers,
                                  images=sum(len(paths) for _, paths, _ in sources.values()),
-                                 bottom=bottom, trained_stages=args.train_stages)
+                                 bottom=bottom, trained_stages=layers)
     data = {}
     for name, (root, paths, labels) in sources.items():
         started = time.perf_counter()
@@ -495,7 +501,7 @@ def load_activations(args):
                       "labels": torch.tensor(labels, dtype=torch.long)[ok]}
         print(f"activations of {name}: {len(paths)} images, "
               f"{time.perf_counter() - started:.0f} s", flush=True)
-    return data, class_count
+    return data
 
 
 @torch.inference_mode()
