@@ -22,9 +22,12 @@ All rows come from one run (the CPU may be shared: compare rows of one run, not 
 then issue 12's goals, each marked met or NOT met.
 """
 import argparse
+import compileall
+import functools
 import json
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -112,8 +115,21 @@ def end_to_end_rows(splits, backbone):
             row(f"end to end valid/2: {name}, {workers} workers", wall, len(valid))
 
 
+@functools.cache
+def compile_bytecode():
+    """The byte-code of the project and its packages, written once, as pip install leaves it
+    for users: installed with --no-compile (as .ci/run installs them) where
+    PYTHONDONTWRITEBYTECODE is set, as on these machines, every command timed here compiled
+    all it imported first, seconds users do not spend (benchmarks/README.md, "Whole runs per
+    CPU class")."""
+    for folder in (PROJECT / "flower_classifier", sysconfig.get_path("purelib")):
+        compileall.compile_dir(folder, quiet=2, workers=0)
+
+
 def run(*arguments):
-    """(stdout, wall seconds) of a project script run as a user would."""
+    """(stdout, wall seconds) of a project script run as a user would (its byte-code written
+    beforehand: compile_bytecode)."""
+    compile_bytecode()
     started = time.perf_counter()
     done = subprocess.run([sys.executable, *map(str, arguments)], cwd=PROJECT, text=True,
                           capture_output=True)
