@@ -24,7 +24,7 @@ optimiser, schedule and loss train them. The rules:
 Printed: the mean valid accuracy (and spread over --seeds) per rule per round, and the ratio:
 the labels the rule needs to reach random's last-round accuracy (linear between rounds) over
 random's labels at its last round (the goal: at most 60%). Runs of some --rules each (in
-parallel) are joined with --merge.
+parallel) are joined with --merge, where they share the learner, the seeds and the rounds.
 """
 import argparse
 import json
@@ -130,6 +130,8 @@ class StageLearner:
 
 
 LEARNERS = {"stages": StageLearner, "head": HeadLearner}
+# The options a --results file records: --merge joins only runs that share them.
+RUN_KEYS = ("learner", "start", "batch", "rounds", "similarity", "first_seed", "seeds")
 
 
 def first_labels(labels, per_class, generator):
@@ -265,17 +267,29 @@ def report(table):
             f"(goal <= 60%)" if needed is not None else f"{rule} never reaches it"))
 
 
+def merged(paths):
+    """(the runs' RUN_KEYS, the tables of --results files joined), when they come from one
+    learner and the same seeds (their curves are comparable) and name each rule once."""
+    table, runs = {}, {}
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        runs[path] = {key: saved.get(key) for key in RUN_KEYS}
+        repeated = set(table) & set(saved["table"])
+        if repeated:
+            raise SystemExit(f"{path} repeats {', '.join(sorted(repeated))}: merge each rule once")
+        table.update(saved["table"])
+    if len({tuple(run.values()) for run in runs.values()}) > 1:
+        raise SystemExit("these results come from different runs, not comparable: "
+                         + "; ".join(f"{path}: {run}" for path, run in runs.items()))
+    return runs[paths[0]], {rule: table[rule] for rule in RULES if rule in table}
+
+
 def main(args):
-    if args.merge:
-        table = {}
-        for path in args.merge:
-            table.update(json.loads(Path(path).read_text()))
-        table = {rule: table[rule] for rule in RULES if rule in table}
-    else:
-        table = run_rules(args)
+    run, table = (merged(args.merge) if args.merge
+                  else ({key: getattr(args, key) for key in RUN_KEYS}, run_rules(args)))
     report(table)
     if args.results:
-        Path(args.results).write_text(json.dumps(table))
+        Path(args.results).write_text(json.dumps({**run, "table": table}))
     if args.plot:
         plot(table, args.plot)
         print(f"saved {args.plot}")
