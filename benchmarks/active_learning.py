@@ -273,6 +273,9 @@ def merged(paths):
     table, runs = {}, {}
     for path in paths:
         saved = json.loads(Path(path).read_text())
+        if "table" not in saved:
+            raise SystemExit(f"{path} records no run (written before --merge checked them): "
+                             "run its rules again with --results")
         runs[path] = {key: saved.get(key) for key in RUN_KEYS}
         repeated = set(table) & set(saved["table"])
         if repeated:
