@@ -49,7 +49,7 @@ from torchvision import transforms  # noqa: E402
 from torchvision.transforms import functional  # noqa: E402
 
 import quality  # noqa: E402
-from flower_classifier.cli.options import HelpFormatter, positive_int
+from flower_classifier.cli.options import HelpFormatter, non_negative_int, positive_int
 from flower_classifier.cli.runner import run_cli
 from flower_classifier.data.folders import find_splits
 from flower_classifier.data.images import is_readable
@@ -110,6 +110,9 @@ def get_args_parser():
                         f"--train_stages): {', '.join(quality.SETTINGS)}")
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="the head's epochs instead of the setting's (for a quick check)")
+    parser.add_argument("--min_epoch_steps", type=non_negative_int, default=None,
+                        help="train.py's --min_epoch_steps instead of its default of 40 (0, "
+                        "for a quick check: a small folder passed once an epoch)")
     parser.add_argument("--engine", default="auto", choices=("auto", "openvino", "torch"),
                         help="the backbone's engine, as train.py --engine")
     # One thread and no decoding processes: the benchmark shares a 2-core machine.
@@ -160,8 +163,6 @@ def view_features(extractor, paths, views, workers, batch_size=16):
                         .half())
         ok.append(good)
     return torch.cat(features), torch.cat(ok)
-
-
 
 
 def load_view_features(args, extractor):
@@ -301,6 +302,8 @@ def main(args):
     setting = dict(quality.SETTINGS[name])
     if args.epochs:
         setting["epochs"] = args.epochs
+    if args.min_epoch_steps is not None:
+        setting["min_epoch_steps"] = args.min_epoch_steps
     backbone = quality.feature_backbone()
     extractor = FeatureExtractor(backbone, quality.CPU, workers=args.workers, engine=args.engine)
     if args.train_stages:  # what is cached: the activations that enter the trained stages

@@ -87,7 +87,10 @@ def test_todays_baseline_is_quality_pys_score(run):
 
 def test_trained_stages_score_every_view_through_the_trained_stages(run, tmp_path):
     args, frozen, _ = run
-    stages_args, results, _ = scored_run(args.data_dir, tmp_path, "--train_stages", "2")
+    # One pass over the folder an epoch, not train.py's 40 steps at least: the views' scoring
+    # through the trained stages is what is checked here.
+    stages_args, results, _ = scored_run(args.data_dir, tmp_path, "--train_stages", "2",
+                                         "--min_epoch_steps", "0")
     extractor = crops.FeatureExtractor(quality.feature_backbone(), quality.CPU, workers=0,
                                        bottom=crops.split_backbone(quality.feature_backbone(),
                                                                    2)[0], trained_stages=2)
@@ -95,6 +98,7 @@ def test_trained_stages_score_every_view_through_the_trained_stages(run, tmp_pat
     assert cached.shape[1:3] == (len(crops.VIEWS), 192)  # [N, views, C, H, W] activations
     assert list(results["crop_sets"]) == list(crops.CROP_SETS)
     assert results["train_stages"] == 2 and results["setting"]["backbone_lr"] == 3e-4
+    assert results["setting"]["min_epoch_steps"] == 0
 
     def accuracies(figures):
         return [figures[name][method]["folds"] for name in crops.CROP_SETS

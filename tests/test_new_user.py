@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import PROJECT, run_command
+from conftest import ONE_PASS, PROJECT, run_command
 
 NAMES = json.loads((PROJECT / "cat_to_name.json").read_text())
 
@@ -27,7 +27,7 @@ def workdir(subset, tmp_path_factory):
         for _ in range(2):
             train.main(train.get_args_parser().parse_args(
                 [str(subset), "--epochs", "2", "--cache_dir", str(cache), "--workers", "0",
-                 "--category_names", str(PROJECT / "cat_to_name.json")]))
+                 "--category_names", str(PROJECT / "cat_to_name.json"), *ONE_PASS]))
     return folder, cache, engines
 
 
@@ -42,7 +42,7 @@ def test_runs_without_save_dir_go_to_numbered_folders_under_runs(workdir):
 
 def test_train_py_prints_where_the_run_goes(subset, tmp_path):
     result = run_command("train.py", subset, "--epochs", "1", "--cache_dir", tmp_path / "cache",
-                         "--workers", "0", "--save_dir", tmp_path / "run")
+                         "--workers", "0", "--save_dir", tmp_path / "run", *ONE_PASS)
     assert result.returncode == 0, result.stderr
     assert f"this run's files go to {tmp_path / 'run'}/" in result.stdout
     assert result.stdout.rstrip().endswith(f"in {tmp_path / 'run'}/")

@@ -309,7 +309,7 @@ def test_unreadable_training_images_are_skipped_or_strict(tmp_path):
     (data / "train" / "1" / "zero.jpg").write_bytes(b"")
     (data / "train" / "2" / "text.jpg").write_text("not a jpeg")
     result = run_command("train.py", data, "--save_dir", tmp_path / "run", "--epochs", "1",
-                         "--cache_dir", tmp_path / "cache")
+                         "--cache_dir", tmp_path / "cache", *ONE_PASS)
     assert result.returncode == 0, result.stderr
     assert "skipped 2 unreadable images" in result.stderr
     strict = run_command("train.py", data, "--save_dir", tmp_path / "strict", "--epochs", "1",
