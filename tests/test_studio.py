@@ -517,6 +517,27 @@ def test_train_flags_that_train_py_refuses_or_the_studio_sets_are_one_line(flags
     assert not any(tmp_path.iterdir())  # refused before the folder was read
 
 
+def test_every_flag_the_studio_gives_train_py_is_refused_in_train_flags(tmp_path):
+    """STUDIO_TRAIN_FLAGS is kept by hand: each flag final.train_command sets must be in it, or
+    --train_flags could give train.py that flag twice."""
+    import torch
+
+    from flower_classifier.cli.studio import STUDIO_TRAIN_FLAGS
+    from flower_classifier.studio.final import train_command
+
+    (tmp_path / MANIFEST).write_text("{}")
+    given = set()
+    for cache in (tmp_path / "cache", None):
+        options = SimpleNamespace(data_dir=tmp_path, arch="efficientnet_lite0", workers=0,
+                                  cache_dir=cache, category_names="names.json", train_flags=())
+        studio = SimpleNamespace(options=options, save_dir=tmp_path,
+                                 corrections_path=tmp_path / "corrections.json")
+        command = train_command(studio, torch.device("cuda"), tmp_path / "final")
+        given |= {str(part) for part in command if str(part).startswith("--")}
+    assert {"--split_from", "--no_cache", "--cache_dir", "--gpu"} <= given
+    assert given <= set(STUDIO_TRAIN_FLAGS)
+
+
 def test_off_loopback_the_token_is_required(folder, cache_dir, tmp_path):
     refused = run_script("studio.py", folder, "--host", "0.0.0.0", "--port", "0", timeout=120)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
