@@ -98,12 +98,7 @@ class FeatureTask(Task):
     eval_batch_size = 1024
 
     def __init__(self, config, classifier, device, cached):
-        self.data, self.device = cached.data, device
-        self.batch_size = distributed.per_process(config.batch_size)
-        self.min_epoch_steps = config.min_epoch_steps
-        self.extracted, self.requested = cached.extracted, cached.requested
-        self.kept_paths = cached.kept_paths
-        self.split_features = cached.split_features
+        self.keep_inputs(config, device, cached)
         self.model = classifier.head
         if device.type == "cpu":
             # The head's small matrix products gain nothing from a second thread, and lose
@@ -114,6 +109,15 @@ class FeatureTask(Task):
             # denormal floats; flushed to zero, all 50 stay at 0.30 s, with the same losses.
             # (Process-wide from here on, in this thread: calibration and reports too.)
             torch.set_flush_denormal(True)
+
+    def keep_inputs(self, config, device, cached):
+        """What this task and StageTask keep of the cached inputs and the config."""
+        self.data, self.device = cached.data, device
+        self.batch_size = distributed.per_process(config.batch_size)
+        self.min_epoch_steps = config.min_epoch_steps
+        self.extracted, self.requested = cached.extracted, cached.requested
+        self.kept_paths = cached.kept_paths
+        self.split_features = cached.split_features
 
     def train_batches(self, epoch):
         views, labels = self.data["train"]
@@ -177,12 +181,8 @@ class StageTask(FeatureTask):
     eval_batch_size = 64  # the stages' convolutions ran 1.9x slower per image in batches of 256
 
     def __init__(self, config, classifier, device, cached, top):
-        self.data, self.extracted = cached.data, cached.extracted
-        self.requested, self.kept_paths = cached.requested, cached.kept_paths
-        self.split_features = cached.split_features
+        self.keep_inputs(config, device, cached)
         self.flip_maps = config.mirror != "off"
-        self.batch_size, self.device = distributed.per_process(config.batch_size), device
-        self.min_epoch_steps = config.min_epoch_steps
         classifier.train_stages(config.train_stages)
         self.model = StageModel(fold_batch_norms(top) if config.fold_norms else top,
                                 classifier.head)
