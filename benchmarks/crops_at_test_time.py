@@ -56,6 +56,7 @@ from flower_classifier.data.images import is_readable
 from flower_classifier.data.loading import ImageFiles, image_loader
 from flower_classifier.models.features import FeatureExtractor
 from flower_classifier.models.stages import split_backbone
+from flower_classifier.training.config import family_default
 from flower_classifier.training.tasks import cached
 from flower_classifier.utils.files import write_json
 
@@ -111,8 +112,10 @@ def get_args_parser():
     parser.add_argument("--epochs", type=positive_int, default=None,
                         help="the head's epochs instead of the setting's (for a quick check)")
     parser.add_argument("--min_epoch_steps", type=non_negative_int, default=None,
-                        help="train.py's --min_epoch_steps instead of its default of 40 (0, "
-                        "for a quick check: a small folder passed once an epoch)")
+                        help="train.py's --min_epoch_steps instead of its default ("
+                        f"{family_default('min_epoch_steps', 'stages')} with --train_stages, "
+                        f"{family_default('min_epoch_steps')} without); 0 for a quick check: a "
+                        "small folder passed once an epoch")
     parser.add_argument("--engine", default="auto", choices=("auto", "openvino", "torch"),
                         help="the backbone's engine, as train.py --engine")
     # One thread and no decoding processes: the benchmark shares a 2-core machine.
