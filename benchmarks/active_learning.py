@@ -47,7 +47,6 @@ from flower_classifier.inference.suggest import (  # noqa: E402
     diverse,
 )
 from flower_classifier.models.features import FeatureExtractor, split_features  # noqa: E402
-from flower_classifier.training.tasks import base  # noqa: E402
 
 SPREAD = 2  # photos per predicted class in the spread rule's first pass: 2 screened best of
 # 1, 2, 3 (this benchmark with the head alone, seeds 0-2, 4 to 10 rounds)
@@ -122,11 +121,8 @@ class StageLearner:
         predicted = quality.task_logits(self.task, "valid").argmax(1)
         return (predicted == self.valid_labels).float().mean().item()
 
-    @torch.inference_mode()
     def probabilities(self, rows):
-        with base.training_autocast(quality.CPU):
-            return torch.cat([self.task.model(batch.float()).float().softmax(1)
-                              for batch in self.train[rows].split(256)])
+        return quality.model_logits(self.task.model, self.train[rows].split(256)).softmax(1)
 
 
 LEARNERS = {"stages": StageLearner, "head": HeadLearner}

@@ -555,9 +555,15 @@ def train_stage_task(setting, splits, layers, class_count, seed):
 
 
 @torch.inference_mode()
-def task_logits(task, split):
+def model_logits(model, batches):
+    """float32 logits of a trained stages' model over batches of activations, under train.py's
+    autocast."""
     with base.training_autocast(CPU):
-        return torch.cat([task.model(inputs).float() for inputs, _ in task.eval_batches(split)])
+        return torch.cat([model(inputs.float()).float() for inputs in batches])
+
+
+def task_logits(task, split):
+    return model_logits(task.model, (inputs for inputs, _ in task.eval_batches(split)))
 
 
 def stage_score(setting, training, held_out, layers, class_count, seed):
